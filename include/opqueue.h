@@ -1,0 +1,14 @@
+/*
+ * opqueue.h: the umbrella header of libopqueue.
+ *
+ * A daemon includes <opqueue.h> and links with -lopqueue (see
+ * `pkg-config --cflags --libs opqueue`). Each module has its own header
+ * under <opqueue/...>; man/opqueue.7 is the overview.
+ */
+#ifndef OPQUEUE_H
+#define OPQUEUE_H
+
+#include <opqueue/common.h>
+#include <opqueue/queue.h>
+
+#endif /* OPQUEUE_H */

@@ -1,0 +1,740 @@
+/*
+ * queue.c: the operation queue. Runner threads take operations from one
+ * doubly-linked FIFO guarded by q->mu.
+ *
+ * Invariants, all under q->mu:
+ * - every operation handed to a successful enqueue is in exactly one place:
+ *   the FIFO (state QUEUED), a runner's hands (TAKEN: performed exactly
+ *   once), or a discard list being drained by stop/cancel/destroy;
+ * - `alive` counts runners still in their loop, `threads` runner threads not
+ *   yet finished (alive plus those running their exit hook); a runner leaves
+ *   its loop when alive > target (shrink) or when the queue is stopping and
+ *   the FIFO is empty;
+ * - a condvar is signalled only when somebody waits on it (idle_runners,
+ *   space_waiters, idle_waiters count the waiters).
+ */
+#define _GNU_SOURCE 1 /* pthread_setname_np */
+#include "internal.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
+
+/* opq_op.opq__state: IDLE after init, QUEUED in a FIFO, TAKEN by a runner. */
+enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_TAKEN = 0x7461 };
+
+struct opq_queue_attr {
+	size_t capacity;
+	char name[OPQ_NAME_MAX + 1];
+	opq_runner_hook *on_start;
+	opq_runner_hook *on_exit;
+	void *hook_arg;
+};
+
+struct runner {
+	opq_queue *q;
+	struct runner *next;
+	pthread_t thread;
+	unsigned index;
+	bool finished;
+};
+
+struct opq_queue {
+	pthread_mutex_t mu;
+	pthread_cond_t work;	 /* runners: an operation is queued, or leave */
+	pthread_cond_t space;	 /* producers: room in a bounded FIFO, or stop */
+	pthread_cond_t idle;	 /* wait_idle: nothing queued, nothing running */
+	pthread_cond_t change;	 /* start/stop: runners started, finished, stop done */
+	opq_op *head, *tail;
+	size_t queued;
+	size_t capacity;
+	unsigned running;
+	unsigned idle_runners;
+	unsigned space_waiters;
+	unsigned idle_waiters;
+	unsigned callers;	 /* threads blocked in a call on q: destroy is EBUSY */
+	unsigned target;	 /* runners wanted */
+	unsigned alive;		 /* runners in their loop */
+	unsigned threads;	 /* runner threads not yet finished */
+	unsigned spawning;	 /* calls creating runner threads right now */
+	unsigned unstarted;	 /* runners created that have not run their start hook */
+	unsigned stuck_runners;	 /* runners of q blocked in enqueue on a full FIFO */
+	unsigned reaping;	 /* calls joining finished runners right now */
+	unsigned next_index;
+	int state;
+	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
+	struct runner *runners;	 /* every runner not yet joined */
+	uint64_t completed, discarded, cancelled, high_water;
+	struct opq_queue_attr attr;
+};
+
+/* A function-pointer operation boxed by the queue. */
+struct box {
+	opq_op op;
+	opq_fn *fn;
+	opq_fn *discard;
+	void *arg;
+};
+
+static _Thread_local opq_queue *tls_queue;
+
+/* ---- attributes ---------------------------------------------------------- */
+
+static const struct opq_queue_attr default_attr = { .capacity = 0, .name = "opq" };
+
+OPQ_EXPORT int opq_queue_attr_create(opq_queue_attr **attrp)
+{
+	if (!attrp)
+		return EINVAL;
+	opq_queue_attr *a = opq__malloc(sizeof(*a));
+	if (!a)
+		return ENOMEM;
+	*a = default_attr;
+	*attrp = a;
+	return 0;
+}
+
+OPQ_EXPORT void opq_queue_attr_destroy(opq_queue_attr *attr)
+{
+	opq__free(attr);
+}
+
+OPQ_EXPORT int opq_queue_attr_set_capacity(opq_queue_attr *attr, size_t capacity)
+{
+	if (!attr)
+		return EINVAL;
+	attr->capacity = capacity;
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_attr_get_capacity(const opq_queue_attr *attr, size_t *capacity)
+{
+	if (!attr || !capacity)
+		return EINVAL;
+	*capacity = attr->capacity;
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_attr_set_name(opq_queue_attr *attr, const char *prefix)
+{
+	if (!attr || !prefix || !*prefix || strlen(prefix) > OPQ_NAME_MAX)
+		return EINVAL;
+	strcpy(attr->name, prefix);
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *on_start,
+					opq_runner_hook *on_exit, void *arg)
+{
+	if (!attr)
+		return EINVAL;
+	attr->on_start = on_start;
+	attr->on_exit = on_exit;
+	attr->hook_arg = arg;
+	return 0;
+}
+
+/* ---- the FIFO ------------------------------------------------------------ */
+
+OPQ_EXPORT int opq_op_init(opq_op *op, opq_op_fn *perform, opq_op_fn *discard)
+{
+	if (!op || !perform)
+		return EINVAL;
+	memset(op, 0, sizeof(*op));
+	op->perform = perform;
+	op->discard = discard;
+	return 0;
+}
+
+static void fifo_push(opq_queue *q, opq_op *op)
+{
+	op->opq__next = NULL;
+	op->opq__prev = q->tail;
+	op->opq__owner = q;
+	op->opq__state = OP_QUEUED;
+	if (q->tail)
+		q->tail->opq__next = op;
+	else
+		q->head = op;
+	q->tail = op;
+	if (++q->queued > q->high_water)
+		q->high_water = q->queued;
+}
+
+static void fifo_unlink(opq_queue *q, opq_op *op, uintptr_t state)
+{
+	if (op->opq__prev)
+		op->opq__prev->opq__next = op->opq__next;
+	else
+		q->head = op->opq__next;
+	if (op->opq__next)
+		op->opq__next->opq__prev = op->opq__prev;
+	else
+		q->tail = op->opq__prev;
+	op->opq__next = op->opq__prev = NULL;
+	op->opq__owner = NULL;
+	op->opq__state = state;
+	q->queued--;
+}
+
+/* After the FIFO shrank or an operation finished: wake who waits for that. */
+static void fifo_shrunk(opq_queue *q)
+{
+	if (q->space_waiters)
+		OPQ_CHECK(pthread_cond_signal(&q->space));
+	if (q->idle_waiters && q->queued == 0 && q->running == 0)
+		OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+}
+
+/*
+ * Take the whole FIFO out as a singly linked list (opq__next), marking each
+ * operation discarded. Called under q->mu; the caller calls discard_list()
+ * after unlocking.
+ */
+static opq_op *fifo_take_all(opq_queue *q)
+{
+	opq_op *list = q->head;
+	for (opq_op *op = list; op; op = op->opq__next) {
+		op->opq__owner = NULL;
+		op->opq__state = OP_IDLE;
+	}
+	q->discarded += q->queued;
+	q->head = q->tail = NULL;
+	q->queued = 0;
+	fifo_shrunk(q);
+	return list;
+}
+
+static void discard_list(opq_op *op)
+{
+	while (op) {
+		opq_op *next = op->opq__next;
+		op->opq__next = op->opq__prev = NULL;
+		if (op->discard)
+			op->discard(op);
+		op = next;
+	}
+}
+
+/* ---- runners ------------------------------------------------------------- */
+
+static void runner_name(opq_queue *q, unsigned index)
+{
+#if HAVE_DECL_PTHREAD_SETNAME_NP
+	char name[32];
+	snprintf(name, sizeof(name), "%s/%u", q->attr.name, index);
+	name[15] = '\0'; /* the kernel's limit */
+	pthread_setname_np(pthread_self(), name);
+#else
+	(void)q;
+	(void)index;
+#endif
+}
+
+static void *runner_main(void *arg)
+{
+	struct runner *r = arg;
+	opq_queue *q = r->q;
+
+	tls_queue = q;
+	runner_name(q, r->index);
+	if (q->attr.on_start)
+		q->attr.on_start(q->attr.hook_arg, r->index);
+
+	opq__lock(&q->mu);
+	if (--q->unstarted == 0)
+		OPQ_CHECK(pthread_cond_broadcast(&q->change));
+	for (;;) {
+		if (q->alive > q->target)
+			break;
+		opq_op *op = q->head;
+		if (!op) {
+			if (q->state == ST_STOPPING)
+				break;
+			q->idle_runners++;
+			OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
+			q->idle_runners--;
+			continue;
+		}
+		fifo_unlink(q, op, OP_TAKEN);
+		q->running++;
+		if (q->space_waiters)
+			OPQ_CHECK(pthread_cond_signal(&q->space));
+		opq__unlock(&q->mu);
+
+		op->perform(op); /* op may be freed from here on */
+
+		opq__lock(&q->mu);
+		q->running--;
+		q->completed++;
+		if (q->idle_waiters && q->queued == 0 && q->running == 0)
+			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+	}
+	q->alive--;
+	opq__unlock(&q->mu);
+
+	if (q->attr.on_exit)
+		q->attr.on_exit(q->attr.hook_arg, r->index);
+
+	opq__lock(&q->mu);
+	r->finished = true;
+	q->threads--;
+	OPQ_CHECK(pthread_cond_broadcast(&q->change));
+	opq__unlock(&q->mu);
+	tls_queue = NULL;
+	return NULL;
+}
+
+/*
+ * Join and free the runners that have finished (all of them when `all`,
+ * after waiting for them). Called with q->mu held; drops it while joining.
+ */
+static void reap(opq_queue *q)
+{
+	struct runner *done = NULL, **pp = &q->runners;
+	while (*pp) {
+		struct runner *r = *pp;
+		if (r->finished) {
+			*pp = r->next;
+			r->next = done;
+			done = r;
+		} else {
+			pp = &r->next;
+		}
+	}
+	if (!done)
+		return;
+	q->reaping++;
+	opq__unlock(&q->mu);
+	while (done) {
+		struct runner *next = done->next;
+		OPQ_CHECK(pthread_join(done->thread, NULL));
+		opq__free(done);
+		done = next;
+	}
+	opq__lock(&q->mu);
+	q->reaping--;
+	OPQ_CHECK(pthread_cond_broadcast(&q->change));
+}
+
+/*
+ * Start `count` more runners and wait until each has run its start hook.
+ * Called with q->mu held; drops it while creating threads. On failure the
+ * runners made so far keep running and the error is returned.
+ */
+static int spawn(opq_queue *q, unsigned count)
+{
+	unsigned made = 0;
+	int rc = 0;
+	sigset_t all, old;
+
+	q->spawning++;
+	opq__unlock(&q->mu);
+	/* Runners block every signal: the daemon's own threads handle them. */
+	sigfillset(&all);
+	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &all, &old));
+	for (; made < count; made++) {
+		struct runner *r = opq__calloc(1, sizeof(*r));
+		if (!r) {
+			rc = ENOMEM;
+			break;
+		}
+		r->q = q;
+		opq__lock(&q->mu);
+		r->index = q->next_index++;
+		q->alive++;
+		q->threads++;
+		q->unstarted++;
+		rc = pthread_create(&r->thread, NULL, runner_main, r);
+		if (rc) {
+			q->alive--;
+			q->threads--;
+			q->unstarted--;
+			opq__unlock(&q->mu);
+			opq__free(r);
+			break;
+		}
+		r->next = q->runners;
+		q->runners = r;
+		opq__unlock(&q->mu);
+	}
+	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
+	opq__lock(&q->mu);
+	while (q->unstarted)
+		OPQ_CHECK(pthread_cond_wait(&q->change, &q->mu));
+	q->spawning--;
+	OPQ_CHECK(pthread_cond_broadcast(&q->change));
+	return rc;
+}
+
+/* Wait until no runner is left and no call creates or joins one; join all. */
+static void wait_runners_gone(opq_queue *q)
+{
+	for (;;) {
+		if (q->threads == 0 && q->spawning == 0 && q->reaping == 0 && !q->runners)
+			return;
+		if (q->runners)
+			reap(q);
+		if (q->threads || q->spawning || q->reaping)
+			OPQ_CHECK(pthread_cond_wait(&q->change, &q->mu));
+	}
+}
+
+/* ---- lifecycle ----------------------------------------------------------- */
+
+OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
+{
+	if (!qp)
+		return EINVAL;
+	opq_queue *q = opq__calloc(1, sizeof(*q));
+	if (!q)
+		return ENOMEM;
+	q->attr = attr ? *attr : default_attr;
+	q->capacity = q->attr.capacity;
+	q->state = ST_NEW;
+
+	int rc = opq__mutex_init(&q->mu);
+	if (rc)
+		goto fail_mu;
+	if ((rc = opq__cond_init(&q->work)))
+		goto fail_work;
+	if ((rc = opq__cond_init(&q->space)))
+		goto fail_space;
+	if ((rc = opq__cond_init(&q->idle)))
+		goto fail_idle;
+	if ((rc = opq__cond_init(&q->change)))
+		goto fail_change;
+	*qp = q;
+	return 0;
+
+fail_change:
+	pthread_cond_destroy(&q->idle);
+fail_idle:
+	pthread_cond_destroy(&q->space);
+fail_space:
+	pthread_cond_destroy(&q->work);
+fail_work:
+	pthread_mutex_destroy(&q->mu);
+fail_mu:
+	opq__free(q);
+	return rc;
+}
+
+OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
+{
+	if (!q)
+		return 0;
+	opq__lock(&q->mu);
+	if (q->state == ST_RUNNING || q->state == ST_STOPPING || q->callers || q->threads ||
+	    q->spawning || q->reaping) {
+		opq__unlock(&q->mu);
+		return EBUSY;
+	}
+	opq_op *list = fifo_take_all(q);
+	opq__unlock(&q->mu);
+	discard_list(list);
+
+	pthread_cond_destroy(&q->change);
+	pthread_cond_destroy(&q->idle);
+	pthread_cond_destroy(&q->space);
+	pthread_cond_destroy(&q->work);
+	pthread_mutex_destroy(&q->mu);
+	opq__free(q);
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
+{
+	if (!q || runners == 0)
+		return EINVAL;
+	opq__lock(&q->mu);
+	if (q->state == ST_RUNNING || q->state == ST_STOPPING) {
+		int rc = q->state == ST_RUNNING ? EALREADY : EBUSY;
+		opq__unlock(&q->mu);
+		return rc;
+	}
+	int prev = q->state;
+	q->state = ST_RUNNING;
+	q->target = runners;
+	q->next_index = 0;
+	int rc = spawn(q, runners);
+	if (rc && q->state == ST_RUNNING) {
+		/* All or nothing: let the runners made so far go, and roll back. */
+		q->target = 0;
+		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+		wait_runners_gone(q);
+		q->state = prev;
+	}
+	opq__unlock(&q->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
+{
+	if (!q || runners == 0)
+		return EINVAL;
+	opq__lock(&q->mu);
+	if (q->state != ST_RUNNING) {
+		opq__unlock(&q->mu);
+		return ESRCH;
+	}
+	q->callers++;
+	q->target = runners;
+	int rc = 0;
+	if (q->alive < runners)
+		rc = spawn(q, runners - q->alive);
+	else if (q->alive > runners)
+		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+	reap(q);
+	q->callers--;
+	opq__unlock(&q->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
+{
+	if (!q || (mode != OPQ_STOP_DRAIN && mode != OPQ_STOP_DISCARD))
+		return EINVAL;
+	if (tls_queue == q)
+		return EDEADLK;
+
+	opq__lock(&q->mu);
+	if (q->state == ST_STOPPED) {
+		opq__unlock(&q->mu);
+		return 0;
+	}
+	q->callers++;
+	bool leader = q->state != ST_STOPPING;
+	int prev = q->state;
+	uint64_t stops = q->stops;
+	q->state = ST_STOPPING;
+	OPQ_CHECK(pthread_cond_broadcast(&q->space)); /* blocked enqueuers: ESHUTDOWN */
+	OPQ_CHECK(pthread_cond_broadcast(&q->work));
+
+	if (mode == OPQ_STOP_DISCARD) {
+		opq_op *list = fifo_take_all(q);
+		opq__unlock(&q->mu);
+		discard_list(list);
+		opq__lock(&q->mu);
+	} else if (leader && prev == ST_NEW) {
+		/* Never started: drain on the calling thread, in FIFO order. */
+		opq_queue *outer = tls_queue;
+		opq_op *op;
+		while ((op = q->head)) {
+			fifo_unlink(q, op, OP_TAKEN);
+			q->running++;
+			opq__unlock(&q->mu);
+			tls_queue = q;
+			op->perform(op);
+			tls_queue = outer;
+			opq__lock(&q->mu);
+			q->running--;
+			q->completed++;
+			fifo_shrunk(q);
+		}
+	}
+
+	if (leader) {
+		wait_runners_gone(q);
+		q->state = ST_STOPPED;
+		q->stops++;
+		OPQ_CHECK(pthread_cond_broadcast(&q->change));
+	} else {
+		while (q->stops == stops)
+			OPQ_CHECK(pthread_cond_wait(&q->change, &q->mu));
+	}
+	q->callers--;
+	opq__unlock(&q->mu);
+	return 0;
+}
+
+/* ---- enqueue ------------------------------------------------------------- */
+
+enum wait_kind { WAIT_BLOCK, WAIT_TRY };
+
+static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
+{
+	opq__lock(&q->mu);
+	if (op->opq__owner == q && op->opq__state == OP_QUEUED) {
+		opq__unlock(&q->mu);
+		return EBUSY;
+	}
+	for (;;) {
+		if (q->state == ST_STOPPING || q->state == ST_STOPPED) {
+			opq__unlock(&q->mu);
+			return ESHUTDOWN;
+		}
+		if (q->capacity == 0 || q->queued < q->capacity)
+			break;
+		if (kind == WAIT_TRY) {
+			opq__unlock(&q->mu);
+			return EAGAIN;
+		}
+		/* A runner of q that would wait while every other runner waits too
+		 * would wait forever: nobody is left to make room. */
+		bool runner = tls_queue == q;
+		if (runner && q->stuck_runners + 1 >= q->alive) {
+			opq__unlock(&q->mu);
+			return EDEADLK;
+		}
+		q->stuck_runners += runner;
+		q->space_waiters++;
+		q->callers++;
+		int rc = opq__cond_wait(&q->space, &q->mu, deadline);
+		q->callers--;
+		q->space_waiters--;
+		q->stuck_runners -= runner;
+		if (rc == ETIMEDOUT && q->queued >= q->capacity && q->state != ST_STOPPING &&
+		    q->state != ST_STOPPED) {
+			opq__unlock(&q->mu);
+			return ETIMEDOUT;
+		}
+	}
+	fifo_push(q, op);
+	if (q->idle_runners)
+		OPQ_CHECK(pthread_cond_signal(&q->work));
+	opq__unlock(&q->mu);
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
+{
+	return opq_queue_timedenqueue(q, op, NULL);
+}
+
+OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
+{
+	if (!q || !op || !op->perform)
+		return EINVAL;
+	return enqueue(q, op, WAIT_TRY, NULL);
+}
+
+OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
+{
+	if (!q || !op || !op->perform)
+		return EINVAL;
+	return enqueue(q, op, WAIT_BLOCK, deadline);
+}
+
+static void box_perform(opq_op *op)
+{
+	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
+	opq_fn *fn = b->fn;
+	void *arg = b->arg;
+	opq__box_free(b, sizeof(*b));
+	fn(arg);
+}
+
+static void box_discard(opq_op *op)
+{
+	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
+	opq_fn *discard = b->discard;
+	void *arg = b->arg;
+	opq__box_free(b, sizeof(*b));
+	if (discard)
+		discard(arg);
+}
+
+static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
+		      const struct timespec *deadline)
+{
+	if (!q || !fn)
+		return EINVAL;
+	struct box *b = opq__box_alloc(sizeof(*b));
+	if (!b)
+		return ENOMEM;
+	opq_op_init(&b->op, box_perform, box_discard);
+	b->fn = fn;
+	b->discard = discard_fn;
+	b->arg = arg;
+	int rc = enqueue(q, &b->op, kind, deadline);
+	if (rc)
+		opq__box_free(b, sizeof(*b));
+	return rc;
+}
+
+OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg)
+{
+	return enqueue_fn(q, fn, discard_fn, arg, WAIT_BLOCK, NULL);
+}
+
+OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg)
+{
+	return enqueue_fn(q, fn, discard_fn, arg, WAIT_TRY, NULL);
+}
+
+OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg,
+					 const struct timespec *deadline)
+{
+	return enqueue_fn(q, fn, discard_fn, arg, WAIT_BLOCK, deadline);
+}
+
+/* ---- cancel, wait, statistics ------------------------------------------- */
+
+OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
+{
+	if (!q || !op)
+		return EINVAL;
+	opq__lock(&q->mu);
+	if (op->opq__owner != q || op->opq__state != OP_QUEUED) {
+		opq__unlock(&q->mu);
+		return EBUSY;
+	}
+	fifo_unlink(q, op, OP_IDLE);
+	q->discarded++;
+	q->cancelled++;
+	fifo_shrunk(q);
+	opq__unlock(&q->mu);
+	if (op->discard)
+		op->discard(op);
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline)
+{
+	if (!q)
+		return EINVAL;
+	if (tls_queue == q)
+		return EDEADLK;
+	int rc = 0;
+	opq__lock(&q->mu);
+	q->callers++;
+	q->idle_waiters++;
+	while (q->queued || q->running) {
+		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT &&
+		    (q->queued || q->running)) {
+			rc = ETIMEDOUT;
+			break;
+		}
+	}
+	q->idle_waiters--;
+	q->callers--;
+	opq__unlock(&q->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
+{
+	if (!q || !stats)
+		return EINVAL;
+	memset(stats, 0, sizeof(*stats));
+	opq__lock(&q->mu);
+	stats->queued = q->queued;
+	stats->running = q->running;
+	stats->completed = q->completed;
+	stats->discarded = q->discarded;
+	stats->cancelled = q->cancelled;
+	stats->high_water = q->high_water;
+	stats->runners = q->alive;
+	stats->blocked = q->space_waiters;
+	opq__unlock(&q->mu);
+	return 0;
+}
+
+OPQ_EXPORT opq_queue *opq_queue_current(void)
+{
+	return tls_queue;
+}

@@ -1,0 +1,1067 @@
+/*
+ * check_queue.c: the operation queue, its success and error paths, and
+ * stress with real threads checking that every operation is performed,
+ * discarded or returned exactly once.
+ */
+#define _GNU_SOURCE 1 /* pthread_getname_np, dladdr */
+#include "config.h"
+#include "harness.h"
+
+#include <dlfcn.h>
+#include <signal.h>
+#include <string.h>
+
+/* ---- a counting operation ------------------------------------------------- */
+
+struct cop {
+	opq_op op;
+	atomic_int performed;
+	atomic_int discarded;
+	long seq;
+	long *log;		/* where perform appends seq, when set */
+	atomic_long *log_len;
+	struct t_gate *hold;	/* perform waits on it, when set */
+	atomic_int *started;	/* set to 1 when perform begins */
+};
+
+static void cop_perform(opq_op *op)
+{
+	struct cop *c = OPQ_CONTAINER_OF(op, struct cop, op);
+	if (c->started)
+		atomic_store(c->started, 1);
+	if (c->hold)
+		ck_assert(t_gate_wait(c->hold));
+	if (c->log)
+		c->log[atomic_fetch_add(c->log_len, 1)] = c->seq;
+	atomic_fetch_add(&c->performed, 1);
+}
+
+static void cop_discard(opq_op *op)
+{
+	struct cop *c = OPQ_CONTAINER_OF(op, struct cop, op);
+	atomic_fetch_add(&c->discarded, 1);
+}
+
+static void cop_init(struct cop *c)
+{
+	memset(c, 0, sizeof(*c));
+	ck_assert_int_eq(opq_op_init(&c->op, cop_perform, cop_discard), 0);
+}
+
+static opq_queue *make_queue(size_t capacity)
+{
+	opq_queue_attr *a;
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(a, capacity), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a);
+	return q;
+}
+
+static opq_queue_stats stats_of(opq_queue *q)
+{
+	opq_queue_stats st;
+	ck_assert_int_eq(opq_queue_stats_get(q, &st), 0);
+	return st;
+}
+
+static atomic_long fn_count;
+static void fn_inc(void *arg)
+{
+	atomic_fetch_add((atomic_long *)arg, 1);
+}
+
+/* ---- attributes, create, destroy ----------------------------------------- */
+
+START_TEST(test_attr)
+{
+	opq_queue_attr *a;
+	size_t cap = 99;
+	ck_assert_int_eq(opq_queue_attr_create(NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_get_capacity(a, &cap), 0);
+	ck_assert_uint_eq(cap, 0);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(a, 7), 0);
+	ck_assert_int_eq(opq_queue_attr_get_capacity(a, &cap), 0);
+	ck_assert_uint_eq(cap, 7);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(NULL, 7), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_get_capacity(NULL, &cap), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_get_capacity(a, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_name(a, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_name(a, ""), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_name(a, "elevenchars"), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_name(NULL, "x"), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_name(a, "tenchars10"), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(NULL, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, NULL, NULL, NULL), 0);
+	opq_queue_attr_destroy(a);
+	opq_queue_attr_destroy(NULL);
+}
+END_TEST
+
+START_TEST(test_create_destroy)
+{
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.runners, 0);
+	ck_assert_uint_eq(st.queued, 0);
+	ck_assert_int_eq(opq_queue_stats_get(NULL, &st), EINVAL);
+	ck_assert_int_eq(opq_queue_stats_get(q, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_queue_destroy(NULL), 0);
+}
+END_TEST
+
+START_TEST(test_op_init_and_misc)
+{
+	opq_op op;
+	struct timespec ts;
+	ck_assert_int_eq(opq_op_init(NULL, cop_perform, NULL), EINVAL);
+	ck_assert_int_eq(opq_op_init(&op, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_op_init(&op, cop_perform, NULL), 0);
+	ck_assert_ptr_null(op.discard);
+	ck_assert_int_eq(opq_deadline_after(NULL, 0), EINVAL);
+	ck_assert_int_eq(opq_deadline_after(&ts, -1500000000), 0);
+	ck_assert(t_passed(&ts));
+	ck_assert_int_eq(opq_deadline_after(&ts, 3600LL * 1000000000LL), 0);
+	ck_assert(!t_passed(&ts));
+	ck_assert(ts.tv_nsec >= 0 && ts.tv_nsec < 1000000000);
+	ck_assert_str_eq(opq_version(), PACKAGE_VERSION);
+	ck_assert_ptr_null(opq_queue_current());
+}
+END_TEST
+
+/* The library must not replace the host's malloc, with or without jemalloc. */
+START_TEST(test_host_malloc_kept)
+{
+	Dl_info info;
+	void *fp = dlsym(RTLD_DEFAULT, "malloc");
+	ck_assert_ptr_nonnull(fp);
+	ck_assert(dladdr(fp, &info) != 0);
+	ck_assert_ptr_nonnull(info.dli_fname);
+	ck_assert_msg(strstr(info.dli_fname, "jemalloc") == NULL, "malloc comes from %s",
+		      info.dli_fname);
+}
+END_TEST
+
+/* ---- start, FIFO, enqueue errors ----------------------------------------- */
+
+START_TEST(test_start_errors)
+{
+	opq_queue *q = make_queue(0);
+	ck_assert_int_eq(opq_queue_start(NULL, 1), EINVAL);
+	ck_assert_int_eq(opq_queue_start(q, 0), EINVAL);
+	ck_assert_int_eq(opq_queue_start(q, 3), 0);
+	ck_assert_uint_eq(stats_of(q).runners, 3);
+	ck_assert_int_eq(opq_queue_start(q, 1), EALREADY);
+	ck_assert_uint_eq(stats_of(q).runners, 3);
+	ck_assert_int_eq(opq_queue_destroy(q), EBUSY);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_uint_eq(stats_of(q).runners, 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+START_TEST(test_fifo_one_runner)
+{
+	enum { N = 2000 };
+	opq_queue *q = make_queue(0);
+	struct cop *ops = calloc(N, sizeof(*ops));
+	long *log = calloc(N, sizeof(*log));
+	atomic_long len = 0;
+	/* Half before start (they wait for the runner), half after. */
+	for (long i = 0; i < N; i++) {
+		cop_init(&ops[i]);
+		ops[i].seq = i;
+		ops[i].log = log;
+		ops[i].log_len = &len;
+		if (i == N / 2)
+			ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		ck_assert_int_eq(opq_queue_enqueue(q, &ops[i].op), 0);
+	}
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(atomic_load(&len), N);
+	for (long i = 0; i < N; i++) {
+		ck_assert_int_eq(log[i], i);
+		ck_assert_int_eq(ops[i].performed, 1);
+		ck_assert_int_eq(ops[i].discarded, 0);
+	}
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.completed, N);
+	ck_assert_uint_eq(st.queued, 0);
+	ck_assert_uint_ge(st.high_water, N / 2);
+	ck_assert_uint_le(st.high_water, N);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	free(ops);
+	free(log);
+}
+END_TEST
+
+START_TEST(test_enqueue_errors)
+{
+	opq_queue *q = make_queue(0);
+	struct cop c;
+	opq_op bare;
+	memset(&bare, 0, sizeof(bare));
+	cop_init(&c);
+	ck_assert_int_eq(opq_queue_enqueue(NULL, &c.op), EINVAL);
+	ck_assert_int_eq(opq_queue_enqueue(q, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_enqueue(q, &bare), EINVAL);
+	ck_assert_int_eq(opq_queue_tryenqueue(NULL, &c.op), EINVAL);
+	ck_assert_int_eq(opq_queue_timedenqueue(q, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_enqueue_fn(NULL, fn_inc, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_enqueue_fn(q, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_tryenqueue_fn(q, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, NULL, NULL, NULL, NULL), EINVAL);
+	/* The same op twice while queued: EBUSY, and it is still queued once. */
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), EBUSY);
+	ck_assert_uint_eq(stats_of(q).queued, 1);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(c.performed, 1);
+	ck_assert_int_eq(c.discarded, 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+static void fn_discard(void *arg)
+{
+	atomic_fetch_add((atomic_long *)arg, 1000);
+}
+
+START_TEST(test_fn_path)
+{
+	atomic_long n = 0;
+	opq_queue *q = make_queue(0);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0);
+	for (int i = 0; i < 100; i++)
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, fn_discard, &n), 0);
+	ck_assert_int_eq(opq_queue_tryenqueue_fn(q, fn_inc, NULL, &n), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, fn_inc, NULL, &n, &dl), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(atomic_load(&n), 102);
+	/* Discarded boxes call discard_fn(arg), or nothing when it is NULL. */
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	opq_queue *q2 = make_queue(0);
+	atomic_long m = 0;
+	ck_assert_int_eq(opq_queue_enqueue_fn(q2, fn_inc, fn_discard, &m), 0);
+	ck_assert_int_eq(opq_queue_enqueue_fn(q2, fn_inc, NULL, &m), 0);
+	ck_assert_int_eq(opq_queue_stop(q2, OPQ_STOP_DISCARD), 0);
+	ck_assert_int_eq(atomic_load(&m), 1000);
+	ck_assert_uint_eq(stats_of(q2).discarded, 2);
+	ck_assert_int_eq(opq_queue_destroy(q2), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* ---- bounded queues -------------------------------------------------------- */
+
+START_TEST(test_bounded_try_and_timed)
+{
+	opq_queue *q = make_queue(2);
+	struct cop c[4];
+	for (int i = 0; i < 4; i++)
+		cop_init(&c[i]);
+	ck_assert_int_eq(opq_queue_tryenqueue(q, &c[0].op), 0);
+	ck_assert_int_eq(opq_queue_tryenqueue(q, &c[1].op), 0);
+	ck_assert_int_eq(opq_queue_tryenqueue(q, &c[2].op), EAGAIN);
+	ck_assert_int_eq(opq_queue_tryenqueue_fn(q, fn_inc, NULL, &fn_count), EAGAIN);
+	struct timespec past = t_deadline(-1);
+	ck_assert_int_eq(opq_queue_timedenqueue(q, &c[2].op, &past), ETIMEDOUT);
+	struct timespec soon = t_deadline(20 * 1000000);
+	ck_assert_int_eq(opq_queue_timedenqueue(q, &c[2].op, &soon), ETIMEDOUT);
+	ck_assert(t_passed(&soon));
+	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, fn_inc, NULL, &fn_count, &past), ETIMEDOUT);
+	/* The failed ops were neither performed nor discarded: the caller has them. */
+	ck_assert_int_eq(c[2].performed + c[2].discarded, 0);
+	ck_assert_uint_eq(stats_of(q).queued, 2);
+	ck_assert_uint_eq(stats_of(q).high_water, 2);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c[2].op), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c[3].op), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	for (int i = 0; i < 4; i++)
+		ck_assert_int_eq(c[i].performed, 1);
+	ck_assert_int_eq(atomic_load(&fn_count), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+struct producer {
+	opq_queue *q;
+	long n;
+	atomic_long *counter;
+	int rc;
+};
+
+static void *produce_fn(void *arg)
+{
+	struct producer *p = arg;
+	for (long i = 0; i < p->n; i++) {
+		p->rc = opq_queue_enqueue_fn(p->q, fn_inc, NULL, p->counter);
+		if (p->rc)
+			break;
+	}
+	return NULL;
+}
+
+START_TEST(test_bounded_backpressure)
+{
+	enum { P = 4, CAP = 8 };
+	long n = t_scale(20000);
+	atomic_long done = 0;
+	opq_queue *q = make_queue(CAP);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0);
+	pthread_t th[P];
+	struct producer pr[P];
+	for (int i = 0; i < P; i++) {
+		pr[i] = (struct producer){ .q = q, .n = n, .counter = &done };
+		pthread_create(&th[i], NULL, produce_fn, &pr[i]);
+	}
+	for (int i = 0; i < P; i++) {
+		pthread_join(th[i], NULL);
+		ck_assert_int_eq(pr[i].rc, 0);
+	}
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(atomic_load(&done), P * n);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_le(st.high_water, CAP);
+	ck_assert_uint_eq(st.completed, (uint64_t)(P * n));
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+struct blocked_enqueuer {
+	opq_queue *q;
+	struct cop c;
+	int rc;
+};
+
+static void *enqueue_blocking(void *arg)
+{
+	struct blocked_enqueuer *b = arg;
+	b->rc = opq_queue_enqueue(b->q, &b->c.op);
+	return NULL;
+}
+
+/* A thread blocked on a full queue returns ESHUTDOWN when stop begins. */
+START_TEST(test_blocked_enqueue_stop)
+{
+	for (int mode = OPQ_STOP_DRAIN; mode <= OPQ_STOP_DISCARD; mode++) {
+		opq_queue *q = make_queue(1);
+		struct cop first;
+		cop_init(&first);
+		ck_assert_int_eq(opq_queue_enqueue(q, &first.op), 0);
+		struct blocked_enqueuer b = { .q = q };
+		cop_init(&b.c);
+		pthread_t th;
+		pthread_create(&th, NULL, enqueue_blocking, &b);
+		T_WAIT_UNTIL(stats_of(q).blocked == 1);
+		ck_assert_int_eq(opq_queue_destroy(q), EBUSY); /* a caller waits in q */
+		ck_assert_int_eq(opq_queue_stop(q, mode), 0);
+		pthread_join(th, NULL);
+		ck_assert_int_eq(b.rc, ESHUTDOWN);
+		ck_assert_int_eq(b.c.performed + b.c.discarded, 0);
+		ck_assert_int_eq(first.performed, mode == OPQ_STOP_DRAIN);
+		ck_assert_int_eq(first.discarded, mode == OPQ_STOP_DISCARD);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+}
+END_TEST
+
+/* ---- stop ---------------------------------------------------------------- */
+
+START_TEST(test_stop_modes)
+{
+	enum { N = 100 };
+	for (int mode = OPQ_STOP_DRAIN; mode <= OPQ_STOP_DISCARD; mode++) {
+		opq_queue *q = make_queue(0);
+		struct t_gate hold;
+		t_gate_init(&hold);
+		atomic_int started = 0;
+		struct cop blocker, ops[N], late;
+		cop_init(&blocker);
+		blocker.hold = &hold;
+		blocker.started = &started;
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		ck_assert_int_eq(opq_queue_enqueue(q, &blocker.op), 0);
+		T_WAIT_UNTIL(atomic_load(&started));
+		for (int i = 0; i < N; i++) {
+			cop_init(&ops[i]);
+			ck_assert_int_eq(opq_queue_enqueue(q, &ops[i].op), 0);
+		}
+		/* Open the gate from an op-free thread only once stop has begun:
+		 * here, stop blocks until the running op finishes, so open first. */
+		t_gate_open(&hold);
+		ck_assert_int_eq(opq_queue_stop(q, mode), 0);
+		cop_init(&late);
+		ck_assert_int_eq(opq_queue_enqueue(q, &late.op), ESHUTDOWN);
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, NULL, &fn_count), ESHUTDOWN);
+		ck_assert_int_eq(late.performed + late.discarded, 0);
+		ck_assert_int_eq(blocker.performed, 1);
+		opq_queue_stats st = stats_of(q);
+		long performed = 0, discarded = 0;
+		for (int i = 0; i < N; i++) {
+			ck_assert_int_eq(ops[i].performed + ops[i].discarded, 1);
+			performed += ops[i].performed;
+			discarded += ops[i].discarded;
+		}
+		ck_assert_uint_eq(st.completed, performed + 1);
+		ck_assert_uint_eq(st.discarded, discarded);
+		ck_assert_uint_eq(st.runners, 0);
+		if (mode == OPQ_STOP_DRAIN)
+			ck_assert_int_eq(performed, N);
+		/* Stop is idempotent, in either mode. */
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+		ck_assert_int_eq(opq_queue_stop(q, 7), EINVAL);
+		ck_assert_int_eq(opq_queue_stop(NULL, OPQ_STOP_DRAIN), EINVAL);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		t_gate_destroy(&hold);
+	}
+}
+END_TEST
+
+struct stopper {
+	opq_queue *q;
+	int mode;
+	int rc;
+};
+
+static void *stop_thread(void *arg)
+{
+	struct stopper *s = arg;
+	s->rc = opq_queue_stop(s->q, s->mode);
+	return NULL;
+}
+
+/* Discard with a running op: queued ops are discarded at once, the running
+ * op finishes, and stop returns only after that. */
+START_TEST(test_stop_discard_while_running)
+{
+	enum { N = 50 };
+	opq_queue *q = make_queue(0);
+	struct t_gate hold;
+	t_gate_init(&hold);
+	atomic_int started = 0;
+	struct cop blocker, ops[N];
+	cop_init(&blocker);
+	blocker.hold = &hold;
+	blocker.started = &started;
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &blocker.op), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	for (int i = 0; i < N; i++) {
+		cop_init(&ops[i]);
+		ck_assert_int_eq(opq_queue_enqueue(q, &ops[i].op), 0);
+	}
+	struct stopper s = { q, OPQ_STOP_DISCARD, -1 };
+	pthread_t th;
+	pthread_create(&th, NULL, stop_thread, &s);
+	/* discard callbacks run in FIFO order: the last one done means all are */
+	T_WAIT_UNTIL(atomic_load(&ops[N - 1].discarded) == 1);
+	ck_assert_uint_eq(stats_of(q).discarded, N);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(ops[i].discarded, 1);
+	ck_assert_int_eq(blocker.performed, 0);
+	ck_assert_uint_eq(stats_of(q).runners, 1);
+	t_gate_open(&hold);
+	pthread_join(th, NULL);
+	ck_assert_int_eq(s.rc, 0);
+	ck_assert_int_eq(blocker.performed, 1);
+	ck_assert_uint_eq(stats_of(q).runners, 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
+/* Several threads stop at once: all return 0, and only after the runners are gone. */
+START_TEST(test_concurrent_stops)
+{
+	enum { S = 4, N = 2000 };
+	for (int iter = 0; iter < 20; iter++) {
+		atomic_long n = 0;
+		opq_queue *q = make_queue(0);
+		ck_assert_int_eq(opq_queue_start(q, 2), 0);
+		for (int i = 0; i < N; i++)
+			ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, NULL, &n), 0);
+		struct stopper s[S];
+		pthread_t th[S];
+		for (int i = 0; i < S; i++) {
+			s[i] = (struct stopper){ q, OPQ_STOP_DRAIN, -1 };
+			pthread_create(&th[i], NULL, stop_thread, &s[i]);
+		}
+		for (int i = 0; i < S; i++) {
+			pthread_join(th[i], NULL);
+			ck_assert_int_eq(s[i].rc, 0);
+		}
+		ck_assert_int_eq(atomic_load(&n), N);
+		ck_assert_uint_eq(stats_of(q).runners, 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+}
+END_TEST
+
+/* Calls from inside an operation of the same queue. */
+struct inside {
+	opq_op op;
+	opq_queue *q;
+	opq_queue *other;
+	int stop_rc, idle_rc, other_stop_rc, enqueue_rc, destroy_rc;
+	opq_queue *current;
+	atomic_long *counter;
+};
+
+static void inside_perform(opq_op *op)
+{
+	struct inside *in = OPQ_CONTAINER_OF(op, struct inside, op);
+	in->current = opq_queue_current();
+	in->stop_rc = opq_queue_stop(in->q, OPQ_STOP_DRAIN);
+	in->idle_rc = opq_queue_wait_idle(in->q, NULL);
+	in->destroy_rc = opq_queue_destroy(in->q);
+	in->enqueue_rc = opq_queue_enqueue_fn(in->q, fn_inc, NULL, in->counter);
+	in->other_stop_rc = opq_queue_stop(in->other, OPQ_STOP_DRAIN);
+}
+
+START_TEST(test_calls_from_inside)
+{
+	atomic_long n = 0;
+	opq_queue *q = make_queue(0), *other = make_queue(0);
+	struct inside in = { .q = q, .other = other, .counter = &n };
+	ck_assert_int_eq(opq_op_init(&in.op, inside_perform, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(other, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue_fn(other, fn_inc, NULL, &n), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &in.op), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_ptr_eq(in.current, q);
+	ck_assert_int_eq(in.stop_rc, EDEADLK);
+	ck_assert_int_eq(in.idle_rc, EDEADLK);
+	ck_assert_int_eq(in.destroy_rc, EBUSY);
+	ck_assert_int_eq(in.enqueue_rc, 0);
+	ck_assert_int_eq(in.other_stop_rc, 0); /* another queue may be stopped */
+	ck_assert_int_eq(atomic_load(&n), 2);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_queue_destroy(other), 0);
+}
+END_TEST
+
+/* An op that enqueues the next link of a chain: enqueue from inside works. */
+struct chain {
+	opq_op op;
+	opq_queue *q;
+	atomic_long left;
+	atomic_long done;
+};
+
+static void chain_perform(opq_op *op)
+{
+	struct chain *c = OPQ_CONTAINER_OF(op, struct chain, op);
+	atomic_fetch_add(&c->done, 1);
+	if (atomic_fetch_sub(&c->left, 1) > 1)
+		ck_assert_int_eq(opq_queue_enqueue(c->q, &c->op), 0);
+}
+
+START_TEST(test_enqueue_chain)
+{
+	opq_queue *q = make_queue(0);
+	struct chain c = { .q = q, .left = 10000 };
+	ck_assert_int_eq(opq_op_init(&c.op, chain_perform, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(atomic_load(&c.done), 10000);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* A runner that would block on a full queue while no other runner can make room. */
+struct self_fill {
+	opq_op op;
+	opq_queue *q;
+	struct cop a, b;
+	int rc_a, rc_b;
+};
+
+static void self_fill_perform(opq_op *op)
+{
+	struct self_fill *s = OPQ_CONTAINER_OF(op, struct self_fill, op);
+	s->rc_a = opq_queue_enqueue(s->q, &s->a.op);
+	s->rc_b = opq_queue_enqueue(s->q, &s->b.op);
+}
+
+START_TEST(test_enqueue_full_from_runner)
+{
+	opq_queue *q = make_queue(1);
+	struct self_fill s = { .q = q };
+	cop_init(&s.a);
+	cop_init(&s.b);
+	ck_assert_int_eq(opq_op_init(&s.op, self_fill_perform, NULL), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &s.op), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(s.rc_a, 0);
+	ck_assert_int_eq(s.rc_b, EDEADLK);
+	ck_assert_int_eq(s.a.performed, 1);
+	ck_assert_int_eq(s.b.performed + s.b.discarded, 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* Stop on a never-started queue: DRAIN performs on the caller's thread. */
+static pthread_t performer;
+static void record_thread(void *arg)
+{
+	(void)arg;
+	performer = pthread_self();
+}
+
+START_TEST(test_stop_never_started)
+{
+	opq_queue *q = make_queue(0);
+	ck_assert_int_eq(opq_queue_enqueue_fn(q, record_thread, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert(pthread_equal(performer, pthread_self()));
+	ck_assert_uint_eq(stats_of(q).completed, 1);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+
+	struct cop c;
+	cop_init(&c);
+	q = make_queue(0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+	ck_assert_int_eq(c.discarded, 1);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+
+	/* Destroy discards what a never-started queue still holds. */
+	cop_init(&c);
+	q = make_queue(0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(c.discarded, 1);
+	ck_assert_int_eq(c.performed, 0);
+}
+END_TEST
+
+/* A stopped queue can be started again. */
+START_TEST(test_restart)
+{
+	atomic_long n = 0;
+	opq_queue *q = make_queue(0);
+	for (int round = 1; round <= 5; round++) {
+		ck_assert_int_eq(opq_queue_start(q, (unsigned)round), 0);
+		ck_assert_uint_eq(stats_of(q).runners, (unsigned)round);
+		for (int i = 0; i < 100; i++)
+			ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, NULL, &n), 0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(atomic_load(&n), round * 100);
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, NULL, &n), ESHUTDOWN);
+	}
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* ---- cancel ---------------------------------------------------------------- */
+
+START_TEST(test_cancel)
+{
+	opq_queue *q = make_queue(0), *other = make_queue(0);
+	struct t_gate hold;
+	t_gate_init(&hold);
+	atomic_int started = 0;
+	struct cop running, a, b, c;
+	cop_init(&running);
+	running.hold = &hold;
+	running.started = &started;
+	cop_init(&a);
+	cop_init(&b);
+	cop_init(&c);
+	ck_assert_int_eq(opq_queue_cancel(NULL, &a.op), EINVAL);
+	ck_assert_int_eq(opq_queue_cancel(q, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_cancel(q, &a.op), EBUSY); /* never queued */
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &running.op), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &b.op), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	ck_assert_int_eq(opq_queue_cancel(q, &running.op), EBUSY); /* running */
+	ck_assert_int_eq(opq_queue_cancel(other, &b.op), EBUSY);   /* not queued there */
+	ck_assert_int_eq(opq_queue_cancel(q, &b.op), 0);	    /* the middle one */
+	ck_assert_int_eq(b.discarded, 1);
+	ck_assert_int_eq(opq_queue_cancel(q, &b.op), EBUSY); /* twice */
+	ck_assert_uint_eq(stats_of(q).queued, 2);
+	t_gate_open(&hold);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(opq_queue_cancel(q, &a.op), EBUSY); /* done */
+	ck_assert_int_eq(a.performed, 1);
+	ck_assert_int_eq(b.performed, 0);
+	ck_assert_int_eq(c.performed, 1);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.cancelled, 1);
+	ck_assert_uint_eq(st.discarded, 1);
+	ck_assert_uint_eq(st.completed, 3);
+	/* A cancelled op can be enqueued again. */
+	ck_assert_int_eq(opq_queue_enqueue(q, &b.op), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(b.performed, 1);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_queue_destroy(other), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
+/* ---- runners: resize, hooks, names, signals ------------------------------- */
+
+START_TEST(test_set_runners)
+{
+	atomic_long n = 0;
+	opq_queue *q = make_queue(0);
+	ck_assert_int_eq(opq_queue_set_runners(q, 2), ESRCH);
+	ck_assert_int_eq(opq_queue_set_runners(NULL, 2), EINVAL);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_set_runners(q, 0), EINVAL);
+	for (int iter = 0; iter < 50; iter++) {
+		unsigned want = 1 + (unsigned)(iter * 7 % 6);
+		ck_assert_int_eq(opq_queue_set_runners(q, want), 0);
+		for (int i = 0; i < 200; i++)
+			ck_assert_int_eq(opq_queue_enqueue_fn(q, fn_inc, NULL, &n), 0);
+		/* Growing is immediate; shrinking happens as runners finish an op. */
+		T_WAIT_UNTIL(stats_of(q).runners == want);
+	}
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(atomic_load(&n), 50 * 200);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_set_runners(q, 2), ESRCH);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+struct hooks {
+	atomic_int started, exited;
+	atomic_uint start_mask, exit_mask;
+	atomic_int name_ok;
+	atomic_int sigint_blocked;
+};
+
+static void on_start(void *arg, unsigned index)
+{
+	struct hooks *h = arg;
+	atomic_fetch_add(&h->started, 1);
+	atomic_fetch_or(&h->start_mask, 1u << index);
+}
+
+static void on_exit_hook(void *arg, unsigned index)
+{
+	struct hooks *h = arg;
+	atomic_fetch_add(&h->exited, 1);
+	atomic_fetch_or(&h->exit_mask, 1u << index);
+}
+
+static void check_thread(void *arg)
+{
+	struct hooks *h = arg;
+	char name[16] = "";
+	pthread_getname_np(pthread_self(), name, sizeof(name));
+	if (strncmp(name, "hooktest/", 9) == 0)
+		atomic_store(&h->name_ok, 1);
+	sigset_t set;
+	pthread_sigmask(SIG_BLOCK, NULL, &set);
+	atomic_store(&h->sigint_blocked, sigismember(&set, SIGINT));
+}
+
+START_TEST(test_hooks_names_signals)
+{
+	struct hooks h = { 0 };
+	opq_queue_attr *a;
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_name(a, "hooktest"), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, on_start, on_exit_hook, &h), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a); /* the queue keeps a copy */
+	ck_assert_int_eq(opq_queue_start(q, 4), 0);
+	/* start returns after every start hook ran */
+	ck_assert_int_eq(atomic_load(&h.started), 4);
+	ck_assert_uint_eq(atomic_load(&h.start_mask), 0xf);
+	ck_assert_int_eq(opq_queue_enqueue_fn(q, check_thread, NULL, &h), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	/* stop returns after every exit hook ran */
+	ck_assert_int_eq(atomic_load(&h.exited), 4);
+	ck_assert_uint_eq(atomic_load(&h.exit_mask), 0xf);
+	ck_assert_int_eq(atomic_load(&h.name_ok), 1);
+	ck_assert_int_eq(atomic_load(&h.sigint_blocked), 1);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* ---- wait idle -------------------------------------------------------------- */
+
+START_TEST(test_wait_idle)
+{
+	opq_queue *q = make_queue(0);
+	struct t_gate hold;
+	t_gate_init(&hold);
+	struct cop c;
+	cop_init(&c);
+	c.hold = &hold;
+	ck_assert_int_eq(opq_queue_wait_idle(NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_queue_wait_idle(q, NULL), 0); /* idle already */
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+	struct timespec soon = t_deadline(20 * 1000000);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &soon), ETIMEDOUT);
+	ck_assert(t_passed(&soon));
+	t_gate_open(&hold);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(c.performed, 1);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
+/* ---- stress ------------------------------------------------------------------ */
+
+/* P producers enqueue into R runners; every op is counted per op. */
+struct sop {
+	opq_op op;
+	atomic_int performed;
+};
+
+static void sop_perform(opq_op *op)
+{
+	atomic_fetch_add(&OPQ_CONTAINER_OF(op, struct sop, op)->performed, 1);
+}
+
+struct sproducer {
+	opq_queue *q;
+	struct sop *ops;
+	long n;
+	atomic_long *fn_done;
+	int rc;
+};
+
+static void *sproduce(void *arg)
+{
+	struct sproducer *p = arg;
+	for (long i = 0; i < p->n && p->rc == 0; i++) {
+		if (i % 4 == 3)
+			p->rc = opq_queue_enqueue_fn(p->q, fn_inc, NULL, p->fn_done);
+		else
+			p->rc = opq_queue_enqueue(p->q, &p->ops[i].op);
+	}
+	return NULL;
+}
+
+START_TEST(test_stress_exactly_once)
+{
+	enum { P = 8, R = 4 };
+	long n = t_scale(100000);
+	atomic_long fn_done = 0;
+	opq_queue *q = make_queue(0);
+	struct sop *ops = calloc((size_t)(P * n), sizeof(*ops));
+	ck_assert_ptr_nonnull(ops);
+	for (long i = 0; i < P * n; i++)
+		ck_assert_int_eq(opq_op_init(&ops[i].op, sop_perform, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, R), 0);
+	pthread_t th[P];
+	struct sproducer pr[P];
+	for (int i = 0; i < P; i++) {
+		pr[i] = (struct sproducer){ q, ops + i * n, n, &fn_done, 0 };
+		pthread_create(&th[i], NULL, sproduce, &pr[i]);
+	}
+	for (int i = 0; i < P; i++) {
+		pthread_join(th[i], NULL);
+		ck_assert_int_eq(pr[i].rc, 0);
+	}
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	long intrusive = 0;
+	for (long i = 0; i < P * n; i++) {
+		if (i % n % 4 == 3) {
+			ck_assert_int_eq(ops[i].performed, 0);
+		} else {
+			ck_assert_int_eq(ops[i].performed, 1);
+			intrusive++;
+		}
+	}
+	ck_assert_int_eq(atomic_load(&fn_done) + intrusive, P * n);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.completed, (uint64_t)(P * n));
+	ck_assert_uint_eq(st.discarded, 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	free(ops);
+}
+END_TEST
+
+/* Enqueue races stop: each op is performed, discarded or returned exactly once. */
+struct rop {
+	opq_op op;
+	atomic_int performed, discarded;
+	int returned;
+};
+
+static void rop_perform(opq_op *op)
+{
+	atomic_fetch_add(&OPQ_CONTAINER_OF(op, struct rop, op)->performed, 1);
+}
+
+static void rop_discard(opq_op *op)
+{
+	atomic_fetch_add(&OPQ_CONTAINER_OF(op, struct rop, op)->discarded, 1);
+}
+
+struct rproducer {
+	opq_queue *q;
+	struct rop *ops;
+	long n;
+};
+
+static void *rproduce(void *arg)
+{
+	struct rproducer *p = arg;
+	for (long i = 0; i < p->n; i++) {
+		int rc = (i & 1) ? opq_queue_tryenqueue(p->q, &p->ops[i].op)
+				 : opq_queue_enqueue(p->q, &p->ops[i].op);
+		if (rc) {
+			ck_assert(rc == ESHUTDOWN || rc == EAGAIN);
+			p->ops[i].returned = 1;
+		}
+	}
+	return NULL;
+}
+
+START_TEST(test_stress_enqueue_races_stop)
+{
+	enum { P = 4, N = 2000 };
+	int iters = (int)t_scale(60);
+	struct rop *ops = calloc(P * N, sizeof(*ops));
+	for (int iter = 0; iter < iters; iter++) {
+		int mode = iter & 1 ? OPQ_STOP_DISCARD : OPQ_STOP_DRAIN;
+		opq_queue *q = make_queue(iter % 3 == 0 ? 16 : 0);
+		memset(ops, 0, P * N * sizeof(*ops));
+		for (long i = 0; i < P * N; i++)
+			ck_assert_int_eq(opq_op_init(&ops[i].op, rop_perform, rop_discard), 0);
+		ck_assert_int_eq(opq_queue_start(q, 2), 0);
+		pthread_t th[P];
+		struct rproducer pr[P];
+		for (int i = 0; i < P; i++) {
+			pr[i] = (struct rproducer){ q, ops + i * N, N };
+			pthread_create(&th[i], NULL, rproduce, &pr[i]);
+		}
+		/* Stop once some work went through, while producers still run. */
+		T_WAIT_UNTIL(stats_of(q).completed >= (uint64_t)(iter * 20 % N));
+		ck_assert_int_eq(opq_queue_stop(q, mode), 0);
+		for (int i = 0; i < P; i++)
+			pthread_join(th[i], NULL);
+		long performed = 0, discarded = 0;
+		for (long i = 0; i < P * N; i++) {
+			int total = ops[i].performed + ops[i].discarded + ops[i].returned;
+			ck_assert_msg(total == 1, "op %ld: performed %d discarded %d returned %d", i,
+				      (int)ops[i].performed, (int)ops[i].discarded, ops[i].returned);
+			performed += ops[i].performed;
+			discarded += ops[i].discarded;
+		}
+		if (mode == OPQ_STOP_DRAIN)
+			ck_assert_int_eq(discarded, 0);
+		opq_queue_stats st = stats_of(q);
+		ck_assert_uint_eq(st.completed, performed);
+		ck_assert_uint_eq(st.discarded, discarded);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+	free(ops);
+}
+END_TEST
+
+enum { P_RESIZE_OPS = 3000 };
+
+/* Start, resize and stop race each other and enqueuers. */
+static void *resize_loop(void *arg)
+{
+	opq_queue *q = arg;
+	for (int i = 0; i < 50; i++) {
+		int rc = opq_queue_set_runners(q, 1 + (unsigned)(i % 4));
+		if (rc == ESRCH)
+			break;
+		ck_assert_int_eq(rc, 0);
+	}
+	return NULL;
+}
+
+START_TEST(test_stress_resize_races_stop)
+{
+	int iters = (int)t_scale(40);
+	for (int iter = 0; iter < iters; iter++) {
+		struct rop *ops = calloc(P_RESIZE_OPS, sizeof(*ops));
+		for (long i = 0; i < P_RESIZE_OPS; i++)
+			ck_assert_int_eq(opq_op_init(&ops[i].op, rop_perform, rop_discard), 0);
+		opq_queue *q = make_queue(0);
+		ck_assert_int_eq(opq_queue_start(q, 2), 0);
+		pthread_t resizer, producer;
+		struct rproducer pr = { q, ops, P_RESIZE_OPS };
+		pthread_create(&producer, NULL, rproduce, &pr);
+		pthread_create(&resizer, NULL, resize_loop, q);
+		ck_assert_int_eq(opq_queue_stop(q, iter & 1), 0);
+		pthread_join(resizer, NULL);
+		pthread_join(producer, NULL);
+		ck_assert_uint_eq(stats_of(q).runners, 0);
+		for (long i = 0; i < P_RESIZE_OPS; i++)
+			ck_assert_int_eq(ops[i].performed + ops[i].discarded + ops[i].returned, 1);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		free(ops);
+	}
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("queue");
+	TCase *tc = t_tcase(s, "api", 60);
+	tcase_add_test(tc, test_attr);
+	tcase_add_test(tc, test_create_destroy);
+	tcase_add_test(tc, test_op_init_and_misc);
+	tcase_add_test(tc, test_host_malloc_kept);
+	tcase_add_test(tc, test_start_errors);
+	tcase_add_test(tc, test_fifo_one_runner);
+	tcase_add_test(tc, test_enqueue_errors);
+	tcase_add_test(tc, test_fn_path);
+	tcase_add_test(tc, test_bounded_try_and_timed);
+	tcase_add_test(tc, test_blocked_enqueue_stop);
+	tcase_add_test(tc, test_stop_modes);
+	tcase_add_test(tc, test_stop_discard_while_running);
+	tcase_add_test(tc, test_calls_from_inside);
+	tcase_add_test(tc, test_enqueue_chain);
+	tcase_add_test(tc, test_enqueue_full_from_runner);
+	tcase_add_test(tc, test_stop_never_started);
+	tcase_add_test(tc, test_restart);
+	tcase_add_test(tc, test_cancel);
+	tcase_add_test(tc, test_set_runners);
+	tcase_add_test(tc, test_hooks_names_signals);
+	tcase_add_test(tc, test_wait_idle);
+	tc = t_tcase(s, "stress", 300);
+	tcase_add_test(tc, test_bounded_backpressure);
+	tcase_add_test(tc, test_concurrent_stops);
+	tcase_add_test(tc, test_stress_exactly_once);
+	tcase_add_test(tc, test_stress_enqueue_races_stop);
+	tcase_add_test(tc, test_stress_resize_races_stop);
+	return t_run(s);
+}
