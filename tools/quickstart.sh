@@ -81,6 +81,10 @@ test)
 	(cd _build/default && make -j"$jobs" distcheck >distcheck.out 2>&1) ||
 		{ tail -n 60 _build/default/distcheck.out; echo "== make distcheck FAILED"; exit 1; }
 	echo "== all passed: check (default, tsan, asan) and distcheck"
+	# One closing line for readers of the log: Check's own counts, summed.
+	cat _build/default/tests/*.log _build/tsan/tests/*.log _build/asan/tests/*.log |
+		awk '/^[0-9]+%: Checks: / { gsub(",", ""); n += $3; f += $5 + $7 }
+		     END { printf "checks: %d passed, %d failed\n", n - f, f }'
 	;;
 *)
 	echo "usage: $0 demo|test" >&2
