@@ -5,6 +5,9 @@
  * mutex/condvar pool that signals on every enqueue, each run in a child
  * process of its own (so that peak RSS is per variant), repeated; the table
  * shows medians and each variant's ratio to opqueue's intrusive path.
+ * The clock runs from the moment the runners are up (and, for the intrusive
+ * path, the operations initialised) until the last operation has been
+ * performed and the runners joined.
  *
  * usage: opqueue-bench [-p PRODUCERS] [-m OPS_PER_PRODUCER] [-r RUNNERS]
  *                      [-w SPIN_NS] [-k REPEATS]
@@ -27,6 +30,7 @@
 static unsigned P = 1, R = 2, K = 5;
 static long M = 1000000, W = 0;
 static atomic_long performed;
+static uint64_t t_start; /* set by each variant once its set-up is done */
 
 static uint64_t now_ns(void)
 {
@@ -82,15 +86,18 @@ static void *opq_fn_producer(void *arg)
 
 static int run_opq(void *(*producer)(void *))
 {
-	ops = calloc((size_t)P * (size_t)M, sizeof(*ops));
-	if (!ops)
-		return ENOMEM;
-	for (long i = 0; i < (long)P * M; i++)
-		opq_op_init(&ops[i], op_perform, NULL);
+	if (producer == opq_producer) {
+		ops = calloc((size_t)P * (size_t)M, sizeof(*ops));
+		if (!ops)
+			return ENOMEM;
+		for (long i = 0; i < (long)P * M; i++)
+			opq_op_init(&ops[i], op_perform, NULL);
+	}
 	int rc = opq_queue_create(&oq, NULL);
 	if (rc || (rc = opq_queue_start(oq, R)))
 		return rc;
 	pthread_t th[P];
+	t_start = now_ns();
 	for (unsigned i = 0; i < P; i++)
 		pthread_create(&th[i], NULL, producer, (void *)(intptr_t)i);
 	for (unsigned i = 0; i < P; i++)
@@ -176,6 +183,7 @@ static int run_plain(void)
 	pthread_t rt[R], pt[P];
 	for (unsigned i = 0; i < R; i++)
 		pthread_create(&rt[i], NULL, plain_runner, NULL);
+	t_start = now_ns();
 	for (unsigned i = 0; i < P; i++)
 		pthread_create(&pt[i], NULL, plain_producer, NULL);
 	for (unsigned i = 0; i < P; i++)
@@ -219,9 +227,8 @@ static int run_child(const struct variant *v, struct result *res)
 		return errno;
 	if (pid == 0) {
 		close(fds[0]);
-		uint64_t t0 = now_ns();
 		int rc = v->run();
-		uint64_t t1 = now_ns();
+		uint64_t t1 = now_ns(), t0 = t_start;
 		long expect = (long)P * M;
 		double rate = rc == 0 && atomic_load(&performed) == expect
 				      ? (double)expect / ((double)(t1 - t0) / 1e9)

@@ -80,7 +80,16 @@ test)
 	echo "== make distcheck"
 	(cd _build/default && make -j"$jobs" distcheck >distcheck.out 2>&1) ||
 		{ tail -n 60 _build/default/distcheck.out; echo "== make distcheck FAILED"; exit 1; }
-	echo "== all passed: check (default, tsan, asan) and distcheck"
+	echo "== install, then build the README's example with pkg-config"
+	prefix="$top/_build/prefix"
+	rm -rf "$prefix"
+	(cd _build/default && make install prefix="$prefix" >install.out)
+	cc -o _build/jobs examples/jobs.c \
+		$(PKG_CONFIG_PATH="$prefix/lib/pkgconfig" pkg-config --cflags --libs opqueue) \
+		-Wl,-rpath,"$prefix/lib"
+	[ "$(./_build/jobs | grep -c '^job ')" = 10 ] || { echo "== example FAILED"; exit 1; }
+	[ -f "$prefix/share/man/man3/opq_queue_tryenqueue.3" ] || { echo "== man links missing"; exit 1; }
+	echo "== all passed: check (default, tsan, asan), distcheck, installed example"
 	# One closing line for readers of the log: Check's own counts, summed.
 	cat _build/default/tests/*.log _build/tsan/tests/*.log _build/asan/tests/*.log |
 		awk '/^[0-9]+%: Checks: / { gsub(",", ""); n += $3; f += $5 + $7 }
