@@ -81,14 +81,15 @@ test)
 	(cd _build/default && make -j"$jobs" distcheck >distcheck.out 2>&1) ||
 		{ tail -n 60 _build/default/distcheck.out; echo "== make distcheck FAILED"; exit 1; }
 	echo "== install, then build the README's example with pkg-config"
-	prefix="$top/_build/prefix"
-	rm -rf "$prefix"
-	(cd _build/default && make install prefix="$prefix" >install.out)
+	stage="$top/_build/stage"
+	rm -rf "$stage"
+	(cd _build/default && make install DESTDIR="$stage" >install.out 2>&1)
+	pc=$(find "$stage" -name opqueue.pc)
 	cc -o _build/jobs examples/jobs.c \
-		$(PKG_CONFIG_PATH="$prefix/lib/pkgconfig" pkg-config --cflags --libs opqueue) \
-		-Wl,-rpath,"$prefix/lib"
+		$(PKG_CONFIG_PATH="${pc%/*}" pkg-config --define-prefix --cflags --libs opqueue) \
+		-Wl,-rpath,"${pc%/pkgconfig/*}"
 	[ "$(./_build/jobs | grep -c '^job ')" = 10 ] || { echo "== example FAILED"; exit 1; }
-	[ -f "$prefix/share/man/man3/opq_queue_tryenqueue.3" ] || { echo "== man links missing"; exit 1; }
+	[ -n "$(find "$stage" -name opq_queue_tryenqueue.3)" ] || { echo "== man links missing"; exit 1; }
 	echo "== all passed: check (default, tsan, asan), distcheck, installed example"
 	# One closing line for readers of the log: Check's own counts, summed.
 	cat _build/default/tests/*.log _build/tsan/tests/*.log _build/asan/tests/*.log |
