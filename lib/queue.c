@@ -80,6 +80,8 @@ struct box {
 };
 
 static _Thread_local opq_queue *tls_queue;
+/* Set while a runner runs its start hook: start and resize wait for it. */
+static _Thread_local bool tls_in_start_hook;
 
 /* ---- attributes ---------------------------------------------------------- */
 
@@ -241,8 +243,11 @@ static void *runner_main(void *arg)
 
 	tls_queue = q;
 	runner_name(q, r->index);
-	if (q->attr.on_start)
+	if (q->attr.on_start) {
+		tls_in_start_hook = true;
 		q->attr.on_start(q->attr.hook_arg, r->index);
+		tls_in_start_hook = false;
+	}
 
 	opq__lock(&q->mu);
 	if (--q->unstarted == 0)
@@ -476,6 +481,8 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
 {
 	if (!q || runners == 0)
 		return EINVAL;
+	if (tls_in_start_hook && tls_queue == q)
+		return EDEADLK; /* spawn would wait for this very runner to start */
 	opq__lock(&q->mu);
 	if (q->state != ST_RUNNING) {
 		opq__unlock(&q->mu);
@@ -614,7 +621,7 @@ OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
 
 OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
 {
-	if (!q || !op || !op->perform)
+	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
 	return enqueue(q, op, WAIT_BLOCK, deadline);
 }
@@ -641,7 +648,7 @@ static void box_discard(opq_op *op)
 static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
 		      const struct timespec *deadline)
 {
-	if (!q || !fn)
+	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
 	struct box *b = opq__box_alloc(sizeof(*b));
 	if (!b)
@@ -695,7 +702,7 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 
 OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline)
 {
-	if (!q)
+	if (!q || !opq__deadline_ok(deadline))
 		return EINVAL;
 	if (tls_queue == q)
 		return EDEADLK;

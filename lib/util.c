@@ -105,6 +105,11 @@ int opq__cond_init(pthread_cond_t *cond)
 	return rc;
 }
 
+bool opq__deadline_ok(const struct timespec *deadline)
+{
+	return !deadline || (deadline->tv_nsec >= 0 && deadline->tv_nsec < 1000000000);
+}
+
 int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex, const struct timespec *deadline)
 {
 	if (!deadline) {

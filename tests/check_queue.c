@@ -218,6 +218,13 @@ START_TEST(test_enqueue_errors)
 	ck_assert_int_eq(opq_queue_enqueue_fn(q, NULL, NULL, NULL), EINVAL);
 	ck_assert_int_eq(opq_queue_tryenqueue_fn(q, NULL, NULL, NULL), EINVAL);
 	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, NULL, NULL, NULL, NULL), EINVAL);
+	struct timespec bad = { .tv_sec = 1, .tv_nsec = 1000000000 };
+	ck_assert_int_eq(opq_queue_timedenqueue(q, &c.op, &bad), EINVAL);
+	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, fn_inc, NULL, NULL, &bad), EINVAL);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &bad), EINVAL);
+	bad.tv_nsec = -1;
+	ck_assert_int_eq(opq_queue_wait_idle(q, &bad), EINVAL);
+	ck_assert_uint_eq(stats_of(q).queued, 0);
 	/* The same op twice while queued: EBUSY, and it is still queued once. */
 	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
 	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), EBUSY);
@@ -762,9 +769,14 @@ struct hooks {
 	atomic_int sigint_blocked;
 };
 
+static opq_queue *hook_queue;
+static atomic_int hook_resize_rc = -1;
+
 static void on_start(void *arg, unsigned index)
 {
 	struct hooks *h = arg;
+	/* Resizing its own queue from a start hook would wait for itself. */
+	atomic_store(&hook_resize_rc, opq_queue_set_runners(hook_queue, 8));
 	atomic_fetch_add(&h->started, 1);
 	atomic_fetch_or(&h->start_mask, 1u << index);
 }
@@ -797,10 +809,12 @@ START_TEST(test_hooks_names_signals)
 	ck_assert_int_eq(opq_queue_attr_set_name(a, "hooktest"), 0);
 	ck_assert_int_eq(opq_queue_attr_set_hooks(a, on_start, on_exit_hook, &h), 0);
 	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	hook_queue = q;
 	opq_queue_attr_destroy(a); /* the queue keeps a copy */
 	ck_assert_int_eq(opq_queue_start(q, 4), 0);
 	/* start returns after every start hook ran */
 	ck_assert_int_eq(atomic_load(&h.started), 4);
+	ck_assert_int_eq(atomic_load(&hook_resize_rc), EDEADLK);
 	ck_assert_uint_eq(atomic_load(&h.start_mask), 0xf);
 	ck_assert_int_eq(opq_queue_enqueue_fn(q, check_thread, NULL, &h), 0);
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);

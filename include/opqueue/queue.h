@@ -124,7 +124,8 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners);
  * Change the number of runners of a running queue. Growing starts runners at
  * once; shrinking lets the surplus runners exit after their current
  * operation (the call does not wait for that). EINVAL for 0, ESRCH when the
- * queue is not running, EAGAIN/ENOMEM when new threads cannot be made (those
+ * queue is not running, EDEADLK from a start hook of q's own runners (it
+ * would wait for that runner to start), EAGAIN/ENOMEM when new threads cannot be made (those
  * already made keep running).
  */
 OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
@@ -135,8 +136,8 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
  * EAGAIN, and opq_queue_timedenqueue blocks until the absolute
  * CLOCK_MONOTONIC deadline (NULL: forever), then ETIMEDOUT. ESHUTDOWN once a
  * stop has begun (also for a thread blocked in enqueue when it begins),
- * EBUSY if op is already queued in this queue, EINVAL for NULL arguments or
- * an op without perform. On any error the caller keeps op.
+ * EBUSY if op is already queued in this queue, EINVAL for NULL arguments, an
+ * op without perform, or a deadline whose tv_nsec is outside [0, 1e9). On any error the caller keeps op.
  */
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op);
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op);
@@ -175,7 +176,8 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode);
 
 /*
  * Wait until nothing is queued and nothing is running, or until the absolute
- * CLOCK_MONOTONIC deadline (NULL: forever; ETIMEDOUT). EDEADLK from one of
+ * CLOCK_MONOTONIC deadline (NULL: forever; ETIMEDOUT; EINVAL for a deadline
+ * whose tv_nsec is outside [0, 1e9)). EDEADLK from one of
  * q's own operations (it would wait for itself).
  */
 OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline);
