@@ -153,6 +153,10 @@ START_TEST(test_api_errors)
 	ck_assert_int_eq(opq_line_generation(&l, &g), 0);
 	ck_assert_uint_eq(g, 2);
 
+	/* A ticket of a generation the line has not reached. */
+	opq_line_ticket future = { &l, 3, 0 };
+	ck_assert_int_eq(opq_line_wait(&l, &future, NULL, &st), EINVAL);
+
 	ck_assert_int_eq(opq_line_destroy(&l), 0);
 	ck_assert_int_eq(opq_line_destroy(&other), 0);
 	/* A destroyed line can be initialised again. */
