@@ -11,6 +11,10 @@
  *
  * usage: opqueue-bench [-p PRODUCERS] [-m OPS_PER_PRODUCER] [-r RUNNERS]
  *                      [-w SPIN_NS] [-k REPEATS]
+ *        opqueue-bench -l [-m ITERATIONS] [-k REPEATS]
+ *
+ * -l measures the line instead: an uncontended opq_line_try_acquire plus
+ * opq_line_release, in nanoseconds per pair (median of K runs).
  */
 #define _DEFAULT_SOURCE 1 /* wait4 */
 #include <errno.h>
@@ -197,6 +201,32 @@ static int run_plain(void)
 	return 0;
 }
 
+static int cmp_double(const void *a, const void *b);
+
+/* ---- the line ------------------------------------------------------------- */
+
+static int run_line(void)
+{
+	printf("line: uncontended try_acquire + release, %ld iterations, median of %u runs\n", M, K);
+	opq_line line = OPQ_LINE_INITIALIZER;
+	double ns[K];
+	for (unsigned k = 0; k < K; k++) {
+		opq_line_ticket t = OPQ_LINE_TICKET_INITIALIZER;
+		uint64_t t0 = now_ns();
+		for (long i = 0; i < M; i++) {
+			if (opq_line_try_acquire(&line, OPQ_LINE_ANY, &t) ||
+			    opq_line_release(&line, &t, 0)) {
+				fprintf(stderr, "opqueue-bench: line: unexpected failure\n");
+				return 1;
+			}
+		}
+		ns[k] = (double)(now_ns() - t0) / (double)M;
+	}
+	qsort(ns, K, sizeof(double), cmp_double);
+	printf("%-22s %10.1f ns\n", "acquire + release", ns[K / 2]);
+	return opq_line_destroy(&line) ? 1 : 0;
+}
+
 /* ---- the driver ---------------------------------------------------------- */
 
 struct variant {
@@ -259,9 +289,10 @@ static int cmp_double(const void *a, const void *b)
 
 int main(int argc, char **argv)
 {
-	int opt;
-	while ((opt = getopt(argc, argv, "p:m:r:w:k:")) != -1) {
+	int opt, line_mode = 0;
+	while ((opt = getopt(argc, argv, "lp:m:r:w:k:")) != -1) {
 		switch (opt) {
+		case 'l': line_mode = 1; break;
 		case 'p': P = (unsigned)atoi(optarg); break;
 		case 'm': M = atol(optarg); break;
 		case 'r': R = (unsigned)atoi(optarg); break;
@@ -269,7 +300,8 @@ int main(int argc, char **argv)
 		case 'k': K = (unsigned)atoi(optarg); break;
 		default:
 			fprintf(stderr, "usage: opqueue-bench [-p PRODUCERS] [-m OPS_PER_PRODUCER] "
-					"[-r RUNNERS] [-w SPIN_NS] [-k REPEATS]\n");
+					"[-r RUNNERS] [-w SPIN_NS] [-k REPEATS]\n"
+					"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n");
 			return 2;
 		}
 	}
@@ -277,6 +309,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "opqueue-bench: bad arguments\n");
 		return 2;
 	}
+	if (line_mode)
+		return run_line();
 	printf("burst: %u producer(s) x %ld ops, %u runners, %ld ns per op, median of %u runs\n",
 	       P, M, R, W, K);
 	printf("%-22s %14s %10s %12s\n", "variant", "ops/s", "ratio", "peak RSS kB");

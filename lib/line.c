@@ -1,0 +1,238 @@
+/*
+ * line.c: the line, a one-track railway line.
+ *
+ * Invariants, all under line->opq_mu:
+ * - opq_gen counts releases; the holder of the token acquired it at
+ *   generation opq_gen, and its release makes it opq_gen + 1;
+ * - opq_status[g % OPQ_LINE_HISTORY] is the status of the release that
+ *   ended generation g, for g in [opq_gen - OPQ_LINE_HISTORY, opq_gen);
+ * - opq_wq lists the wait records of the threads blocked on the current
+ *   holder (they all wait for the release of generation opq_gen), and
+ *   opq_waiters counts them; the release hands each its status and empties
+ *   the list, so a blocked waiter gets its status however late it wakes;
+ * - the condvar is broadcast only when somebody waits (uncontended acquire
+ *   and release make no system call).
+ * The condvar has the default clock so that OPQ_LINE_INITIALIZER works;
+ * deadlines on CLOCK_MONOTONIC go through pthread_cond_clockwait.
+ */
+#define _GNU_SOURCE 1 /* pthread_cond_clockwait */
+#include "internal.h"
+
+struct wait_rec {
+	struct wait_rec *next, *prev;
+	int done;
+	int status;
+};
+
+OPQ_EXPORT int opq_line_init(opq_line *line)
+{
+	if (!line)
+		return EINVAL;
+	int rc = opq__mutex_init(&line->opq_mu);
+	if (rc)
+		return rc;
+	rc = pthread_cond_init(&line->opq_cv, NULL);
+	if (rc) {
+		pthread_mutex_destroy(&line->opq_mu);
+		return rc;
+	}
+	line->opq_gen = 0;
+	line->opq_held = 0;
+	line->opq_waiters = 0;
+	line->opq_wq = NULL;
+	for (int i = 0; i < OPQ_LINE_HISTORY; i++)
+		line->opq_status[i] = 0;
+	return 0;
+}
+
+OPQ_EXPORT int opq_line_destroy(opq_line *line)
+{
+	if (!line)
+		return 0;
+	opq__lock(&line->opq_mu);
+	int busy = line->opq_held || line->opq_waiters > 0;
+	opq__unlock(&line->opq_mu);
+	if (busy)
+		return EBUSY;
+	OPQ_CHECK(pthread_cond_destroy(&line->opq_cv));
+	OPQ_CHECK(pthread_mutex_destroy(&line->opq_mu));
+	return 0;
+}
+
+OPQ_EXPORT int opq_line_generation(opq_line *line, uint64_t *gen)
+{
+	if (!line || !gen)
+		return EINVAL;
+	opq__lock(&line->opq_mu);
+	*gen = line->opq_gen;
+	opq__unlock(&line->opq_mu);
+	return 0;
+}
+
+OPQ_EXPORT int opq_line_busy(opq_line *line, int *busy)
+{
+	if (!line || !busy)
+		return EINVAL;
+	opq__lock(&line->opq_mu);
+	*busy = line->opq_held;
+	opq__unlock(&line->opq_mu);
+	return 0;
+}
+
+OPQ_EXPORT int opq_line_try_acquire(opq_line *line, uint64_t seen_gen, opq_line_ticket *ticket)
+{
+	if (!line || !ticket || (ticket->line && ticket->line != line))
+		return EINVAL;
+	int rc;
+	opq__lock(&line->opq_mu);
+	uint64_t gen = line->opq_gen;
+	if (ticket->held) {
+		/* "Or token": the caller already holds it. */
+		rc = line->opq_held && ticket->line == line && ticket->gen == gen ? 0 : EINVAL;
+	} else if (seen_gen != OPQ_LINE_ANY && seen_gen > gen) {
+		rc = EINVAL;
+	} else if (seen_gen != OPQ_LINE_ANY && seen_gen < gen) {
+		ticket->line = line;
+		ticket->gen = seen_gen;
+		rc = EALREADY;
+	} else if (line->opq_held) {
+		ticket->line = line;
+		ticket->gen = gen;
+		rc = EBUSY;
+	} else {
+		line->opq_held = 1;
+		ticket->line = line;
+		ticket->gen = gen;
+		ticket->held = 1;
+		rc = 0;
+	}
+	opq__unlock(&line->opq_mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_line_release(opq_line *line, opq_line_ticket *held, int status)
+{
+	if (!line || !held || held->line != line)
+		return EINVAL;
+	opq__lock(&line->opq_mu);
+	if (!held->held || !line->opq_held || held->gen != line->opq_gen) {
+		opq__unlock(&line->opq_mu);
+		return EPERM;
+	}
+	line->opq_status[line->opq_gen % OPQ_LINE_HISTORY] = status;
+	line->opq_gen++;
+	line->opq_held = 0;
+	held->held = 0;
+	struct wait_rec *w = line->opq_wq;
+	line->opq_wq = NULL;
+	for (; w; w = w->next) {
+		w->done = 1;
+		w->status = status;
+	}
+	if (line->opq_waiters > 0) {
+		line->opq_waiters = 0;
+		OPQ_CHECK(pthread_cond_broadcast(&line->opq_cv));
+	}
+	opq__unlock(&line->opq_mu);
+	return 0;
+}
+
+/* Wait on the condvar until the monotonic deadline: 0 or ETIMEDOUT. */
+static int line_cond_wait(opq_line *line, const struct timespec *deadline)
+{
+	if (!deadline) {
+		OPQ_CHECK(pthread_cond_wait(&line->opq_cv, &line->opq_mu));
+		return 0;
+	}
+#if HAVE_DECL_PTHREAD_COND_CLOCKWAIT
+	int rc = pthread_cond_clockwait(&line->opq_cv, &line->opq_mu, CLOCK_MONOTONIC, deadline);
+#else
+	/* Translate the monotonic deadline to the condvar's realtime clock. */
+	struct timespec mono, real, abs;
+	clock_gettime(CLOCK_MONOTONIC, &mono);
+	clock_gettime(CLOCK_REALTIME, &real);
+	int64_t left = (int64_t)(deadline->tv_sec - mono.tv_sec) * 1000000000 +
+		       (deadline->tv_nsec - mono.tv_nsec);
+	if (left <= 0)
+		return ETIMEDOUT;
+	int64_t ns = real.tv_nsec + left % 1000000000;
+	abs.tv_sec = real.tv_sec + (time_t)(left / 1000000000) + (time_t)(ns / 1000000000);
+	abs.tv_nsec = (long)(ns % 1000000000);
+	int rc = pthread_cond_timedwait(&line->opq_cv, &line->opq_mu, &abs);
+#endif
+	return rc == ETIMEDOUT ? ETIMEDOUT : 0;
+}
+
+static void wq_unlink(opq_line *line, struct wait_rec *w)
+{
+	if (w->prev)
+		w->prev->next = w->next;
+	else
+		line->opq_wq = w->next;
+	if (w->next)
+		w->next->prev = w->prev;
+	line->opq_waiters--;
+}
+
+/*
+ * Under the mutex: wait until generation gen has been released, then give
+ * its status. Blocks only while gen is the current, held generation.
+ */
+static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *deadline,
+			 int *status)
+{
+	if (gen == line->opq_gen && line->opq_held) {
+		struct wait_rec w = { .next = line->opq_wq, .prev = NULL, .done = 0, .status = 0 };
+		if (w.next)
+			w.next->prev = &w;
+		line->opq_wq = &w;
+		line->opq_waiters++;
+		while (!w.done) {
+			if (line_cond_wait(line, deadline) == ETIMEDOUT && !w.done) {
+				wq_unlink(line, &w);
+				return ETIMEDOUT;
+			}
+		}
+		if (status)
+			*status = w.status;
+		return 0;
+	}
+	if (gen == line->opq_gen) {
+		/* Free and never held at gen: nothing to wait for. */
+		if (status)
+			*status = gen > 0 ? line->opq_status[(gen - 1) % OPQ_LINE_HISTORY] : 0;
+		return 0;
+	}
+	if (line->opq_gen - gen > OPQ_LINE_HISTORY)
+		return ESTALE;
+	if (status)
+		*status = line->opq_status[gen % OPQ_LINE_HISTORY];
+	return 0;
+}
+
+OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
+			     const struct timespec *deadline, int *status)
+{
+	if (!line || !failed || failed->line != line)
+		return EINVAL;
+	opq__lock(&line->opq_mu);
+	int rc;
+	if (failed->held && line->opq_held && failed->gen == line->opq_gen)
+		rc = EDEADLK;
+	else if (failed->gen > line->opq_gen)
+		rc = EINVAL;
+	else
+		rc = line_wait_gen(line, failed->gen, deadline, status);
+	opq__unlock(&line->opq_mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_line_wait_idle(opq_line *line, const struct timespec *deadline, int *status)
+{
+	if (!line)
+		return EINVAL;
+	opq__lock(&line->opq_mu);
+	int rc = line_wait_gen(line, line->opq_gen, deadline, status);
+	opq__unlock(&line->opq_mu);
+	return rc;
+}
