@@ -213,7 +213,7 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
 			     const struct timespec *deadline, int *status)
 {
-	if (!line || !failed || failed->line != line)
+	if (!line || !failed || failed->line != line || !opq__deadline_ok(deadline))
 		return EINVAL;
 	opq__lock(&line->opq_mu);
 	int rc;
@@ -229,7 +229,7 @@ OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
 
 OPQ_EXPORT int opq_line_wait_idle(opq_line *line, const struct timespec *deadline, int *status)
 {
-	if (!line)
+	if (!line || !opq__deadline_ok(deadline))
 		return EINVAL;
 	opq__lock(&line->opq_mu);
 	int rc = line_wait_gen(line, line->opq_gen, deadline, status);
