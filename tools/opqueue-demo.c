@@ -6,7 +6,12 @@
  * checks the answer against a single-threaded count and prints the queue's
  * statistics.
  *
- * usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK]
+ * Then the line, on real sockets: a token service on 127.0.0.1 whose
+ * tokens expire every K requests, and request operations that meet the
+ * 401s either with a line (exactly one re-authentication per expiry) or
+ * naively (one per 401). See authdemo.h.
+ *
+ * usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]
  */
 #include <errno.h>
 #include <stdatomic.h>
@@ -18,6 +23,8 @@
 #include <unistd.h>
 
 #include <opqueue.h>
+
+#include "authdemo.h"
 
 struct chunk {
 	opq_op op;	/* the queue's header, embedded */
@@ -69,21 +76,25 @@ static int fail(const char *what, int rc)
 int main(int argc, char **argv)
 {
 	uint64_t limit = 4000000, chunk = 20000;
+	unsigned requests = 2000, expire_after = 50;
 	long cores = sysconf(_SC_NPROCESSORS_ONLN);
 	unsigned runners = cores > 0 ? (unsigned)cores : 2;
 	int opt;
-	while ((opt = getopt(argc, argv, "n:r:c:")) != -1) {
+	while ((opt = getopt(argc, argv, "n:r:c:q:k:")) != -1) {
 		switch (opt) {
 		case 'n': limit = strtoull(optarg, NULL, 10); break;
 		case 'r': runners = (unsigned)strtoul(optarg, NULL, 10); break;
 		case 'c': chunk = strtoull(optarg, NULL, 10); break;
+		case 'q': requests = (unsigned)strtoul(optarg, NULL, 10); break;
+		case 'k': expire_after = (unsigned)strtoul(optarg, NULL, 10); break;
 		default:
-			fprintf(stderr, "usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK]\n");
+			fprintf(stderr, "usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK] "
+					"[-q REQUESTS] [-k EXPIRE_AFTER]\n");
 			return 2;
 		}
 	}
-	if (chunk == 0 || runners == 0 || limit == 0) {
-		fprintf(stderr, "opqueue-demo: LIMIT, RUNNERS and CHUNK must be positive\n");
+	if (chunk == 0 || runners == 0 || limit == 0 || requests == 0 || expire_after == 0) {
+		fprintf(stderr, "opqueue-demo: every argument must be positive\n");
 		return 2;
 	}
 	size_t nchunks = (size_t)((limit + chunk - 1) / chunk);
@@ -143,5 +154,25 @@ int main(int argc, char **argv)
 	       (unsigned long long)st.high_water, 4 * runners);
 	printf("time:                %.3f s on %u runners, %.3f s on one thread (%.2fx)\n", parallel,
 	       runners, serial, serial / parallel);
-	return got == expect && sum == expect && st.completed == nchunks ? 0 : 1;
+	int ok = got == expect && sum == expect && st.completed == nchunks;
+
+	/* The line: 8 request operations in flight against an expiring token. */
+	printf("\nline: %u requests on 8 runners, tokens expire every %u requests (127.0.0.1/TCP)\n",
+	       requests, expire_after);
+	printf("%-8s %9s %6s %9s %9s %8s %7s %8s\n", "client", "requests", "401s", "expiries",
+	       "re-auths", "retries", "failed", "time s");
+	for (int use_line = 1; use_line >= 0; use_line--) {
+		struct authdemo_result r;
+		rc = authdemo_run(8, requests, expire_after, use_line, &r);
+		if (rc)
+			return fail("authdemo_run", rc);
+		printf("%-8s %9llu %6llu %9llu %9llu %8llu %7llu %8.3f\n", use_line ? "line" : "naive",
+		       (unsigned long long)r.requests, (unsigned long long)r.unauthorized,
+		       (unsigned long long)r.expiries, (unsigned long long)r.reauths,
+		       (unsigned long long)r.retries, (unsigned long long)r.failed, r.seconds);
+		if (use_line)
+			ok = ok && r.reauths == r.expiries && r.ok == requests && r.failed == 0;
+	}
+	printf("with the line, re-auths equal expiries: %s\n", ok ? "OK" : "MISMATCH");
+	return ok ? 0 : 1;
 }
