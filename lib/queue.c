@@ -294,8 +294,8 @@ static void *runner_main(void *arg)
 }
 
 /*
- * Join and free the runners that have finished (all of them when `all`,
- * after waiting for them). Called with q->mu held; drops it while joining.
+ * Join and free the runners that have finished their loop and exit hook.
+ * Called with q->mu held; drops it while joining.
  */
 static void reap(opq_queue *q)
 {
@@ -609,7 +609,9 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
 {
-	return opq_queue_timedenqueue(q, op, NULL);
+	if (!q || !op || !op->perform)
+		return EINVAL;
+	return enqueue(q, op, WAIT_BLOCK, NULL);
 }
 
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
