@@ -10,5 +10,6 @@
 
 #include <opqueue/common.h>
 #include <opqueue/queue.h>
+#include <opqueue/stage.h>
 
 #endif /* OPQUEUE_H */
