@@ -23,13 +23,13 @@
 
 struct opq_stage_ticket {
 	opq_stage *st;
-	opq_stage_ticket *chain;	      /* next in its hash bucket */
-	opq_stage_ticket *next, *prev;  /* the FIFO of waiters */
+	opq_stage_ticket *chain;       /* next in its hash bucket */
+	opq_stage_ticket *next, *prev; /* the FIFO of waiters */
 	pthread_cond_t cv;
 	uint64_t hash;
-	bool waiting;	/* in the FIFO */
-	bool inside;	/* a thread is in enter with it */
-	bool latched;	/* `event` holds a notified event */
+	bool waiting; /* in the FIFO */
+	bool inside;  /* a thread is in enter with it */
+	bool latched; /* `event` holds a notified event */
 	void *event;
 	size_t keylen;
 	unsigned char key[];
@@ -38,10 +38,10 @@ struct opq_stage_ticket {
 struct opq_stage {
 	pthread_mutex_t mu;
 	opq_stage_ticket **buckets;
-	size_t nbuckets;	/* a power of two */
+	size_t nbuckets; /* a power of two */
 	size_t tickets;
 	size_t waiting;
-	opq_stage_ticket *first, *last;	/* the FIFO, oldest first */
+	opq_stage_ticket *first, *last; /* the FIFO, oldest first */
 	opq_stage_ticket *head;
 	int closed;
 };
@@ -165,7 +165,7 @@ OPQ_EXPORT int opq_stage_destroy(opq_stage *st)
 }
 
 OPQ_EXPORT int opq_stage_register(opq_stage *st, const void *key, size_t keylen,
-				  opq_stage_ticket **tp)
+                                  opq_stage_ticket **tp)
 {
 	if (!st || !key || keylen == 0 || !tp)
 		return EINVAL;
@@ -235,8 +235,8 @@ static int take_event(opq_stage_ticket *t, void **event)
 	return OPQ_STAGE_NOTIFIED;
 }
 
-OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t,
-			       const struct timespec *deadline, void **event)
+OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct timespec *deadline,
+                               void **event)
 {
 	if (!st || !t || !event || t->st != st)
 		return EINVAL;

@@ -207,7 +207,7 @@ static void *waiter_main(void *arg)
 }
 
 static void waiter_start(struct waiter *w, opq_stage *st, const char *key,
-			 const struct timespec *deadline)
+                         const struct timespec *deadline)
 {
 	memset(w, 0, sizeof(*w));
 	w->st = st;
@@ -430,8 +430,8 @@ struct udp {
 	uint16_t peer_port[UDP_THREADS];
 	struct mailbox box[UDP_THREADS];
 	long rounds;
-	atomic_int heads;	  /* threads that believe they head the stage */
-	atomic_int in_recv;	  /* threads inside recvfrom on the server socket */
+	atomic_int heads;   /* threads that believe they head the stage */
+	atomic_int in_recv; /* threads inside recvfrom on the server socket */
 	atomic_long heads_taken;
 	atomic_long notified, buffered, self;
 	atomic_int failed;
@@ -499,7 +499,7 @@ static struct msg *box_take(struct mailbox *b)
 /* As head: read one datagram (or none within the poll timeout) and route it. */
 static void head_read_one(struct udp *u, int me)
 {
-	struct pollfd p = { .fd = u->server, .events = POLLIN };
+	struct pollfd p = {.fd = u->server, .events = POLLIN};
 	int n = poll(&p, 1, 20);
 	ck_assert_int_ge(n, 0);
 	if (n == 0)
@@ -510,7 +510,8 @@ static void head_read_one(struct udp *u, int me)
 	socklen_t flen = sizeof(from);
 	ck_assert_int_eq(atomic_load(&u->heads), 1);
 	ck_assert_int_eq(atomic_fetch_add(&u->in_recv, 1), 0);
-	ssize_t got = recvfrom(u->server, m, sizeof(*m), MSG_DONTWAIT, (struct sockaddr *)&from, &flen);
+	ssize_t got =
+	    recvfrom(u->server, m, sizeof(*m), MSG_DONTWAIT, (struct sockaddr *)&from, &flen);
 	ck_assert_int_eq(atomic_fetch_sub(&u->in_recv, 1), 1);
 	if (got < 0) {
 		ck_assert(errno == EAGAIN || errno == EWOULDBLOCK);
@@ -552,10 +553,10 @@ static void *udp_main(void *arg)
 	ck_assert_int_eq(opq_stage_register(u->st, &k, sizeof(k), &t), 0);
 	ck_assert(t_gate_wait(&u->go));
 	for (long r = 0; r < u->rounds; r++) {
-		struct msg out = { .id = (uint32_t)me, .round = (uint32_t)r };
+		struct msg out = {.id = (uint32_t)me, .round = (uint32_t)r};
 		ck_assert_int_eq(sendto(u->peer[me], &out, sizeof(out), 0,
-					(struct sockaddr *)&u->server_addr, sizeof(u->server_addr)),
-				 sizeof(out));
+		                        (struct sockaddr *)&u->server_addr, sizeof(u->server_addr)),
+		                 sizeof(out));
 		struct timespec dl = t_deadline(T_WAIT_NS);
 		struct msg *in = NULL;
 		for (;;) {
@@ -626,7 +627,7 @@ START_TEST(test_udp_rounds)
 	ck_assert_int_eq(s.head, 0);
 	ck_assert_int_eq(opq_stage_destroy(u.st), 0);
 	/* Nothing left unread. */
-	struct pollfd p = { .fd = u.server, .events = POLLIN };
+	struct pollfd p = {.fd = u.server, .events = POLLIN};
 	ck_assert_int_eq(poll(&p, 1, 0), 0);
 	close(u.server);
 	for (int i = 0; i < UDP_THREADS; i++) {

@@ -35,15 +35,15 @@ typedef struct opq_stage_ticket opq_stage_ticket;
  * opq_stage_unregister()). Both are positive and larger than any errno
  * value, so they never collide with an error.
  */
-#define OPQ_STAGE_HEAD 0x5701	  /* the caller now heads the stage */
+#define OPQ_STAGE_HEAD     0x5701 /* the caller now heads the stage */
 #define OPQ_STAGE_NOTIFIED 0x5702 /* the caller's key was notified */
 
 /* A snapshot of a stage, for monitoring and tests. */
 typedef struct opq_stage_stats {
-	size_t tickets;	 /* registered tickets */
-	size_t waiting;	 /* threads blocked in opq_stage_enter() */
-	int head;	 /* 1 while a ticket heads the stage, else 0 */
-	int closed;	 /* the close error, 0 while open */
+	size_t tickets; /* registered tickets */
+	size_t waiting; /* threads blocked in opq_stage_enter() */
+	int head;       /* 1 while a ticket heads the stage, else 0 */
+	int closed;     /* the close error, 0 while open */
 } opq_stage_stats;
 
 /*
@@ -69,7 +69,7 @@ OPQ_EXPORT int opq_stage_destroy(opq_stage *st);
  * be used for any number of enters. One thread at a time may use a ticket.
  */
 OPQ_EXPORT int opq_stage_register(opq_stage *st, const void *key, size_t keylen,
-				  opq_stage_ticket **tp);
+                                  opq_stage_ticket **tp);
 
 /*
  * Unregister and free a ticket. If an event was notified to it and not yet
@@ -97,8 +97,8 @@ OPQ_EXPORT int opq_stage_unregister(opq_stage *st, opq_stage_ticket *t, void **e
  * EINVAL for NULL st, t or event; EBUSY if another thread is in enter with
  * the same ticket.
  */
-OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t,
-			       const struct timespec *deadline, void **event);
+OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct timespec *deadline,
+                               void **event);
 
 /*
  * The head gives up the stage: exactly one waiting thread, the oldest, is
