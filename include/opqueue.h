@@ -11,5 +11,6 @@
 #include <opqueue/common.h>
 #include <opqueue/queue.h>
 #include <opqueue/line.h>
+#include <opqueue/stage.h>
 
 #endif /* OPQUEUE_H */

@@ -112,6 +112,31 @@ START_TEST(test_intrusive_allocates_nothing)
 }
 END_TEST
 
+/* The stage: create and register fail cleanly; a failed table growth is not an error. */
+START_TEST(test_stage)
+{
+	opq_stage *st = NULL;
+	SWEEP(opq_stage_create(&st), ck_assert_ptr_null(st));
+	opq_stage_ticket *t[40] = { NULL };
+	int k = 0;
+	SWEEP(opq_stage_register(st, &k, sizeof(k), &t[0]), ck_assert_ptr_null(t[0]));
+	for (k = 1; k < 40; k++) {
+		/* The 2nd allocation, when there is one, grows the hash table. */
+		opq__fault_set(2);
+		ck_assert_int_eq(opq_stage_register(st, &k, sizeof(k), &t[k]), 0);
+		opq__fault_set(0);
+	}
+	for (k = 0; k < 40; k++)
+		ck_assert_int_eq(opq_stage_notify(st, &k, sizeof(k), &t[k]), 0);
+	for (k = 0; k < 40; k++) {
+		void *ev = NULL;
+		ck_assert_int_eq(opq_stage_unregister(st, t[k], &ev), OPQ_STAGE_NOTIFIED);
+		ck_assert_ptr_eq(ev, &t[k]);
+	}
+	ck_assert_int_eq(opq_stage_destroy(st), 0);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("fault");
@@ -120,5 +145,6 @@ int main(void)
 	tcase_add_test(tc, test_start_and_resize);
 	tcase_add_test(tc, test_enqueue_fn);
 	tcase_add_test(tc, test_intrusive_allocates_nothing);
+	tcase_add_test(tc, test_stage);
 	return t_run(s);
 }
