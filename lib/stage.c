@@ -238,7 +238,7 @@ static int take_event(opq_stage_ticket *t, void **event)
 OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct timespec *deadline,
                                void **event)
 {
-	if (!st || !t || !event || t->st != st)
+	if (!st || !t || !event || t->st != st || !opq__deadline_ok(deadline))
 		return EINVAL;
 	opq__lock(&st->mu);
 	if (t->inside) {
@@ -351,6 +351,7 @@ OPQ_EXPORT int opq_stage_stats_get(opq_stage *st, opq_stage_stats *stats)
 {
 	if (!st || !stats)
 		return EINVAL;
+	memset(stats, 0, sizeof(*stats));
 	opq__lock(&st->mu);
 	stats->tickets = st->tickets;
 	stats->waiting = st->waiting;

@@ -38,12 +38,16 @@ typedef struct opq_stage_ticket opq_stage_ticket;
 #define OPQ_STAGE_HEAD     0x5701 /* the caller now heads the stage */
 #define OPQ_STAGE_NOTIFIED 0x5702 /* the caller's key was notified */
 
-/* A snapshot of a stage, for monitoring and tests. */
+/*
+ * A snapshot of a stage, for monitoring and tests. The reserved words let
+ * fields be added without changing the struct's size; they read as 0.
+ */
 typedef struct opq_stage_stats {
 	size_t tickets; /* registered tickets */
 	size_t waiting; /* threads blocked in opq_stage_enter() */
 	int head;       /* 1 while a ticket heads the stage, else 0 */
 	int closed;     /* the close error, 0 while open */
+	uint64_t opq__reserved[4];
 } opq_stage_stats;
 
 /*
@@ -94,8 +98,9 @@ OPQ_EXPORT int opq_stage_unregister(opq_stage *st, opq_stage_ticket *t, void **e
  * The head may call enter too (for instance after notifying its own key):
  * it never waits; it gets its latched event (NOTIFIED), the close error, or
  * OPQ_STAGE_HEAD, and heads the stage in every case until it leaves.
- * EINVAL for NULL st, t or event; EBUSY if another thread is in enter with
- * the same ticket.
+ * EINVAL for NULL st, t or event, a ticket of another stage, or a deadline
+ * whose tv_nsec is outside [0, 1e9); EBUSY if another thread is in enter
+ * with the same ticket.
  */
 OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct timespec *deadline,
                                void **event);
