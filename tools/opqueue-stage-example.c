@@ -6,7 +6,11 @@
  * shared socket, where the current head reads it and routes it by source
  * address to the worker it belongs to. Prints round trips per second.
  *
- * usage: opqueue-stage-example [-t THREADS] [-n ROUNDS]
+ * With -N it runs the naive alternative instead, for comparison: every
+ * worker polls and reads the shared socket itself and re-queues what is not
+ * its own into the owner's mailbox, which the owner checks between reads.
+ *
+ * usage: opqueue-stage-example [-N] [-t THREADS] [-n ROUNDS]
  */
 #define _GNU_SOURCE 1
 #include <arpa/inet.h>
@@ -52,6 +56,7 @@ static long rounds = 10000;
 static int peer_fd[MAX_THREADS];
 static struct sockaddr_in peer_addr[MAX_THREADS];
 static struct mailbox box[MAX_THREADS];
+static int naive;
 static atomic_int stop_echo;
 static atomic_int failed;
 
@@ -164,6 +169,34 @@ static void head_read_one(int me)
 		free(m); /* a stray duplicate: the worker is not waiting for it */
 }
 
+/* The naive way: read the shared socket whenever our reply is not in. */
+static struct msg *naive_wait(int me, const struct timespec *dl)
+{
+	struct msg *in;
+	struct timespec now;
+	while (!(in = box_take(me))) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec > dl->tv_sec)
+			return NULL;
+		struct pollfd p = {.fd = shared_fd, .events = POLLIN};
+		if (poll(&p, 1, 1) <= 0)
+			continue;
+		struct msg *m = malloc(sizeof(*m));
+		if (!m)
+			continue;
+		struct sockaddr_in from;
+		socklen_t flen = sizeof(from);
+		ssize_t n = recvfrom(shared_fd, m, sizeof(*m), MSG_DONTWAIT,
+		                     (struct sockaddr *)&from, &flen);
+		int to = n == (ssize_t)sizeof(*m) ? index_of(&from) : -1;
+		if (to == me)
+			return m;
+		if (to < 0 || !box_put(to, m))
+			free(m);
+	}
+	return in;
+}
+
 static void *worker_main(void *arg)
 {
 	int me = (int)(intptr_t)arg;
@@ -181,8 +214,12 @@ static void *worker_main(void *arg)
 		       sizeof(peer_addr[me]));
 		struct timespec dl;
 		opq_deadline_after(&dl, ROUND_NS);
-		struct msg *in = NULL;
-		while (!in) {
+		struct msg *in = naive ? naive_wait(me, &dl) : NULL;
+		if (naive && !in) {
+			fprintf(stderr, "thread %d round %ld: timed out\n", me, r);
+			atomic_store(&failed, 1);
+		}
+		while (!in && !naive) {
 			if ((in = box_take(me)))
 				break;
 			void *ev = NULL;
@@ -223,8 +260,11 @@ static void *worker_main(void *arg)
 int main(int argc, char **argv)
 {
 	int c;
-	while ((c = getopt(argc, argv, "t:n:")) != -1) {
+	while ((c = getopt(argc, argv, "Nt:n:")) != -1) {
 		switch (c) {
+		case 'N':
+			naive = 1;
+			break;
 		case 't':
 			nthreads = atoi(optarg);
 			break;
@@ -232,7 +272,7 @@ int main(int argc, char **argv)
 			rounds = atol(optarg);
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-t THREADS] [-n ROUNDS]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-N] [-t THREADS] [-n ROUNDS]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -271,9 +311,10 @@ int main(int argc, char **argv)
 
 	double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
 	double total = (double)nthreads * (double)rounds;
-	printf("%d threads x %ld rounds through one UDP socket: %.0f round trips in %.3f s, "
+	printf("%s: %d threads x %ld rounds through one UDP socket: %.0f round trips in %.3f s, "
 	       "%.0f round trips/s\n",
-	       nthreads, rounds, total, secs, total / secs);
+	       naive ? "naive (every thread reads)" : "stage", nthreads, rounds, total, secs,
+	       total / secs);
 	opq_stage_destroy(stage);
 	for (int i = 0; i < nthreads; i++) {
 		close(peer_fd[i]);
