@@ -19,8 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "opqueue/stage.h"
-
 struct opq_stage_ticket {
 	opq_stage *st;
 	opq_stage_ticket *chain;       /* next in its hash bucket */

@@ -203,7 +203,12 @@ static int run_plain(void)
 	return 0;
 }
 
-static int cmp_double(const void *a, const void *b);
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
 
 /* ---- the line ------------------------------------------------------------- */
 
@@ -344,12 +349,6 @@ static int run_child(const struct variant *v, struct result *res)
 	res->ops_per_s = rate;
 	res->rss_kb = ru.ru_maxrss;
 	return 0;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv)
