@@ -50,6 +50,52 @@ OPQ_INTERNAL bool opq__deadline_ok(const struct timespec *deadline);
 OPQ_INTERNAL int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
 				const struct timespec *deadline);
 
+/*
+ * Cancellation of blocking calls (scope.c). A task's function runs with a
+ * thread-local "current scope". A blocking call of queue.c, line.c or
+ * stage.c that is about to wait on (mu, cv) with mu held registers a
+ * record with the current scope: opq__cancel_begin() returns ECANCELED if
+ * the scope is already cancelled (nothing registered), else 0. While it
+ * waits, opq__cancel_pending() tells whether a cancel arrived (cheap, an
+ * atomic load). opq__cancel_end() unregisters (mu still held) and returns
+ * whether the scope was cancelled. Outside any task these do nothing and
+ * return 0/false, so calls made outside tasks behave as before.
+ *
+ * Lock order: the waiter's object mutex, then the scope tree's lock. A
+ * canceller sets the flags and pins the records under the tree lock, drops
+ * it, then for each record locks mu, broadcasts cv and unpins (the tree
+ * lock again, inside mu). opq__cancel_end() waits on cv while its record
+ * is pinned, so a record never vanishes under a canceller.
+ */
+struct opq__cancel_reg {
+	struct opq__cancel_reg *next, *prev; /* in the scope's list */
+	struct opq__cancel_reg *wnext;	     /* a canceller's wake list */
+	pthread_mutex_t *mu;
+	pthread_cond_t *cv;
+	struct opq_scope *scope;	     /* NULL: not registered */
+	bool pinned;
+};
+OPQ_INTERNAL int opq__cancel_begin(struct opq__cancel_reg *r, pthread_mutex_t *mu,
+				   pthread_cond_t *cv);
+OPQ_INTERNAL bool opq__cancel_pending(const struct opq__cancel_reg *r);
+OPQ_INTERNAL bool opq__cancel_end(struct opq__cancel_reg *r);
+/*
+ * For blocking code outside those three files (the lease's backoff): sleep
+ * until the CLOCK_MONOTONIC deadline on behalf of the current task.
+ * ETIMEDOUT when the deadline passed, ECANCELED when the current task is
+ * (or becomes) cancelled, EINVAL for a malformed deadline, EDEADLK for a
+ * NULL deadline outside any task (it would sleep forever). Outside a task
+ * it is a plain sleep until the deadline.
+ */
+OPQ_INTERNAL int opq__cancel_sleep_until(const struct timespec *deadline);
+
+/*
+ * queue.c: if op is still queued in q, take it out of the FIFO and perform
+ * it on the calling thread (counted as running, then completed) and return
+ * true; else false. Lets a runner that waits for tasks help run them.
+ */
+OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
+
 /* pthread calls that cannot fail on a correct program: checked in debug builds. */
 #ifdef OPQ_DEBUG
 #define OPQ_CHECK(call)                     \

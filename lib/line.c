@@ -182,17 +182,28 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 			 int *status)
 {
 	if (gen == line->opq_gen && line->opq_held) {
+		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		struct opq__cancel_reg creg;
+		if (opq__cancel_begin(&creg, &line->opq_mu, &line->opq_cv))
+			return ECANCELED;
 		struct wait_rec w = { .next = line->opq_wq, .prev = NULL, .done = 0, .status = 0 };
 		if (w.next)
 			w.next->prev = &w;
 		line->opq_wq = &w;
 		line->opq_waiters++;
 		while (!w.done) {
+			if (opq__cancel_pending(&creg)) {
+				wq_unlink(line, &w);
+				opq__cancel_end(&creg);
+				return ECANCELED;
+			}
 			if (line_cond_wait(line, deadline) == ETIMEDOUT && !w.done) {
 				wq_unlink(line, &w);
+				opq__cancel_end(&creg);
 				return ETIMEDOUT;
 			}
 		}
+		opq__cancel_end(&creg);
 		if (status)
 			*status = w.status;
 		return 0;

@@ -587,6 +587,12 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 			opq__unlock(&q->mu);
 			return EDEADLK;
 		}
+		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		struct opq__cancel_reg creg;
+		if (opq__cancel_begin(&creg, &q->mu, &q->space)) {
+			opq__unlock(&q->mu);
+			return ECANCELED;
+		}
 		q->stuck_runners += runner;
 		q->space_waiters++;
 		q->callers++;
@@ -594,6 +600,11 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 		q->callers--;
 		q->space_waiters--;
 		q->stuck_runners -= runner;
+		if (opq__cancel_end(&creg) && q->queued >= q->capacity && q->state != ST_STOPPING &&
+		    q->state != ST_STOPPED) {
+			opq__unlock(&q->mu);
+			return ECANCELED;
+		}
 		if (rc == ETIMEDOUT && q->queued >= q->capacity && q->state != ST_STOPPING &&
 		    q->state != ST_STOPPED) {
 			opq__unlock(&q->mu);
@@ -741,6 +752,30 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 	stats->blocked = q->space_waiters;
 	opq__unlock(&q->mu);
 	return 0;
+}
+
+bool opq__queue_help(opq_queue *q, opq_op *op)
+{
+	opq__lock(&q->mu);
+	if (op->opq__owner != q || op->opq__state != OP_QUEUED) {
+		opq__unlock(&q->mu);
+		return false;
+	}
+	fifo_unlink(q, op, OP_TAKEN);
+	q->running++;
+	if (q->space_waiters)
+		OPQ_CHECK(pthread_cond_signal(&q->space));
+	opq__unlock(&q->mu);
+
+	op->perform(op); /* op may be freed from here on */
+
+	opq__lock(&q->mu);
+	q->running--;
+	q->completed++;
+	if (q->idle_waiters && q->queued == 0 && q->running == 0)
+		OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+	opq__unlock(&q->mu);
+	return true;
 }
 
 OPQ_EXPORT opq_queue *opq_queue_current(void)

@@ -254,6 +254,12 @@ OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct 
 		st->head = t;
 		rc = OPQ_STAGE_HEAD;
 	} else {
+		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		struct opq__cancel_reg creg;
+		if (opq__cancel_begin(&creg, &st->mu, &t->cv)) {
+			opq__unlock(&st->mu);
+			return ECANCELED;
+		}
 		t->inside = true;
 		fifo_push(st, t);
 		bool timed_out = false;
@@ -269,13 +275,14 @@ OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct 
 				assert(rc != 0);
 				break;
 			}
-			if (timed_out) {
+			if (timed_out || opq__cancel_pending(&creg)) {
 				fifo_unlink(st, t);
-				rc = ETIMEDOUT;
+				rc = timed_out ? ETIMEDOUT : ECANCELED;
 				break;
 			}
 			timed_out = opq__cond_wait(&t->cv, &st->mu, deadline) == ETIMEDOUT;
 		}
+		opq__cancel_end(&creg);
 		t->inside = false;
 	}
 	opq__unlock(&st->mu);

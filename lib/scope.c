@@ -1,0 +1,829 @@
+/*
+ * scope.c: structured concurrency on the operation queue.
+ *
+ * One lock per tree (tr->mu) guards every scope and task of the tree: the
+ * child lists, states, counts, first errors and the cancel records.
+ * Termination never blocks a runner: when a task's function returns, its
+ * children are cancelled and, if none is left, it finishes at once;
+ * otherwise the last child to terminate finishes it ("settle" walks up).
+ * Explicit waits (opq_scope_wait, opq_task_wait) made on a runner of the
+ * tree's queue help: they take a queued task of the subtree they wait for
+ * out of the FIFO and perform it inline (opq__queue_help), so a queue with
+ * one runner runs any tree to completion, and the helper's stack grows
+ * with the tree's depth only (it helps descendants of what it waits for).
+ *
+ * Invariants, under tr->mu:
+ * - a task is in its parent scope's child list from spawn until its done
+ *   callback has run (state DONE); scope->nchildren counts that list;
+ * - a cancelled scope's descendants are all cancelled, and a cancelled or
+ *   closing scope accepts no spawn: so a cancel walk may stop at a node
+ *   already cancelled;
+ * - t->refs counts: the tree's link (until DONE), the caller's handle, and
+ *   temporary pins (spawn, helpers, waiters); the task is freed at 0.
+ *   tr->refs counts the root scope plus every task not yet freed.
+ *
+ * Lock order: object mutex (queue, line, stage) -> tr->mu. Nothing takes
+ * an object mutex while holding tr->mu; cancellers wake blocked calls
+ * after dropping it (see internal.h, struct opq__cancel_reg).
+ */
+#include "internal.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { T_NEW, T_QUEUED, T_RUNNING, T_RETURNED, T_FINISHING, T_DONE };
+
+struct opq_scope_attr {
+	int policy;
+	bool has_deadline;
+	struct timespec deadline;
+};
+
+struct tree;
+
+struct opq_scope {
+	struct tree *tr;
+	opq_task *owner;	/* NULL for the root scope */
+	opq_task *children;	/* live children, newest first */
+	size_t nchildren;
+	atomic_bool cancelled;
+	bool closing;		/* no more spawns */
+	bool timed_out;		/* its deadline fired */
+	int policy;
+	int first_error;
+	bool has_deadline;
+	struct timespec deadline;
+	opq_scope *dl_next, *dl_prev; /* the tree's deadline list, soonest first */
+	bool in_dl;
+	struct opq__cancel_reg *regs; /* blocked calls made with this scope */
+};
+
+struct opq_task {
+	opq_op op;
+	opq_scope scope;	/* the task's own child scope */
+	opq_scope *pscope;	/* the scope it was spawned in */
+	opq_task *sib_next, *sib_prev;
+	opq_task_fn *fn;
+	void *arg;
+	opq_task_done_fn *done;
+	void *done_arg;
+	int state;
+	int result;
+	unsigned refs;
+};
+
+struct tree {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;	/* a task terminated, or one was queued: waiters look */
+	pthread_cond_t timer_cv;
+	opq_queue *q;
+	unsigned refs;
+	unsigned waiters;	/* threads in opq_scope_wait / opq_task_wait */
+	opq_scope *dl_first;
+	bool timer_running, timer_stop;
+	pthread_t timer;
+	opq_scope root;
+};
+
+static _Thread_local opq_scope *tls_scope;
+
+/* ---- attributes ---------------------------------------------------------- */
+
+OPQ_EXPORT int opq_scope_attr_create(opq_scope_attr **attrp)
+{
+	if (!attrp)
+		return EINVAL;
+	opq_scope_attr *a = opq__calloc(1, sizeof(*a));
+	if (!a)
+		return ENOMEM;
+	a->policy = OPQ_SCOPE_COLLECT;
+	*attrp = a;
+	return 0;
+}
+
+OPQ_EXPORT void opq_scope_attr_destroy(opq_scope_attr *attr)
+{
+	opq__free(attr);
+}
+
+OPQ_EXPORT int opq_scope_attr_set_policy(opq_scope_attr *attr, int policy)
+{
+	if (!attr || (policy != OPQ_SCOPE_COLLECT && policy != OPQ_SCOPE_FIRST_ERROR))
+		return EINVAL;
+	attr->policy = policy;
+	return 0;
+}
+
+OPQ_EXPORT int opq_scope_attr_set_deadline(opq_scope_attr *attr, const struct timespec *deadline)
+{
+	if (!attr || !opq__deadline_ok(deadline))
+		return EINVAL;
+	attr->has_deadline = deadline != NULL;
+	if (deadline)
+		attr->deadline = *deadline;
+	return 0;
+}
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static bool ts_passed(const struct timespec *dl)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
+}
+
+static bool ts_before(const struct timespec *a, const struct timespec *b)
+{
+	return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
+{
+	s->tr = tr;
+	s->owner = owner;
+	s->policy = attr ? attr->policy : OPQ_SCOPE_COLLECT;
+	s->has_deadline = attr && attr->has_deadline;
+	if (s->has_deadline)
+		s->deadline = attr->deadline;
+	atomic_init(&s->cancelled, false);
+}
+
+/* The next task of a depth-first walk of the subtree under `top`, after t. */
+static opq_task *walk_next(opq_scope *top, opq_task *t, bool descend)
+{
+	if (descend && t->scope.children)
+		return t->scope.children;
+	for (;;) {
+		if (t->sib_next)
+			return t->sib_next;
+		if (t->pscope == top)
+			return NULL;
+		t = t->pscope->owner;
+	}
+}
+
+/*
+ * Under tr->mu: mark s cancelled; pin its blocked calls' records onto *wake
+ * (a record already pinned is being woken by another canceller, after the
+ * flag was set: it needs nothing more).
+ */
+static void mark_cancelled(opq_scope *s, struct opq__cancel_reg **wake)
+{
+	atomic_store_explicit(&s->cancelled, true, memory_order_release);
+	s->closing = true;
+	for (struct opq__cancel_reg *r = s->regs; r; r = r->next) {
+		if (r->pinned)
+			continue;
+		r->pinned = true;
+		r->wnext = *wake;
+		*wake = r;
+	}
+}
+
+/* Under tr->mu: cancel s itself (if self) and every task below it. */
+static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
+{
+	if (self)
+		mark_cancelled(s, wake);
+	s->closing = true;
+	opq_task *t = s->children;
+	while (t) {
+		bool descend = false;
+		if (!atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed)) {
+			mark_cancelled(&t->scope, wake);
+			descend = true;
+		}
+		t = walk_next(s, t, descend);
+	}
+}
+
+/* Drop tr->mu and wake the blocked calls on the wake list. */
+static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
+{
+	opq__unlock(&tr->mu);
+	while (wake) {
+		struct opq__cancel_reg *r = wake;
+		wake = r->wnext;
+		pthread_mutex_t *mu = r->mu;
+		opq__lock(mu);
+		OPQ_CHECK(pthread_cond_broadcast(r->cv));
+		opq__lock(&tr->mu);
+		r->pinned = false; /* r may vanish once we drop mu */
+		opq__unlock(&tr->mu);
+		opq__unlock(mu);
+	}
+}
+
+static void tree_free(struct tree *tr)
+{
+	pthread_cond_destroy(&tr->timer_cv);
+	pthread_cond_destroy(&tr->cv);
+	pthread_mutex_destroy(&tr->mu);
+	opq__free(tr);
+}
+
+/* Under tr->mu: drop a reference to t; true if the tree must be freed (after unlocking). */
+static bool task_unref(opq_task *t)
+{
+	struct tree *tr = t->scope.tr;
+	if (--t->refs)
+		return false;
+	opq__free(t);
+	return --tr->refs == 0;
+}
+
+static void dl_remove(struct tree *tr, opq_scope *s)
+{
+	if (!s->in_dl)
+		return;
+	if (s->dl_prev)
+		s->dl_prev->dl_next = s->dl_next;
+	else
+		tr->dl_first = s->dl_next;
+	if (s->dl_next)
+		s->dl_next->dl_prev = s->dl_prev;
+	s->dl_next = s->dl_prev = NULL;
+	s->in_dl = false;
+}
+
+/* Under tr->mu: record the first error of scope s from a child's result. */
+static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg **wake)
+{
+	int rc = child->result;
+	if (rc == 0)
+		return;
+	/* ECANCELED from a cancelled child is the effect of a cancel, not a cause. */
+	if (rc == ECANCELED && atomic_load_explicit(&child->scope.cancelled, memory_order_relaxed))
+		return;
+	if (s->first_error)
+		return;
+	s->first_error = rc;
+	if (s->policy == OPQ_SCOPE_FIRST_ERROR)
+		cancel_tree(s, false, wake);
+}
+
+/*
+ * Under tr->mu, with a pin on t: finish t if it is ready (its function
+ * returned and no child is left), then walk up to its parent. Drops and
+ * retakes tr->mu to wake cancelled calls and to run done callbacks.
+ * Returns true if the tree must be freed after unlocking.
+ */
+static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
+{
+	bool free_tree = false;
+	opq_task *pinned = t;
+	while (t && t->state == T_RETURNED && t->scope.nchildren == 0) {
+		t->state = T_FINISHING;
+		dl_remove(tr, &t->scope);
+		unlock_and_wake(tr, wake);
+		wake = NULL;
+		if (t->done) {
+			opq_scope *outer = tls_scope;
+			tls_scope = NULL;
+			t->done(t->done_arg, t->result);
+			tls_scope = outer;
+		}
+		opq__lock(&tr->mu);
+		t->state = T_DONE;
+		opq_scope *p = t->pscope;
+		if (t->sib_prev)
+			t->sib_prev->sib_next = t->sib_next;
+		else
+			p->children = t->sib_next;
+		if (t->sib_next)
+			t->sib_next->sib_prev = t->sib_prev;
+		t->sib_next = t->sib_prev = NULL;
+		p->nchildren--;
+		child_result(p, t, &wake);
+		if (tr->waiters)
+			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
+		opq_task *up = p->owner;
+		if (up)
+			up->refs++; /* pin the parent while we look at it */
+		if (t != pinned)
+			free_tree |= task_unref(t); /* the pin taken when we walked up */
+		free_tree |= task_unref(t);	    /* the tree's link */
+		t = up;
+	}
+	if (t && t != pinned)
+		free_tree |= task_unref(t);
+	if (wake) {
+		unlock_and_wake(tr, wake);
+		opq__lock(&tr->mu);
+	}
+	return free_tree;
+}
+
+/* ---- running a task ------------------------------------------------------ */
+
+static void task_run(opq_task *t, bool discarded)
+{
+	struct tree *tr = t->scope.tr;
+	opq__lock(&tr->mu);
+	bool skip = discarded || atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed);
+	t->state = T_RUNNING;
+	t->refs++; /* our pin */
+	opq__unlock(&tr->mu);
+
+	int rc = ECANCELED;
+	if (!skip) {
+		opq_scope *outer = tls_scope;
+		tls_scope = &t->scope;
+		rc = t->fn(&t->scope, t->arg);
+		tls_scope = outer;
+	}
+
+	struct opq__cancel_reg *wake = NULL;
+	opq__lock(&tr->mu);
+	if (rc == ECANCELED && t->scope.timed_out)
+		rc = ETIMEDOUT;
+	t->result = rc;
+	t->state = T_RETURNED;
+	cancel_tree(&t->scope, false, &wake); /* its children are sent cancel */
+	bool free_tree = settle(tr, t, wake);
+	free_tree |= task_unref(t);
+	opq__unlock(&tr->mu);
+	if (free_tree)
+		tree_free(tr);
+}
+
+static void task_perform(opq_op *op)
+{
+	task_run(OPQ_CONTAINER_OF(op, opq_task, op), false);
+}
+
+static void task_discard(opq_op *op)
+{
+	task_run(OPQ_CONTAINER_OF(op, opq_task, op), true);
+}
+
+/* ---- deadlines ----------------------------------------------------------- */
+
+static void *timer_main(void *arg)
+{
+	struct tree *tr = arg;
+	opq__lock(&tr->mu);
+	while (!tr->timer_stop) {
+		opq_scope *s = tr->dl_first;
+		if (!s) {
+			OPQ_CHECK(pthread_cond_wait(&tr->timer_cv, &tr->mu));
+			continue;
+		}
+		if (!ts_passed(&s->deadline)) {
+			struct timespec dl = s->deadline;
+			opq__cond_wait(&tr->timer_cv, &tr->mu, &dl);
+			continue;
+		}
+		dl_remove(tr, s);
+		struct opq__cancel_reg *wake = NULL;
+		if (!atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+			s->timed_out = true;
+			if (!s->first_error)
+				s->first_error = ETIMEDOUT;
+			cancel_tree(s, true, &wake);
+		}
+		if (wake) {
+			unlock_and_wake(tr, wake);
+			opq__lock(&tr->mu);
+		}
+	}
+	opq__unlock(&tr->mu);
+	return NULL;
+}
+
+/* Under tr->mu: arm s's deadline (starting the tree's timer thread if needed). */
+static int dl_arm(struct tree *tr, opq_scope *s)
+{
+	if (!tr->timer_running) {
+		sigset_t all, old;
+		sigfillset(&all);
+		OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &all, &old));
+		int rc = pthread_create(&tr->timer, NULL, timer_main, tr);
+		OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
+		if (rc)
+			return rc;
+		tr->timer_running = true;
+	}
+	opq_scope *prev = NULL, *cur = tr->dl_first;
+	while (cur && !ts_before(&s->deadline, &cur->deadline)) {
+		prev = cur;
+		cur = cur->dl_next;
+	}
+	s->dl_prev = prev;
+	s->dl_next = cur;
+	if (prev)
+		prev->dl_next = s;
+	else
+		tr->dl_first = s;
+	if (cur)
+		cur->dl_prev = s;
+	s->in_dl = true;
+	if (!prev)
+		OPQ_CHECK(pthread_cond_signal(&tr->timer_cv));
+	return 0;
+}
+
+/* ---- root scopes --------------------------------------------------------- */
+
+OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scope_attr *attr)
+{
+	if (!scopep || !q)
+		return EINVAL;
+	struct tree *tr = opq__calloc(1, sizeof(*tr));
+	if (!tr)
+		return ENOMEM;
+	int rc = opq__mutex_init(&tr->mu);
+	if (rc)
+		goto fail_mu;
+	if ((rc = opq__cond_init(&tr->cv)))
+		goto fail_cv;
+	if ((rc = opq__cond_init(&tr->timer_cv)))
+		goto fail_timer_cv;
+	tr->q = q;
+	tr->refs = 1;
+	scope_init(&tr->root, tr, NULL, attr);
+	if (tr->root.has_deadline) {
+		opq__lock(&tr->mu);
+		rc = dl_arm(tr, &tr->root);
+		opq__unlock(&tr->mu);
+		if (rc)
+			goto fail_arm;
+	}
+	*scopep = &tr->root;
+	return 0;
+
+fail_arm:
+	pthread_cond_destroy(&tr->timer_cv);
+fail_timer_cv:
+	pthread_cond_destroy(&tr->cv);
+fail_cv:
+	pthread_mutex_destroy(&tr->mu);
+fail_mu:
+	opq__free(tr);
+	return rc;
+}
+
+OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
+{
+	if (!s)
+		return 0;
+	struct tree *tr = s->tr;
+	if (s != &tr->root)
+		return EINVAL;
+	opq__lock(&tr->mu);
+	if (s->nchildren || tr->waiters || s->regs) {
+		opq__unlock(&tr->mu);
+		return EBUSY;
+	}
+	s->closing = true;
+	dl_remove(tr, s);
+	bool join = tr->timer_running;
+	tr->timer_stop = true;
+	OPQ_CHECK(pthread_cond_signal(&tr->timer_cv));
+	opq__unlock(&tr->mu);
+	if (join)
+		OPQ_CHECK(pthread_join(tr->timer, NULL));
+	opq__lock(&tr->mu);
+	bool free_tree = --tr->refs == 0;
+	opq__unlock(&tr->mu);
+	if (free_tree)
+		tree_free(tr);
+	return 0;
+}
+
+/* ---- spawn --------------------------------------------------------------- */
+
+OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn,
+			       void *arg, opq_task_done_fn *done, void *done_arg,
+			       opq_task **taskp)
+{
+	if (!s || !fn)
+		return EINVAL;
+	if (s->owner && tls_scope != s)
+		return EPERM; /* only a task spawns in its own scope */
+	struct tree *tr = s->tr;
+	opq_task *t = opq__calloc(1, sizeof(*t));
+	if (!t)
+		return ENOMEM;
+	opq_op_init(&t->op, task_perform, task_discard);
+	scope_init(&t->scope, tr, t, attr);
+	t->pscope = s;
+	t->fn = fn;
+	t->arg = arg;
+	t->done = done;
+	t->done_arg = done_arg;
+	t->state = T_NEW;
+
+	opq__lock(&tr->mu);
+	if (s->closing || atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+		opq__unlock(&tr->mu);
+		opq__free(t);
+		return ECANCELED;
+	}
+	if (t->scope.has_deadline) {
+		int rc = dl_arm(tr, &t->scope);
+		if (rc) {
+			opq__unlock(&tr->mu);
+			opq__free(t);
+			return rc;
+		}
+	}
+	t->refs = 2 + (taskp != NULL); /* the tree's link, our pin, the handle */
+	tr->refs++;
+	t->sib_next = s->children;
+	if (s->children)
+		s->children->sib_prev = t;
+	s->children = t;
+	s->nchildren++;
+	opq__unlock(&tr->mu);
+
+	int rc = opq_queue_enqueue(tr->q, &t->op);
+
+	opq__lock(&tr->mu);
+	bool free_tree = false;
+	if (rc) {
+		/* Not spawned: unlink it as if it had never been. */
+		dl_remove(tr, &t->scope);
+		if (t->sib_prev)
+			t->sib_prev->sib_next = t->sib_next;
+		else
+			s->children = t->sib_next;
+		if (t->sib_next)
+			t->sib_next->sib_prev = t->sib_prev;
+		s->nchildren--;
+		if (tr->waiters)
+			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
+		opq__unlock(&tr->mu);
+		opq__free(t);
+		opq__lock(&tr->mu);
+		free_tree = --tr->refs == 0;
+		opq__unlock(&tr->mu);
+		if (free_tree)
+			tree_free(tr);
+		return rc;
+	}
+	if (t->state == T_NEW)
+		t->state = T_QUEUED;
+	if (tr->waiters)
+		OPQ_CHECK(pthread_cond_broadcast(&tr->cv)); /* helpers: new work */
+	free_tree = task_unref(t);
+	opq__unlock(&tr->mu);
+	if (free_tree)
+		tree_free(tr);
+	if (taskp)
+		*taskp = t;
+	return 0;
+}
+
+OPQ_EXPORT opq_scope *opq_scope_current(void)
+{
+	return tls_scope;
+}
+
+/* ---- cancel -------------------------------------------------------------- */
+
+OPQ_EXPORT int opq_scope_cancel(opq_scope *s)
+{
+	if (!s)
+		return EINVAL;
+	struct tree *tr = s->tr;
+	struct opq__cancel_reg *wake = NULL;
+	opq__lock(&tr->mu);
+	if (!s->owner || s->owner->state < T_FINISHING)
+		cancel_tree(s, true, &wake);
+	unlock_and_wake(tr, wake);
+	return 0;
+}
+
+OPQ_EXPORT int opq_task_cancel(opq_task *t)
+{
+	if (!t)
+		return EINVAL;
+	return opq_scope_cancel(&t->scope);
+}
+
+OPQ_EXPORT int opq_scope_cancelled(const opq_scope *s)
+{
+	return s && atomic_load_explicit(&s->cancelled, memory_order_acquire);
+}
+
+OPQ_EXPORT int opq_task_cancelled(const opq_task *t)
+{
+	return t && atomic_load_explicit(&t->scope.cancelled, memory_order_acquire);
+}
+
+/* ---- waiting ------------------------------------------------------------- */
+
+/* Is the calling thread's task inside scope s (s is an ancestor scope of it)? */
+static bool inside(const opq_scope *s)
+{
+	for (opq_scope *c = tls_scope; c && c->owner; c = c->owner->pscope)
+		if (c->owner->pscope == s)
+			return true;
+	return false;
+}
+
+/* Under tr->mu: a queued task in the subtree under s (or t itself), pinned; or NULL. */
+static opq_task *find_queued(opq_scope *s, opq_task *self)
+{
+	if (self && self->state == T_QUEUED) {
+		self->refs++;
+		return self;
+	}
+	for (opq_task *t = s->children; t; t = walk_next(s, t, true)) {
+		if (t->state == T_QUEUED) {
+			t->refs++;
+			return t;
+		}
+	}
+	return NULL;
+}
+
+/*
+ * Under tr->mu: wait until done(s, t) or the deadline; a runner of the
+ * tree's queue performs queued tasks under s inline meanwhile.
+ */
+static int wait_for(struct tree *tr, opq_scope *s, opq_task *self, const struct timespec *deadline)
+{
+	bool helper = opq_queue_current() == tr->q;
+	int rc = 0;
+	tr->waiters++;
+	for (;;) {
+		if (self ? self->state == T_DONE : s->nchildren == 0)
+			break;
+		opq_task *h = helper ? find_queued(s, self) : NULL;
+		if (h) {
+			opq__unlock(&tr->mu);
+			bool ran = opq__queue_help(tr->q, &h->op);
+			opq__lock(&tr->mu);
+			bool free_tree = task_unref(h);
+			assert(!free_tree); /* the waiter's scope keeps the tree */
+			(void)free_tree;
+			if (!ran) {
+				/* A runner took it first and is about to mark it running. */
+				opq__unlock(&tr->mu);
+				sched_yield();
+				opq__lock(&tr->mu);
+			}
+			continue;
+		}
+		if (opq__cond_wait(&tr->cv, &tr->mu, deadline) == ETIMEDOUT &&
+		    !(self ? self->state == T_DONE : s->nchildren == 0)) {
+			rc = ETIMEDOUT;
+			break;
+		}
+	}
+	tr->waiters--;
+	return rc;
+}
+
+OPQ_EXPORT int opq_scope_wait(opq_scope *s, const struct timespec *deadline, int *first_error)
+{
+	if (!s || !opq__deadline_ok(deadline))
+		return EINVAL;
+	if (inside(s))
+		return EDEADLK;
+	struct tree *tr = s->tr;
+	opq__lock(&tr->mu);
+	int rc = wait_for(tr, s, NULL, deadline);
+	if (rc == 0 && first_error)
+		*first_error = s->first_error;
+	opq__unlock(&tr->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *result)
+{
+	if (!t || !opq__deadline_ok(deadline))
+		return EINVAL;
+	if (tls_scope == &t->scope || inside(&t->scope))
+		return EDEADLK;
+	struct tree *tr = t->scope.tr;
+	opq__lock(&tr->mu);
+	int rc = wait_for(tr, &t->scope, t, deadline);
+	if (rc == 0 && result)
+		*result = t->result;
+	opq__unlock(&tr->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_task_release(opq_task *t)
+{
+	if (!t)
+		return EINVAL;
+	struct tree *tr = t->scope.tr;
+	opq__lock(&tr->mu);
+	bool free_tree = task_unref(t);
+	opq__unlock(&tr->mu);
+	if (free_tree)
+		tree_free(tr);
+	return 0;
+}
+
+/* ---- cancellable waits --------------------------------------------------- */
+
+static int reg_begin(struct opq__cancel_reg *r, opq_scope *s, pthread_mutex_t *mu,
+		     pthread_cond_t *cv)
+{
+	memset(r, 0, sizeof(*r));
+	if (!s)
+		return 0;
+	struct tree *tr = s->tr;
+	opq__lock(&tr->mu);
+	if (atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+		opq__unlock(&tr->mu);
+		return ECANCELED;
+	}
+	r->mu = mu;
+	r->cv = cv;
+	r->scope = s;
+	r->next = s->regs;
+	if (s->regs)
+		s->regs->prev = r;
+	s->regs = r;
+	opq__unlock(&tr->mu);
+	return 0;
+}
+
+int opq__cancel_begin(struct opq__cancel_reg *r, pthread_mutex_t *mu, pthread_cond_t *cv)
+{
+	return reg_begin(r, tls_scope, mu, cv);
+}
+
+bool opq__cancel_pending(const struct opq__cancel_reg *r)
+{
+	return r->scope && atomic_load_explicit(&r->scope->cancelled, memory_order_acquire);
+}
+
+bool opq__cancel_end(struct opq__cancel_reg *r)
+{
+	opq_scope *s = r->scope;
+	if (!s)
+		return false;
+	struct tree *tr = s->tr;
+	opq__lock(&tr->mu);
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		s->regs = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+	/* A canceller holds a pin: it will lock mu and broadcast cv; wait for it. */
+	while (r->pinned) {
+		opq__unlock(&tr->mu);
+		OPQ_CHECK(pthread_cond_wait(r->cv, r->mu));
+		opq__lock(&tr->mu);
+	}
+	bool cancelled = atomic_load_explicit(&s->cancelled, memory_order_relaxed);
+	opq__unlock(&tr->mu);
+	r->scope = NULL;
+	return cancelled;
+}
+
+static int sleep_in(opq_scope *s, const struct timespec *deadline)
+{
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int rc = opq__mutex_init(&mu);
+	if (rc)
+		return rc;
+	if ((rc = opq__cond_init(&cv))) {
+		pthread_mutex_destroy(&mu);
+		return rc;
+	}
+	struct opq__cancel_reg r;
+	opq__lock(&mu);
+	rc = reg_begin(&r, s, &mu, &cv);
+	while (rc == 0) {
+		if (opq__cancel_pending(&r))
+			rc = ECANCELED;
+		else if (opq__cond_wait(&cv, &mu, deadline) == ETIMEDOUT)
+			rc = opq__cancel_pending(&r) ? ECANCELED : ETIMEDOUT;
+	}
+	opq__cancel_end(&r);
+	opq__unlock(&mu);
+	pthread_cond_destroy(&cv);
+	pthread_mutex_destroy(&mu);
+	return rc;
+}
+
+int opq__cancel_sleep_until(const struct timespec *deadline)
+{
+	if (!opq__deadline_ok(deadline))
+		return EINVAL;
+	if (!deadline && !tls_scope)
+		return EDEADLK;
+	return sleep_in(tls_scope, deadline);
+}
+
+OPQ_EXPORT int opq_scope_sleep(opq_scope *s, const struct timespec *deadline)
+{
+	if (!s || !opq__deadline_ok(deadline))
+		return EINVAL;
+	int rc = sleep_in(s, deadline);
+	return rc == ETIMEDOUT ? 0 : rc;
+}
