@@ -323,8 +323,11 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 static void task_run(opq_task *t, bool discarded)
 {
 	struct tree *tr = t->scope.tr;
+	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
-	bool skip = discarded || atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed);
+	if (discarded && !atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed))
+		cancel_tree(&t->scope, true, &wake); /* dropped by a stopping queue: cancelled */
+	bool skip = atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed);
 	t->state = T_RUNNING;
 	t->refs++; /* our pin */
 	opq__unlock(&tr->mu);
@@ -337,7 +340,6 @@ static void task_run(opq_task *t, bool discarded)
 		tls_scope = outer;
 	}
 
-	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
 	if (rc == ECANCELED && t->scope.timed_out)
 		rc = ETIMEDOUT;

@@ -1,0 +1,1083 @@
+/*
+ * check_scope.c: scopes. Links the convenience library to reach the
+ * fault injector and opq__cancel_sleep_until.
+ */
+#include "harness.h"
+#include "internal.h"
+
+#include <string.h>
+
+#define MS 1000000LL
+/* How long a cancelled blocking call may take to return (generous: shared, sanitized machines). */
+#define PROMPT_NS (2000 * MS)
+
+static opq_queue *mkqueue(unsigned runners, size_t capacity)
+{
+	opq_queue_attr *a;
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(a, capacity), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a);
+	ck_assert_int_eq(opq_queue_start(q, runners), 0);
+	return q;
+}
+
+static void rmqueue(opq_queue *q)
+{
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static struct timespec t_forever(void)
+{
+	return t_deadline(T_WAIT_NS);
+}
+
+/* Wait for a whole scope with the test's bound. */
+static int wait_scope(opq_scope *s)
+{
+	struct timespec dl = t_forever();
+	int first = -1;
+	ck_assert_int_eq(opq_scope_wait(s, &dl, &first), 0);
+	return first;
+}
+
+static int wait_task(opq_task *t)
+{
+	struct timespec dl = t_forever();
+	int result = -1;
+	ck_assert_int_eq(opq_task_wait(t, &dl, &result), 0);
+	return result;
+}
+
+/* ---- the order of termination ------------------------------------------ */
+
+enum { EV_A_RETURNED, EV_B1_CANCELLED, EV_B2_CANCELLED, EV_B1_DONE, EV_B2_DONE, EV_A_DONE, EV_N };
+
+static atomic_int ev_clock;
+static atomic_int ev_at[EV_N];
+
+static void ev(int e)
+{
+	atomic_store(&ev_at[e], atomic_fetch_add(&ev_clock, 1) + 1);
+}
+
+static atomic_int b_started;
+
+static int sleeper_b(opq_scope *s, void *arg)
+{
+	atomic_fetch_add(&b_started, 1);
+	int rc = opq_scope_sleep(s, NULL);
+	ck_assert_int_eq(rc, ECANCELED);
+	ev((int)(intptr_t)arg);
+	return rc;
+}
+
+static void done_ev(void *arg, int result)
+{
+	(void)result;
+	ev((int)(intptr_t)arg);
+}
+
+struct order_arg {
+	bool wait_for_cancel;
+	struct t_gate started;
+};
+
+static int parent_a(opq_scope *s, void *arg)
+{
+	struct order_arg *oa = arg;
+	ck_assert_ptr_eq(opq_scope_current(), s);
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, sleeper_b, (void *)(intptr_t)EV_B1_CANCELLED,
+					 done_ev, (void *)(intptr_t)EV_B1_DONE, NULL),
+			 0);
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, sleeper_b, (void *)(intptr_t)EV_B2_CANCELLED,
+					 done_ev, (void *)(intptr_t)EV_B2_DONE, NULL),
+			 0);
+	/* Both running (a child cancelled while still queued never runs its function). */
+	T_WAIT_UNTIL(atomic_load(&b_started) == 2);
+	t_gate_open(&oa->started);
+	int rc = 0;
+	if (oa->wait_for_cancel)
+		rc = opq_scope_sleep(s, NULL);
+	ev(EV_A_RETURNED);
+	return rc;
+}
+
+static void check_order(bool wait_for_cancel)
+{
+	for (int i = 0; i < EV_N; i++)
+		atomic_store(&ev_at[i], 0);
+	atomic_store(&ev_clock, 0);
+	atomic_store(&b_started, 0);
+	opq_queue *q = mkqueue(4, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	struct order_arg oa = { .wait_for_cancel = wait_for_cancel };
+	t_gate_init(&oa.started);
+	opq_task *a;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, parent_a, &oa, done_ev,
+					 (void *)(intptr_t)EV_A_DONE, &a),
+			 0);
+	ck_assert(t_gate_wait(&oa.started));
+	if (wait_for_cancel)
+		ck_assert_int_eq(opq_task_cancel(a), 0);
+	int result = wait_task(a);
+	int told = atomic_fetch_add(&ev_clock, 1) + 1; /* the parent (root) has been told */
+	ck_assert_int_eq(result, wait_for_cancel ? ECANCELED : 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	if (!wait_for_cancel) {
+		/* The function returned first, then the children were cancelled. */
+		ck_assert_int_lt(ev_at[EV_A_RETURNED], ev_at[EV_B1_CANCELLED]);
+		ck_assert_int_lt(ev_at[EV_A_RETURNED], ev_at[EV_B2_CANCELLED]);
+	}
+	ck_assert_int_lt(ev_at[EV_B1_CANCELLED], ev_at[EV_B1_DONE]);
+	ck_assert_int_lt(ev_at[EV_B2_CANCELLED], ev_at[EV_B2_DONE]);
+	ck_assert_int_lt(ev_at[EV_A_RETURNED], ev_at[EV_A_DONE]);
+	ck_assert_int_lt(ev_at[EV_B1_DONE], ev_at[EV_A_DONE]);
+	ck_assert_int_lt(ev_at[EV_B2_DONE], ev_at[EV_A_DONE]);
+	ck_assert_int_lt(ev_at[EV_A_DONE], told);
+	for (int i = 0; i < EV_N; i++)
+		ck_assert_int_gt(ev_at[i], 0);
+	ck_assert_int_eq(opq_task_cancelled(a), wait_for_cancel);
+	ck_assert_int_eq(opq_task_release(a), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	t_gate_destroy(&oa.started);
+	rmqueue(q);
+}
+
+START_TEST(test_order_return_first)
+{
+	for (int i = 0; i < 50; i++)
+		check_order(false);
+}
+END_TEST
+
+START_TEST(test_order_cancel_first)
+{
+	for (int i = 0; i < 50; i++)
+		check_order(true);
+}
+END_TEST
+
+/* ---- the cooperative flag ----------------------------------------------- */
+
+static int spin_until_cancelled(opq_scope *s, void *arg)
+{
+	atomic_long *spins = arg;
+	struct timespec dl = t_forever();
+	while (!opq_scope_cancelled(s)) {
+		ck_assert(!t_passed(&dl));
+		atomic_fetch_add(spins, 1);
+		sched_yield();
+	}
+	return EINTR;
+}
+
+START_TEST(test_cancel_flag)
+{
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	for (int i = 0; i < 100; i++) {
+		atomic_long spins = 0;
+		opq_task *t;
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, spin_until_cancelled, &spins, NULL, NULL, &t), 0);
+		T_WAIT_UNTIL(atomic_load(&spins) > 0);
+		ck_assert_int_eq(opq_task_cancelled(t), 0);
+		ck_assert_int_eq(opq_task_cancel(t), 0);
+		ck_assert_int_eq(opq_task_cancel(t), 0); /* idempotent */
+		ck_assert_int_eq(opq_task_cancelled(t), 1);
+		ck_assert_int_eq(wait_task(t), EINTR); /* the function's own result */
+		ck_assert_int_eq(opq_task_cancel(t), 0); /* after termination: nothing */
+		ck_assert_int_eq(opq_task_release(t), 0);
+	}
+	/* A cancelled task's ECANCELED is not an error of the scope; EINTR is. */
+	ck_assert_int_eq(wait_scope(root), EINTR);
+	ck_assert_int_eq(opq_scope_cancelled(root), 0);
+	ck_assert_int_eq(opq_scope_cancelled(NULL), 0);
+	ck_assert_int_eq(opq_task_cancelled(NULL), 0);
+	ck_assert_ptr_null(opq_scope_current());
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- blocking calls return ECANCELED ------------------------------------- */
+
+struct blocker {
+	int kind;
+	opq_queue *full;
+	opq_line *line;
+	opq_stage *stage;
+	atomic_int entered;
+	atomic_llong returned_at;
+	int rc;
+};
+
+enum { B_ENQUEUE, B_TIMEDENQUEUE, B_LINE_WAIT, B_LINE_IDLE, B_STAGE, B_SLEEP, B_HOOK, B_N };
+
+static void nop(void *arg)
+{
+	(void)arg;
+}
+
+static int blocker_fn(opq_scope *s, void *arg)
+{
+	struct blocker *b = arg;
+	struct timespec far = t_deadline(T_WAIT_NS);
+	int rc = -1;
+	opq_line_ticket ticket = OPQ_LINE_TICKET_INITIALIZER;
+	opq_stage_ticket *st = NULL;
+	void *event;
+	atomic_store(&b->entered, 1);
+	switch (b->kind) {
+	case B_ENQUEUE:
+		rc = opq_queue_enqueue_fn(b->full, nop, NULL, NULL);
+		break;
+	case B_TIMEDENQUEUE:
+		rc = opq_queue_timedenqueue_fn(b->full, nop, NULL, NULL, &far);
+		break;
+	case B_LINE_WAIT:
+		ck_assert_int_eq(opq_line_try_acquire(b->line, OPQ_LINE_ANY, &ticket), EBUSY);
+		rc = opq_line_wait(b->line, &ticket, &far, NULL);
+		break;
+	case B_LINE_IDLE:
+		rc = opq_line_wait_idle(b->line, NULL, NULL);
+		break;
+	case B_STAGE:
+		ck_assert_int_eq(opq_stage_register(b->stage, "b", 1, &st), 0);
+		rc = opq_stage_enter(b->stage, st, &far, &event);
+		ck_assert_int_eq(opq_stage_unregister(b->stage, st, &event), 0);
+		break;
+	case B_SLEEP:
+		rc = opq_scope_sleep(s, &far);
+		break;
+	case B_HOOK:
+		rc = opq__cancel_sleep_until(&far);
+		break;
+	}
+	atomic_store(&b->returned_at, now_ns());
+	b->rc = rc;
+	return rc;
+}
+
+/* Is the blocker blocked in its call yet? */
+static bool blocked(struct blocker *b)
+{
+	if (!atomic_load(&b->entered))
+		return false;
+	switch (b->kind) {
+	case B_ENQUEUE:
+	case B_TIMEDENQUEUE: {
+		opq_queue_stats st;
+		ck_assert_int_eq(opq_queue_stats_get(b->full, &st), 0);
+		return st.blocked == 1;
+	}
+	case B_LINE_WAIT:
+	case B_LINE_IDLE: {
+		pthread_mutex_lock(&b->line->opq_mu);
+		bool w = b->line->opq_waiters == 1;
+		pthread_mutex_unlock(&b->line->opq_mu);
+		return w;
+	}
+	case B_STAGE: {
+		opq_stage_stats st;
+		ck_assert_int_eq(opq_stage_stats_get(b->stage, &st), 0);
+		return st.waiting == 1;
+	}
+	default:
+		return true; /* a sleep: cancelling before or during it both must work */
+	}
+}
+
+START_TEST(test_blocking_calls_cancelled)
+{
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	for (int iter = 0; iter < 10; iter++) {
+		for (int kind = 0; kind < B_N; kind++) {
+			struct blocker b = { .kind = kind };
+			/* A full queue: capacity 1, never started. */
+			opq_queue_attr *qa;
+			ck_assert_int_eq(opq_queue_attr_create(&qa), 0);
+			ck_assert_int_eq(opq_queue_attr_set_capacity(qa, 1), 0);
+			ck_assert_int_eq(opq_queue_create(&b.full, qa), 0);
+			opq_queue_attr_destroy(qa);
+			ck_assert_int_eq(opq_queue_enqueue_fn(b.full, nop, NULL, NULL), 0);
+			opq_line line;
+			ck_assert_int_eq(opq_line_init(&line), 0);
+			b.line = &line;
+			opq_line_ticket held = OPQ_LINE_TICKET_INITIALIZER;
+			ck_assert_int_eq(opq_line_try_acquire(&line, OPQ_LINE_ANY, &held), 0);
+			ck_assert_int_eq(opq_stage_create(&b.stage), 0);
+			opq_stage_ticket *head;
+			void *event;
+			ck_assert_int_eq(opq_stage_register(b.stage, "h", 1, &head), 0);
+			ck_assert_int_eq(opq_stage_enter(b.stage, head, NULL, &event), OPQ_STAGE_HEAD);
+
+			opq_task *t;
+			ck_assert_int_eq(opq_scope_spawn(root, NULL, blocker_fn, &b, NULL, NULL, &t), 0);
+			T_WAIT_UNTIL(blocked(&b));
+			int64_t t0 = now_ns();
+			ck_assert_int_eq(opq_task_cancel(t), 0);
+			ck_assert_int_eq(wait_task(t), kind == B_HOOK || kind == B_SLEEP ? ECANCELED : ECANCELED);
+			ck_assert_int_eq(b.rc, ECANCELED);
+			int64_t took = atomic_load(&b.returned_at) - t0;
+			ck_assert_msg(took < PROMPT_NS, "kind %d took %lld ns", kind, (long long)took);
+			ck_assert_int_eq(opq_task_release(t), 0);
+
+			/* The objects are intact and usable. */
+			opq_queue_stats qs;
+			ck_assert_int_eq(opq_queue_stats_get(b.full, &qs), 0);
+			ck_assert_int_eq(qs.queued, 1);
+			ck_assert_int_eq(qs.blocked, 0);
+			ck_assert_int_eq(opq_queue_destroy(b.full), 0);
+			ck_assert_int_eq(opq_line_release(&line, &held, 0), 0);
+			ck_assert_int_eq(opq_line_destroy(&line), 0);
+			opq_stage_stats ss;
+			ck_assert_int_eq(opq_stage_stats_get(b.stage, &ss), 0);
+			ck_assert_int_eq(ss.waiting, 0);
+			ck_assert_int_eq(ss.tickets, 1);
+			ck_assert_int_eq(opq_stage_leave(b.stage, head), 0);
+			ck_assert_int_eq(opq_stage_unregister(b.stage, head, &event), 0);
+			ck_assert_int_eq(opq_stage_destroy(b.stage), 0);
+		}
+	}
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* A task that is cancelled already gets ECANCELED at once from a would-block call. */
+static int precancelled(opq_scope *s, void *arg)
+{
+	(void)arg;
+	ck_assert_int_eq(opq_scope_cancel(s), 0);
+	ck_assert_int_eq(opq_scope_cancelled(s), 1);
+	struct timespec far = t_forever();
+	ck_assert_int_eq(opq_scope_sleep(s, &far), ECANCELED);
+	ck_assert_int_eq(opq__cancel_sleep_until(&far), ECANCELED);
+	opq_line line;
+	ck_assert_int_eq(opq_line_init(&line), 0);
+	opq_line_ticket held = OPQ_LINE_TICKET_INITIALIZER, t2 = OPQ_LINE_TICKET_INITIALIZER;
+	ck_assert_int_eq(opq_line_try_acquire(&line, OPQ_LINE_ANY, &held), 0);
+	/* The line is free-at-generation for this caller: would not block, so 0. */
+	ck_assert_int_eq(opq_line_wait_idle(&line, &far, NULL), ECANCELED);
+	ck_assert_int_eq(opq_line_try_acquire(&line, OPQ_LINE_ANY, &t2), EBUSY);
+	ck_assert_int_eq(opq_line_wait(&line, &t2, &far, NULL), ECANCELED);
+	ck_assert_int_eq(opq_line_release(&line, &held, 7), 0);
+	int st = 0;
+	/* Released: a result beats a cancel. */
+	ck_assert_int_eq(opq_line_wait(&line, &t2, &far, &st), 0);
+	ck_assert_int_eq(st, 7);
+	ck_assert_int_eq(opq_line_destroy(&line), 0);
+	/* Spawning in a cancelled scope fails. */
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, precancelled, NULL, NULL, NULL, NULL), ECANCELED);
+	return 0;
+}
+
+START_TEST(test_cancelled_before_blocking)
+{
+	opq_queue *q = mkqueue(1, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, precancelled, NULL, NULL, NULL, &t), 0);
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	/* Outside any task: the hook is a plain sleep; NULL would sleep forever. */
+	struct timespec dl = t_deadline(MS);
+	ck_assert_int_eq(opq__cancel_sleep_until(&dl), ETIMEDOUT);
+	ck_assert_int_eq(opq__cancel_sleep_until(NULL), EDEADLK);
+	struct timespec bad = { 0, 1000000000 };
+	ck_assert_int_eq(opq__cancel_sleep_until(&bad), EINVAL);
+	ck_assert_int_eq(opq_scope_sleep(root, &bad), EINVAL);
+	ck_assert_int_eq(opq_scope_sleep(root, &dl), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- waits with deadlines, scope deadlines ------------------------------ */
+
+static int child_ok_fn(opq_scope *s, void *arg)
+{
+	(void)s;
+	(void)arg;
+	return 0;
+}
+
+static int sleep_forever(opq_scope *s, void *arg)
+{
+	(void)arg;
+	return opq_scope_sleep(s, NULL);
+}
+
+START_TEST(test_wait_deadline)
+{
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, &t), 0);
+	struct timespec dl = t_deadline(30 * MS);
+	int first = 12345, result = 12345;
+	ck_assert_int_eq(opq_scope_wait(root, &dl, &first), ETIMEDOUT);
+	ck_assert_int_eq(first, 12345);
+	dl = t_deadline(10 * MS);
+	ck_assert_int_eq(opq_task_wait(t, &dl, &result), ETIMEDOUT);
+	ck_assert_int_eq(result, 12345);
+	ck_assert_int_eq(opq_scope_destroy(root), EBUSY);
+	struct timespec bad = { 0, -1 };
+	ck_assert_int_eq(opq_scope_wait(root, &bad, NULL), EINVAL);
+	ck_assert_int_eq(opq_task_wait(t, &bad, NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_cancel(root), 0);
+	ck_assert_int_eq(wait_task(t), ECANCELED);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), ECANCELED);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+START_TEST(test_scope_deadline)
+{
+	opq_queue *q = mkqueue(3, 0);
+	for (int i = 0; i < 20; i++) {
+		opq_scope_attr *a;
+		ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+		struct timespec dl = t_deadline(20 * MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+		int64_t t0 = now_ns();
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
+		/* The root's deadline cancels its tasks; the waiter learns ETIMEDOUT. */
+		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
+		ck_assert_int_ge(now_ns() - t0, 15 * MS);
+		ck_assert_int_eq(opq_scope_cancelled(root), 1);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
+				 ECANCELED);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+
+		/* A task's own deadline (given at spawn): it is cancelled, its result ETIMEDOUT. */
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		dl = t_deadline(10 * MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+		opq_task *t, *u;
+		ck_assert_int_eq(opq_scope_spawn(root, a, sleep_forever, NULL, NULL, NULL, &t), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, &u), 0);
+		ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+		ck_assert_int_eq(opq_task_cancelled(u), 0); /* a sibling is not affected */
+		ck_assert_int_eq(opq_task_cancel(u), 0);
+		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
+		ck_assert_int_eq(opq_task_release(t), 0);
+		ck_assert_int_eq(opq_task_release(u), 0);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+
+		/* A deadline already passed at spawn: the task is cancelled at once. */
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		dl = t_deadline(-MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, a, sleep_forever, NULL, NULL, NULL, &t), 0);
+		ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+		ck_assert_int_eq(opq_task_release(t), 0);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, NULL), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, a, child_ok_fn, NULL, NULL, NULL, &t), 0);
+		ck_assert_int_eq(wait_task(t), 0);
+		ck_assert_int_eq(opq_task_release(t), 0);
+		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		opq_scope_attr_destroy(a);
+	}
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- error policies ------------------------------------------------------ */
+
+struct backend {
+	int64_t ms;
+	int fail;
+	atomic_int finished, cancelled;
+};
+
+static int backend_fn(opq_scope *s, void *arg)
+{
+	struct backend *b = arg;
+	struct timespec dl = t_deadline(b->ms * MS);
+	int rc = opq_scope_sleep(s, &dl);
+	if (rc == ECANCELED) {
+		atomic_fetch_add(&b->cancelled, 1);
+		return rc;
+	}
+	atomic_fetch_add(&b->finished, 1);
+	return b->fail;
+}
+
+START_TEST(test_policy_collect)
+{
+	opq_queue *q = mkqueue(3, 0);
+	for (int i = 0; i < 10; i++) {
+		struct backend b[3] = { { .ms = 1, .fail = EIO }, { .ms = 40 }, { .ms = 60, .fail = EPROTO } };
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		for (int k = 0; k < 3; k++)
+			ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
+		ck_assert_int_eq(wait_scope(root), EIO);
+		for (int k = 0; k < 3; k++) {
+			ck_assert_int_eq(b[k].finished, 1);
+			ck_assert_int_eq(b[k].cancelled, 0);
+		}
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+	}
+	rmqueue(q);
+}
+END_TEST
+
+START_TEST(test_policy_first_error)
+{
+	opq_queue *q = mkqueue(3, 0);
+	opq_scope_attr *a;
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	ck_assert_int_eq(opq_scope_attr_set_policy(a, 7), EINVAL);
+	ck_assert_int_eq(opq_scope_attr_set_policy(NULL, OPQ_SCOPE_COLLECT), EINVAL);
+	ck_assert_int_eq(opq_scope_attr_set_policy(a, OPQ_SCOPE_FIRST_ERROR), 0);
+	for (int i = 0; i < 10; i++) {
+		struct backend b[3] = { { .ms = 5, .fail = EIO }, { .ms = 30000 }, { .ms = 30000 } };
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+		int64_t t0 = now_ns();
+		for (int k = 0; k < 3; k++)
+			ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
+		ck_assert_int_eq(wait_scope(root), EIO);
+		ck_assert_int_lt(now_ns() - t0, 5 * PROMPT_NS);
+		ck_assert_int_eq(b[0].finished, 1);
+		ck_assert_int_eq(b[1].cancelled, 1);
+		ck_assert_int_eq(b[2].cancelled, 1);
+		/* The failed scope takes no more tasks. */
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[0], NULL, NULL, NULL), ECANCELED);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+	}
+	opq_scope_attr_destroy(a);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- nesting on one runner --------------------------------------------- */
+
+#define DEPTH 10
+#define WIDTH 3
+
+static atomic_long tree_tasks, tree_dones;
+
+static atomic_long tree_spawns;
+
+static void count_done(void *arg, int result)
+{
+	(void)arg;
+	ck_assert(result == 0 || (arg && result == ECANCELED));
+	atomic_fetch_add(&tree_dones, 1);
+}
+
+static int tree_node(opq_scope *s, void *arg)
+{
+	intptr_t depth = (intptr_t)arg;
+	atomic_fetch_add(&tree_tasks, 1);
+	if (depth == DEPTH)
+		return 0;
+	for (int i = 0; i < WIDTH; i++)
+		ck_assert_int_eq(opq_scope_spawn(s, NULL, tree_node, (void *)(depth + 1), count_done,
+						 NULL, NULL),
+				 0);
+	/* Waiting on the only runner: the wait performs the children inline. */
+	int first = -1;
+	ck_assert_int_eq(opq_scope_wait(s, NULL, &first), 0);
+	ck_assert_int_eq(first, 0);
+	return 0;
+}
+
+START_TEST(test_one_runner_deep_tree)
+{
+	opq_queue *q = mkqueue(1, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	atomic_store(&tree_tasks, 0);
+	atomic_store(&tree_dones, 0);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, tree_node, (void *)(intptr_t)1, count_done, NULL,
+					 NULL),
+			 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	long expect = 0, level = 1;
+	for (int d = 1; d <= DEPTH; d++, level *= WIDTH)
+		expect += level; /* (3^10 - 1) / 2 = 29524 */
+	ck_assert_int_eq(expect, 29524);
+	ck_assert_int_eq(atomic_load(&tree_tasks), expect);
+	ck_assert_int_eq(atomic_load(&tree_dones), expect);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* A task whose function returns without waiting: the children finish it later. */
+static int fire_and_forget(opq_scope *s, void *arg)
+{
+	intptr_t depth = (intptr_t)arg;
+	atomic_fetch_add(&tree_tasks, 1);
+	if (depth < 6)
+		for (int i = 0; i < WIDTH; i++) {
+			ck_assert_int_eq(opq_scope_spawn(s, NULL, fire_and_forget, (void *)(depth + 1),
+							 count_done, s, NULL),
+					 0);
+			atomic_fetch_add(&tree_spawns, 1);
+		}
+	/* Returning cancels the children: those still queued never run. */
+	return 0;
+}
+
+static int wait_grandchildren(opq_scope *s, void *arg)
+{
+	(void)arg;
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, fire_and_forget, (void *)(intptr_t)1, count_done,
+					 NULL, &t),
+			 0);
+	atomic_fetch_add(&tree_spawns, 1);
+	/* t returns at once; its cancelled children are still queued on the only
+	 * runner, which is this one: the wait must perform (discard) them. */
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	ck_assert_int_eq(opq_task_wait(NULL, NULL, NULL), EINVAL);
+	return 0;
+}
+
+START_TEST(test_one_runner_returned_parent)
+{
+	opq_queue *q = mkqueue(1, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	atomic_store(&tree_tasks, 0);
+	atomic_store(&tree_dones, 0);
+	atomic_store(&tree_spawns, 0);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, wait_grandchildren, NULL, NULL, NULL, NULL), 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&tree_tasks), 1);
+	ck_assert_int_eq(atomic_load(&tree_spawns), 4);
+	ck_assert_int_eq(atomic_load(&tree_dones), 4);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- spawn rules, EPERM/EDEADLK, handles -------------------------------- */
+
+static atomic_long dones;
+
+static void inc_done(void *arg, int result)
+{
+	(void)arg;
+	(void)result;
+	atomic_fetch_add(&dones, 1);
+}
+
+static int child_ok(opq_scope *s, void *arg)
+{
+	(void)s;
+	(void)arg;
+	return 0;
+}
+
+struct rules_arg {
+	opq_scope *root;
+	opq_scope *mine;
+	opq_task *self;
+	struct t_gate go;
+};
+
+static int rules_task(opq_scope *s, void *arg)
+{
+	struct rules_arg *ra = arg;
+	ra->mine = s;
+	/* Waiting for the scope one is in, or for oneself: EDEADLK. */
+	ck_assert_int_eq(opq_scope_wait(ra->root, NULL, NULL), EDEADLK);
+	ck_assert(t_gate_wait(&ra->go));
+	ck_assert_int_eq(opq_task_wait(ra->self, NULL, NULL), EDEADLK);
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, child_ok, NULL, inc_done, NULL, NULL), 0);
+	ck_assert_int_eq(opq_scope_cancel(s), 0);
+	/* Termination began (cancelled): spawn fails, done is not called. */
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, child_ok, NULL, inc_done, NULL, NULL), ECANCELED);
+	return 0;
+}
+
+START_TEST(test_spawn_rules)
+{
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	atomic_store(&dones, 0);
+	struct rules_arg ra = { .root = root };
+	t_gate_init(&ra.go);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, rules_task, &ra, inc_done, NULL, &ra.self), 0);
+	T_WAIT_UNTIL(__atomic_load_n(&ra.mine, __ATOMIC_SEQ_CST) != NULL);
+	/* Only the task spawns in its scope. */
+	ck_assert_int_eq(opq_scope_spawn(ra.mine, NULL, child_ok, NULL, NULL, NULL, NULL), EPERM);
+	ck_assert_int_eq(opq_scope_destroy(ra.mine), EINVAL);
+	t_gate_open(&ra.go);
+	ck_assert_int_eq(wait_task(ra.self), 0);
+	ck_assert_int_eq(atomic_load(&dones), 2);
+	ck_assert_int_eq(opq_task_release(ra.self), 0);
+	ck_assert_int_eq(opq_scope_spawn(NULL, NULL, child_ok, NULL, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, NULL, NULL, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_create(NULL, q, NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_create(&root, NULL, NULL) == EINVAL, 1);
+	ck_assert_int_eq(opq_scope_cancel(NULL), EINVAL);
+	ck_assert_int_eq(opq_task_cancel(NULL), EINVAL);
+	ck_assert_int_eq(opq_task_release(NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_destroy(NULL), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	t_gate_destroy(&ra.go);
+	/* A stopping queue: ESHUTDOWN, nothing spawned. */
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL), ESHUTDOWN);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(atomic_load(&dones), 2);
+}
+END_TEST
+
+START_TEST(test_discarded_tasks)
+{
+	/* Tasks still queued when the queue stops discarding: cancelled, done runs once. */
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	atomic_store(&dones, 0);
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, &t), 0);
+	for (int i = 0; i < 99; i++)
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+	ck_assert_int_eq(atomic_load(&dones), 100);
+	ck_assert_int_eq(wait_task(t), ECANCELED);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+START_TEST(test_drop_handles)
+{
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	atomic_store(&dones, 0);
+	long n = t_scale(20000);
+	for (long i = 0; i < n; i++) {
+		opq_task *t = NULL;
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL,
+						 i % 3 == 2 ? NULL : &t),
+				 0);
+		if (i % 3 == 0)
+			ck_assert_int_eq(opq_task_release(t), 0); /* dropped, maybe before it ran */
+		else if (i % 3 == 1) {
+			if (i % 2)
+				ck_assert_int_eq(opq_task_cancel(t), 0);
+			ck_assert_int_eq(opq_task_release(t), 0);
+		}
+	}
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&dones), n);
+	/* Handles outliving the root scope stay valid until released. */
+	opq_task *kept;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, NULL, NULL, &kept), 0);
+	ck_assert_int_eq(wait_task(kept), 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	ck_assert_int_eq(wait_task(kept), 0);
+	ck_assert_int_eq(opq_task_release(kept), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- allocation failure ------------------------------------------------- */
+
+#define SWEEP(call, on_enomem)                                                    \
+	for (long nth_ = 1;; nth_++) {                                            \
+		opq__fault_set(nth_);                                             \
+		int rc_ = (call);                                                 \
+		long made_ = opq__fault_count();                                  \
+		opq__fault_set(0);                                                \
+		if (made_ < nth_) {                                               \
+			ck_assert_int_eq(rc_, 0);                                 \
+			break;                                                    \
+		}                                                                 \
+		ck_assert_msg(rc_ == ENOMEM, "allocation %ld: rc %d", nth_, rc_); \
+		on_enomem;                                                        \
+	}
+
+static int spawn_sweep(opq_scope *s, void *arg)
+{
+	(void)arg;
+	for (int i = 0; i < 5; i++) {
+		opq_task *t = NULL;
+		SWEEP(opq_scope_spawn(s, NULL, child_ok, NULL, inc_done, NULL, &t),
+		      ck_assert_ptr_null(t));
+		ck_assert_int_eq(opq_task_release(t), 0);
+	}
+	int first = -1;
+	ck_assert_int_eq(opq_scope_wait(s, NULL, &first), 0);
+	ck_assert_int_eq(first, 0);
+	return 0;
+}
+
+START_TEST(test_enomem)
+{
+	opq_queue *q = mkqueue(1, 0);
+	opq_scope_attr *a = NULL;
+	SWEEP(opq_scope_attr_create(&a), ck_assert_ptr_null(a));
+	opq_scope *root = NULL;
+	SWEEP(opq_scope_create(&root, q, a), ck_assert_ptr_null(root));
+	atomic_store(&dones, 0);
+	opq_task *t = NULL;
+	SWEEP(opq_scope_spawn(root, a, spawn_sweep, NULL, inc_done, NULL, &t), ck_assert_ptr_null(t));
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&dones), 6); /* 5 children and the task: failed spawns never ran */
+	ck_assert_int_eq(opq_task_release(t), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	opq_scope_attr_destroy(a);
+	rmqueue(q);
+}
+END_TEST
+
+/* ---- stress: random trees ---------------------------------------------- */
+
+#define STRESS_MAX 10000
+
+struct node {
+	struct node *parent;
+	atomic_int done;	   /* its done callback ran (how many times) */
+	atomic_int spawned, children_done;
+	_Atomic(opq_task *) handle;
+};
+
+struct stress {
+	struct node nodes[STRESS_MAX + 1];
+	atomic_long next;
+	atomic_long budget;
+	atomic_long violations;
+	unsigned seed;
+};
+
+static struct stress *S;
+
+static uint32_t rnd(uint32_t *x)
+{
+	*x ^= *x << 13;
+	*x ^= *x >> 17;
+	*x ^= *x << 5;
+	return *x;
+}
+
+static void check_parent_alive(struct node *n)
+{
+	if (n->parent && atomic_load(&n->parent->done))
+		atomic_fetch_add(&S->violations, 1);
+}
+
+static int stress_node(opq_scope *s, void *arg);
+
+static void stress_done(void *arg, int result)
+{
+	(void)result;
+	struct node *n = arg;
+	check_parent_alive(n);
+	if (atomic_load(&n->children_done) != atomic_load(&n->spawned))
+		atomic_fetch_add(&S->violations, 1);
+	if (atomic_fetch_add(&n->done, 1) != 0)
+		atomic_fetch_add(&S->violations, 1);
+	if (n->parent)
+		atomic_fetch_add(&n->parent->children_done, 1);
+}
+
+static int stress_node(opq_scope *s, void *arg)
+{
+	struct node *n = arg;
+	uint32_t x = S->seed ^ (uint32_t)(uintptr_t)(n - S->nodes) * 2654435761u;
+	if (!x)
+		x = 1;
+	check_parent_alive(n);
+	int kids = 1 + (int)(rnd(&x) % 4);
+	opq_scope_attr *a = NULL;
+	for (int i = 0; i < kids; i++) {
+		if (atomic_fetch_sub(&S->budget, 1) <= 0)
+			break;
+		long idx = atomic_fetch_add(&S->next, 1);
+		struct node *c = &S->nodes[idx];
+		c->parent = n;
+		const opq_scope_attr *ca = NULL;
+		if (rnd(&x) % 32 == 0) {
+			if (!a)
+				ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+			struct timespec dl = t_deadline((int64_t)(rnd(&x) % 3000) * 1000);
+			ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+			ck_assert_int_eq(opq_scope_attr_set_policy(a, (int)(rnd(&x) % 2)), 0);
+			ca = a;
+		}
+		bool keep = rnd(&x) % 2;
+		opq_task *t = NULL;
+		atomic_fetch_add(&n->spawned, 1); /* before: the child may finish at once */
+		int rc = opq_scope_spawn(s, ca, stress_node, c, stress_done, c, keep ? &t : NULL);
+		if (rc) {
+			ck_assert_int_eq(rc, ECANCELED);
+			c->parent = NULL; /* never spawned */
+			atomic_fetch_sub(&n->spawned, 1);
+			break;
+		}
+		if (t)
+			atomic_store(&c->handle, t);
+		check_parent_alive(n);
+	}
+	if (a)
+		opq_scope_attr_destroy(a);
+	uint32_t mode = rnd(&x) % 20;
+	switch (mode < 17 ? 0 : mode < 19 ? 1 : mode < 20 ? 2 : 3) {
+	case 0: { /* wait for the children (helping) */
+		struct timespec dl = t_forever();
+		ck_assert_int_eq(opq_scope_wait(s, &dl, NULL), 0);
+		break;
+	}
+	case 1: { /* a short cancellable sleep */
+		struct timespec dl = t_deadline((int64_t)(rnd(&x) % 200) * 1000);
+		int rc = opq_scope_sleep(s, &dl);
+		ck_assert(rc == 0 || rc == ECANCELED);
+		break;
+	}
+	case 2:
+		if (rnd(&x) % 16 == 0)
+			opq_scope_cancel(s);
+		break;
+	default:
+		break;
+	}
+	check_parent_alive(n);
+	return rnd(&x) % 10 == 0 ? EIO : 0;
+}
+
+static void stress_round(opq_queue *q, unsigned seed, long size)
+{
+	memset(S, 0, sizeof(*S));
+	S->seed = seed;
+	atomic_store(&S->next, 1);
+	atomic_store(&S->budget, size - 1);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	S->nodes[0].parent = NULL;
+	opq_task *rt;
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, stress_node, &S->nodes[0], stress_done,
+					 &S->nodes[0], &rt),
+			 0);
+	atomic_store(&S->nodes[0].handle, rt);
+	/* Random cancellations from outside once the tree has grown. */
+	T_WAIT_UNTIL(atomic_load(&S->next) >= size / 2 || opq_task_wait(rt, &(struct timespec){ 0, 0 }, NULL) == 0);
+	uint32_t x = seed | 1;
+	for (int k = 0; k < 20; k++) {
+		long hi = atomic_load(&S->next);
+		long i = (long)(rnd(&x) % (uint32_t)hi);
+		opq_task *t = atomic_load(&S->nodes[i].handle);
+		if (t && i != 0)
+			ck_assert_int_eq(opq_task_cancel(t), 0);
+		if (rnd(&x) % 4 == 0)
+			sched_yield();
+	}
+	int rrc = wait_task(rt);
+	ck_assert(rrc == 0 || rrc == EIO || rrc == ECANCELED || rrc == ETIMEDOUT);
+	wait_scope(root);
+	long n = atomic_load(&S->next);
+	for (long i = 0; i < n; i++) {
+		struct node *nd = &S->nodes[i];
+		ck_assert_int_eq(atomic_load(&nd->done), nd->parent || i == 0 ? 1 : 0);
+		opq_task *t = atomic_load(&nd->handle);
+		if (t)
+			ck_assert_int_eq(opq_task_release(t), 0);
+	}
+	ck_assert_int_eq(atomic_load(&S->violations), 0);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+}
+
+START_TEST(test_stress_random_trees)
+{
+	S = calloc(1, sizeof(*S));
+	ck_assert_ptr_nonnull(S);
+	opq_queue *q = mkqueue(3, 0);
+	long rounds = t_scale(40);
+	long total = 0;
+	for (long r = 0; r < rounds; r++) {
+		stress_round(q, 0x9e3779b9u * (unsigned)(r + 1), STRESS_MAX);
+		total += atomic_load(&S->next);
+	}
+	printf("stress: %ld rounds, %ld tasks\n", rounds, total);
+	rmqueue(q);
+	free(S);
+}
+END_TEST
+
+START_TEST(test_stress_one_runner)
+{
+	S = calloc(1, sizeof(*S));
+	ck_assert_ptr_nonnull(S);
+	opq_queue *q = mkqueue(1, 0);
+	long rounds = t_scale(5);
+	for (long r = 0; r < rounds; r++)
+		stress_round(q, 0x85ebca6bu * (unsigned)(r + 7), STRESS_MAX);
+	rmqueue(q);
+	free(S);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("scope");
+	TCase *tc = t_tcase(s, "order", 120);
+	tcase_add_test(tc, test_order_return_first);
+	tcase_add_test(tc, test_order_cancel_first);
+	tc = t_tcase(s, "cancel", 120);
+	tcase_add_test(tc, test_cancel_flag);
+	tcase_add_test(tc, test_blocking_calls_cancelled);
+	tcase_add_test(tc, test_cancelled_before_blocking);
+	tc = t_tcase(s, "wait", 120);
+	tcase_add_test(tc, test_wait_deadline);
+	tcase_add_test(tc, test_scope_deadline);
+	tc = t_tcase(s, "policy", 120);
+	tcase_add_test(tc, test_policy_collect);
+	tcase_add_test(tc, test_policy_first_error);
+	tc = t_tcase(s, "nesting", 300);
+	tcase_add_test(tc, test_one_runner_deep_tree);
+	tcase_add_test(tc, test_one_runner_returned_parent);
+	tc = t_tcase(s, "lifecycle", 120);
+	tcase_add_test(tc, test_spawn_rules);
+	tcase_add_test(tc, test_discarded_tasks);
+	tcase_add_test(tc, test_drop_handles);
+	tcase_add_test(tc, test_enomem);
+	tc = t_tcase(s, "stress", 600);
+	tcase_add_test(tc, test_stress_random_trees);
+	tcase_add_test(tc, test_stress_one_runner);
+	return t_run(s);
+}
