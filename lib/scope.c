@@ -47,7 +47,8 @@ struct tree;
 struct opq_scope {
 	struct tree *tr;
 	opq_task *owner;	/* NULL for the root scope */
-	opq_task *children;	/* live children, newest first */
+	opq_task *children;	/* live children, oldest first (helpers go in FIFO order) */
+	opq_task *ctail;
 	size_t nchildren;
 	atomic_bool cancelled;
 	bool closing;		/* no more spawns */
@@ -250,6 +251,20 @@ static void dl_remove(struct tree *tr, opq_scope *s)
 	s->in_dl = false;
 }
 
+static void child_unlink(opq_scope *p, opq_task *t)
+{
+	if (t->sib_prev)
+		t->sib_prev->sib_next = t->sib_next;
+	else
+		p->children = t->sib_next;
+	if (t->sib_next)
+		t->sib_next->sib_prev = t->sib_prev;
+	else
+		p->ctail = t->sib_prev;
+	t->sib_next = t->sib_prev = NULL;
+	p->nchildren--;
+}
+
 /* Under tr->mu: record the first error of scope s from a child's result. */
 static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg **wake)
 {
@@ -290,14 +305,7 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 		opq__lock(&tr->mu);
 		t->state = T_DONE;
 		opq_scope *p = t->pscope;
-		if (t->sib_prev)
-			t->sib_prev->sib_next = t->sib_next;
-		else
-			p->children = t->sib_next;
-		if (t->sib_next)
-			t->sib_next->sib_prev = t->sib_prev;
-		t->sib_next = t->sib_prev = NULL;
-		p->nchildren--;
+		child_unlink(p, t);
 		child_result(p, t, &wake);
 		if (tr->waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
@@ -536,10 +544,12 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	}
 	t->refs = 2 + (taskp != NULL); /* the tree's link, our pin, the handle */
 	tr->refs++;
-	t->sib_next = s->children;
-	if (s->children)
-		s->children->sib_prev = t;
-	s->children = t;
+	t->sib_prev = s->ctail;
+	if (s->ctail)
+		s->ctail->sib_next = t;
+	else
+		s->children = t;
+	s->ctail = t;
 	s->nchildren++;
 	opq__unlock(&tr->mu);
 
@@ -550,13 +560,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	if (rc) {
 		/* Not spawned: unlink it as if it had never been. */
 		dl_remove(tr, &t->scope);
-		if (t->sib_prev)
-			t->sib_prev->sib_next = t->sib_next;
-		else
-			s->children = t->sib_next;
-		if (t->sib_next)
-			t->sib_next->sib_prev = t->sib_prev;
-		s->nchildren--;
+		child_unlink(s, t);
 		if (tr->waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
 		opq__unlock(&tr->mu);
