@@ -710,7 +710,7 @@ struct rules_arg {
 static int rules_task(opq_scope *s, void *arg)
 {
 	struct rules_arg *ra = arg;
-	ra->mine = s;
+	__atomic_store_n(&ra->mine, s, __ATOMIC_SEQ_CST);
 	/* Waiting for the scope one is in, or for oneself: EDEADLK. */
 	ck_assert_int_eq(opq_scope_wait(ra->root, NULL, NULL), EDEADLK);
 	ck_assert(t_gate_wait(&ra->go));
