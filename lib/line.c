@@ -191,19 +191,20 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 			w.next->prev = &w;
 		line->opq_wq = &w;
 		line->opq_waiters++;
+		bool timed_out = false;
 		while (!w.done) {
-			if (opq__cancel_pending(&creg)) {
-				wq_unlink(line, &w);
+			if (timed_out || opq__cancel_pending(&creg)) {
+				/* Unregister first: it may wait (mutex released) for a
+				 * canceller, and a release may hand w its status meanwhile. */
 				opq__cancel_end(&creg);
-				return ECANCELED;
-			}
-			if (line_cond_wait(line, deadline) == ETIMEDOUT && !w.done) {
+				if (w.done)
+					break;
 				wq_unlink(line, &w);
-				opq__cancel_end(&creg);
-				return ETIMEDOUT;
+				return timed_out ? ETIMEDOUT : ECANCELED;
 			}
+			timed_out = line_cond_wait(line, deadline) == ETIMEDOUT;
 		}
-		opq__cancel_end(&creg);
+		opq__cancel_end(&creg); /* a no-op if already done */
 		if (status)
 			*status = w.status;
 		return 0;

@@ -597,10 +597,11 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 		q->space_waiters++;
 		q->callers++;
 		int rc = opq__cond_wait(&q->space, &q->mu, deadline);
-		q->callers--;
 		q->space_waiters--;
 		q->stuck_runners -= runner;
-		if (opq__cancel_end(&creg) && q->queued >= q->capacity && q->state != ST_STOPPING &&
+		bool cancelled = opq__cancel_end(&creg); /* may wait for a canceller: still a caller */
+		q->callers--;
+		if (cancelled && q->queued >= q->capacity && q->state != ST_STOPPING &&
 		    q->state != ST_STOPPED) {
 			opq__unlock(&q->mu);
 			return ECANCELED;

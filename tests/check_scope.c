@@ -566,8 +566,11 @@ START_TEST(test_policy_first_error)
 		ck_assert_int_eq(wait_scope(root), EIO);
 		ck_assert_int_lt(now_ns() - t0, 5 * PROMPT_NS);
 		ck_assert_int_eq(b[0].finished, 1);
-		ck_assert_int_eq(b[1].cancelled, 1);
-		ck_assert_int_eq(b[2].cancelled, 1);
+		/* Cancelled while sleeping, or while still queued (then never ran). */
+		ck_assert_int_eq(b[1].finished, 0);
+		ck_assert_int_eq(b[2].finished, 0);
+		ck_assert_int_le(b[1].cancelled, 1);
+		ck_assert_int_le(b[2].cancelled, 1);
 		/* The failed scope takes no more tasks. */
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[0], NULL, NULL, NULL), ECANCELED);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
