@@ -763,6 +763,65 @@ START_TEST(test_spawn_rules)
 }
 END_TEST
 
+struct full_spawn {
+	struct t_gate go, release;
+	atomic_int spawn_rc;
+};
+
+static void gate_op(void *arg)
+{
+	ck_assert(t_gate_wait(arg));
+}
+
+static int spawn_into_full_queue(opq_scope *s, void *arg)
+{
+	struct full_spawn *fs = arg;
+	ck_assert(t_gate_wait(&fs->go));
+	/* The queue is full and every other runner is busy: spawn blocks until cancelled. */
+	int rc = opq_scope_spawn(s, NULL, child_ok, NULL, inc_done, NULL, NULL);
+	atomic_store(&fs->spawn_rc, rc);
+	return rc;
+}
+
+START_TEST(test_spawn_cancelled_on_full_queue)
+{
+	for (int i = 0; i < 20; i++) {
+		opq_queue *q = mkqueue(2, 1);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		struct full_spawn fs;
+		t_gate_init(&fs.go);
+		t_gate_init(&fs.release);
+		atomic_store(&fs.spawn_rc, -1);
+		atomic_store(&dones, 0);
+		opq_queue_stats st;
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, gate_op, NULL, &fs.release), 0);
+		T_WAIT_UNTIL(opq_queue_stats_get(q, &st) == 0 && st.running == 1);
+		opq_task *t;
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, spawn_into_full_queue, &fs, inc_done, NULL, &t), 0);
+		T_WAIT_UNTIL(opq_queue_stats_get(q, &st) == 0 && st.running == 2);
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, nop, NULL, NULL), 0); /* now full */
+		t_gate_open(&fs.go);
+		T_WAIT_UNTIL(opq_queue_stats_get(q, &st) == 0 && st.blocked == 1);
+		/* Outside any task, a blocked call is not affected by cancels. */
+		struct timespec soon = t_deadline(10 * MS);
+		ck_assert_int_eq(opq_queue_timedenqueue_fn(q, nop, NULL, NULL, &soon), ETIMEDOUT);
+		ck_assert_int_eq(opq_task_cancel(t), 0);
+		ck_assert_int_eq(wait_task(t), ECANCELED);
+		ck_assert_int_eq(atomic_load(&fs.spawn_rc), ECANCELED);
+		ck_assert_int_eq(atomic_load(&dones), 1); /* the child was never spawned */
+		t_gate_open(&fs.release);
+		ck_assert_int_eq(wait_scope(root), 0);
+		ck_assert_int_eq(opq_task_release(t), 0);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		rmqueue(q);
+		ck_assert_int_eq(atomic_load(&dones), 1);
+		t_gate_destroy(&fs.go);
+		t_gate_destroy(&fs.release);
+	}
+}
+END_TEST
+
 START_TEST(test_discarded_tasks)
 {
 	/* Tasks still queued when the queue stops discarding: cancelled, done runs once. */
@@ -1031,12 +1090,16 @@ START_TEST(test_stress_random_trees)
 	ck_assert_ptr_nonnull(S);
 	opq_queue *q = mkqueue(3, 0);
 	long rounds = t_scale(40);
-	long total = 0;
+	long total = 0, largest = 0, full = 0;
 	for (long r = 0; r < rounds; r++) {
 		stress_round(q, 0x9e3779b9u * (unsigned)(r + 1), STRESS_MAX);
-		total += atomic_load(&S->next);
+		long n = atomic_load(&S->next);
+		total += n;
+		largest = n > largest ? n : largest;
+		full += n == STRESS_MAX;
 	}
-	printf("stress: %ld rounds, %ld tasks\n", rounds, total);
+	printf("stress: %ld trees, %ld tasks, largest %ld, %ld of %d tasks\n", rounds, total,
+	       largest, full, STRESS_MAX);
 	rmqueue(q);
 	free(S);
 }
@@ -1077,6 +1140,7 @@ int main(void)
 	tc = t_tcase(s, "lifecycle", 120);
 	tcase_add_test(tc, test_spawn_rules);
 	tcase_add_test(tc, test_discarded_tasks);
+	tcase_add_test(tc, test_spawn_cancelled_on_full_queue);
 	tcase_add_test(tc, test_drop_handles);
 	tcase_add_test(tc, test_enomem);
 	tc = t_tcase(s, "stress", 600);
