@@ -12,5 +12,6 @@
 #include <opqueue/queue.h>
 #include <opqueue/line.h>
 #include <opqueue/stage.h>
+#include <opqueue/lease.h>
 
 #endif /* OPQUEUE_H */
