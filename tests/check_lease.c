@@ -954,6 +954,29 @@ START_TEST(test_keepalive_churn)
 }
 END_TEST
 
+START_TEST(test_round_trips)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *l = mk(p, "rt", "A", 10000 * MS);
+	long n = t_scale(200000);
+	int64_t t0 = now_ns();
+	for (long i = 0; i < n; i++) {
+		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(l), 0);
+	}
+	double s = (double)(now_ns() - t0) / 1e9;
+	fprintf(stderr, "check_lease: memory provider %.0f acquire+release round trips/s\n",
+		(double)n / s);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	ck_assert_uint_eq(g.token, (uint64_t)n + 1);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("lease");
@@ -966,6 +989,7 @@ int main(void)
 	tcase_add_test(tc, test_blocking_acquire);
 	tcase_add_test(tc, test_mutual_exclusion);
 	tcase_add_test(tc, test_fault_sweep);
+	tcase_add_test(tc, test_round_trips);
 	tc = t_tcase(s, "keepalive", 120);
 	tcase_add_test(tc, test_keepalive_keeps);
 	tcase_add_test(tc, test_keepalive_taken);

@@ -514,6 +514,175 @@ START_TEST(test_threads_share_provider)
 }
 END_TEST
 
+/* ---- a locked database: waited for, never a spurious failure ------------------- */
+
+struct locker {
+	int64_t hold_ns;
+	struct t_gate locked;
+	int64_t unlocked_at;
+};
+
+static void *locker_main(void *arg)
+{
+	struct locker *k = arg;
+	sqlite3 *db;
+	ck_assert_int_eq(sqlite3_open(db_path, &db), SQLITE_OK);
+	ck_assert_int_eq(sqlite3_exec(db, "BEGIN EXCLUSIVE", NULL, NULL, NULL), SQLITE_OK);
+	t_gate_open(&k->locked);
+	struct timespec until = t_deadline(k->hold_ns);
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
+		;
+	k->unlocked_at = mono_ns();
+	ck_assert_int_eq(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+	return NULL;
+}
+
+START_TEST(test_locked_database)
+{
+	opq_lease_provider *p = open_store();
+	opq_lease *l = mk(p, "busy", "A", 10000 * MS, 10 * MS);
+	opq_lease_grant g;
+	/* locked for 300 ms: the acquire waits and succeeds */
+	struct locker k = {.hold_ns = 300 * MS};
+	t_gate_init(&k.locked);
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, locker_main, &k), 0);
+	ck_assert(t_gate_wait(&k.locked));
+	int64_t t0 = mono_ns();
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t waited = mono_ns() - t0;
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_int_ge(mono_ns(), k.unlocked_at);
+	ck_assert_int_gt(waited, 200 * MS);
+	t_gate_destroy(&k.locked);
+	/* locked for longer than the store waits (5 s): a store error with words */
+	struct locker k2 = {.hold_ns = 7000 * MS};
+	t_gate_init(&k2.locked);
+	ck_assert_int_eq(pthread_create(&th, NULL, locker_main, &k2), 0);
+	ck_assert(t_gate_wait(&k2.locked));
+	t0 = mono_ns();
+	int rc = opq_lease_refresh(l, NULL);
+	waited = mono_ns() - t0;
+	ck_assert_int_eq(rc, EAGAIN);
+	ck_assert_int_ge(waited, 4900 * MS);
+	char words[256];
+	ck_assert_int_eq(opq_lease_error(l, words, sizeof(words)), 0);
+	ck_assert_msg(strstr(words, "locked"), "words: %s", words);
+	ck_assert_int_eq(opq_lease_grant_get(l, &g), 0); /* may still be ours */
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	t_gate_destroy(&k2.locked);
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- keepalive on SQLite, and round trips per second ----------------------------- */
+
+static void lost_count(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
+{
+	int64_t left = -1;
+	opq_lease_remaining(l, NULL, &left);
+	char words[256];
+	opq_lease_error(l, words, sizeof(words));
+	fprintf(stderr, "lost: why %d, remaining %lld ns, last error: %s\n", (int)why,
+		(long long)left, words);
+	atomic_fetch_add((atomic_int *)arg, 1);
+}
+
+/*
+ * Keepalive against a real store: another process keeps trying for three
+ * leases and never gets it. The lease is 1 s so that a commit slowed by a
+ * busy disk (a shared CI machine) does not count as the store being down. The child is forked before this process opens
+ * SQLite or starts threads (SQLite must not cross a fork), and starts when
+ * told through a pipe.
+ */
+START_TEST(test_keepalive_sqlite)
+{
+	const int64_t L = 1000 * MS;
+	int go[2];
+	ck_assert_int_eq(pipe(go), 0);
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		close(go[1]);
+		char c;
+		if (read(go[0], &c, 1) != 1)
+			_exit(5);
+		char err[256];
+		opq_lease_provider *cp;
+		if (opq_lease_provider_sqlite(&cp, db_path, err, sizeof(err))) {
+			fprintf(stderr, "child: %s\n", err);
+			_exit(1);
+		}
+		opq_lease_attr *at;
+		opq_lease *b;
+		if (opq_lease_attr_create(&at) || opq_lease_attr_set_owner(at, "B") ||
+		    opq_lease_attr_set_duration(at, L) || opq_lease_create(&b, cp, "ka", at))
+			_exit(2);
+		int64_t end = mono_ns() + 3 * L;
+		while (mono_ns() < end) {
+			int rc = opq_lease_try_acquire(b, NULL);
+			if (rc != EBUSY) {
+				fprintf(stderr, "child: try_acquire %d\n", rc);
+				_exit(3);
+			}
+			struct timespec nap = {0, 5000000};
+			nanosleep(&nap, NULL);
+		}
+		_exit(0);
+	}
+	close(go[0]);
+	opq_lease_provider *p = open_store();
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	opq_lease *a = mk(p, "ka", "A", L, 10 * MS);
+	opq_lease_grant g0, g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g0), 0);
+	atomic_int lost = 0;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, lost_count, &lost), 0);
+	ck_assert_int_eq(write(go[1], "g", 1), 1);
+	close(go[1]);
+	int st;
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+	ck_assert_int_eq(atomic_load(&lost), 0);
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
+	ck_assert_uint_eq(g.token, g0.token);
+	ck_assert_int_gt(ts_ns(&g.acquired), ts_ns(&g0.acquired) + 2 * L);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+START_TEST(test_round_trips)
+{
+	opq_lease_provider *p = open_store();
+	opq_lease *l = mk(p, "rt", "A", 10000 * MS, 10 * MS);
+	long n = t_scale(300);
+	int64_t t0 = mono_ns();
+	uint64_t last = 0;
+	for (long i = 0; i < n; i++) {
+		opq_lease_grant g;
+		ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+		ck_assert_uint_gt(g.token, last);
+		last = g.token;
+		ck_assert_int_eq(opq_lease_release(l), 0);
+	}
+	double s = (double)(mono_ns() - t0) / 1e9;
+	fprintf(stderr, "check_lease_sqlite: %.0f acquire+release round trips/s (%ld in %.2f s)\n",
+		(double)n / s, n, s);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("lease_sqlite");
@@ -526,5 +695,8 @@ int main(void)
 	tcase_add_test(tc, test_threads_share_provider);
 	tcase_add_test(tc, test_processes_exclude);
 	tcase_add_test(tc, test_crash_takeover);
+	tcase_add_test(tc, test_locked_database);
+	tcase_add_test(tc, test_keepalive_sqlite);
+	tcase_add_test(tc, test_round_trips);
 	return t_run(s);
 }
