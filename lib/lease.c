@@ -592,7 +592,7 @@ static int64_t ka_guard(const opq_lease *l)
 {
 	int64_t usable = l->a.lease_ns - l->margin_ns;
 	int64_t g = usable / 10;
-	return g < 20000000 ? g : 20000000;
+	return g < 100000000 ? g : 100000000;
 }
 
 /* After a store error, or a full or stopping queue: try again this soon. */
@@ -650,7 +650,7 @@ static void ka_timer_fire(struct opq__timer *t)
 		opq__lock(&l->mu);
 		if (rc) { /* full or stopping: try again soon, until lost_at */
 			k->op_busy = false;
-			k->refresh_at = now + ka_retry(l);
+			k->refresh_at = sat_add(now, ka_retry(l));
 			OPQ_CHECK(pthread_cond_broadcast(&l->cv));
 		}
 		ka_rearm(l);
@@ -673,12 +673,12 @@ static void ka_perform(opq_op *op)
 	if (!skip && !k->ended && !k->stopping) {
 		if (rc == 0) {
 			int64_t acquired = opq__ts_to_ns(&g.acquired);
-			k->lost_at = acquired + g.lease_ns - l->margin_ns - ka_guard(l);
-			k->refresh_at = acquired + k->interval_ns;
+			k->lost_at = sat_add(acquired, g.lease_ns - l->margin_ns - ka_guard(l));
+			k->refresh_at = sat_add(acquired, k->interval_ns);
 		} else if (rc == ENOLCK) {
 			ka_call_lost(l, OPQ_LEASE_TAKEN);
 		} else {
-			k->refresh_at = opq__mono_ns() + ka_retry(l);
+			k->refresh_at = sat_add(opq__mono_ns(), ka_retry(l));
 		}
 	}
 	k->op_busy = false;
@@ -694,7 +694,7 @@ static void ka_discard(opq_op *op)
 	struct keepalive *k = &l->ka;
 	opq__lock(&l->mu);
 	k->op_busy = false;
-	k->refresh_at = opq__mono_ns() + ka_retry(l);
+	k->refresh_at = sat_add(opq__mono_ns(), ka_retry(l));
 	ka_rearm(l);
 	OPQ_CHECK(pthread_cond_broadcast(&l->cv));
 	opq__unlock(&l->mu);
@@ -741,7 +741,7 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 		return EINVAL;
 	int64_t usable = lease->a.lease_ns - lease->margin_ns;
 	if (interval_ns == 0)
-		interval_ns = lease->a.lease_ns / 3 > 0 ? lease->a.lease_ns / 3 : 1;
+		interval_ns = usable / 3 > 0 ? usable / 3 : 1;
 	if (interval_ns >= usable)
 		return EINVAL;
 	if (in_own_lost(lease))
@@ -772,7 +772,7 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 	k->lost = lost;
 	k->arg = arg;
 	int64_t acquired = opq__ts_to_ns(&lease->grant.acquired);
-	k->lost_at = acquired + lease->grant.lease_ns - lease->margin_ns - ka_guard(lease);
+	k->lost_at = sat_add(acquired, lease->grant.lease_ns - lease->margin_ns - ka_guard(lease));
 	k->refresh_at = opq__mono_ns();
 	OPQ_CHECK(opq_op_init(&k->op, ka_perform, ka_discard));
 	k->op_busy = true;
@@ -792,7 +792,7 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 	}
 	if (rc) { /* full: the timer tries again */
 		k->op_busy = false;
-		k->refresh_at += ka_retry(lease);
+		k->refresh_at = sat_add(k->refresh_at, ka_retry(lease));
 	}
 	ka_rearm(lease);
 	opq__unlock(&lease->mu);

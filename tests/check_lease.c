@@ -206,9 +206,9 @@ START_TEST(test_tokens)
 {
 	opq_lease_provider *p;
 	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
-	opq_lease *a = mk(p, "res", "A", 100 * MS);
-	opq_lease *b = mk(p, "res", "B", 100 * MS);
-	opq_lease *other = mk(p, "other", "A", 100 * MS);
+	opq_lease *a = mk(p, "res", "A", 1000 * MS);
+	opq_lease *b = mk(p, "res", "B", 1000 * MS);
+	opq_lease *other = mk(p, "other", "A", 1000 * MS);
 	opq_lease_grant g, g2;
 	uint64_t last = 0;
 
@@ -240,7 +240,7 @@ START_TEST(test_tokens)
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), EBUSY);
 	ck_assert_int_eq(opq_lease_refresh(b, NULL), 0);
 	/* expiry: B lets it run out, A takes over with a larger token */
-	pass_ns(110 * MS);
+	pass_ns(1010 * MS);
 	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
 	ck_assert_uint_gt(g.token, last);
 	last = g.token;
@@ -250,7 +250,7 @@ START_TEST(test_tokens)
 	ck_assert_int_eq(opq_lease_release(b), 0);
 	ck_assert_int_eq(opq_lease_refresh(a, NULL), 0);
 	/* the same owner re-acquiring after its own expiry gets a new token */
-	pass_ns(110 * MS);
+	pass_ns(1010 * MS);
 	ck_assert_int_eq(opq_lease_refresh(a, NULL), ENOLCK);
 	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
 	ck_assert_uint_gt(g.token, last);
@@ -698,14 +698,14 @@ static void end_queue(opq_queue *q)
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
 }
 
-/* A 200 ms lease kept alive for 1.2 s while another owner keeps trying. */
+/* A 400 ms lease kept alive for 2 s while another owner keeps trying. */
 START_TEST(test_keepalive_keeps)
 {
 	opq_lease_provider *p;
 	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
 	opq_queue *q = mk_queue(2);
-	opq_lease *a = mk(p, "k", "A", 200 * MS);
-	opq_lease *b = mk(p, "k", "B", 200 * MS);
+	opq_lease *a = mk(p, "k", "A", 400 * MS);
+	opq_lease *b = mk(p, "k", "B", 400 * MS);
 	opq_lease_grant g0, g;
 	ck_assert_int_eq(opq_lease_try_acquire(a, &g0), 0);
 	struct lost_rec r;
@@ -715,8 +715,8 @@ START_TEST(test_keepalive_keeps)
 	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), EBUSY);
 	ck_assert_int_eq(opq_lease_keepalive_start(b, q, 0, on_lost, &r), ENOLCK);
 	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 100 * MS, on_lost, &r), EBUSY);
-	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 200 * MS, on_lost, &r), EINVAL);
-	int64_t end = now_ns() + 1200 * MS;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 400 * MS, on_lost, &r), EINVAL);
+	int64_t end = now_ns() + 2000 * MS;
 	while (now_ns() < end) {
 		ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
 		int64_t left;
@@ -726,7 +726,7 @@ START_TEST(test_keepalive_keeps)
 	}
 	ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
 	ck_assert_uint_eq(g.token, g0.token);
-	ck_assert_int_gt(ts_ns(&g.acquired), ts_ns(&g0.acquired) + 700 * MS);
+	ck_assert_int_gt(ts_ns(&g.acquired), ts_ns(&g0.acquired) + 1500 * MS);
 	ck_assert_int_eq(atomic_load(&r.calls), 0);
 	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
 	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
@@ -756,7 +756,7 @@ START_TEST(test_keepalive_taken)
 	struct tp s;
 	opq_lease_provider *p = tp_provider(&s);
 	opq_queue *q = mk_queue(1);
-	opq_lease *a = mk(p, "k", "A", 300 * MS);
+	opq_lease *a = mk(p, "k", "A", 1000 * MS);
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
 	struct lost_rec r;
 	memset(&r, 0, sizeof(r));
@@ -794,7 +794,7 @@ static void unreachable_case(enum tp_mode mode)
 	struct tp s;
 	opq_lease_provider *p = tp_provider(&s);
 	opq_queue *q = mk_queue(1);
-	const int64_t L = 400 * MS;
+	const int64_t L = 1000 * MS;
 	opq_lease *a = mk(p, "k", "A", L); /* margin 1% + 1 ms */
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
 	struct lost_rec r;
@@ -977,6 +977,40 @@ START_TEST(test_round_trips)
 }
 END_TEST
 
+/* The longest lease: nothing overflows. */
+START_TEST(test_huge_lease)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease_attr *at;
+	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(at, INT64_MAX), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(at, 999999, INT64_MAX / 2000000), 0);
+	opq_lease *l, *other;
+	ck_assert_int_eq(opq_lease_create(&l, p, "h", at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(at, "other"), 0);
+	ck_assert_int_eq(opq_lease_create(&other, p, "h", at), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t left;
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, &left), 0);
+	ck_assert_int_gt(left, 0);
+	ck_assert_int_eq(opq_lease_try_acquire(other, NULL), EBUSY);
+	opq_queue *q = mk_queue(1);
+	atomic_int lost = 0;
+	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 0, lost_never, &lost), 0);
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+	ck_assert_int_eq(atomic_load(&lost), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	end_queue(q);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("lease");
@@ -998,5 +1032,6 @@ int main(void)
 	tcase_add_test(tc, test_keepalive_stop_in_flight);
 	tcase_add_test(tc, test_keepalive_destroy_in_flight);
 	tcase_add_test(tc, test_keepalive_churn);
+	tcase_add_test(tc, test_huge_lease);
 	return t_run(s);
 }

@@ -121,8 +121,8 @@ END_TEST
 START_TEST(test_tokens_and_restart)
 {
 	opq_lease_provider *p = open_store();
-	opq_lease *a = mk(p, "r", "A", 150 * MS, 10 * MS);
-	opq_lease *b = mk(p, "r", "B", 150 * MS, 10 * MS);
+	opq_lease *a = mk(p, "r", "A", 10000 * MS, 10 * MS);
+	opq_lease *b = mk(p, "r", "B", 1000 * MS, 10 * MS);
 	opq_lease_grant g, g2;
 	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
 	ck_assert_uint_eq(g.token, 1);
@@ -140,7 +140,6 @@ START_TEST(test_tokens_and_restart)
 	/* B's lease runs out; A takes over; B's refresh is refused */
 	struct timespec dl = t_deadline(T_WAIT_NS);
 	ck_assert_int_eq(opq_lease_acquire(a, &dl, &g), 0);
-	ck_assert_int_ge(ts_ns(&g.acquired), ts_ns(&g.acquired));
 	ck_assert_uint_eq(g.token, 3);
 	ck_assert_int_eq(opq_lease_refresh(b, NULL), ENOLCK);
 	ck_assert_int_eq(opq_lease_destroy(b), 0);
