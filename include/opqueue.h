@@ -13,5 +13,6 @@
 #include <opqueue/line.h>
 #include <opqueue/stage.h>
 #include <opqueue/scope.h>
+#include <opqueue/lease.h>
 
 #endif /* OPQUEUE_H */

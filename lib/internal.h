@@ -110,4 +110,34 @@ OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
 #define opq__lock(m) OPQ_CHECK(pthread_mutex_lock(m))
 #define opq__unlock(m) OPQ_CHECK(pthread_mutex_unlock(m))
 
+/*
+ * The library's timer thread (timer.c): one thread, started by the first
+ * opq__timer_ref and joined by the last opq__timer_unref, that calls each
+ * armed timer's function on itself when its instant comes. A timer is
+ * embedded in its owner's struct; fn must be short and must not call
+ * opq__timer_cancel or opq__timer_unref. Lock order: a caller may hold
+ * its own lock while arming; the timer thread holds no lock of its own
+ * while calling fn.
+ */
+struct opq__timer {
+	struct opq__timer *next;
+	struct timespec when;
+	void (*fn)(struct opq__timer *t);
+	bool armed;
+};
+/* Take a reference on the timer thread, starting it if needed (EAGAIN, ENOMEM). */
+OPQ_INTERNAL int opq__timer_ref(void);
+/* Drop a reference; the last one stops and joins the thread. Never from fn. */
+OPQ_INTERNAL void opq__timer_unref(void);
+/* Arm (or re-arm) t for the CLOCK_MONOTONIC instant when; needs a reference. */
+OPQ_INTERNAL void opq__timer_arm(struct opq__timer *t, const struct timespec *when,
+				 void (*fn)(struct opq__timer *t));
+/* Disarm t and wait until its fn is not running (never call from fn). */
+OPQ_INTERNAL void opq__timer_cancel(struct opq__timer *t);
+
+/* Monotonic nanoseconds and back. */
+OPQ_INTERNAL int64_t opq__mono_ns(void);
+OPQ_INTERNAL struct timespec opq__ns_to_ts(int64_t ns);
+OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
+
 #endif /* OPQ_INTERNAL_H */

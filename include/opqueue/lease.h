@@ -144,7 +144,7 @@ enum opq_lease_lost_reason {
 typedef void opq_lease_lost_fn(opq_lease *lease, enum opq_lease_lost_reason why, void *arg);
 
 /*
- * Refresh the held lease every interval_ns (0: a third of the lease) as
+ * Refresh the held lease every interval_ns (0: a third of lease - margin) as
  * operations on `queue`, and call lost(lease, why, arg) once, before the
  * lease ends locally (acquired + lease - margin), if it cannot be
  * confirmed by then; the keepalive then ends. Errors: ENOLCK (not held),

@@ -1,0 +1,39 @@
+/*
+ * opqueue/lease_sqlite.h: the SQLite lease provider (see
+ * opq_lease_provider_sqlite(3)). Library -lopqueue-sqlite
+ * (`pkg-config opqueue-sqlite`), which links -lopqueue and -lsqlite3; a
+ * program that does not include this header does not pull SQLite in.
+ *
+ * Processes on one host share a database file; expiry is kept on the
+ * host's boot clock (CLOCK_BOOTTIME plus the kernel's boot id), so a lock
+ * whose holder died in a reboot counts as expired.
+ */
+#ifndef OPQUEUE_LEASE_SQLITE_H
+#define OPQUEUE_LEASE_SQLITE_H
+
+#include <stddef.h>
+
+#include <opqueue/lease.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Open (creating if needed) the SQLite database at `path` and its table
+ * opq_lease, and make a provider on it. The caller destroys it with
+ * opq_lease_provider_destroy (which closes the database). Do not use a
+ * provider across fork(): make one in the process that uses it. On
+ * failure, words about it go to errbuf (errlen bytes, NUL-terminated;
+ * errbuf may be NULL when errlen is 0). Errors: EINVAL, ENOMEM, ENOENT
+ * (cannot open: no such directory...), EACCES, EROFS, EIO (not a
+ * database, corrupt), EAGAIN (the database stayed locked).
+ */
+OPQ_EXPORT int opq_lease_provider_sqlite(opq_lease_provider **provider, const char *path,
+					 char *errbuf, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OPQUEUE_LEASE_SQLITE_H */

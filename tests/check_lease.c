@@ -1,0 +1,1037 @@
+/*
+ * check_lease.c: lease locks with fencing tokens: the core and the memory
+ * provider (input checks, token rules, takeover at expiry, blocking
+ * acquire, mutual exclusion under contention, allocation failures) and
+ * the keepalive (keeps a short lease alive; lost(TAKEN) and
+ * lost(UNREACHABLE) through a test provider that can fail or hang, fired
+ * once and before the local lease end; stop and destroy during a refresh).
+ * Links the convenience library for the fault injector.
+ */
+#include "harness.h"
+#include "internal.h"
+
+#include <string.h>
+
+#define MS 1000000LL
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int64_t ts_ns(const struct timespec *ts)
+{
+	return (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+/* Let time pass (waiting for a lease to run out is the point, not a sync). */
+static void pass_ns(int64_t ns)
+{
+	struct timespec ts = t_deadline(ns);
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+}
+
+static opq_lease *mk(opq_lease_provider *p, const char *name, const char *owner, int64_t lease_ns)
+{
+	opq_lease_attr *a;
+	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
+	if (owner)
+		ck_assert_int_eq(opq_lease_attr_set_owner(a, owner), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(a, lease_ns), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 10000, 1 * MS), 0);
+	ck_assert_int_eq(opq_lease_attr_set_poll(a, 1 * MS, 20 * MS), 0);
+	opq_lease *l = NULL;
+	ck_assert_int_eq(opq_lease_create(&l, p, name, a), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	return l;
+}
+
+/* ---- input checks ----------------------------------------------------------- */
+
+START_TEST(test_bad_input)
+{
+	char big[OPQ_LEASE_NAME_MAX + 2];
+	memset(big, 'n', sizeof(big) - 1);
+	big[sizeof(big) - 1] = '\0';
+	char ok_name[OPQ_LEASE_NAME_MAX + 1];
+	memset(ok_name, 'n', sizeof(ok_name) - 1);
+	ok_name[sizeof(ok_name) - 1] = '\0';
+	static unsigned char data[OPQ_LEASE_DATA_MAX + 1];
+
+	opq_lease_attr *a;
+	ck_assert_int_eq(opq_lease_attr_create(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_owner(NULL, "x"), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_owner(a, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_owner(a, ""), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_owner(a, big), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_owner(a, ok_name), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(NULL, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_duration(a, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_duration(a, -5), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_margin(NULL, 0, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, -1, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 0, -1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_poll(NULL, 1, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_poll(a, 0, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_poll(a, 2, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_data(NULL, data, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_data(a, NULL, 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_data(a, data, OPQ_LEASE_DATA_MAX + 1), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_data(a, data, OPQ_LEASE_DATA_MAX), 0);
+	ck_assert_int_eq(opq_lease_attr_set_data(a, NULL, 0), 0);
+
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *l = NULL;
+	ck_assert_int_eq(opq_lease_create(NULL, p, "x", NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_create(&l, NULL, "x", NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_create(&l, p, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_create(&l, p, "", NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_create(&l, p, big, NULL), EINVAL);
+	ck_assert_ptr_null(l);
+	/* margin >= lease: 1 ms lease, 1 ms fixed margin; then 100% ppm */
+	ck_assert_int_eq(opq_lease_attr_set_duration(a, 1 * MS), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 0, 1 * MS), 0);
+	ck_assert_int_eq(opq_lease_create(&l, p, "x", a), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 1000000, 0), 0);
+	ck_assert_int_eq(opq_lease_create(&l, p, "x", a), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 500000, MS / 2), 0);
+	ck_assert_int_eq(opq_lease_create(&l, p, "x", a), EINVAL);
+	ck_assert_ptr_null(l);
+	ck_assert_int_eq(opq_lease_attr_set_margin(a, 0, MS / 2), 0);
+	ck_assert_int_eq(opq_lease_create(&l, p, ok_name, a), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+
+	/* handle calls with NULLs and bad arguments */
+	opq_lease_grant g;
+	int64_t ns;
+	char buf[8];
+	struct timespec bad = {0, 1000000000L};
+	ck_assert_int_eq(opq_lease_try_acquire(NULL, &g), EINVAL);
+	ck_assert_int_eq(opq_lease_acquire(NULL, NULL, &g), EINVAL);
+	ck_assert_int_eq(opq_lease_acquire(l, &bad, &g), EINVAL);
+	ck_assert_int_eq(opq_lease_refresh(NULL, &g), EINVAL);
+	ck_assert_int_eq(opq_lease_release(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_remaining(NULL, NULL, &ns), EINVAL);
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_remaining(l, &bad, &ns), EINVAL);
+	ck_assert_int_eq(opq_lease_grant_get(NULL, &g), EINVAL);
+	ck_assert_int_eq(opq_lease_grant_get(l, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_error(NULL, buf, sizeof(buf)), EINVAL);
+	ck_assert_int_eq(opq_lease_error(l, NULL, 8), EINVAL);
+	ck_assert_int_eq(opq_lease_error(l, buf, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_destroy(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_keepalive_stop(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+
+	/* not held: refresh ENOLCK, grant ENOLCK, remaining 0, release 0 */
+	ck_assert_int_eq(opq_lease_refresh(l, &g), ENOLCK);
+	ck_assert_int_eq(opq_lease_grant_get(l, &g), ENOLCK);
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, &ns), 0);
+	ck_assert_int_eq(ns, 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+
+	/* keepalive arguments */
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 0, (opq_lease_lost_fn *)NULL, NULL),
+			 EINVAL);
+	ck_assert_int_eq(opq_lease_keepalive_start(NULL, q, 0, NULL, NULL), EINVAL);
+
+	/* provider table checks */
+	opq_lease_provider_ops ops;
+	memset(&ops, 0, sizeof(ops));
+	opq_lease_provider *p2 = NULL;
+	ck_assert_int_eq(opq_lease_provider_create(NULL, &ops, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_create(&p2, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_create(&p2, &ops, NULL), EINVAL);
+	ck_assert_ptr_null(p2);
+	ck_assert_int_eq(opq_lease_provider_destroy(NULL), EINVAL);
+
+	/* still usable after all that; provider busy while the handle lives */
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	ck_assert_int_eq(g.token, 1);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), EBUSY);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+static void lost_never(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
+{
+	(void)l;
+	(void)why;
+	atomic_fetch_add((atomic_int *)arg, 1);
+}
+
+START_TEST(test_default_owner_and_errors)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *a, *b;
+	/* Two default handles get different owners: they exclude each other. */
+	ck_assert_int_eq(opq_lease_create(&a, p, "job", NULL), 0);
+	ck_assert_int_eq(opq_lease_create(&b, p, "job", NULL), 0);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	ck_assert_int_eq(g.lease_ns, 10 * 1000000000LL);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+	int64_t ns;
+	ck_assert_int_eq(opq_lease_remaining(a, &g.acquired, &ns), 0);
+	/* default margin: 1% + 10 ms */
+	ck_assert_int_eq(ns, 10 * 1000000000LL - 100 * MS - 10 * MS);
+	char buf[4];
+	ck_assert_int_eq(opq_lease_error(a, buf, sizeof(buf)), 0);
+	ck_assert_str_eq(buf, "");
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- token rules ------------------------------------------------------------ */
+
+START_TEST(test_tokens)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *a = mk(p, "res", "A", 1000 * MS);
+	opq_lease *b = mk(p, "res", "B", 1000 * MS);
+	opq_lease *other = mk(p, "other", "A", 1000 * MS);
+	opq_lease_grant g, g2;
+	uint64_t last = 0;
+
+	/* acquire, release, acquire: a new token each time */
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	ck_assert_uint_gt(g.token, last);
+	last = g.token;
+	/* names are independent */
+	ck_assert_int_eq(opq_lease_try_acquire(other, &g2), 0);
+	ck_assert_uint_eq(g2.token, 1);
+	/* same owner again: token kept, lease extended (later instant) */
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g2), 0);
+	ck_assert_uint_eq(g2.token, last);
+	ck_assert_int_ge(ts_ns(&g2.acquired), ts_ns(&g.acquired));
+	/* refresh keeps the token */
+	ck_assert_int_eq(opq_lease_refresh(a, &g2), 0);
+	ck_assert_uint_eq(g2.token, last);
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
+	ck_assert_uint_eq(g.token, last);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_release(a), 0); /* idempotent */
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), ENOLCK);
+	ck_assert_int_eq(opq_lease_try_acquire(b, &g), 0);
+	ck_assert_uint_gt(g.token, last);
+	last = g.token;
+	/* A's stale release does not touch B's lease */
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), EBUSY);
+	ck_assert_int_eq(opq_lease_refresh(b, NULL), 0);
+	/* expiry: B lets it run out, A takes over with a larger token */
+	pass_ns(1010 * MS);
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	ck_assert_uint_gt(g.token, last);
+	last = g.token;
+	/* B's refresh after the takeover: ENOLCK, and it no longer holds */
+	ck_assert_int_eq(opq_lease_refresh(b, &g2), ENOLCK);
+	ck_assert_int_eq(opq_lease_grant_get(b, &g2), ENOLCK);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_refresh(a, NULL), 0);
+	/* the same owner re-acquiring after its own expiry gets a new token */
+	pass_ns(1010 * MS);
+	ck_assert_int_eq(opq_lease_refresh(a, NULL), ENOLCK);
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	ck_assert_uint_gt(g.token, last);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_release(other), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+START_TEST(test_remaining)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease_attr *at;
+	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(at, "me"), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(at, 2000 * MS), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(at, 5000, 7 * MS), 0); /* 0.5% + 7 ms */
+	opq_lease *l;
+	ck_assert_int_eq(opq_lease_create(&l, p, "r", at), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_grant g;
+	int64_t before = now_ns();
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t after = now_ns();
+	/* the instant is taken before the request */
+	ck_assert_int_ge(ts_ns(&g.acquired), before);
+	ck_assert_int_le(ts_ns(&g.acquired), after);
+	int64_t ns;
+	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
+	ck_assert_int_eq(ns, 2000 * MS - 10 * MS - 7 * MS);
+	struct timespec later = g.acquired;
+	later.tv_sec += 1;
+	ck_assert_int_eq(opq_lease_remaining(l, &later, &ns), 0);
+	ck_assert_int_eq(ns, 1000 * MS - 17 * MS);
+	later.tv_sec += 1;
+	ck_assert_int_eq(opq_lease_remaining(l, &later, &ns), 0);
+	ck_assert_int_eq(ns, 0);
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, &ns), 0);
+	ck_assert_int_gt(ns, 0);
+	ck_assert_int_le(ns, 2000 * MS - 17 * MS);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
+	ck_assert_int_eq(ns, 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* Takeover happens exactly when the holder's lease runs out: not before. */
+START_TEST(test_takeover_at_expiry)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	const int64_t L = 150 * MS;
+	for (int round = 0; round < 3; round++) {
+		opq_lease *a = mk(p, "t", "A", L);
+		opq_lease *b = mk(p, "t", "B", L);
+		opq_lease_grant ga, gb;
+		ck_assert_int_eq(opq_lease_try_acquire(a, &ga), 0);
+		int64_t a_after = now_ns();
+		int64_t last_fail = 0, t0 = now_ns();
+		int rc;
+		while ((rc = opq_lease_try_acquire(b, &gb)) == EBUSY) {
+			last_fail = t0; /* sent before the store's expiry */
+			ck_assert_int_lt(last_fail - a_after, T_WAIT_NS);
+			sched_yield();
+			t0 = now_ns();
+		}
+		int64_t won = now_ns();
+		ck_assert_int_eq(rc, 0);
+		ck_assert_uint_gt(gb.token, ga.token);
+		/* not before A's lease ran out from A's own instant */
+		ck_assert_int_ge(won, ts_ns(&ga.acquired) + L);
+		/* the store's expiry is at most a_after + L: refusals came before
+		 * it, and the takeover right after it (we spin) */
+		ck_assert_int_gt(last_fail, 0);
+		ck_assert_int_lt(last_fail, a_after + L);
+		ck_assert_int_lt(won - (a_after + L), 500 * MS);
+		ck_assert_int_eq(opq_lease_refresh(a, NULL), ENOLCK);
+		ck_assert_int_eq(opq_lease_release(b), 0);
+		ck_assert_int_eq(opq_lease_destroy(a), 0);
+		ck_assert_int_eq(opq_lease_destroy(b), 0);
+	}
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- blocking acquire ------------------------------------------------------ */
+
+struct releaser {
+	opq_lease *l;
+	int64_t after_ns;
+	int64_t released_at;
+};
+
+static void *release_later(void *arg)
+{
+	struct releaser *r = arg;
+	pass_ns(r->after_ns);
+	r->released_at = now_ns();
+	ck_assert_int_eq(opq_lease_release(r->l), 0);
+	return NULL;
+}
+
+START_TEST(test_blocking_acquire)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *a = mk(p, "b", "A", 10000 * MS);
+	opq_lease *b = mk(p, "b", "B", 10000 * MS);
+	opq_lease_grant ga, gb;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &ga), 0);
+	/* deadline passes while A holds: ETIMEDOUT, at the deadline, not much after */
+	struct timespec dl = t_deadline(80 * MS);
+	ck_assert_int_eq(opq_lease_acquire(b, &dl, &gb), ETIMEDOUT);
+	int64_t late = now_ns() - ts_ns(&dl);
+	ck_assert_int_ge(late, 0);
+	ck_assert_int_lt(late, 2000 * MS);
+	/* a deadline in the past still tries once */
+	struct timespec past = t_deadline(-1000 * MS);
+	ck_assert_int_eq(opq_lease_acquire(b, &past, &gb), ETIMEDOUT);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_acquire(b, &past, &gb), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	/* A holds, releases after 50 ms: B's blocking acquire gets it */
+	ck_assert_int_eq(opq_lease_try_acquire(a, &ga), 0);
+	struct releaser r = {a, 50 * MS, 0};
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, release_later, &r), 0);
+	dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_lease_acquire(b, &dl, &gb), 0);
+	int64_t got = now_ns();
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_int_ge(got, r.released_at);
+	ck_assert_int_lt(got - r.released_at, 1000 * MS); /* poll max is 20 ms */
+	ck_assert_uint_gt(gb.token, ga.token);
+	/* forever (NULL deadline) on a free lock */
+	ck_assert_int_eq(opq_lease_acquire(b, NULL, &gb), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- mutual exclusion -------------------------------------------------------- */
+
+#define MX_THREADS 8
+
+struct mx {
+	opq_lease_provider *p;
+	atomic_int holders;
+	atomic_int max_holders;
+	pthread_mutex_t mu;
+	uint64_t last_token;
+	long bad_order;
+	long acquisitions;
+	long iters;
+};
+
+struct mx_arg {
+	struct mx *m;
+	int id;
+};
+
+static void *mx_main(void *arg)
+{
+	struct mx_arg *ma = arg;
+	struct mx *m = ma->m;
+	char owner[32];
+	snprintf(owner, sizeof(owner), "thread-%d", ma->id);
+	opq_lease *l = mk(m->p, "mx", owner, 30000 * MS);
+	for (long i = 0; i < m->iters; i++) {
+		struct timespec dl = t_deadline(T_WAIT_NS);
+		opq_lease_grant g;
+		ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
+		int h = atomic_fetch_add(&m->holders, 1) + 1;
+		int mh = atomic_load(&m->max_holders);
+		while (h > mh && !atomic_compare_exchange_weak(&m->max_holders, &mh, h))
+			;
+		pthread_mutex_lock(&m->mu);
+		if (g.token <= m->last_token)
+			m->bad_order++;
+		m->last_token = g.token;
+		m->acquisitions++;
+		pthread_mutex_unlock(&m->mu);
+		if (i % 3 == 0)
+			sched_yield();
+		atomic_fetch_sub(&m->holders, 1);
+		ck_assert_int_eq(opq_lease_release(l), 0);
+	}
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	return NULL;
+}
+
+START_TEST(test_mutual_exclusion)
+{
+	struct mx m;
+	memset(&m, 0, sizeof(m));
+	pthread_mutex_init(&m.mu, NULL);
+	m.iters = t_scale(300);
+	ck_assert_int_eq(opq_lease_provider_memory(&m.p), 0);
+	pthread_t th[MX_THREADS];
+	struct mx_arg args[MX_THREADS];
+	for (int i = 0; i < MX_THREADS; i++) {
+		args[i].m = &m;
+		args[i].id = i;
+		ck_assert_int_eq(pthread_create(&th[i], NULL, mx_main, &args[i]), 0);
+	}
+	for (int i = 0; i < MX_THREADS; i++)
+		ck_assert_int_eq(pthread_join(th[i], NULL), 0);
+	ck_assert_int_eq(atomic_load(&m.max_holders), 1);
+	ck_assert_int_eq(m.bad_order, 0);
+	ck_assert_int_eq(m.acquisitions, MX_THREADS * m.iters);
+	ck_assert_uint_eq(m.last_token, (uint64_t)(MX_THREADS * m.iters));
+	ck_assert_int_eq(opq_lease_provider_destroy(m.p), 0);
+	pthread_mutex_destroy(&m.mu);
+}
+END_TEST
+
+/* ---- allocation failures ------------------------------------------------------ */
+
+#define SWEEP(call, on_enomem)                                                     \
+	for (long nth_ = 1;; nth_++) {                                              \
+		opq__fault_set(nth_);                                               \
+		int rc_ = (call);                                                   \
+		long made_ = opq__fault_count();                                    \
+		opq__fault_set(0);                                                  \
+		if (made_ < nth_) {                                                 \
+			ck_assert_int_eq(rc_, 0);                                   \
+			break;                                                      \
+		}                                                                   \
+		ck_assert_msg(rc_ == ENOMEM, "allocation %ld: rc %d", nth_, rc_); \
+		on_enomem;                                                          \
+	}
+
+START_TEST(test_fault_sweep)
+{
+	opq_lease_attr *a = NULL;
+	SWEEP(opq_lease_attr_create(&a), ck_assert_ptr_null(a));
+	ck_assert_int_eq(opq_lease_attr_set_owner(a, "me"), 0);
+	opq_lease_provider *p = NULL;
+	SWEEP(opq_lease_provider_memory(&p), ck_assert_ptr_null(p));
+	opq_lease *l = NULL;
+	SWEEP(opq_lease_create(&l, p, "f", a), ck_assert_ptr_null(l));
+	opq_lease_grant g;
+	char words[128];
+	SWEEP(opq_lease_try_acquire(l, &g), {
+		ck_assert_int_eq(opq_lease_grant_get(l, &g), ENOLCK);
+		ck_assert_int_eq(opq_lease_error(l, words, sizeof(words)), 0);
+		ck_assert_ptr_nonnull(strstr(words, "out of memory"));
+	});
+	ck_assert_uint_eq(g.token, 1);
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	atomic_int lost = 0;
+	/* the keepalive's own allocations: none beyond the timer thread's */
+	SWEEP(opq_lease_keepalive_start(l, q, 0, lost_never, &lost), (void)0);
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	ck_assert_uint_eq(g.token, 2);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(atomic_load(&lost), 0);
+}
+END_TEST
+
+/* ---- keepalive ------------------------------------------------------------------ */
+
+/*
+ * A test store for one lock, written against the public provider
+ * interface: it can be told to fail (EIO), to hang in refresh until let
+ * go, or to have the lock stolen by another owner.
+ */
+enum tp_mode { TP_OK, TP_FAIL, TP_HANG };
+
+struct tp {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	enum tp_mode mode;
+	bool held;
+	char owner[OPQ_LEASE_OWNER_MAX + 1];
+	uint64_t token;
+	int64_t expiry;
+	int refreshes;
+	int hanging; /* refresh calls blocked now */
+	bool destroyed;
+};
+
+static int tp_acquire(void *store, const opq_lease_request *req, uint64_t *token)
+{
+	struct tp *s = store;
+	pthread_mutex_lock(&s->mu);
+	int rc = 0;
+	int64_t now = now_ns();
+	if (s->mode == TP_FAIL) {
+		snprintf(req->errbuf, req->errlen, "test store: down");
+		rc = EIO;
+	} else if (s->held && now < s->expiry && strcmp(s->owner, req->owner) != 0) {
+		rc = EBUSY;
+	} else {
+		if (!(s->held && now < s->expiry))
+			s->token++;
+		s->held = true;
+		snprintf(s->owner, sizeof(s->owner), "%s", req->owner);
+		s->expiry = now + req->lease_ns;
+		*token = s->token;
+	}
+	pthread_mutex_unlock(&s->mu);
+	return rc;
+}
+
+static int tp_refresh(void *store, const opq_lease_request *req)
+{
+	struct tp *s = store;
+	pthread_mutex_lock(&s->mu);
+	s->refreshes++;
+	while (s->mode == TP_HANG) {
+		s->hanging++;
+		pthread_cond_broadcast(&s->cv);
+		pthread_cond_wait(&s->cv, &s->mu);
+		s->hanging--;
+	}
+	int rc = 0;
+	int64_t now = now_ns();
+	if (s->mode == TP_FAIL) {
+		snprintf(req->errbuf, req->errlen, "test store: down");
+		rc = EIO;
+	} else if (!s->held || now >= s->expiry || s->token != req->token ||
+		   strcmp(s->owner, req->owner) != 0) {
+		rc = ENOLCK;
+	} else {
+		s->expiry = now + req->lease_ns;
+	}
+	pthread_mutex_unlock(&s->mu);
+	return rc;
+}
+
+static int tp_release(void *store, const opq_lease_request *req)
+{
+	struct tp *s = store;
+	pthread_mutex_lock(&s->mu);
+	if (s->held && s->token == req->token && strcmp(s->owner, req->owner) == 0)
+		s->held = false;
+	pthread_mutex_unlock(&s->mu);
+	return 0;
+}
+
+static void tp_destroy(void *store)
+{
+	struct tp *s = store;
+	s->destroyed = true;
+}
+
+static opq_lease_provider *tp_provider(struct tp *s)
+{
+	memset(s, 0, sizeof(*s));
+	pthread_mutex_init(&s->mu, NULL);
+	pthread_cond_init(&s->cv, NULL);
+	opq_lease_provider_ops ops;
+	memset(&ops, 0, sizeof(ops));
+	ops.acquire = tp_acquire;
+	ops.refresh = tp_refresh;
+	ops.release = tp_release;
+	ops.destroy = tp_destroy;
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_create(&p, &ops, s), 0);
+	return p;
+}
+
+static void tp_set(struct tp *s, enum tp_mode mode)
+{
+	pthread_mutex_lock(&s->mu);
+	s->mode = mode;
+	pthread_cond_broadcast(&s->cv);
+	pthread_mutex_unlock(&s->mu);
+}
+
+static int tp_get(struct tp *s, int *field)
+{
+	pthread_mutex_lock(&s->mu);
+	int v = *field;
+	pthread_mutex_unlock(&s->mu);
+	return v;
+}
+
+static void tp_steal(struct tp *s)
+{
+	pthread_mutex_lock(&s->mu);
+	snprintf(s->owner, sizeof(s->owner), "thief");
+	s->token++;
+	s->expiry = now_ns() + 10000 * MS;
+	pthread_mutex_unlock(&s->mu);
+}
+
+static void tp_fini(struct tp *s)
+{
+	ck_assert(s->destroyed);
+	pthread_cond_destroy(&s->cv);
+	pthread_mutex_destroy(&s->mu);
+}
+
+struct lost_rec {
+	atomic_int calls;
+	atomic_int why;
+	atomic_llong at; /* monotonic ns of the (first) call */
+	int rc_stop, rc_destroy, rc_start;
+	opq_queue *q;
+};
+
+static void on_lost(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
+{
+	struct lost_rec *r = arg;
+	long long t = now_ns();
+	/* calls that would wait for this callback refuse */
+	r->rc_stop = opq_lease_keepalive_stop(l);
+	r->rc_destroy = opq_lease_destroy(l);
+	r->rc_start = opq_lease_keepalive_start(l, r->q, 0, on_lost, r);
+	atomic_store(&r->why, (int)why);
+	atomic_store(&r->at, t);
+	atomic_fetch_add(&r->calls, 1);
+}
+
+static opq_queue *mk_queue(unsigned runners)
+{
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, runners), 0);
+	return q;
+}
+
+static void end_queue(opq_queue *q)
+{
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+
+/* A 400 ms lease kept alive for 2 s while another owner keeps trying. */
+START_TEST(test_keepalive_keeps)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_queue *q = mk_queue(2);
+	opq_lease *a = mk(p, "k", "A", 400 * MS);
+	opq_lease *b = mk(p, "k", "B", 400 * MS);
+	opq_lease_grant g0, g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g0), 0);
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = q;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), 0);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), EBUSY);
+	ck_assert_int_eq(opq_lease_keepalive_start(b, q, 0, on_lost, &r), ENOLCK);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 100 * MS, on_lost, &r), EBUSY);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 400 * MS, on_lost, &r), EINVAL);
+	int64_t end = now_ns() + 2000 * MS;
+	while (now_ns() < end) {
+		ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+		int64_t left;
+		ck_assert_int_eq(opq_lease_remaining(a, NULL, &left), 0);
+		ck_assert_int_gt(left, 0);
+		pass_ns(5 * MS);
+	}
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
+	ck_assert_uint_eq(g.token, g0.token);
+	ck_assert_int_gt(ts_ns(&g.acquired), ts_ns(&g0.acquired) + 1500 * MS);
+	ck_assert_int_eq(atomic_load(&r.calls), 0);
+	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	/* start again, then release stops it */
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 20 * MS, on_lost, &r), 0);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(b, &g), 0);
+	ck_assert_uint_gt(g.token, g0.token);
+	pass_ns(100 * MS);
+	ck_assert_int_eq(atomic_load(&r.calls), 0);
+	/* a stopping queue: ESHUTDOWN */
+	end_queue(q);
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_lease_keepalive_start(b, q, 0, on_lost, &r), ESHUTDOWN);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* Another owner takes the lock at the store: lost(TAKEN), exactly once. */
+START_TEST(test_keepalive_taken)
+{
+	struct tp s;
+	opq_lease_provider *p = tp_provider(&s);
+	opq_queue *q = mk_queue(1);
+	opq_lease *a = mk(p, "k", "A", 1000 * MS);
+	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = q;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 30 * MS, on_lost, &r), 0);
+	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 3);
+	ck_assert_int_eq(atomic_load(&r.calls), 0);
+	tp_steal(&s);
+	int64_t stolen = now_ns();
+	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
+	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_TAKEN);
+	ck_assert_int_lt(atomic_load(&r.at) - stolen, 2000 * MS);
+	ck_assert_int_eq(r.rc_stop, EDEADLK);
+	ck_assert_int_eq(r.rc_destroy, EDEADLK);
+	ck_assert_int_eq(r.rc_start, EDEADLK);
+	int before = tp_get(&s, &s.refreshes);
+	pass_ns(150 * MS);
+	ck_assert_int_eq(atomic_load(&r.calls), 1); /* once */
+	ck_assert_int_eq(tp_get(&s, &s.refreshes), before); /* and it ended */
+	ck_assert_int_eq(opq_lease_grant_get(a, NULL), EINVAL);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), ENOLCK);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), ENOLCK);
+	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	tp_fini(&s);
+	end_queue(q);
+}
+END_TEST
+
+/* The store fails (EIO) or hangs: lost(UNREACHABLE) before the local end. */
+static void unreachable_case(enum tp_mode mode)
+{
+	struct tp s;
+	opq_lease_provider *p = tp_provider(&s);
+	opq_queue *q = mk_queue(1);
+	const int64_t L = 1000 * MS;
+	opq_lease *a = mk(p, "k", "A", L); /* margin 1% + 1 ms */
+	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = q;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 50 * MS, on_lost, &r), 0);
+	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 2);
+	tp_set(&s, mode);
+	/* the last confirmed grant: the lost call must come before its end */
+	if (mode == TP_HANG)
+		T_WAIT_UNTIL(tp_get(&s, &s.hanging) == 1);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
+	int64_t local_end = ts_ns(&g.acquired) + L - L / 100 - 1 * MS;
+	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
+	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_UNREACHABLE);
+	ck_assert_msg(atomic_load(&r.at) < local_end, "lost %lld ns after the local end",
+		      (long long)(atomic_load(&r.at) - local_end));
+	/* not absurdly early either: not before the lease was half gone */
+	ck_assert_int_gt(atomic_load(&r.at), ts_ns(&g.acquired) + L / 2);
+	ck_assert_int_eq(r.rc_stop, EDEADLK);
+	ck_assert_int_eq(r.rc_destroy, EDEADLK);
+	if (mode == TP_FAIL) {
+		char words[64];
+		ck_assert_int_eq(opq_lease_error(a, words, sizeof(words)), 0);
+		ck_assert_str_eq(words, "test store: down");
+		/* the store is still down: the handle still thinks it holds */
+		pass_ns(100 * MS);
+		ck_assert_int_eq(atomic_load(&r.calls), 1);
+		int64_t left;
+		ck_assert_int_eq(opq_lease_remaining(a, NULL, &left), 0);
+		ck_assert_int_eq(left, 0);
+		ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+		tp_set(&s, TP_OK);
+	} else {
+		/* stop waits for the refresh stuck in the store */
+		ck_assert_int_eq(tp_get(&s, &s.hanging), 1);
+		struct releaser rel = {0};
+		(void)rel;
+		tp_set(&s, TP_OK);
+		ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+		ck_assert_int_eq(tp_get(&s, &s.hanging), 0);
+		ck_assert_int_eq(atomic_load(&r.calls), 1);
+	}
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	tp_fini(&s);
+	end_queue(q);
+}
+
+START_TEST(test_keepalive_unreachable_fail)
+{
+	unreachable_case(TP_FAIL);
+}
+END_TEST
+
+START_TEST(test_keepalive_unreachable_hang)
+{
+	unreachable_case(TP_HANG);
+}
+END_TEST
+
+struct stopper {
+	opq_lease *l;
+	bool destroy;
+	atomic_int done;
+	int rc;
+};
+
+static void *stop_main(void *arg)
+{
+	struct stopper *st = arg;
+	st->rc = st->destroy ? opq_lease_destroy(st->l) : opq_lease_keepalive_stop(st->l);
+	atomic_store(&st->done, 1);
+	return NULL;
+}
+
+/* keepalive_stop and destroy while a refresh is in flight: they wait for it. */
+static void stop_in_flight(bool destroy)
+{
+	struct tp s;
+	opq_lease_provider *p = tp_provider(&s);
+	opq_queue *q = mk_queue(1);
+	opq_lease *a = mk(p, "k", "A", 10000 * MS);
+	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = q;
+	tp_set(&s, TP_HANG);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), 0);
+	T_WAIT_UNTIL(tp_get(&s, &s.hanging) == 1);
+	struct stopper st = {.l = a, .destroy = destroy};
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, stop_main, &st), 0);
+	pass_ns(50 * MS);
+	ck_assert_int_eq(atomic_load(&st.done), 0); /* still waiting */
+	tp_set(&s, TP_OK);
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_int_eq(st.rc, 0);
+	ck_assert_int_eq(atomic_load(&r.calls), 0);
+	if (!destroy) {
+		ck_assert_int_eq(opq_lease_refresh(a, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(a), 0);
+		ck_assert_int_eq(opq_lease_destroy(a), 0);
+	}
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	tp_fini(&s);
+	end_queue(q);
+}
+
+START_TEST(test_keepalive_stop_in_flight)
+{
+	stop_in_flight(false);
+}
+END_TEST
+
+START_TEST(test_keepalive_destroy_in_flight)
+{
+	stop_in_flight(true);
+}
+END_TEST
+
+/* Many handles with keepalives on one queue, started and stopped at random. */
+START_TEST(test_keepalive_churn)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_queue *q = mk_queue(2);
+	enum { N = 6 };
+	opq_lease *l[N];
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = q;
+	for (int i = 0; i < N; i++) {
+		char name[8];
+		snprintf(name, sizeof(name), "c%d", i);
+		l[i] = mk(p, name, "A", 100 * MS);
+		ck_assert_int_eq(opq_lease_try_acquire(l[i], NULL), 0);
+	}
+	long iters = t_scale(200);
+	for (long it = 0; it < iters; it++) {
+		int i = (int)(it % N);
+		int rc = opq_lease_keepalive_start(l[i], q, 1 * MS + it % 5 * MS, on_lost, &r);
+		ck_assert_msg(rc == 0 || rc == EBUSY, "rc %d", rc);
+		if (it % 3 == 0)
+			ck_assert_int_eq(opq_lease_keepalive_stop(l[(i + 2) % N]), 0);
+		if (it % 7 == 0)
+			pass_ns(1 * MS);
+	}
+	for (int i = 0; i < N; i++) {
+		ck_assert_int_eq(opq_lease_release(l[i]), 0);
+		ck_assert_int_eq(opq_lease_destroy(l[i]), 0);
+	}
+	ck_assert_int_eq(atomic_load(&r.calls), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	end_queue(q);
+}
+END_TEST
+
+START_TEST(test_round_trips)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease *l = mk(p, "rt", "A", 10000 * MS);
+	long n = t_scale(200000);
+	int64_t t0 = now_ns();
+	for (long i = 0; i < n; i++) {
+		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(l), 0);
+	}
+	double s = (double)(now_ns() - t0) / 1e9;
+	fprintf(stderr, "check_lease: memory provider %.0f acquire+release round trips/s\n",
+		(double)n / s);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	ck_assert_uint_eq(g.token, (uint64_t)n + 1);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* The longest lease: nothing overflows. */
+START_TEST(test_huge_lease)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease_attr *at;
+	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(at, INT64_MAX), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(at, 999999, INT64_MAX / 2000000), 0);
+	opq_lease *l, *other;
+	ck_assert_int_eq(opq_lease_create(&l, p, "h", at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(at, "other"), 0);
+	ck_assert_int_eq(opq_lease_create(&other, p, "h", at), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t left;
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, &left), 0);
+	ck_assert_int_gt(left, 0);
+	ck_assert_int_eq(opq_lease_try_acquire(other, NULL), EBUSY);
+	opq_queue *q = mk_queue(1);
+	atomic_int lost = 0;
+	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 0, lost_never, &lost), 0);
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+	ck_assert_int_eq(atomic_load(&lost), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	end_queue(q);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("lease");
+	TCase *tc = t_tcase(s, "memory", 120);
+	tcase_add_test(tc, test_bad_input);
+	tcase_add_test(tc, test_default_owner_and_errors);
+	tcase_add_test(tc, test_tokens);
+	tcase_add_test(tc, test_remaining);
+	tcase_add_test(tc, test_takeover_at_expiry);
+	tcase_add_test(tc, test_blocking_acquire);
+	tcase_add_test(tc, test_mutual_exclusion);
+	tcase_add_test(tc, test_fault_sweep);
+	tcase_add_test(tc, test_round_trips);
+	tc = t_tcase(s, "keepalive", 120);
+	tcase_add_test(tc, test_keepalive_keeps);
+	tcase_add_test(tc, test_keepalive_taken);
+	tcase_add_test(tc, test_keepalive_unreachable_fail);
+	tcase_add_test(tc, test_keepalive_unreachable_hang);
+	tcase_add_test(tc, test_keepalive_stop_in_flight);
+	tcase_add_test(tc, test_keepalive_destroy_in_flight);
+	tcase_add_test(tc, test_keepalive_churn);
+	tcase_add_test(tc, test_huge_lease);
+	return t_run(s);
+}
