@@ -10,4 +10,14 @@ if [ -n "$bad" ]; then
 fi
 n=$(printf '%s\n' "$syms" | grep -c '^opq_')
 [ "$n" -gt 0 ] || { echo "no opq_ symbols exported"; exit 1; }
+# The PostgreSQL provider's library: opq_* only, and the main library
+# never needs libpq (a daemon that only wants the queue does not pull it in).
+pglib="$top_builddir/lib/.libs/libopqueue-pg.so"
+if [ -f "$pglib" ]; then
+	bad=$(${NM:-nm} -D --defined-only "$pglib" | awk '{print $NF}' | grep -v '^opq_[a-z]' | grep -v '^$' || true)
+	[ -z "$bad" ] || { echo "libopqueue-pg exports outside opq_*:"; printf '%s\n' "$bad"; exit 1; }
+fi
+if command -v objdump >/dev/null 2>&1 && objdump -p "$lib" | grep NEEDED | grep -q libpq; then
+	echo "libopqueue needs libpq"; exit 1
+fi
 echo "$n symbols exported, all opq_*"

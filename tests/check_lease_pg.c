@@ -1,0 +1,1031 @@
+/*
+ * check_lease_pg.c: the PostgreSQL lease provider against a real server,
+ * with real processes. Run through tests/pgserver.sh, which starts a
+ * private server and exports OPQ_PG_CONNINFO, OPQ_PG_STOP, OPQ_PG_START.
+ *
+ * Children are forked from the test process and report through exit
+ * statuses, pipes and an O_APPEND log; they never call Check. Each test uses
+ * its own lock names, so tests do not see each other's rows.
+ */
+#include "config.h"
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+#include "harness.h"
+#include "opqueue/lease_pg.h"
+
+#define MS 1000000LL
+#define SEC 1000000000LL
+
+static const char *conninfo(void)
+{
+	const char *c = getenv("OPQ_PG_CONNINFO");
+	ck_assert_msg(c != NULL, "OPQ_PG_CONNINFO not set: run through tests/pgserver.sh");
+	return c;
+}
+
+static int64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * SEC + ts.tv_nsec;
+}
+
+static int64_t ts_ns(const struct timespec *ts)
+{
+	return (int64_t)ts->tv_sec * SEC + ts->tv_nsec;
+}
+
+static void nap_ns(int64_t ns)
+{
+	struct timespec ts = {.tv_sec = ns / SEC, .tv_nsec = ns % SEC};
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+static opq_lease_provider *provider_new(void)
+{
+	char err[256];
+	opq_lease_provider *p = NULL;
+	int rc = opq_lease_provider_pg(&p, conninfo(), err, sizeof err);
+	ck_assert_msg(rc == 0, "opq_lease_provider_pg: %d %s", rc, err);
+	return p;
+}
+
+/* A lease handle with owner, duration and fast polling. */
+static opq_lease *lease_new(opq_lease_provider *p, const char *name, const char *owner,
+			    int64_t lease_ns)
+{
+	opq_lease_attr *a = NULL;
+	opq_lease *l = NULL;
+	if (opq_lease_attr_create(&a) != 0)
+		return NULL;
+	int rc = owner ? opq_lease_attr_set_owner(a, owner) : 0;
+	if (rc == 0)
+		rc = opq_lease_attr_set_duration(a, lease_ns);
+	if (rc == 0)
+		rc = opq_lease_attr_set_poll(a, 1 * MS, 20 * MS);
+	if (rc == 0)
+		rc = opq_lease_create(&l, p, name, a);
+	opq_lease_attr_destroy(a);
+	return rc == 0 ? l : NULL;
+}
+
+static void quiet(void *arg, const char *msg)
+{
+	(void)arg;
+	(void)msg;
+}
+
+/* The test's own connection for SQL of its own (fenced tables, checks). */
+static PGconn *db_open(void)
+{
+	PGconn *c = PQconnectdb(conninfo());
+	ck_assert_msg(PQstatus(c) == CONNECTION_OK, "connect: %s", PQerrorMessage(c));
+	PQsetNoticeProcessor(c, quiet, NULL);
+	return c;
+}
+
+static void db_exec(PGconn *c, const char *sql)
+{
+	PGresult *r = PQexec(c, sql);
+	ExecStatusType st = PQresultStatus(r);
+	ck_assert_msg(st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK, "%s: %s", sql,
+		      PQresultErrorMessage(r));
+	PQclear(r);
+}
+
+/* One text value of a query with no parameters. */
+static long long db_value(PGconn *c, const char *sql)
+{
+	PGresult *r = PQexec(c, sql);
+	ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1, "%s: %s", sql,
+		      PQresultErrorMessage(r));
+	long long v = atoll(PQgetvalue(r, 0, 0));
+	PQclear(r);
+	return v;
+}
+
+/* Rows changed by a parameterised write, or -1 on error (child-safe: no Check). */
+static int db_write(PGconn *c, const char *sql, int n, const char *const *values)
+{
+	PGresult *r = PQexecParams(c, sql, n, NULL, values, NULL, NULL, 0);
+	int rows = PQresultStatus(r) == PGRES_COMMAND_OK ? atoi(PQcmdTuples(r)) : -1;
+	PQclear(r);
+	return rows;
+}
+
+/* Wait for a child with a bound; kill it if it overruns. Its exit status. */
+static int child_wait(pid_t pid, int64_t timeout_ns)
+{
+	int64_t end = mono_ns() + timeout_ns;
+	int st = 0;
+	for (;;) {
+		pid_t r = waitpid(pid, &st, WNOHANG);
+		if (r == pid)
+			break;
+		if (mono_ns() > end) {
+			kill(pid, SIGKILL);
+			waitpid(pid, &st, 0);
+			return -1;
+		}
+		nap_ns(2 * MS);
+	}
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/* Read exactly len bytes from fd within the bound; false otherwise. */
+static bool read_full(int fd, void *buf, size_t len, int64_t timeout_ns)
+{
+	int64_t end = mono_ns() + timeout_ns;
+	size_t got = 0;
+	while (got < len) {
+		int64_t left = end - mono_ns();
+		if (left <= 0)
+			return false;
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int r = poll(&p, 1, (int)(left / MS) + 1);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return false;
+		ssize_t n = read(fd, (char *)buf + got, len - got);
+		if (n <= 0)
+			return false;
+		got += (size_t)n;
+	}
+	return true;
+}
+
+static int run_sh(const char *env)
+{
+	const char *cmd = getenv(env);
+	ck_assert_msg(cmd != NULL, "%s not set: run through tests/pgserver.sh", env);
+	int st = system(cmd);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* ---- mutual exclusion: K processes x M iterations on one lock ---- */
+
+struct hold {
+	uint64_t token;
+	int64_t start, end;
+	int who;
+};
+
+static int cmp_hold(const void *a, const void *b)
+{
+	const struct hold *x = a, *y = b;
+	return x->start < y->start ? -1 : x->start > y->start;
+}
+
+static void excl_child(int who, int m, const char *log)
+{
+	int fd = open(log, O_WRONLY | O_APPEND);
+	if (fd < 0)
+		_exit(20);
+	char err[256];
+	opq_lease_provider *p = NULL;
+	if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+		_exit(21);
+	char owner[32];
+	snprintf(owner, sizeof owner, "excl-%d-%d", who, (int)getpid());
+	opq_lease *l = lease_new(p, "excl", owner, 5 * SEC);
+	if (l == NULL)
+		_exit(22);
+	for (int i = 0; i < m; i++) {
+		opq_lease_grant g;
+		struct timespec dl;
+		opq_deadline_after(&dl, 60 * SEC);
+		if (opq_lease_acquire(l, &dl, &g) != 0)
+			_exit(23);
+		int64_t start = mono_ns();
+		int64_t left = 0;
+		if (opq_lease_remaining(l, NULL, &left) != 0 || left <= 0)
+			_exit(24);
+		/* The work while holding: a short spin, so intervals have length. */
+		while (mono_ns() - start < 300000)
+			;
+		int64_t end = mono_ns();
+		struct timespec e = {.tv_sec = end / SEC, .tv_nsec = end % SEC};
+		if (opq_lease_remaining(l, &e, &left) != 0 || left <= 0)
+			_exit(25); /* the interval would not be covered by the lease */
+		char line[128];
+		int n = snprintf(line, sizeof line, "%" PRIu64 " %" PRId64 " %" PRId64 " %d\n",
+				 g.token, start, end, who);
+		if (write(fd, line, (size_t)n) != n)
+			_exit(26);
+		if (opq_lease_release(l) != 0)
+			_exit(27);
+	}
+	opq_lease_destroy(l);
+	opq_lease_provider_destroy(p);
+	close(fd);
+	_exit(0);
+}
+
+START_TEST(test_mutual_exclusion)
+{
+	enum { K = 4 };
+	int m = (int)t_scale(25);
+	char log[] = "/tmp/opq_excl_XXXXXX";
+	int fd = mkstemp(log);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	pid_t pids[K];
+	for (int k = 0; k < K; k++) {
+		pids[k] = fork();
+		ck_assert_int_ge(pids[k], 0);
+		if (pids[k] == 0)
+			excl_child(k, m, log);
+	}
+	for (int k = 0; k < K; k++)
+		ck_assert_int_eq(child_wait(pids[k], 100 * SEC), 0);
+
+	FILE *f = fopen(log, "r");
+	ck_assert_ptr_nonnull(f);
+	struct hold *h = calloc((size_t)(K * m + 1), sizeof *h);
+	ck_assert_ptr_nonnull(h);
+	int n = 0;
+	while (n <= K * m && fscanf(f, "%" SCNu64 " %" SCNd64 " %" SCNd64 " %d", &h[n].token,
+				    &h[n].start, &h[n].end, &h[n].who) == 4)
+		n++;
+	fclose(f);
+	unlink(log);
+	ck_assert_int_eq(n, K * m);
+	qsort(h, (size_t)n, sizeof *h, cmp_hold);
+	int switches = 0;
+	for (int i = 1; i < n; i++) {
+		ck_assert_msg(h[i - 1].end < h[i].start, "holds %d and %d overlap", i - 1, i);
+		ck_assert_msg(h[i - 1].token < h[i].token, "token %" PRIu64 " then %" PRIu64,
+			      h[i - 1].token, h[i].token);
+		/* Every grant was a release then an acquire: no token skipped. */
+		ck_assert_uint_eq(h[i].token, h[i - 1].token + 1);
+		switches += h[i].who != h[i - 1].who;
+	}
+	printf("exclusion: %d processes x %d holds, %d owner switches, tokens %" PRIu64
+	       "..%" PRIu64 "\n",
+	       K, m, switches, h[0].token, h[n - 1].token);
+	free(h);
+}
+END_TEST
+
+/* ---- crash: kill -9 the holder ---- */
+
+struct victim_report {
+	uint64_t token;
+	int64_t acquired; /* the grant's instant: CLOCK_MONOTONIC is host-wide */
+	int64_t returned;
+};
+
+START_TEST(test_crash_takeover)
+{
+	const int64_t lease_ns = 1500 * MS;
+	int fds[2];
+	ck_assert_int_eq(pipe(fds), 0);
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		close(fds[0]);
+		char err[256];
+		opq_lease_provider *p = NULL;
+		if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+			_exit(21);
+		opq_lease *l = lease_new(p, "crash", "crash-victim", lease_ns);
+		opq_lease_grant g;
+		if (l == NULL || opq_lease_try_acquire(l, &g) != 0)
+			_exit(22);
+		struct victim_report r = {g.token, ts_ns(&g.acquired), mono_ns()};
+		if (write(fds[1], &r, sizeof r) != (ssize_t)sizeof r)
+			_exit(23);
+		for (;;)
+			pause(); /* holding, until killed */
+	}
+	close(fds[1]);
+	struct victim_report v;
+	ck_assert(read_full(fds[0], &v, sizeof v, 30 * SEC));
+	close(fds[0]);
+
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "crash", "crash-taker", lease_ns);
+	ck_assert_ptr_nonnull(l);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), EBUSY);
+	ck_assert_int_eq(kill(pid, SIGKILL), 0);
+	ck_assert_int_eq(child_wait(pid, 10 * SEC), 128 + SIGKILL);
+
+	/* Poll every 2 ms: refused while the dead holder's lease runs, then ours. */
+	opq_lease_grant g;
+	int busy = 0, rc;
+	int64_t end = mono_ns() + 30 * SEC;
+	while ((rc = opq_lease_try_acquire(l, &g)) == EBUSY) {
+		busy++;
+		ck_assert_msg(mono_ns() < end, "never taken over");
+		nap_ns(2 * MS);
+	}
+	int64_t got = mono_ns();
+	ck_assert_int_eq(rc, 0);
+	ck_assert_uint_eq(g.token, v.token + 1);
+	int64_t expiry = v.acquired + lease_ns; /* the store's expiry is no earlier */
+	ck_assert_msg(got >= expiry, "taken over %lld us before the lease ran out",
+		      (long long)((expiry - got) / 1000));
+	int64_t late = got - expiry;
+	/* Bound: the victim's own round trip, a 2 ms poll, our round trip. */
+	const char *mult = getenv("CK_TIMEOUT_MULTIPLIER");
+	const int64_t bound = 300 * MS * (mult && atoi(mult) > 1 ? atoi(mult) : 1);
+	ck_assert_msg(late <= bound, "taken over %lld ms after the lease ran out",
+		      (long long)(late / MS));
+	printf("crash: taken over %.1f ms after the dead holder's lease ran out (victim's "
+	       "round trip %.1f ms), %d refusals before\n",
+	       late / 1e6, (v.returned - v.acquired) / 1e6, busy);
+	ck_assert_int_gt(busy, 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- a fenced resource, and a holder paused past its lease ---- */
+
+static const char FENCED_WRITE[] = "UPDATE opq_fenced SET last_token = $1, writer = $2"
+				   " WHERE id = 1 AND last_token <= $1";
+static const char GUARDED_WRITE[] = "UPDATE opq_guarded SET writer = $3, n = n + 1"
+				    " WHERE id = 1 AND opq_lease_held($1, $2)";
+
+/* The paused holder: reports its token, waits for "go", then writes anyway. */
+static void paused_child(int wfd, int rfd, int64_t lease_ns)
+{
+	char err[256];
+	opq_lease_provider *p = NULL;
+	if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+		_exit(21);
+	opq_lease *l = lease_new(p, "fence", "fence-A", lease_ns);
+	opq_lease_grant g;
+	if (l == NULL || opq_lease_try_acquire(l, &g) != 0)
+		_exit(22);
+	PGconn *c = PQconnectdb(getenv("OPQ_PG_CONNINFO"));
+	if (PQstatus(c) != CONNECTION_OK)
+		_exit(23);
+	char tok[32];
+	snprintf(tok, sizeof tok, "%" PRIu64, g.token);
+	/* While held, both writes go through. */
+	const char *fv[2] = {tok, "A"};
+	const char *gv[3] = {"fence", tok, "A"};
+	if (db_write(c, FENCED_WRITE, 2, fv) != 1 || db_write(c, GUARDED_WRITE, 3, gv) != 1)
+		_exit(24);
+	if (write(wfd, &g.token, sizeof g.token) != (ssize_t)sizeof g.token)
+		_exit(25);
+	char go;
+	if (read(rfd, &go, 1) != 1) /* SIGSTOPped somewhere around here */
+		_exit(26);
+	/* Woken up late: a careless holder writes without looking at remaining(). */
+	int64_t left = -1;
+	if (opq_lease_remaining(l, NULL, &left) != 0 || left != 0)
+		_exit(27);
+	if (db_write(c, FENCED_WRITE, 2, fv) != 0)
+		_exit(28); /* the fence must refuse the stale token */
+	if (db_write(c, GUARDED_WRITE, 3, gv) != 0)
+		_exit(29); /* so must the guard */
+	if (opq_lease_refresh(l, NULL) != ENOLCK)
+		_exit(30);
+	if (opq_lease_release(l) != 0) /* idempotent, and never touches B's lease */
+		_exit(31);
+	PQfinish(c);
+	opq_lease_destroy(l);
+	opq_lease_provider_destroy(p);
+	_exit(0);
+}
+
+START_TEST(test_fenced_resource)
+{
+	const int64_t lease_ns = 1 * SEC;
+	PGconn *c = db_open();
+	db_exec(c, "DROP TABLE IF EXISTS opq_fenced, opq_guarded");
+	db_exec(c, "CREATE TABLE opq_fenced (id int PRIMARY KEY, last_token bigint NOT NULL,"
+		   " writer text)");
+	db_exec(c, "INSERT INTO opq_fenced VALUES (1, 0, '')");
+	db_exec(c, "CREATE TABLE opq_guarded (id int PRIMARY KEY, writer text, n int NOT NULL)");
+	db_exec(c, "INSERT INTO opq_guarded VALUES (1, '', 0)");
+
+	int up[2], down[2];
+	ck_assert_int_eq(pipe(up), 0);
+	ck_assert_int_eq(pipe(down), 0);
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		close(up[0]);
+		close(down[1]);
+		paused_child(up[1], down[0], lease_ns);
+	}
+	close(up[1]);
+	close(down[0]);
+	uint64_t ta = 0;
+	ck_assert(read_full(up[0], &ta, sizeof ta, 30 * SEC));
+	ck_assert_int_eq(kill(pid, SIGSTOP), 0);
+	int64_t stopped = mono_ns();
+
+	/* B takes over once A's lease has run out by the server's clock. */
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "fence", "fence-B", 10 * SEC);
+	opq_lease_grant g;
+	struct timespec dl = t_deadline(30 * SEC);
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
+	ck_assert_uint_gt(g.token, ta);
+	char tok[32];
+	snprintf(tok, sizeof tok, "%" PRIu64, g.token);
+	const char *fv[2] = {tok, "B"};
+	const char *gv[3] = {"fence", tok, "B"};
+	ck_assert_int_eq(db_write(c, FENCED_WRITE, 2, fv), 1);
+	ck_assert_int_eq(db_write(c, GUARDED_WRITE, 3, gv), 1);
+
+	/* A wakes up and writes with its old token: refused (checked in A). */
+	ck_assert_int_eq(kill(pid, SIGCONT), 0);
+	ck_assert_int_eq(write(down[1], "g", 1), 1);
+	ck_assert_int_eq(child_wait(pid, 30 * SEC), 0);
+	close(up[0]);
+	close(down[1]);
+	printf("fence: A (token %" PRIu64 ") paused %.0f ms, B took token %" PRIu64
+	       "; A's late writes refused\n",
+	       ta, (mono_ns() - stopped) / 1e6, g.token);
+
+	ck_assert_int_eq(db_value(c, "SELECT last_token FROM opq_fenced WHERE id = 1"),
+			 (long long)g.token);
+	PGresult *r = PQexec(c, "SELECT writer, n FROM opq_guarded WHERE id = 1");
+	ck_assert_int_eq(PQntuples(r), 1);
+	ck_assert_str_eq(PQgetvalue(r, 0, 0), "B");
+	ck_assert_str_eq(PQgetvalue(r, 0, 1), "2");
+	PQclear(r);
+	/* B still holds it: A's release did not touch it. */
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	/* Released: the guard refuses B's token too. */
+	ck_assert_int_eq(db_write(c, GUARDED_WRITE, 3, gv), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	PQfinish(c);
+}
+END_TEST
+
+/*
+ * The guard inside a transaction holds off a takeover until the transaction
+ * ends: the writes it guarded cannot interleave with the next holder's.
+ */
+START_TEST(test_guard_holds_takeover)
+{
+	const int64_t lease_ns = 400 * MS;
+	PGconn *c = db_open();
+	db_exec(c, "DROP TABLE IF EXISTS opq_guarded2");
+	db_exec(c, "CREATE TABLE opq_guarded2 (id int PRIMARY KEY, writer text)");
+	db_exec(c, "INSERT INTO opq_guarded2 VALUES (1, '')");
+	opq_lease_provider *p = provider_new();
+	opq_lease *a = lease_new(p, "guard-tx", "guard-A", lease_ns);
+	/* B's lease of 600 ms bounds its statements to 300 ms. */
+	opq_lease *b = lease_new(p, "guard-tx", "guard-B", 600 * MS);
+	ck_assert_ptr_nonnull(a);
+	ck_assert_ptr_nonnull(b);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	char tok[32];
+	snprintf(tok, sizeof tok, "%" PRIu64, g.token);
+	const char *v[3] = {"guard-tx", tok, "A"};
+	db_exec(c, "BEGIN");
+	ck_assert_int_eq(db_write(c,
+				  "UPDATE opq_guarded2 SET writer = $3 WHERE id = 1"
+				  " AND opq_lease_held($1, $2)",
+				  3, v),
+			 1);
+	/* A's lease runs out while its transaction is open. */
+	nap_ns(lease_ns + 100 * MS);
+	/* B cannot take the lease while A's transaction holds the row: its
+	 * statement waits for the lock until its bound and fails. */
+	int rc = opq_lease_try_acquire(b, NULL);
+	ck_assert_msg(rc == ETIMEDOUT, "takeover during the guarded transaction: %d", rc);
+	char words[256];
+	ck_assert_int_eq(opq_lease_error(b, words, sizeof words), 0);
+	ck_assert_msg(strstr(words, "PostgreSQL") != NULL, "%s", words);
+	db_exec(c, "COMMIT");
+	/* Once A's transaction ended, B takes it over. */
+	ck_assert_int_eq(opq_lease_try_acquire(b, &g), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	PQfinish(c);
+}
+END_TEST
+
+/* ---- the store goes down while a keepalive holds the lease ---- */
+
+struct lost_state {
+	atomic_int calls;
+	atomic_int why;
+	_Atomic int64_t at;
+};
+
+static void on_lost(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
+{
+	(void)l;
+	struct lost_state *s = arg;
+	atomic_store(&s->at, mono_ns());
+	atomic_store(&s->why, (int)why);
+	atomic_fetch_add(&s->calls, 1);
+}
+
+START_TEST(test_store_down)
+{
+	const int64_t lease_ns = 2 * SEC;
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "down", "down-1", lease_ns);
+	ck_assert_ptr_nonnull(l);
+	opq_queue *q = NULL;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	opq_lease_grant g0, g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g0), 0);
+	struct lost_state st = {0};
+	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 0, on_lost, &st), 0);
+	/* The keepalive refreshes: the grant's instant moves, the token stays. */
+	T_WAIT_UNTIL(opq_lease_grant_get(l, &g) == 0 && ts_ns(&g.acquired) > ts_ns(&g0.acquired));
+	ck_assert_uint_eq(g.token, g0.token);
+
+	ck_assert_int_eq(run_sh("OPQ_PG_STOP"), 0);
+	int64_t down = mono_ns();
+	ck_assert_int_eq(opq_lease_grant_get(l, &g), 0); /* the last confirmed grant */
+	T_WAIT_UNTIL(atomic_load(&st.calls) > 0);
+	int64_t at = atomic_load(&st.at);
+	ck_assert_int_eq(atomic_load(&st.why), OPQ_LEASE_UNREACHABLE);
+	int64_t local_end = ts_ns(&g.acquired) + g.lease_ns;
+	ck_assert_msg(at < local_end, "lost-callback %lld us after the local lease end",
+		      (long long)((at - local_end) / 1000));
+	printf("store down: lost(UNREACHABLE) %.1f ms before the local lease end, %.1f ms after "
+	       "the stop\n",
+	       (local_end - at) / 1e6, (at - down) / 1e6);
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+	ck_assert_int_eq(atomic_load(&st.calls), 1);
+	/* Down: a bounded error with words, no hang. */
+	int64_t t0 = mono_ns();
+	int rc = opq_lease_try_acquire(l, NULL);
+	ck_assert_msg(rc == ECONNREFUSED, "acquire with the server down: %d", rc);
+	ck_assert_int_lt(mono_ns() - t0, 6 * SEC);
+	char words[256];
+	ck_assert_int_eq(opq_lease_error(l, words, sizeof words), 0);
+	ck_assert_msg(strstr(words, "PostgreSQL") != NULL, "%s", words);
+
+	/* Back up: acquire works again, with a larger token. */
+	ck_assert_int_eq(run_sh("OPQ_PG_START"), 0);
+	opq_lease *l2 = lease_new(p, "down", "down-2", lease_ns);
+	ck_assert_ptr_nonnull(l2);
+	struct timespec dl = t_deadline(30 * SEC);
+	ck_assert_int_eq(opq_lease_acquire(l2, &dl, &g), 0);
+	ck_assert_uint_gt(g.token, g0.token);
+	ck_assert_int_eq(opq_lease_release(l2), 0);
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
+	ck_assert_uint_gt(g.token, g0.token + 1);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l2), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* Taken away at the store (an administrator's UPDATE): lost(TAKEN), at once. */
+START_TEST(test_keepalive_taken)
+{
+	const int64_t lease_ns = 3 * SEC;
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "taken", "taken-1", lease_ns);
+	ck_assert_ptr_nonnull(l);
+	opq_queue *q = NULL;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	struct lost_state st = {0};
+	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 100 * MS, on_lost, &st), 0);
+	PGconn *c = db_open();
+	int64_t t0 = mono_ns();
+	db_exec(c, "UPDATE opq_lease SET owner = 'intruder', token = token + 1"
+		   " WHERE name = 'taken'");
+	T_WAIT_UNTIL(atomic_load(&st.calls) > 0);
+	ck_assert_int_eq(atomic_load(&st.why), OPQ_LEASE_TAKEN);
+	int64_t after = atomic_load(&st.at) - t0;
+	ck_assert_int_lt(after, 1 * SEC); /* at the next refresh, not at the lease end */
+	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), EBUSY);
+	ck_assert_int_eq(opq_lease_release(l), 0); /* does not touch the intruder's lease */
+	ck_assert_int_eq(db_value(c, "SELECT (owner = 'intruder')::int FROM opq_lease"
+				     " WHERE name = 'taken'"),
+			 1);
+	PQfinish(c);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* Tokens survive a server restart; the pool reconnects without an error. */
+START_TEST(test_restart_tokens)
+{
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "restart", NULL, 5 * SEC);
+	ck_assert_ptr_nonnull(l);
+	opq_lease_grant g1, g2;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g1), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(run_sh("OPQ_PG_STOP"), 0);
+	ck_assert_int_eq(run_sh("OPQ_PG_START"), 0);
+	/* The pooled connection died with the server: replaced inside the call. */
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g2), 0);
+	ck_assert_uint_eq(g2.token, g1.token + 1);
+	/* A retried acquire by the same owner keeps the token. */
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g1), 0);
+	ck_assert_uint_eq(g1.token, g2.token);
+	ck_assert_int_eq(opq_lease_refresh(l, &g1), 0);
+	ck_assert_uint_eq(g1.token, g2.token);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), ENOLCK);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- bad input ---- */
+
+START_TEST(test_bad_input)
+{
+	char err[256];
+	opq_lease_provider *p = NULL;
+	ck_assert_int_eq(opq_lease_provider_pg(NULL, conninfo(), err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, NULL, err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, conninfo(), NULL, 5), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, "nosuchkey=1", err, sizeof err), EINVAL);
+	ck_assert_msg(strstr(err, "nosuchkey") != NULL, "%s", err);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, "host='unterminated", err, sizeof err), EINVAL);
+	ck_assert_msg(strlen(err) > 10, "%s", err);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, "connect_timeout=soon", NULL, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg(&p, "postgresql://[bad", err, 8), EINVAL);
+	ck_assert_uint_le(strlen(err), 7);
+
+	/* A server that is not there: a clear error at first use, every time. */
+	ck_assert_int_eq(opq_lease_provider_pg(&p, "host=/nonexistent-opq-dir connect_timeout=2",
+					       err, sizeof err),
+			 0);
+	opq_lease *l = lease_new(p, "bad", NULL, SEC);
+	ck_assert_ptr_nonnull(l);
+	for (int i = 0; i < 20; i++) {
+		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), ECONNREFUSED);
+		ck_assert_int_eq(opq_lease_error(l, err, sizeof err), 0);
+		ck_assert_msg(strstr(err, "nonexistent-opq-dir") != NULL, "%s", err);
+	}
+	struct timespec dl = t_deadline(50 * MS);
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, NULL), ETIMEDOUT);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+
+	/* Names and leases the core refuses, and what the server refuses. */
+	p = provider_new();
+	char name[OPQ_LEASE_NAME_MAX + 2];
+	memset(name, 'n', sizeof name);
+	name[OPQ_LEASE_NAME_MAX + 1] = '\0';
+	ck_assert_ptr_null(lease_new(p, name, NULL, SEC));
+	ck_assert_ptr_null(lease_new(p, "", NULL, SEC));
+	ck_assert_ptr_null(lease_new(p, "zero", NULL, 0));
+	ck_assert_ptr_null(lease_new(p, "negative", NULL, -5));
+	name[OPQ_LEASE_NAME_MAX] = '\0'; /* the longest name */
+	l = lease_new(p, name, NULL, SEC);
+	ck_assert_ptr_nonnull(l);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	/* Not UTF-8 in a UTF-8 database: refused by the server, in words. */
+	l = lease_new(p, "bad\xff\xfe", NULL, SEC);
+	ck_assert_ptr_nonnull(l);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_error(l, err, sizeof err), 0);
+	ck_assert_msg(strstr(err, "UTF8") != NULL, "%s", err);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	/* The largest data, with NUL bytes in it, stored as given. */
+	opq_lease_attr *a = NULL;
+	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
+	unsigned char data[OPQ_LEASE_DATA_MAX];
+	for (size_t i = 0; i < sizeof data; i++)
+		data[i] = (unsigned char)i;
+	ck_assert_int_eq(opq_lease_attr_set_data(a, data, sizeof data), 0);
+	ck_assert_int_eq(opq_lease_create(&l, p, "data", a), 0);
+	opq_lease_attr_destroy(a);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+	PGconn *c = db_open();
+	ck_assert_int_eq(db_value(c, "SELECT length(data) FROM opq_lease WHERE name = 'data'"),
+			 OPQ_LEASE_DATA_MAX);
+	ck_assert_int_eq(db_value(c, "SELECT get_byte(data, 255) FROM opq_lease WHERE name = 'data'"),
+			 255);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease WHERE name = 'data'"
+				     " AND owner IS NULL AND data IS NULL"),
+			 1);
+	PQfinish(c);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* ---- the schema from the SQL file, for users who may not run DDL ---- */
+
+static char *slurp(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	if (f == NULL)
+		return NULL;
+	char *buf = calloc(1, 65536);
+	size_t n = buf ? fread(buf, 1, 65535, f) : 0;
+	(void)n;
+	fclose(f);
+	return buf;
+}
+
+START_TEST(test_sql_file)
+{
+	const char *src = getenv("top_srcdir");
+	char path[4096];
+	snprintf(path, sizeof path, "%s/share/opqueue/lease.sql", src ? src : ".");
+	char *sql = slurp(path);
+	ck_assert_msg(sql != NULL, "cannot read %s", path);
+	PGconn *c = db_open();
+	db_exec(c, "DROP DATABASE IF EXISTS opq_sqlfile");
+	db_exec(c, "CREATE DATABASE opq_sqlfile");
+	db_exec(c, "DROP ROLE IF EXISTS opq_user");
+	db_exec(c, "CREATE ROLE opq_user LOGIN");
+	PQfinish(c);
+
+	char ci[1024];
+	snprintf(ci, sizeof ci, "%s dbname=opq_sqlfile user=opq_user", conninfo());
+	/* The user may not create tables (PostgreSQL 15: none in public): the
+	 * provider's own DDL fails, clearly. */
+	char err[256];
+	opq_lease_provider *p = NULL;
+	ck_assert_int_eq(opq_lease_provider_pg(&p, ci, err, sizeof err), 0);
+	opq_lease *l = lease_new(p, "sqlfile", NULL, SEC);
+	ck_assert_ptr_nonnull(l);
+	int rc = opq_lease_try_acquire(l, NULL);
+	ck_assert_msg(rc == EACCES, "acquire without the schema or the right to make it: %d", rc);
+	ck_assert_int_eq(opq_lease_error(l, err, sizeof err), 0);
+	ck_assert_msg(strstr(err, "permission denied") != NULL, "%s", err);
+
+	/* The administrator applies the file and grants: now it works, no DDL. */
+	snprintf(ci, sizeof ci, "%s dbname=opq_sqlfile", conninfo());
+	c = PQconnectdb(ci);
+	ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
+	PQsetNoticeProcessor(c, quiet, NULL);
+	db_exec(c, sql);
+	db_exec(c, sql); /* applying it twice is harmless */
+	db_exec(c, "GRANT SELECT, INSERT, UPDATE ON opq_lease TO opq_user");
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	char q[256];
+	snprintf(q, sizeof q, "SELECT opq_lease_held('sqlfile', %" PRIu64 ")::int", g.token);
+	ck_assert_int_eq(db_value(c, q), 1);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(db_value(c, q), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	PQfinish(c);
+	free(sql);
+}
+END_TEST
+
+/* ---- threads of one process share one provider (its connection pool) ---- */
+
+struct shared {
+	opq_lease_provider *p;
+	atomic_int inside;
+	atomic_int holds;
+	atomic_int bad;
+	int iters;
+};
+
+static void *thread_main(void *arg)
+{
+	struct shared *s = arg;
+	char owner[32];
+	snprintf(owner, sizeof owner, "thread-%p", (void *)&owner);
+	opq_lease *l = lease_new(s->p, "threads", owner, 5 * SEC);
+	if (l == NULL) {
+		atomic_fetch_add(&s->bad, 1);
+		return NULL;
+	}
+	for (int i = 0; i < s->iters; i++) {
+		struct timespec dl;
+		opq_deadline_after(&dl, 60 * SEC);
+		if (opq_lease_acquire(l, &dl, NULL) != 0) {
+			atomic_fetch_add(&s->bad, 1);
+			break;
+		}
+		if (atomic_fetch_add(&s->inside, 1) != 0)
+			atomic_fetch_add(&s->bad, 1);
+		atomic_fetch_add(&s->holds, 1);
+		atomic_fetch_sub(&s->inside, 1);
+		if (opq_lease_release(l) != 0)
+			atomic_fetch_add(&s->bad, 1);
+	}
+	opq_lease_destroy(l);
+	return NULL;
+}
+
+START_TEST(test_threads_share_provider)
+{
+	enum { T = 6 };
+	struct shared s = {.p = provider_new(), .iters = (int)t_scale(30)};
+	pthread_t th[T];
+	for (int i = 0; i < T; i++)
+		ck_assert_int_eq(pthread_create(&th[i], NULL, thread_main, &s), 0);
+	for (int i = 0; i < T; i++)
+		ck_assert_int_eq(pthread_join(th[i], NULL), 0);
+	ck_assert_int_eq(atomic_load(&s.bad), 0);
+	ck_assert_int_eq(atomic_load(&s.holds), T * s.iters);
+
+	/* Round trips: acquire + release pairs per second on one handle. */
+	opq_lease *l = lease_new(s.p, "speed", NULL, 5 * SEC);
+	ck_assert_ptr_nonnull(l);
+	int n = (int)t_scale(300);
+	int64_t t0 = mono_ns();
+	for (int i = 0; i < n; i++) {
+		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(l), 0);
+	}
+	double secs = (mono_ns() - t0) / 1e9;
+	printf("speed: %.0f acquire+release pairs per second (%d in %.2f s)\n", n / secs, n, secs);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(s.p), 0);
+}
+END_TEST
+
+/*
+ * A hung server (every server process stopped with SIGSTOP, as a frozen
+ * host would be): calls fail within their bound, on a pooled connection
+ * and on a new one, and work again once it runs.
+ */
+START_TEST(test_hung_server)
+{
+	const int64_t lease_ns = 800 * MS; /* bounds each call to 400 ms */
+	opq_lease_provider *p = provider_new();
+	opq_lease *l = lease_new(p, "hung", NULL, lease_ns);
+	opq_lease *l2 = lease_new(p, "hung", "hung-other", lease_ns);
+	ck_assert_ptr_nonnull(l);
+	ck_assert_ptr_nonnull(l2);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0); /* one pooled connection */
+
+	/* The postmaster, then every backend (ours and the pool's). */
+	PGconn *c = db_open();
+	pid_t pids[64];
+	int n = 0;
+	char path[4096];
+	const char *dir = getenv("OPQ_PG_DIR");
+	ck_assert_ptr_nonnull(dir);
+	snprintf(path, sizeof path, "%s/data/postmaster.pid", dir);
+	FILE *f = fopen(path, "r");
+	ck_assert_ptr_nonnull(f);
+	long pm = 0;
+	ck_assert_int_eq(fscanf(f, "%ld", &pm), 1);
+	fclose(f);
+	pids[n++] = (pid_t)pm;
+	PGresult *r = PQexec(c, "SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL");
+	ck_assert_int_eq(PQresultStatus(r), PGRES_TUPLES_OK);
+	for (int i = 0; i < PQntuples(r) && n < 64; i++)
+		pids[n++] = (pid_t)atol(PQgetvalue(r, i, 0));
+	PQclear(r);
+
+	for (int i = 0; i < n; i++)
+		kill(pids[i], SIGSTOP);
+	/* Record first, assert after SIGCONT: a failed assert must not leave
+	 * the server stopped for the other tests. */
+	int64_t t0 = mono_ns();
+	int rc_pooled = opq_lease_refresh(l, NULL);
+	int64_t t1 = mono_ns();
+	/* The pooled connection timed out and was closed: this one connects. */
+	int rc_fresh = opq_lease_try_acquire(l2, NULL);
+	int64_t t2 = mono_ns();
+	for (int i = n - 1; i >= 0; i--)
+		kill(pids[i], SIGCONT);
+	char words[256];
+	opq_lease_error(l2, words, sizeof words);
+
+	printf("hung server: refresh failed after %.0f ms, connect after %.0f ms (bound 400)\n",
+	       (t1 - t0) / 1e6, (t2 - t1) / 1e6);
+	ck_assert_int_eq(rc_pooled, ETIMEDOUT);
+	ck_assert_int_eq(rc_fresh, ETIMEDOUT);
+	ck_assert_msg(strstr(words, "timed out") != NULL, "%s", words);
+	const char *mult = getenv("CK_TIMEOUT_MULTIPLIER");
+	int64_t slack = 300 * MS * (mult && atoi(mult) > 1 ? atoi(mult) : 1);
+	ck_assert_int_lt(t1 - t0, 400 * MS + slack);
+	ck_assert_int_ge(t1 - t0, 400 * MS);
+	ck_assert_int_lt(t2 - t1, 400 * MS + slack);
+
+	/* Running again: the same owner gets its lease back (or a new token
+	 * if it ran out meanwhile); the other owner is refused or succeeds
+	 * only after that. */
+	struct timespec dl = t_deadline(30 * SEC);
+	opq_lease_grant g2;
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g2), 0);
+	ck_assert_uint_ge(g2.token, g.token);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l2), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	PQfinish(c);
+}
+END_TEST
+
+/*
+ * First use races: N processes start at once on a database without the
+ * table; every one creates what is missing (or finds it) and succeeds.
+ */
+START_TEST(test_schema_race)
+{
+	enum { N = 6 };
+	PGconn *c = db_open();
+	db_exec(c, "DROP DATABASE IF EXISTS opq_race");
+	db_exec(c, "CREATE DATABASE opq_race");
+	PQfinish(c);
+	char ci[1024];
+	snprintf(ci, sizeof ci, "%s dbname=opq_race", conninfo());
+	int gate[2];
+	ck_assert_int_eq(pipe(gate), 0);
+	pid_t pids[N];
+	for (int i = 0; i < N; i++) {
+		pids[i] = fork();
+		ck_assert_int_ge(pids[i], 0);
+		if (pids[i] != 0)
+			continue;
+		close(gate[1]);
+		char err[256], name[16];
+		opq_lease_provider *p = NULL;
+		if (opq_lease_provider_pg(&p, ci, err, sizeof err) != 0)
+			_exit(21);
+		snprintf(name, sizeof name, "race-%d", i);
+		opq_lease *l = lease_new(p, name, NULL, 5 * SEC);
+		char go;
+		if (l == NULL || read(gate[0], &go, 1) != 0) /* EOF: all start now */
+			_exit(22);
+		int rc = opq_lease_try_acquire(l, NULL);
+		if (rc != 0) {
+			opq_lease_error(l, err, sizeof err);
+			fprintf(stderr, "race child %d: %d %s\n", i, rc, err);
+			_exit(23);
+		}
+		if (opq_lease_release(l) != 0)
+			_exit(24);
+		opq_lease_destroy(l);
+		opq_lease_provider_destroy(p);
+		_exit(0);
+	}
+	close(gate[0]);
+	close(gate[1]); /* opens the gate for every child at once */
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(child_wait(pids[i], 60 * SEC), 0);
+	snprintf(ci, sizeof ci, "%s dbname=opq_race", conninfo());
+	c = PQconnectdb(ci);
+	ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
+	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease"), N);
+	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM pg_proc WHERE proname = 'opq_lease_held'"),
+			 1);
+	PQfinish(c);
+}
+END_TEST
+
+int main(void)
+{
+	if (getenv("OPQ_PG_CONNINFO") == NULL) {
+		printf("OPQ_PG_CONNINFO not set: run through tests/pgserver.sh; skipped\n");
+		return 77;
+	}
+	setvbuf(stdout, NULL, _IONBF, 0);
+	Suite *s = suite_create("lease_pg");
+	tcase_add_test(t_tcase(s, "bad_input", 60), test_bad_input);
+	tcase_add_test(t_tcase(s, "sql_file", 60), test_sql_file);
+	tcase_add_test(t_tcase(s, "schema_race", 60), test_schema_race);
+	tcase_add_test(t_tcase(s, "exclusion", 120), test_mutual_exclusion);
+	tcase_add_test(t_tcase(s, "threads", 120), test_threads_share_provider);
+	tcase_add_test(t_tcase(s, "crash", 60), test_crash_takeover);
+	tcase_add_test(t_tcase(s, "fence", 60), test_fenced_resource);
+	tcase_add_test(t_tcase(s, "guard", 60), test_guard_holds_takeover);
+	tcase_add_test(t_tcase(s, "restart", 60), test_restart_tokens);
+	tcase_add_test(t_tcase(s, "taken", 60), test_keepalive_taken);
+	tcase_add_test(t_tcase(s, "hung", 60), test_hung_server);
+	tcase_add_test(t_tcase(s, "store_down", 90), test_store_down);
+	return t_run(s);
+}
