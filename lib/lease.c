@@ -475,8 +475,10 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 		if (at > end)
 			at = end;
 		struct timespec ts = opq__ns_to_ts(at);
-		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
-			;
+		/* Inside a scope task a cancel ends the wait (scope.c). */
+		int src = opq__cancel_sleep_until(&ts);
+		if (src != ETIMEDOUT)
+			return src;
 		step = step > lease->a.poll_max / 2 ? lease->a.poll_max : step * 2;
 	}
 }

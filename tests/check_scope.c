@@ -218,12 +218,13 @@ struct blocker {
 	opq_queue *full;
 	opq_line *line;
 	opq_stage *stage;
+	opq_lease *lease;
 	atomic_int entered;
 	atomic_llong returned_at;
 	int rc;
 };
 
-enum { B_ENQUEUE, B_TIMEDENQUEUE, B_LINE_WAIT, B_LINE_IDLE, B_STAGE, B_SLEEP, B_HOOK, B_N };
+enum { B_ENQUEUE, B_TIMEDENQUEUE, B_LINE_WAIT, B_LINE_IDLE, B_STAGE, B_SLEEP, B_HOOK, B_LEASE, B_N };
 
 static void nop(void *arg)
 {
@@ -263,6 +264,9 @@ static int blocker_fn(opq_scope *s, void *arg)
 		break;
 	case B_HOOK:
 		rc = opq__cancel_sleep_until(&far);
+		break;
+	case B_LEASE: /* held by another owner: acquire polls until cancelled */
+		rc = opq_lease_acquire(b->lease, &far, NULL);
 		break;
 	}
 	atomic_store(&b->returned_at, now_ns());
@@ -325,6 +329,13 @@ START_TEST(test_blocking_calls_cancelled)
 			ck_assert_int_eq(opq_stage_register(b.stage, "h", 1, &head), 0);
 			ck_assert_int_eq(opq_stage_enter(b.stage, head, NULL, &event), OPQ_STAGE_HEAD);
 
+			opq_lease_provider *lp;
+			opq_lease *holder;
+			ck_assert_int_eq(opq_lease_provider_memory(&lp), 0);
+			ck_assert_int_eq(opq_lease_create(&holder, lp, "res", NULL), 0);
+			ck_assert_int_eq(opq_lease_create(&b.lease, lp, "res", NULL), 0);
+			ck_assert_int_eq(opq_lease_try_acquire(holder, NULL), 0);
+
 			opq_task *t;
 			ck_assert_int_eq(opq_scope_spawn(root, NULL, blocker_fn, &b, NULL, NULL, &t), 0);
 			T_WAIT_UNTIL(blocked(&b));
@@ -351,6 +362,12 @@ START_TEST(test_blocking_calls_cancelled)
 			ck_assert_int_eq(opq_stage_leave(b.stage, head), 0);
 			ck_assert_int_eq(opq_stage_unregister(b.stage, head, &event), 0);
 			ck_assert_int_eq(opq_stage_destroy(b.stage), 0);
+			ck_assert_int_eq(opq_lease_try_acquire(b.lease, NULL), EBUSY);
+			ck_assert_int_eq(opq_lease_release(holder), 0);
+			ck_assert_int_eq(opq_lease_try_acquire(b.lease, NULL), 0);
+			ck_assert_int_eq(opq_lease_destroy(b.lease), 0);
+			ck_assert_int_eq(opq_lease_destroy(holder), 0);
+			ck_assert_int_eq(opq_lease_provider_destroy(lp), 0);
 		}
 	}
 	ck_assert_int_eq(wait_scope(root), 0);
