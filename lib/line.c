@@ -14,6 +14,8 @@
  *   and release make no system call).
  * The condvar has the default clock so that OPQ_LINE_INITIALIZER works;
  * deadlines on CLOCK_MONOTONIC go through pthread_cond_clockwait.
+ * lib/line.pml models this protocol for the spin model checker
+ * (tests/spin.sh): keep the two in step.
  */
 #define _GNU_SOURCE 1 /* pthread_cond_clockwait */
 #include "internal.h"

@@ -13,6 +13,8 @@
  * - a notified event is stored in its ticket (`latched`) until an enter or
  *   unregister hands it back: it is never dropped, whatever races it;
  * - st->head is the ticket heading the stage, or NULL.
+ * lib/stage.pml models this protocol for the spin model checker
+ * (tests/spin.sh): keep the two in step.
  */
 #include "internal.h"
 

@@ -9,7 +9,7 @@ for page in "$@"; do
 	base=$(basename "$page")
 	sect=${base##*.}
 	self=${base%.*}
-	for name in $(sed -n 's/^\.Nm \([a-z_0-9]*\).*/\1/p' "$page" | sort -u); do
+	for name in $(sed -n 's/^\.Nm \([a-z_0-9-]*\).*/\1/p' "$page" | sort -u); do
 		[ "$name" = "$self" ] && continue
 		link="$mandir/man$sect/$name.$sect"
 		case $action in

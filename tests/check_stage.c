@@ -444,18 +444,21 @@ struct udp_worker {
 	pthread_t thread;
 };
 
-/* The key of a peer: its address and port as bytes. */
+/*
+ * The key of a peer: its address and port as bytes. The explicit pad
+ * leaves the struct no padding bytes: those are not copied by a return by
+ * value, so the key's bytes (hashed and compared by the stage) would be
+ * partly uninitialised (valgrind's memcheck found it).
+ */
 struct peer_key {
 	uint32_t addr;
 	uint16_t port;
+	uint16_t pad;
 };
 
 static struct peer_key key_of(const struct sockaddr_in *sa)
 {
-	struct peer_key k;
-	memset(&k, 0, sizeof(k));
-	k.addr = sa->sin_addr.s_addr;
-	k.port = sa->sin_port;
+	struct peer_key k = { .addr = sa->sin_addr.s_addr, .port = sa->sin_port, .pad = 0 };
 	return k;
 }
 

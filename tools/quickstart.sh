@@ -16,7 +16,7 @@ jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 packages="autoconf automake libtool pkg-config make gcc clang libclang-rt-14-dev
 	check libjemalloc-dev mandoc libglib2.0-dev libuv1-dev
-	libsqlite3-dev sqlite3 postgresql libpq-dev"
+	libsqlite3-dev sqlite3 postgresql libpq-dev spin"
 
 install_missing() {
 	missing=

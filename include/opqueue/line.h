@@ -122,9 +122,10 @@ OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
 /*
  * Release the token held by *held, record status for the waiters, advance
  * the generation and wake every waiter; held->held becomes 0. Errors:
- * EINVAL (NULL, or a ticket of another line), EPERM (the ticket does not
- * hold the token: never acquired, already released, or a stale copy). On
- * error nothing changes.
+ * EINVAL (NULL, a ticket of another line, or a blank ticket that no call
+ * on this line filled in), EPERM (the ticket does not hold the token: its
+ * try failed, it was already released, or it is a stale copy). On error
+ * nothing changes.
  */
 OPQ_EXPORT int opq_line_release(opq_line *line, opq_line_ticket *held, int status);
 
