@@ -10,21 +10,59 @@
  *   yet finished (alive plus those running their exit hook); a runner leaves
  *   its loop when alive > target (shrink) or when the queue is stopping and
  *   the FIFO is empty;
- * - a condvar is signalled only when somebody waits on it (idle_runners,
- *   space_waiters, idle_waiters count the waiters).
+ * - a condvar is signalled only when somebody waits on it (sleepers,
+ *   space_waiters, idle_waiters count the waiters); a runner is woken only
+ *   when the FIFO holds more operations than runners already awake and
+ *   looking (spinning, or woken and not yet running): `sleepers` counts
+ *   runners waiting and not yet signalled, `wakes` signals not yet consumed.
+ *
+ * Batches: a runner takes up to BATCH_MAX operations (its share of the FIFO:
+ * queued / runners, rounded up) under one lock into the slots of its struct
+ * runner, and performs them in FIFO order without the lock. An operation in
+ * a slot is BATCHED; its slot's state says who has it: PENDING (nobody yet),
+ * OWNER (the runner performs it), STOLEN (an idle runner took it over),
+ * CANCELLED (opq_queue_cancel or a discarding stop took it). Every claim is a
+ * compare-and-swap from PENDING, so exactly one party gets each operation;
+ * only the winner touches the operation afterwards. Batched operations count
+ * as `running` (stats report the PENDING ones as queued), and each party
+ * that claims one takes it off `running` when it is done with it.
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
-/* opq_op.opq__state: IDLE after init, QUEUED in a FIFO, TAKEN by a runner. */
-enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_TAKEN = 0x7461 };
+/*
+ * opq_op.opq__state: IDLE after init, QUEUED in a FIFO, BATCHED in a runner's
+ * slot, TAKEN by a runner. Accessed atomically: a runner marks an operation
+ * TAKEN without the lock (see the batches above).
+ */
+enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
+
+#define OP_STATE(op) __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
+#define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
+
+/* The most operations a runner takes at once, and its slots' states. */
+#define BATCH_MAX 16
+enum { SLOT_PENDING = 1, SLOT_OWNER, SLOT_STOLEN, SLOT_CANCELLED };
+
+struct slot {
+	opq_op *op;
+	atomic_int state;
+};
+
+/* How often a runner that found nothing looks again before it sleeps. */
+#ifndef OPQ_SPIN
+#define OPQ_SPIN 256
+#endif
+/* Boxes a queue keeps for reuse by function-pointer operations. */
+#define BOX_CACHE_MAX 1024
 
 struct opq_queue_attr {
 	size_t capacity;
@@ -40,6 +78,8 @@ struct runner {
 	pthread_t thread;
 	unsigned index;
 	bool finished;
+	unsigned nslots; /* slots of the current batch, under q->mu */
+	struct slot slots[BATCH_MAX];
 };
 
 struct opq_queue {
@@ -52,7 +92,9 @@ struct opq_queue {
 	size_t queued;
 	size_t capacity;
 	unsigned running;
-	unsigned idle_runners;
+	unsigned sleepers;	 /* runners waiting on work, not yet signalled */
+	unsigned wakes;		 /* signals on work not yet consumed */
+	unsigned spinning;	 /* runners looking at the FIFO before sleeping */
 	unsigned space_waiters;
 	unsigned idle_waiters;
 	unsigned callers;	 /* threads blocked in a call on q: destroy is EBUSY */
@@ -67,6 +109,8 @@ struct opq_queue {
 	int state;
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
+	opq_op *boxes;		 /* spare boxes (struct box), linked by opq__next */
+	unsigned nboxes;
 	uint64_t completed, discarded, cancelled, high_water;
 	struct opq_queue_attr attr;
 };
@@ -156,11 +200,11 @@ static void fifo_push(opq_queue *q, opq_op *op)
 	op->opq__next = NULL;
 	op->opq__prev = q->tail;
 	op->opq__owner = q;
-	op->opq__state = OP_QUEUED;
+	OP_SET_STATE(op, OP_QUEUED);
 	if (q->tail)
 		q->tail->opq__next = op;
 	else
-		q->head = op;
+		__atomic_store_n(&q->head, op, __ATOMIC_RELAXED);
 	q->tail = op;
 	if (++q->queued > q->high_water)
 		q->high_water = q->queued;
@@ -171,14 +215,14 @@ static void fifo_unlink(opq_queue *q, opq_op *op, uintptr_t state)
 	if (op->opq__prev)
 		op->opq__prev->opq__next = op->opq__next;
 	else
-		q->head = op->opq__next;
+		__atomic_store_n(&q->head, op->opq__next, __ATOMIC_RELAXED);
 	if (op->opq__next)
 		op->opq__next->opq__prev = op->opq__prev;
 	else
 		q->tail = op->opq__prev;
 	op->opq__next = op->opq__prev = NULL;
 	op->opq__owner = NULL;
-	op->opq__state = state;
+	OP_SET_STATE(op, state);
 	q->queued--;
 }
 
@@ -201,10 +245,11 @@ static opq_op *fifo_take_all(opq_queue *q)
 	opq_op *list = q->head;
 	for (opq_op *op = list; op; op = op->opq__next) {
 		op->opq__owner = NULL;
-		op->opq__state = OP_IDLE;
+		OP_SET_STATE(op, OP_IDLE);
 	}
 	q->discarded += q->queued;
-	q->head = q->tail = NULL;
+	__atomic_store_n(&q->head, NULL, __ATOMIC_RELAXED);
+	q->tail = NULL;
 	q->queued = 0;
 	fifo_shrunk(q);
 	return list;
@@ -236,10 +281,176 @@ static void runner_name(opq_queue *q, unsigned index)
 #endif
 }
 
+/* Wake one sleeping runner, or all of them. Under q->mu. */
+static void wake_one(opq_queue *q)
+{
+	if (q->sleepers) {
+		q->sleepers--;
+		q->wakes++;
+		OPQ_CHECK(pthread_cond_signal(&q->work));
+	}
+}
+
+static void wake_all(opq_queue *q)
+{
+	q->wakes += q->sleepers;
+	q->sleepers = 0;
+	OPQ_CHECK(pthread_cond_broadcast(&q->work));
+}
+
+static void box_perform(opq_op *op);
+
+/*
+ * Claim the slots of every runner's batch still PENDING for a discarding
+ * stop: the operations join `list` (to be discarded), in batch order, ahead
+ * of it. Under q->mu.
+ */
+static opq_op *batches_take_all(opq_queue *q, opq_op *list)
+{
+	opq_op *head = NULL, **tailp = &head;
+	for (struct runner *r = q->runners; r; r = r->next) {
+		for (unsigned i = 0; i < r->nslots; i++) {
+			int pending = SLOT_PENDING;
+			if (!atomic_compare_exchange_strong(&r->slots[i].state, &pending,
+							    SLOT_CANCELLED))
+				continue;
+			opq_op *op = r->slots[i].op;
+			op->opq__owner = NULL;
+			op->opq__prev = NULL;
+			OP_SET_STATE(op, OP_IDLE);
+			q->running--;
+			q->discarded++;
+			*tailp = op;
+			tailp = &op->opq__next;
+		}
+	}
+	*tailp = list;
+	return head;
+}
+
+/* Take this runner's share of the FIFO into its slots. Under q->mu. */
+static void take_batch(opq_queue *q, struct runner *r)
+{
+	unsigned alive = q->alive ? q->alive : 1;
+	size_t n = (q->queued + alive - 1) / alive;
+	if (n > BATCH_MAX)
+		n = BATCH_MAX;
+	if (n == 0)
+		n = 1;
+	for (size_t i = 0; i < n; i++) {
+		opq_op *op = q->head;
+		fifo_unlink(q, op, OP_BATCHED);
+		op->opq__owner = q;
+		op->opq__prev = (opq_op *)(void *)&r->slots[i];
+		r->slots[i].op = op;
+		atomic_store_explicit(&r->slots[i].state, SLOT_PENDING, memory_order_relaxed);
+	}
+	r->nslots = (unsigned)n;
+	q->running += n;
+	if (q->space_waiters) {
+		if (n == 1)
+			OPQ_CHECK(pthread_cond_signal(&q->space));
+		else
+			OPQ_CHECK(pthread_cond_broadcast(&q->space));
+	}
+}
+
+/*
+ * Perform the batch without the lock: each PENDING slot is claimed first,
+ * so that an operation cancelled or stolen meanwhile is left alone. The
+ * boxes of function-pointer operations go to *boxes for reuse. Returns how
+ * many operations this runner performed.
+ */
+static size_t run_batch(struct runner *r, opq_op **boxes)
+{
+	size_t performed = 0;
+	for (unsigned i = 0; i < r->nslots; i++) {
+		int pending = SLOT_PENDING;
+		if (!atomic_compare_exchange_strong_explicit(&r->slots[i].state, &pending, SLOT_OWNER,
+							     memory_order_acquire,
+							     memory_order_relaxed))
+			continue;
+		opq_op *op = r->slots[i].op;
+		OP_SET_STATE(op, OP_TAKEN);
+		performed++;
+		if (op->perform == box_perform) {
+			struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
+			opq_fn *fn = b->fn;
+			void *arg = b->arg;
+			op->opq__next = *boxes;
+			*boxes = op;
+			fn(arg);
+		} else {
+			op->perform(op); /* op may be freed from here on */
+		}
+	}
+	return performed;
+}
+
+/*
+ * Take over the first PENDING operation of another runner's batch, for a
+ * runner that found the FIFO empty. Under q->mu.
+ */
+static opq_op *steal(opq_queue *q, struct runner *self)
+{
+	for (struct runner *r = q->runners; r; r = r->next) {
+		if (r == self)
+			continue;
+		for (unsigned i = 0; i < r->nslots; i++) {
+			int pending = SLOT_PENDING;
+			if (atomic_compare_exchange_strong(&r->slots[i].state, &pending,
+							   SLOT_STOLEN)) {
+				opq_op *op = r->slots[i].op;
+				OP_SET_STATE(op, OP_TAKEN);
+				return op;
+			}
+		}
+	}
+	return NULL;
+}
+
+/* Look at the FIFO for a while without the lock: true if it has work. */
+static bool spin(opq_queue *q)
+{
+	for (int i = 0; i < OPQ_SPIN; i++) {
+		if (__atomic_load_n(&q->head, __ATOMIC_RELAXED))
+			return true;
+#if defined(__x86_64__) || defined(__i386__)
+		__builtin_ia32_pause();
+#elif defined(__aarch64__)
+		__asm__ __volatile__("yield");
+#endif
+	}
+	return false;
+}
+
+static void free_boxes(opq_op *op)
+{
+	while (op) {
+		opq_op *next = op->opq__next;
+		opq__box_free(OPQ_CONTAINER_OF(op, struct box, op), sizeof(struct box));
+		op = next;
+	}
+}
+
+/* Keep spare boxes, up to BOX_CACHE_MAX; returns those that did not fit. Under q->mu. */
+static opq_op *keep_boxes(opq_queue *q, opq_op *op)
+{
+	while (op && q->nboxes < BOX_CACHE_MAX) {
+		opq_op *next = op->opq__next;
+		op->opq__next = q->boxes;
+		q->boxes = op;
+		q->nboxes++;
+		op = next;
+	}
+	return op;
+}
+
 static void *runner_main(void *arg)
 {
 	struct runner *r = arg;
 	opq_queue *q = r->q;
+	bool spun = false;
 
 	tls_queue = q;
 	runner_name(q, r->index);
@@ -255,28 +466,57 @@ static void *runner_main(void *arg)
 	for (;;) {
 		if (q->alive > q->target)
 			break;
-		opq_op *op = q->head;
-		if (!op) {
-			if (q->state == ST_STOPPING)
-				break;
-			q->idle_runners++;
-			OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
-			q->idle_runners--;
+		if (q->head) {
+			take_batch(q, r);
+			opq__unlock(&q->mu);
+
+			opq_op *boxes = NULL;
+			size_t performed = run_batch(r, &boxes);
+
+			opq__lock(&q->mu);
+			r->nslots = 0;
+			q->running -= performed;
+			q->completed += performed;
+			if (q->idle_waiters && q->queued == 0 && q->running == 0)
+				OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			if (boxes && (boxes = keep_boxes(q, boxes))) {
+				opq__unlock(&q->mu);
+				free_boxes(boxes);
+				opq__lock(&q->mu);
+			}
+			spun = false;
 			continue;
 		}
-		fifo_unlink(q, op, OP_TAKEN);
-		q->running++;
-		if (q->space_waiters)
-			OPQ_CHECK(pthread_cond_signal(&q->space));
-		opq__unlock(&q->mu);
-
-		op->perform(op); /* op may be freed from here on */
-
-		opq__lock(&q->mu);
-		q->running--;
-		q->completed++;
-		if (q->idle_waiters && q->queued == 0 && q->running == 0)
-			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+		opq_op *op = steal(q, r);
+		if (op) {
+			opq__unlock(&q->mu);
+			op->perform(op); /* op may be freed from here on */
+			opq__lock(&q->mu);
+			q->running--;
+			q->completed++;
+			if (q->idle_waiters && q->queued == 0 && q->running == 0)
+				OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			continue;
+		}
+		if (q->state == ST_STOPPING)
+			break;
+		if (!spun) {
+			/* Look again for a moment: a runner awake is cheaper than a wakeup. */
+			spun = true;
+			q->spinning++;
+			opq__unlock(&q->mu);
+			spin(q);
+			opq__lock(&q->mu);
+			q->spinning--;
+			continue;
+		}
+		spun = false;
+		q->sleepers++;
+		OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
+		if (q->wakes)
+			q->wakes--;
+		else
+			q->sleepers--; /* woken without a signal of its own */
 	}
 	q->alive--;
 	opq__unlock(&q->mu);
@@ -439,8 +679,12 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 		return EBUSY;
 	}
 	opq_op *list = fifo_take_all(q);
+	opq_op *boxes = q->boxes;
+	q->boxes = NULL;
+	q->nboxes = 0;
 	opq__unlock(&q->mu);
 	discard_list(list);
+	free_boxes(boxes);
 
 	pthread_cond_destroy(&q->change);
 	pthread_cond_destroy(&q->idle);
@@ -469,7 +713,7 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 	if (rc && q->state == ST_RUNNING) {
 		/* All or nothing: let the runners made so far go, and roll back. */
 		q->target = 0;
-		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+		wake_all(q);
 		wait_runners_gone(q);
 		q->state = prev;
 	}
@@ -494,7 +738,7 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
 	if (q->alive < runners)
 		rc = spawn(q, runners - q->alive);
 	else if (q->alive > runners)
-		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+		wake_all(q);
 	reap(q);
 	q->callers--;
 	opq__unlock(&q->mu);
@@ -519,10 +763,10 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 	uint64_t stops = q->stops;
 	q->state = ST_STOPPING;
 	OPQ_CHECK(pthread_cond_broadcast(&q->space)); /* blocked enqueuers: ESHUTDOWN */
-	OPQ_CHECK(pthread_cond_broadcast(&q->work));
+	wake_all(q);
 
 	if (mode == OPQ_STOP_DISCARD) {
-		opq_op *list = fifo_take_all(q);
+		opq_op *list = batches_take_all(q, fifo_take_all(q));
 		opq__unlock(&q->mu);
 		discard_list(list);
 		opq__lock(&q->mu);
@@ -562,10 +806,17 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 
 enum wait_kind { WAIT_BLOCK, WAIT_TRY };
 
-static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
+/*
+ * Enqueue op, or (op NULL) a function-pointer operation that `box` describes:
+ * it gets a box of its own once there is room, a spare one when the queue has
+ * one, so that it allocates nothing on the steady path.
+ */
+static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline,
+		   const struct box *box)
 {
 	opq__lock(&q->mu);
-	if (op->opq__owner == q && op->opq__state == OP_QUEUED) {
+	uintptr_t st = op ? OP_STATE(op) : OP_IDLE;
+	if (op && op->opq__owner == q && (st == OP_QUEUED || st == OP_BATCHED)) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
@@ -600,9 +851,24 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 			return ETIMEDOUT;
 		}
 	}
+	if (box) {
+		/* A function-pointer operation: a spare box, or a new one. */
+		opq_op *spare = q->boxes;
+		if (spare) {
+			q->boxes = spare->opq__next;
+			q->nboxes--;
+			op = spare;
+		} else if (!(op = opq__box_alloc(sizeof(struct box)))) {
+			opq__unlock(&q->mu);
+			return ENOMEM;
+		}
+		struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
+		*b = *box;
+	}
 	fifo_push(q, op);
-	if (q->idle_runners)
-		OPQ_CHECK(pthread_cond_signal(&q->work));
+	/* Wake a runner only if those awake and looking are too few. */
+	if (q->sleepers && q->queued > q->spinning + q->wakes)
+		wake_one(q);
 	opq__unlock(&q->mu);
 	return 0;
 }
@@ -611,21 +877,21 @@ OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, NULL);
+	return enqueue(q, op, WAIT_BLOCK, NULL, NULL);
 }
 
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_TRY, NULL);
+	return enqueue(q, op, WAIT_TRY, NULL, NULL);
 }
 
 OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
 {
 	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, deadline);
+	return enqueue(q, op, WAIT_BLOCK, deadline, NULL);
 }
 
 static void box_perform(opq_op *op)
@@ -652,17 +918,9 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 {
 	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
-	struct box *b = opq__box_alloc(sizeof(*b));
-	if (!b)
-		return ENOMEM;
-	opq_op_init(&b->op, box_perform, box_discard);
-	b->fn = fn;
-	b->discard = discard_fn;
-	b->arg = arg;
-	int rc = enqueue(q, &b->op, kind, deadline);
-	if (rc)
-		opq__box_free(b, sizeof(*b));
-	return rc;
+	struct box b = { .fn = fn, .discard = discard_fn, .arg = arg };
+	opq_op_init(&b.op, box_perform, box_discard);
+	return enqueue(q, NULL, kind, deadline, &b);
 }
 
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg)
@@ -688,11 +946,27 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 	if (!q || !op)
 		return EINVAL;
 	opq__lock(&q->mu);
-	if (op->opq__owner != q || op->opq__state != OP_QUEUED) {
+	uintptr_t st = OP_STATE(op);
+	if (op->opq__owner != q || (st != OP_QUEUED && st != OP_BATCHED)) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
-	fifo_unlink(q, op, OP_IDLE);
+	if (st == OP_QUEUED) {
+		fifo_unlink(q, op, OP_IDLE);
+	} else {
+		/* In a runner's batch: ours only if we claim its slot first. */
+		struct slot *slot = (struct slot *)(void *)op->opq__prev;
+		int pending = SLOT_PENDING;
+		if (slot->op != op ||
+		    !atomic_compare_exchange_strong(&slot->state, &pending, SLOT_CANCELLED)) {
+			opq__unlock(&q->mu);
+			return EBUSY;
+		}
+		op->opq__owner = NULL;
+		op->opq__prev = NULL;
+		OP_SET_STATE(op, OP_IDLE);
+		q->running--;
+	}
 	q->discarded++;
 	q->cancelled++;
 	fifo_shrunk(q);
@@ -731,8 +1005,14 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 		return EINVAL;
 	memset(stats, 0, sizeof(*stats));
 	opq__lock(&q->mu);
-	stats->queued = q->queued;
-	stats->running = q->running;
+	/* Operations in a batch that nobody has claimed yet are still queued. */
+	size_t pending = 0;
+	for (struct runner *r = q->runners; r; r = r->next)
+		for (unsigned i = 0; i < r->nslots; i++)
+			pending += atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
+				   SLOT_PENDING;
+	stats->queued = q->queued + pending;
+	stats->running = q->running - pending;
 	stats->completed = q->completed;
 	stats->discarded = q->discarded;
 	stats->cancelled = q->cancelled;
