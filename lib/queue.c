@@ -630,6 +630,27 @@ static void wait_runners_gone(opq_queue *q)
 
 /* ---- lifecycle ----------------------------------------------------------- */
 
+/*
+ * The queue's mutex is taken by producers and runners for a few dozen
+ * instructions at a time: an adaptive mutex (glibc) spins a little before
+ * it sleeps in the kernel, which saves most futex calls under contention.
+ */
+static int queue_mutex_init(pthread_mutex_t *mu)
+{
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP) && !defined(OPQ_DEBUG)
+	pthread_mutexattr_t ma;
+	int rc = pthread_mutexattr_init(&ma);
+	if (rc)
+		return rc;
+	pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+	rc = pthread_mutex_init(mu, &ma);
+	pthread_mutexattr_destroy(&ma);
+	return rc;
+#else
+	return opq__mutex_init(mu);
+#endif
+}
+
 OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 {
 	if (!qp)
@@ -641,7 +662,7 @@ OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 	q->capacity = q->attr.capacity;
 	q->state = ST_NEW;
 
-	int rc = opq__mutex_init(&q->mu);
+	int rc = queue_mutex_init(&q->mu);
 	if (rc)
 		goto fail_mu;
 	if ((rc = opq__cond_init(&q->work)))
