@@ -26,10 +26,23 @@
  * only the winner touches the operation afterwards. Batched operations count
  * as `running` (stats report the PENDING ones as queued), and each party
  * that claims one takes it off `running` when it is done with it.
+ *
+ * The inbox: an unbounded queue's enqueue takes no lock. It pushes the
+ * operation (state INBOX) onto `inbox`, a lock-free LIFO stack, and whoever
+ * holds q->mu next with a need to see the FIFO (a runner out of work, cancel,
+ * stats, wait_idle, stop) moves the whole stack, reversed, to the FIFO's
+ * tail: the FIFO order is the order of the successful pushes. Stopping swaps
+ * in INBOX_CLOSED, which makes later pushes fail with ESHUTDOWN. A runner
+ * about to sleep counts itself in `sleepers` and then looks at the inbox once
+ * more; a producer pushes and then reads `sleepers` (both sequentially
+ * consistent), so one of them sees the other: no operation is left with
+ * every runner asleep. `pushing` counts producers between their push and
+ * their last access to q; destroy waits for it to drop to zero.
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -43,7 +56,11 @@ enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
  * slot, TAKEN by a runner. Accessed atomically: a runner marks an operation
  * TAKEN without the lock (see the batches above).
  */
-enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
+enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, OP_INBOX = 0x6962 };
+
+#define INBOX_CLOSED ((opq_op *)(uintptr_t)1)
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 
 #define OP_STATE(op) __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
@@ -61,8 +78,14 @@ struct slot {
 #ifndef OPQ_SPIN
 #define OPQ_SPIN 256
 #endif
-/* Boxes a queue keeps for reuse by function-pointer operations. */
-#define BOX_CACHE_MAX 1024
+/*
+ * Boxes of function-pointer operations are reused: runners push the boxes of
+ * the operations they performed onto their queue's `spare` stack (up to
+ * SPARE_MAX), a producer that has none takes that whole stack into a cache
+ * of its own thread (up to TLS_BOXES_MAX; freed when the thread exits).
+ */
+#define SPARE_MAX 4096
+#define TLS_BOXES_MAX 4096
 
 struct opq_queue_attr {
 	size_t capacity;
@@ -89,6 +112,8 @@ struct opq_queue {
 	pthread_cond_t idle;	 /* wait_idle: nothing queued, nothing running */
 	pthread_cond_t change;	 /* start/stop: runners started, finished, stop done */
 	opq_op *head, *tail;
+	opq_op *inbox;		 /* lock-free pushes of unbounded enqueues (see above) */
+	unsigned pushing;	 /* producers in the lock-free path right now */
 	size_t queued;
 	size_t capacity;
 	unsigned running;
@@ -109,8 +134,8 @@ struct opq_queue {
 	int state;
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
-	opq_op *boxes;		 /* spare boxes (struct box), linked by opq__next */
-	unsigned nboxes;
+	opq_op *spare;		 /* boxes for reuse (lock-free stack, by opq__next) */
+	unsigned nspare;	 /* about how many */
 	uint64_t completed, discarded, cancelled, high_water;
 	struct opq_queue_attr attr;
 };
@@ -226,6 +251,40 @@ static void fifo_unlink(opq_queue *q, opq_op *op, uintptr_t state)
 	q->queued--;
 }
 
+/* Append a reversed inbox stack to the FIFO. Under q->mu. */
+static void fifo_push_stack(opq_queue *q, opq_op *stack)
+{
+	opq_op *list = NULL;
+	while (stack) {
+		opq_op *next = stack->opq__next;
+		stack->opq__next = list;
+		list = stack;
+		stack = next;
+	}
+	while (list) {
+		opq_op *next = list->opq__next;
+		fifo_push(q, list);
+		list = next;
+	}
+}
+
+/* Move the inbox to the FIFO. Under q->mu. */
+static void inbox_drain(opq_queue *q)
+{
+	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_ACQUIRE);
+	if (!top || top == INBOX_CLOSED)
+		return;
+	fifo_push_stack(q, __atomic_exchange_n(&q->inbox, NULL, __ATOMIC_SEQ_CST));
+}
+
+/* Close the inbox (later pushes fail) and move what it held to the FIFO. Under q->mu. */
+static void inbox_close(opq_queue *q)
+{
+	opq_op *top = __atomic_exchange_n(&q->inbox, INBOX_CLOSED, __ATOMIC_SEQ_CST);
+	if (top != INBOX_CLOSED)
+		fifo_push_stack(q, top);
+}
+
 /* After the FIFO shrank or an operation finished: wake who waits for that. */
 static void fifo_shrunk(opq_queue *q)
 {
@@ -285,7 +344,7 @@ static void runner_name(opq_queue *q, unsigned index)
 static void wake_one(opq_queue *q)
 {
 	if (q->sleepers) {
-		q->sleepers--;
+		STORE(q->sleepers, q->sleepers - 1);
 		q->wakes++;
 		OPQ_CHECK(pthread_cond_signal(&q->work));
 	}
@@ -294,7 +353,7 @@ static void wake_one(opq_queue *q)
 static void wake_all(opq_queue *q)
 {
 	q->wakes += q->sleepers;
-	q->sleepers = 0;
+	STORE(q->sleepers, 0);
 	OPQ_CHECK(pthread_cond_broadcast(&q->work));
 }
 
@@ -361,7 +420,7 @@ static void take_batch(opq_queue *q, struct runner *r)
  * boxes of function-pointer operations go to *boxes for reuse. Returns how
  * many operations this runner performed.
  */
-static size_t run_batch(struct runner *r, opq_op **boxes)
+static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigned *nboxes)
 {
 	size_t performed = 0;
 	for (unsigned i = 0; i < r->nslots; i++) {
@@ -378,7 +437,10 @@ static size_t run_batch(struct runner *r, opq_op **boxes)
 			opq_fn *fn = b->fn;
 			void *arg = b->arg;
 			op->opq__next = *boxes;
+			if (!*boxes)
+				*last = op;
 			*boxes = op;
+			++*nboxes;
 			fn(arg);
 		} else {
 			op->perform(op); /* op may be freed from here on */
@@ -415,6 +477,9 @@ static bool spin(opq_queue *q)
 	for (int i = 0; i < OPQ_SPIN; i++) {
 		if (__atomic_load_n(&q->head, __ATOMIC_RELAXED))
 			return true;
+		opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
+		if (top && top != INBOX_CLOSED)
+			return true;
 #if defined(__x86_64__) || defined(__i386__)
 		__builtin_ia32_pause();
 #elif defined(__aarch64__)
@@ -433,17 +498,19 @@ static void free_boxes(opq_op *op)
 	}
 }
 
-/* Keep spare boxes, up to BOX_CACHE_MAX; returns those that did not fit. Under q->mu. */
-static opq_op *keep_boxes(opq_queue *q, opq_op *op)
+/* Give the boxes first..last back to q's spare stack, or free them if it is full. */
+static void spare_push(opq_queue *q, opq_op *first, opq_op *last, unsigned n)
 {
-	while (op && q->nboxes < BOX_CACHE_MAX) {
-		opq_op *next = op->opq__next;
-		op->opq__next = q->boxes;
-		q->boxes = op;
-		q->nboxes++;
-		op = next;
+	if (__atomic_load_n(&q->nspare, __ATOMIC_RELAXED) >= SPARE_MAX) {
+		free_boxes(first);
+		return;
 	}
-	return op;
+	opq_op *top = __atomic_load_n(&q->spare, __ATOMIC_RELAXED);
+	do
+		last->opq__next = top;
+	while (!__atomic_compare_exchange_n(&q->spare, &top, first, true, __ATOMIC_RELEASE,
+					    __ATOMIC_RELAXED));
+	__atomic_fetch_add(&q->nspare, n, __ATOMIC_RELAXED);
 }
 
 static void *runner_main(void *arg)
@@ -466,23 +533,26 @@ static void *runner_main(void *arg)
 	for (;;) {
 		if (q->alive > q->target)
 			break;
+		if (!q->head)
+			inbox_drain(q);
 		if (q->head) {
 			take_batch(q, r);
 			opq__unlock(&q->mu);
 
-			opq_op *boxes = NULL;
-			size_t performed = run_batch(r, &boxes);
+			opq_op *boxes = NULL, *last = NULL;
+			unsigned nboxes = 0;
+			size_t performed = run_batch(r, &boxes, &last, &nboxes);
+			if (boxes)
+				spare_push(q, boxes, last, nboxes);
 
 			opq__lock(&q->mu);
 			r->nslots = 0;
 			q->running -= performed;
 			q->completed += performed;
-			if (q->idle_waiters && q->queued == 0 && q->running == 0)
-				OPQ_CHECK(pthread_cond_broadcast(&q->idle));
-			if (boxes && (boxes = keep_boxes(q, boxes))) {
-				opq__unlock(&q->mu);
-				free_boxes(boxes);
-				opq__lock(&q->mu);
+			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+				inbox_drain(q);
+				if (q->queued == 0)
+					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
 			}
 			spun = false;
 			continue;
@@ -494,8 +564,11 @@ static void *runner_main(void *arg)
 			opq__lock(&q->mu);
 			q->running--;
 			q->completed++;
-			if (q->idle_waiters && q->queued == 0 && q->running == 0)
-				OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+				inbox_drain(q);
+				if (q->queued == 0)
+					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			}
 			continue;
 		}
 		if (q->state == ST_STOPPING)
@@ -503,20 +576,26 @@ static void *runner_main(void *arg)
 		if (!spun) {
 			/* Look again for a moment: a runner awake is cheaper than a wakeup. */
 			spun = true;
-			q->spinning++;
+			STORE(q->spinning, q->spinning + 1);
 			opq__unlock(&q->mu);
 			spin(q);
 			opq__lock(&q->mu);
-			q->spinning--;
+			STORE(q->spinning, q->spinning - 1);
 			continue;
 		}
 		spun = false;
-		q->sleepers++;
+		STORE(q->sleepers, q->sleepers + 1);
+		inbox_drain(q); /* after counting in sleepers: see the inbox above */
+		if (q->head) {
+			/* Nobody signalled us: that takes q->mu, which we held. */
+			STORE(q->sleepers, q->sleepers - 1);
+			continue;
+		}
 		OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
 		if (q->wakes)
 			q->wakes--;
 		else
-			q->sleepers--; /* woken without a signal of its own */
+			STORE(q->sleepers, q->sleepers - 1); /* woken without a signal of its own */
 	}
 	q->alive--;
 	opq__unlock(&q->mu);
@@ -699,10 +778,15 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
+	inbox_close(q);
+	opq__unlock(&q->mu);
+	/* Producers that pushed before the inbox closed may still look at q. */
+	while (LOAD(q->pushing))
+		sched_yield();
+	opq__lock(&q->mu);
 	opq_op *list = fifo_take_all(q);
-	opq_op *boxes = q->boxes;
-	q->boxes = NULL;
-	q->nboxes = 0;
+	opq_op *boxes = q->spare;
+	q->spare = NULL;
 	opq__unlock(&q->mu);
 	discard_list(list);
 	free_boxes(boxes);
@@ -728,6 +812,9 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 	}
 	int prev = q->state;
 	q->state = ST_RUNNING;
+	opq_op *closed = INBOX_CLOSED;
+	__atomic_compare_exchange_n(&q->inbox, &closed, NULL, false, __ATOMIC_SEQ_CST,
+				    __ATOMIC_SEQ_CST); /* reopen after a stop */
 	q->target = runners;
 	q->next_index = 0;
 	int rc = spawn(q, runners);
@@ -737,6 +824,8 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 		wake_all(q);
 		wait_runners_gone(q);
 		q->state = prev;
+		if (prev == ST_STOPPED)
+			inbox_close(q);
 	}
 	opq__unlock(&q->mu);
 	return rc;
@@ -783,6 +872,7 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 	int prev = q->state;
 	uint64_t stops = q->stops;
 	q->state = ST_STOPPING;
+	inbox_close(q);
 	OPQ_CHECK(pthread_cond_broadcast(&q->space)); /* blocked enqueuers: ESHUTDOWN */
 	wake_all(q);
 
@@ -828,16 +918,48 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 enum wait_kind { WAIT_BLOCK, WAIT_TRY };
 
 /*
- * Enqueue op, or (op NULL) a function-pointer operation that `box` describes:
- * it gets a box of its own once there is room, a spare one when the queue has
- * one, so that it allocates nothing on the steady path.
+ * The lock-free enqueue of an unbounded queue (see the inbox above). The
+ * caller made sure the queue is unbounded. Returns EAGAIN when the operation
+ * looks queued already, so that the locked path decides under the lock.
  */
-static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline,
-		   const struct box *box)
+static int enqueue_inbox(opq_queue *q, opq_op *op)
+{
+	uintptr_t st = OP_STATE(op);
+	if (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX ||
+	    !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false, __ATOMIC_ACQUIRE,
+					 __ATOMIC_RELAXED))
+		return EAGAIN;
+	__atomic_fetch_add(&q->pushing, 1, __ATOMIC_SEQ_CST);
+	op->opq__owner = q;
+	op->opq__prev = NULL;
+	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
+	do {
+		if (top == INBOX_CLOSED) {
+			op->opq__owner = NULL;
+			OP_SET_STATE(op, st);
+			__atomic_fetch_sub(&q->pushing, 1, __ATOMIC_SEQ_CST);
+			return ESHUTDOWN;
+		}
+		op->opq__next = top;
+	} while (!__atomic_compare_exchange_n(&q->inbox, &top, op, true, __ATOMIC_SEQ_CST,
+					      __ATOMIC_RELAXED));
+	/* op may be performed and freed from here on. */
+	if (LOAD(q->sleepers) && !LOAD(q->spinning)) {
+		opq__lock(&q->mu);
+		inbox_drain(q);
+		if (q->sleepers && q->queued > q->spinning + q->wakes)
+			wake_one(q);
+		opq__unlock(&q->mu);
+	}
+	__atomic_fetch_sub(&q->pushing, 1, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
+static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
 {
 	opq__lock(&q->mu);
-	uintptr_t st = op ? OP_STATE(op) : OP_IDLE;
-	if (op && op->opq__owner == q && (st == OP_QUEUED || st == OP_BATCHED)) {
+	uintptr_t st = OP_STATE(op);
+	if (op->opq__owner == q && (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX)) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
@@ -872,20 +994,7 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 			return ETIMEDOUT;
 		}
 	}
-	if (box) {
-		/* A function-pointer operation: a spare box, or a new one. */
-		opq_op *spare = q->boxes;
-		if (spare) {
-			q->boxes = spare->opq__next;
-			q->nboxes--;
-			op = spare;
-		} else if (!(op = opq__box_alloc(sizeof(struct box)))) {
-			opq__unlock(&q->mu);
-			return ENOMEM;
-		}
-		struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
-		*b = *box;
-	}
+	inbox_drain(q); /* what was pushed before goes first */
 	fifo_push(q, op);
 	/* Wake a runner only if those awake and looking are too few. */
 	if (q->sleepers && q->queued > q->spinning + q->wakes)
@@ -894,25 +1003,36 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 	return 0;
 }
 
+/* The lock-free path when the queue is unbounded, else (or in doubt) the locked one. */
+static int enqueue_op(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
+{
+	if (q->capacity == 0) {
+		int rc = enqueue_inbox(q, op);
+		if (rc != EAGAIN)
+			return rc;
+	}
+	return enqueue(q, op, kind, deadline);
+}
+
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, NULL, NULL);
+	return enqueue_op(q, op, WAIT_BLOCK, NULL);
 }
 
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_TRY, NULL, NULL);
+	return enqueue_op(q, op, WAIT_TRY, NULL);
 }
 
 OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
 {
 	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, deadline, NULL);
+	return enqueue_op(q, op, WAIT_BLOCK, deadline);
 }
 
 static void box_perform(opq_op *op)
@@ -934,14 +1054,85 @@ static void box_discard(opq_op *op)
 		discard(arg);
 }
 
+/* This thread's spare boxes (see SPARE_MAX), freed when it exits. */
+static _Thread_local opq_op *tls_boxes;
+static _Thread_local unsigned tls_nboxes;
+static _Thread_local bool tls_boxes_registered;
+static pthread_key_t boxes_key;
+static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
+static bool boxes_key_ok;
+
+static void tls_boxes_free(void *unused)
+{
+	(void)unused;
+	free_boxes(tls_boxes);
+	tls_boxes = NULL;
+	tls_nboxes = 0;
+	tls_boxes_registered = false;
+}
+
+static void boxes_key_create(void)
+{
+	boxes_key_ok = pthread_key_create(&boxes_key, tls_boxes_free) == 0;
+}
+
+/* Make sure this thread's cache is freed when it exits: false if it cannot be. */
+static bool tls_boxes_register(void)
+{
+	if (!tls_boxes_registered) {
+		pthread_once(&boxes_once, boxes_key_create);
+		tls_boxes_registered = boxes_key_ok && pthread_setspecific(boxes_key, &tls_boxes) == 0;
+	}
+	return tls_boxes_registered;
+}
+
+/* Keep b in this thread's cache, or free it. */
+static void box_put(struct box *b)
+{
+	if (tls_nboxes < TLS_BOXES_MAX && tls_boxes_register()) {
+		b->op.opq__next = tls_boxes;
+		tls_boxes = &b->op;
+		tls_nboxes++;
+		return;
+	}
+	opq__box_free(b, sizeof(*b));
+}
+
+/* A box: from this thread's cache, else q's spare stack (all of it), else new. */
+static struct box *box_get(opq_queue *q)
+{
+	if (!tls_boxes && __atomic_load_n(&q->spare, __ATOMIC_RELAXED)) {
+		if (tls_boxes_register()) {
+			tls_boxes = __atomic_exchange_n(&q->spare, NULL, __ATOMIC_ACQUIRE);
+			tls_nboxes = __atomic_exchange_n(&q->nspare, 0, __ATOMIC_RELAXED);
+		}
+	}
+	opq_op *op = tls_boxes;
+	if (op) {
+		tls_boxes = op->opq__next;
+		if (tls_nboxes)
+			tls_nboxes--;
+		return OPQ_CONTAINER_OF(op, struct box, op);
+	}
+	return opq__box_alloc(sizeof(struct box));
+}
+
 static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
 		      const struct timespec *deadline)
 {
 	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
-	struct box b = { .fn = fn, .discard = discard_fn, .arg = arg };
-	opq_op_init(&b.op, box_perform, box_discard);
-	return enqueue(q, NULL, kind, deadline, &b);
+	struct box *b = box_get(q);
+	if (!b)
+		return ENOMEM;
+	opq_op_init(&b->op, box_perform, box_discard);
+	b->fn = fn;
+	b->discard = discard_fn;
+	b->arg = arg;
+	int rc = enqueue_op(q, &b->op, kind, deadline);
+	if (rc)
+		box_put(b);
+	return rc;
 }
 
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg)
@@ -967,6 +1158,7 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 	if (!q || !op)
 		return EINVAL;
 	opq__lock(&q->mu);
+	inbox_drain(q);
 	uintptr_t st = OP_STATE(op);
 	if (op->opq__owner != q || (st != OP_QUEUED && st != OP_BATCHED)) {
 		opq__unlock(&q->mu);
@@ -1007,9 +1199,14 @@ OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline
 	opq__lock(&q->mu);
 	q->callers++;
 	q->idle_waiters++;
-	while (q->queued || q->running) {
-		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT &&
-		    (q->queued || q->running)) {
+	for (;;) {
+		inbox_drain(q);
+		if (!q->queued && !q->running)
+			break;
+		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT) {
+			inbox_drain(q);
+			if (!q->queued && !q->running)
+				break;
 			rc = ETIMEDOUT;
 			break;
 		}
@@ -1026,6 +1223,7 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 		return EINVAL;
 	memset(stats, 0, sizeof(*stats));
 	opq__lock(&q->mu);
+	inbox_drain(q);
 	/* Operations in a batch that nobody has claimed yet are still queued. */
 	size_t pending = 0;
 	for (struct runner *r = q->runners; r; r = r->next)
