@@ -959,7 +959,7 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 {
 	opq__lock(&q->mu);
 	uintptr_t st = OP_STATE(op);
-	if (op->opq__owner == q && (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX)) {
+	if ((st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX) && op->opq__owner == q) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
@@ -1160,7 +1160,8 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 	opq__lock(&q->mu);
 	inbox_drain(q);
 	uintptr_t st = OP_STATE(op);
-	if (op->opq__owner != q || (st != OP_QUEUED && st != OP_BATCHED)) {
+	/* The state first: an operation still INBOX is not queued yet. */
+	if ((st != OP_QUEUED && st != OP_BATCHED) || op->opq__owner != q) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
