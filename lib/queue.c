@@ -74,9 +74,13 @@ struct slot {
 	atomic_int state;
 };
 
-/* How often a runner that found nothing looks again before it sleeps. */
-#ifndef OPQ_SPIN
-#define OPQ_SPIN 256
+/*
+ * How long a runner that found nothing keeps looking before it sleeps, in
+ * nanoseconds: long enough for a producer's next operation in a ping-pong,
+ * short next to a futex wakeup's cost in CPU time.
+ */
+#ifndef OPQ_SPIN_NS
+#define OPQ_SPIN_NS 10000
 #endif
 /*
  * Boxes of function-pointer operations are reused: runners push the boxes of
@@ -84,7 +88,7 @@ struct slot {
  * SPARE_MAX), a producer that has none takes that whole stack into a cache
  * of its own thread (up to TLS_BOXES_MAX; freed when the thread exits).
  */
-#define SPARE_MAX 4096
+#define SPARE_MAX 65536
 #define TLS_BOXES_MAX 4096
 
 struct opq_queue_attr {
@@ -472,9 +476,19 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 }
 
 /* Look at the FIFO for a while without the lock: true if it has work. */
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static bool spin(opq_queue *q)
 {
-	for (int i = 0; i < OPQ_SPIN; i++) {
+	uint64_t end = mono_ns() + OPQ_SPIN_NS;
+	for (unsigned i = 1;; i++) {
+		if (i % 32 == 0 && mono_ns() >= end)
+			return false;
 		if (__atomic_load_n(&q->head, __ATOMIC_RELAXED))
 			return true;
 		opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
@@ -486,7 +500,6 @@ static bool spin(opq_queue *q)
 		__asm__ __volatile__("yield");
 #endif
 	}
-	return false;
 }
 
 static void free_boxes(opq_op *op)
