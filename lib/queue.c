@@ -116,14 +116,10 @@ struct opq_queue {
 	pthread_cond_t idle;	 /* wait_idle: nothing queued, nothing running */
 	pthread_cond_t change;	 /* start/stop: runners started, finished, stop done */
 	opq_op *head, *tail;
-	opq_op *inbox;		 /* lock-free pushes of unbounded enqueues (see above) */
-	unsigned pushing;	 /* producers in the lock-free path right now */
 	size_t queued;
 	size_t capacity;
 	unsigned running;
-	unsigned sleepers;	 /* runners waiting on work, not yet signalled */
 	unsigned wakes;		 /* signals on work not yet consumed */
-	unsigned spinning;	 /* runners looking at the FIFO before sleeping */
 	unsigned space_waiters;
 	unsigned idle_waiters;
 	unsigned callers;	 /* threads blocked in a call on q: destroy is EBUSY */
@@ -142,6 +138,21 @@ struct opq_queue {
 	unsigned nspare;	 /* about how many */
 	uint64_t completed, discarded, cancelled, high_water;
 	struct opq_queue_attr attr;
+
+	/*
+	 * Written by producers without the lock; then fields producers read
+	 * without the lock, seldom written. The padding keeps each group off
+	 * the cache lines of the others (the struct comes from calloc, so
+	 * it is not aligned to a line: 64 bytes of padding on each side).
+	 */
+	char pad0_[64];
+	opq_op *inbox;	  /* lock-free pushes of unbounded enqueues (see above) */
+	unsigned pushing; /* producers in the lock-free path right now */
+	char pad1_[64];
+	unsigned sleepers;  /* runners waiting on work, not yet signalled */
+	unsigned spinning;  /* runners looking at the FIFO before sleeping */
+	size_t capacity_ro; /* = capacity, for the lock-free path */
+	char pad2_[64];
 };
 
 /* A function-pointer operation boxed by the queue. */
@@ -751,7 +762,7 @@ OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 	if (!q)
 		return ENOMEM;
 	q->attr = attr ? *attr : default_attr;
-	q->capacity = q->attr.capacity;
+	q->capacity = q->capacity_ro = q->attr.capacity;
 	q->state = ST_NEW;
 
 	int rc = queue_mutex_init(&q->mu);
@@ -1019,7 +1030,7 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 /* The lock-free path when the queue is unbounded, else (or in doubt) the locked one. */
 static int enqueue_op(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
 {
-	if (q->capacity == 0) {
+	if (q->capacity_ro == 0) {
 		int rc = enqueue_inbox(q, op);
 		if (rc != EAGAIN)
 			return rc;
