@@ -931,7 +931,7 @@ static int run_burst(void)
 			       P, M, R, what, K);
 			printf("%-22s %12s %9s %9s %10s %10s\n", "variant", "ops/s", "intr/this",
 			       "fn/this", "allocs/op", "RSS kB");
-			double med[NV];
+			double med[NV], per_op[NV];
 			long rss[NV];
 			for (size_t v = 0; v < NV; v++) {
 				med[v] = 0;
@@ -965,13 +965,22 @@ static int run_burst(void)
 				struct result res;
 				int rc = run_one(variants[v].burst, true, false, &res);
 				M = saved;
-				double per = rc ? -1 : (double)res.allocs / (double)nops;
+				per_op[v] = rc ? -1 : (double)res.allocs / (double)nops;
 				nops = (long)P * M;
-				progress_done();
-				printf("%-22s %12.0f %8.2fx %8.2fx %10.3f %10ld\n", variants[v].label,
-				       med[v], med[0] / med[v], med[1] / med[v], per, rss[v]);
-				fflush(stdout);
 			}
+			progress_done();
+			for (size_t v = 0; v < NV; v++) {
+				if (!selected[v] || !variants[v].burst)
+					continue;
+				char ri[16] = "-", rf[16] = "-";
+				if (med[0] > 0)
+					snprintf(ri, sizeof(ri), "%.2fx", med[0] / med[v]);
+				if (med[1] > 0)
+					snprintf(rf, sizeof(rf), "%.2fx", med[1] / med[v]);
+				printf("%-22s %12.0f %9s %9s %10.3f %10ld\n", variants[v].label, med[v], ri,
+				       rf, per_op[v], rss[v]);
+			}
+			fflush(stdout);
 		}
 	progress_done();
 	if (plot_file) {
