@@ -134,8 +134,6 @@ struct opq_queue {
 	int state;
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
-	opq_op *spare;		 /* boxes for reuse (lock-free stack, by opq__next) */
-	unsigned nspare;	 /* about how many */
 	uint64_t completed, discarded, cancelled, high_water;
 	struct opq_queue_attr attr;
 
@@ -153,6 +151,9 @@ struct opq_queue {
 	unsigned spinning;  /* runners looking at the FIFO before sleeping */
 	size_t capacity_ro; /* = capacity, for the lock-free path */
 	char pad2_[64];
+	opq_op *spare;	 /* boxes for reuse (lock-free stack, by opq__next) */
+	unsigned nspare; /* about how many */
+	char pad3_[64];
 };
 
 /* A function-pointer operation boxed by the queue. */
@@ -161,7 +162,27 @@ struct box {
 	opq_fn *fn;
 	opq_fn *discard;
 	void *arg;
+	struct slab *slab;
 };
+
+/*
+ * Boxes are carved, in order, from slabs of SLAB_BOXES that a thread
+ * allocates for itself (one allocation per SLAB_BOXES boxes, adjacent in
+ * memory). `live` counts the boxes of a slab not yet released, plus those
+ * not yet carved; the last release frees the slab.
+ */
+#define SLAB_BOXES 64
+struct slab {
+	atomic_uint live;
+	struct box boxes[SLAB_BOXES];
+};
+
+static void box_release(struct box *b)
+{
+	struct slab *s = b->slab;
+	if (atomic_fetch_sub_explicit(&s->live, 1, memory_order_acq_rel) == 1)
+		opq__box_free(s, sizeof(*s));
+}
 
 static _Thread_local opq_queue *tls_queue;
 /* Set while a runner runs its start hook: start and resize wait for it. */
@@ -439,6 +460,8 @@ static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigne
 {
 	size_t performed = 0;
 	for (unsigned i = 0; i < r->nslots; i++) {
+		if (i + 1 < r->nslots)
+			__builtin_prefetch(r->slots[i + 1].op);
 		int pending = SLOT_PENDING;
 		if (!atomic_compare_exchange_strong_explicit(&r->slots[i].state, &pending, SLOT_OWNER,
 							     memory_order_acquire,
@@ -517,7 +540,7 @@ static void free_boxes(opq_op *op)
 {
 	while (op) {
 		opq_op *next = op->opq__next;
-		opq__box_free(OPQ_CONTAINER_OF(op, struct box, op), sizeof(struct box));
+		box_release(OPQ_CONTAINER_OF(op, struct box, op));
 		op = next;
 	}
 }
@@ -1064,7 +1087,7 @@ static void box_perform(opq_op *op)
 	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 	opq_fn *fn = b->fn;
 	void *arg = b->arg;
-	opq__box_free(b, sizeof(*b));
+	box_release(b);
 	fn(arg);
 }
 
@@ -1073,7 +1096,7 @@ static void box_discard(opq_op *op)
 	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 	opq_fn *discard = b->discard;
 	void *arg = b->arg;
-	opq__box_free(b, sizeof(*b));
+	box_release(b);
 	if (discard)
 		discard(arg);
 }
@@ -1082,6 +1105,8 @@ static void box_discard(opq_op *op)
 static _Thread_local opq_op *tls_boxes;
 static _Thread_local unsigned tls_nboxes;
 static _Thread_local bool tls_boxes_registered;
+static _Thread_local struct slab *tls_slab; /* boxes [tls_carved, SLAB_BOXES) not carved */
+static _Thread_local unsigned tls_carved;
 static pthread_key_t boxes_key;
 static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
 static bool boxes_key_ok;
@@ -1093,6 +1118,10 @@ static void tls_boxes_free(void *unused)
 	tls_boxes = NULL;
 	tls_nboxes = 0;
 	tls_boxes_registered = false;
+	struct slab *s = tls_slab;
+	tls_slab = NULL;
+	if (s && atomic_fetch_sub(&s->live, SLAB_BOXES - tls_carved) == SLAB_BOXES - tls_carved)
+		opq__box_free(s, sizeof(*s));
 }
 
 static void boxes_key_create(void)
@@ -1119,7 +1148,7 @@ static void box_put(struct box *b)
 		tls_nboxes++;
 		return;
 	}
-	opq__box_free(b, sizeof(*b));
+	box_release(b);
 }
 
 /* A box: from this thread's cache, else q's spare stack (all of it), else new. */
@@ -1134,11 +1163,26 @@ static struct box *box_get(opq_queue *q)
 	opq_op *op = tls_boxes;
 	if (op) {
 		tls_boxes = op->opq__next;
+		if (tls_boxes)
+			__builtin_prefetch(tls_boxes, 1); /* the next call's box */
 		if (tls_nboxes)
 			tls_nboxes--;
 		return OPQ_CONTAINER_OF(op, struct box, op);
 	}
-	return opq__box_alloc(sizeof(struct box));
+	/* Carve one from this thread's slab, or from a new slab. */
+	if (!tls_slab || tls_carved == SLAB_BOXES) {
+		struct slab *s;
+		if (!tls_boxes_register() || !(s = opq__box_alloc(sizeof(*s))))
+			return NULL;
+		atomic_init(&s->live, SLAB_BOXES);
+		tls_slab = s;
+		tls_carved = 0;
+	}
+	struct box *b = &tls_slab->boxes[tls_carved++];
+	b->slab = tls_slab;
+	if (tls_carved == SLAB_BOXES)
+		tls_slab = NULL; /* all carved: its boxes free it */
+	return b;
 }
 
 static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
@@ -1149,7 +1193,10 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 	struct box *b = box_get(q);
 	if (!b)
 		return ENOMEM;
-	opq_op_init(&b->op, box_perform, box_discard);
+	b->op.perform = box_perform;
+	b->op.discard = box_discard;
+	b->op.opq__owner = NULL;
+	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
 	b->discard = discard_fn;
 	b->arg = arg;
