@@ -828,56 +828,82 @@ static void progress_done(void)
 
 /* ---- plotting ------------------------------------------------------------ */
 
-/*
- * Draw a clustered bar chart with gnuplot: rows are clusters, columns bars.
- * `data` is rows x cols.
- */
-static int plot(const char *file, const char *title, const char *ylabel, bool logy,
-		const char *const *rows, size_t nrows, const char *const *cols, size_t ncols,
-		const double *data)
+/* One chart of a plot: clustered bars, rows are clusters, columns bars. */
+struct panel {
+	const char *title, *xlabel, *ylabel;
+	bool logy;
+	const char *const *rows;
+	size_t nrows;
+	const char *const *cols;
+	size_t ncols;
+	const double *data; /* nrows x ncols */
+};
+
+/* Draw the panels side by side into an SVG file with gnuplot. */
+static int plot(const char *file, const char *title, const struct panel *panels, size_t npanels)
 {
-	char tmp[] = "/tmp/opqueue-bench-XXXXXX";
-	int fd = mkstemp(tmp);
-	if (fd < 0)
-		return errno;
-	FILE *f = fdopen(fd, "w");
-	fprintf(f, "workload");
-	for (size_t c = 0; c < ncols; c++)
-		fprintf(f, "\t\"%s\"", cols[c]);
-	fprintf(f, "\n");
-	for (size_t r = 0; r < nrows; r++) {
-		fprintf(f, "\"%s\"", rows[r]);
-		for (size_t c = 0; c < ncols; c++)
-			fprintf(f, "\t%g", data[r * ncols + c]);
+	char tmp[4][32];
+	size_t made = 0;
+	int rc = 0;
+	for (; made < npanels && made < 4; made++) {
+		const struct panel *p = &panels[made];
+		snprintf(tmp[made], sizeof(tmp[made]), "/tmp/opqueue-bench-XXXXXX");
+		int fd = mkstemp(tmp[made]);
+		FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+		if (!f) {
+			rc = errno;
+			break;
+		}
+		fprintf(f, "workload");
+		for (size_t c = 0; c < p->ncols; c++)
+			fprintf(f, "\t\"%s\"", p->cols[c]);
 		fprintf(f, "\n");
+		for (size_t r = 0; r < p->nrows; r++) {
+			fprintf(f, "\"%s\"", p->rows[r]);
+			for (size_t c = 0; c < p->ncols; c++)
+				fprintf(f, "\t%g", p->data[r * p->ncols + c]);
+			fprintf(f, "\n");
+		}
+		fclose(f);
 	}
-	fclose(f);
-	FILE *g = popen("gnuplot", "w");
-	if (!g) {
-		unlink(tmp);
-		return errno;
+	FILE *g = rc ? NULL : popen("gnuplot", "w");
+	if (g) {
+		fprintf(g,
+			"set terminal svg size %d,600 dynamic noenhanced font 'sans,12' "
+			"background '#ffffff'\n"
+			"set output '%s'\n"
+			"set multiplot layout 1,%zu title \"%s\"\n"
+			"set style data histograms\n"
+			"set style histogram clustered gap 1\n"
+			"set style fill solid 0.85 border -1\n"
+			"set grid ytics\n"
+			"set key below\n"
+			"set datafile separator '\\t'\n",
+			npanels > 1 ? 1280 : 960, file, made, title);
+		for (size_t i = 0; i < made; i++) {
+			const struct panel *p = &panels[i];
+			fprintf(g,
+				"set title \"%s\"\n"
+				"set xlabel \"%s\"\n"
+				"set ylabel \"%s\"\n"
+				"%s\n"
+				"plot for [c=2:%zu] '%s' using c:xtic(1) title columnheader(c)\n",
+				p->title, p->xlabel, p->ylabel,
+				p->logy ? "set logscale y; set yrange [0.05:*]"
+					: "unset logscale y; set yrange [0:*]",
+				p->ncols + 1, tmp[i]);
+		}
+		fprintf(g, "unset multiplot\n");
+		if (pclose(g))
+			rc = EIO;
+	} else if (!rc) {
+		rc = errno ? errno : EIO;
 	}
-	fprintf(g, "set terminal svg size 960,540 dynamic font 'sans,12' background '#ffffff'\n"
-		   "set output '%s'\n"
-		   "set title \"%s\"\n"
-		   "set ylabel \"%s\"\n"
-		   "set xlabel \"workload\"\n"
-		   "set style data histograms\n"
-		   "set style histogram clustered gap 1\n"
-		   "set style fill solid 0.85 border -1\n"
-		   "set grid ytics\n"
-		   "set key outside right top\n"
-		   "set datafile separator '\\t'\n"
-		   "%s\n"
-		   "plot for [c=2:%zu] '%s' using c:xtic(1) title columnheader(c)\n",
-		file, title, ylabel, logy ? "set logscale y" : "set yrange [0:*]", ncols + 1, tmp);
-	int rc = pclose(g);
-	unlink(tmp);
-	if (rc) {
+	for (size_t i = 0; i < made; i++)
+		unlink(tmp[i]);
+	if (rc)
 		fprintf(stderr, "opqueue-bench: gnuplot failed (is gnuplot installed?)\n");
-		return EIO;
-	}
-	return 0;
+	return rc;
 }
 
 /* ---- modes --------------------------------------------------------------- */
@@ -984,23 +1010,41 @@ static int run_burst(void)
 		}
 	progress_done();
 	if (plot_file) {
-		const char *cols[NV];
-		double data[MAXLIST * MAXLIST * NV];
-		size_t nc = 0;
-		for (size_t v = 0; v < NV; v++)
-			if (selected[v] && variants[v].burst)
-				cols[nc++] = variants[v].label;
-		for (size_t r = 0; r < nrows; r++) {
-			size_t c = 0;
+		/* Empty operations without the ceiling (it dwarfs them), then spinning ones with it. */
+		struct panel pn[2];
+		const char *cols[2][NV], *prow[2][MAXLIST * MAXLIST];
+		double data[2][MAXLIST * MAXLIST * NV];
+		size_t npn = 0;
+		for (int spin = 0; spin < 2; spin++) {
+			size_t nc = 0, nr = 0;
 			for (size_t v = 0; v < NV; v++)
-				if (selected[v] && variants[v].burst)
-					data[r * nc + c++] = table[r][v];
+				if (selected[v] && variants[v].burst &&
+				    (spin || variants[v].burst != burst_ceiling))
+					cols[spin][nc++] = variants[v].label;
+			for (size_t r = 0; r < nrows; r++) {
+				if ((wlist[r % nw] > 0) != spin)
+					continue;
+				size_t c = 0;
+				for (size_t v = 0; v < NV; v++)
+					if (selected[v] && variants[v].burst &&
+					    (spin || variants[v].burst != burst_ceiling))
+						data[spin][nr * nc + c++] = table[r][v];
+				prow[spin][nr++] = rows[r];
+			}
+			if (nr == 0 || nc == 0)
+				continue;
+			pn[npn++] = (struct panel){
+				spin ? "operations that spin (with the no-queue ceiling)"
+				     : "empty operations",
+				"workload: P producers, R runners, work per operation", "throughput (million operations per second)", false, prow[spin], nr,
+				cols[spin], nc, data[spin]
+			};
 		}
 		char title[128];
 		snprintf(title, sizeof(title),
-			 "burst: %ld ops per producer, %u runners, median of %u runs", M, R, K);
-		if (plot(plot_file, title, "throughput (million operations per second)", false,
-			 rows, nrows, cols, nc, data))
+			 "opqueue-bench burst: %ld operations per producer, %u runners, median of %u runs",
+			 M, R, K);
+		if (npn && plot(plot_file, title, pn, npn))
 			return 1;
 	}
 	return 0;
@@ -1057,10 +1101,12 @@ static int run_latency(void)
 		static const char *const cols[] = { "p50", "p99", "p99.9" };
 		char title[128];
 		snprintf(title, sizeof(title),
-			 "latency, enqueue to start of perform: %u runners, %ld samples, median of %u runs",
+			 "opqueue-bench latency: %u runners, %ld samples, median of %u runs",
 			 R, L, K);
-		if (plot(plot_file, title, "latency (microseconds, log scale)", true, rows, nr, cols, 3,
-			 data))
+		struct panel pn = { "p50, p99 and p99.9 of each variant", "thread pool",
+				    "enqueue to start of perform (microseconds, log scale)",
+				    true, rows, nr, cols, 3, data };
+		if (plot(plot_file, title, &pn, 1))
 			return 1;
 	}
 	return 0;
