@@ -37,7 +37,8 @@
  * more; a producer pushes and then reads `sleepers` (both sequentially
  * consistent), so one of them sees the other: no operation is left with
  * every runner asleep. `pushing` counts producers between their push and
- * their last access to q; destroy waits for it to drop to zero.
+ * their last access to q (striped by thread, so that producers do not share
+ * a counter); destroy waits for it to drop to zero.
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
@@ -59,6 +60,8 @@ enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, OP_INBOX = 0x6962 };
 
 #define INBOX_CLOSED ((opq_op *)(uintptr_t)1)
+/* Counters of producers in the lock-free path: one cache line per stripe. */
+#define PUSH_STRIPES 8
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 
@@ -144,8 +147,7 @@ struct opq_queue {
 	 * it is not aligned to a line: 64 bytes of padding on each side).
 	 */
 	char pad0_[64];
-	opq_op *inbox;	  /* lock-free pushes of unbounded enqueues (see above) */
-	unsigned pushing; /* producers in the lock-free path right now */
+	opq_op *inbox; /* lock-free pushes of unbounded enqueues (see above) */
 	char pad1_[64];
 	unsigned sleepers;  /* runners waiting on work, not yet signalled */
 	unsigned spinning;  /* runners looking at the FIFO before sleeping */
@@ -154,6 +156,11 @@ struct opq_queue {
 	opq_op *spare;	 /* boxes for reuse (lock-free stack, by opq__next) */
 	unsigned nspare; /* about how many */
 	char pad3_[64];
+	/* Producers in the lock-free path right now, striped by thread. */
+	struct {
+		unsigned n;
+		char pad_[64 - sizeof(unsigned)];
+	} pushing[PUSH_STRIPES];
 };
 
 /* A function-pointer operation boxed by the queue. */
@@ -443,10 +450,12 @@ static void take_batch(opq_queue *q, struct runner *r)
 	r->nslots = (unsigned)n;
 	q->running += n;
 	if (q->space_waiters) {
-		if (n == 1)
-			OPQ_CHECK(pthread_cond_signal(&q->space));
-		else
+		/* n places freed: wake as many producers, no more. */
+		if (n >= q->space_waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&q->space));
+		else
+			for (size_t i = 0; i < n; i++)
+				OPQ_CHECK(pthread_cond_signal(&q->space));
 	}
 }
 
@@ -828,8 +837,9 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	inbox_close(q);
 	opq__unlock(&q->mu);
 	/* Producers that pushed before the inbox closed may still look at q. */
-	while (LOAD(q->pushing))
-		sched_yield();
+	for (unsigned i = 0; i < PUSH_STRIPES; i++)
+		while (LOAD(q->pushing[i].n))
+			sched_yield();
 	opq__lock(&q->mu);
 	opq_op *list = fifo_take_all(q);
 	opq_op *boxes = q->spare;
@@ -969,6 +979,19 @@ enum wait_kind { WAIT_BLOCK, WAIT_TRY };
  * caller made sure the queue is unbounded. Returns EAGAIN when the operation
  * looks queued already, so that the locked path decides under the lock.
  */
+/* This thread's stripe of opq_queue.pushing. */
+static _Thread_local unsigned tls_stripe;
+static atomic_uint next_stripe;
+
+static unsigned *pushing_counter(opq_queue *q)
+{
+	if (!tls_stripe)
+		tls_stripe = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) %
+				     PUSH_STRIPES +
+			     1;
+	return &q->pushing[tls_stripe - 1].n;
+}
+
 static int enqueue_inbox(opq_queue *q, opq_op *op)
 {
 	uintptr_t st = OP_STATE(op);
@@ -976,7 +999,8 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 	    !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false, __ATOMIC_ACQUIRE,
 					 __ATOMIC_RELAXED))
 		return EAGAIN;
-	__atomic_fetch_add(&q->pushing, 1, __ATOMIC_SEQ_CST);
+	unsigned *pushing = pushing_counter(q);
+	__atomic_fetch_add(pushing, 1, __ATOMIC_SEQ_CST);
 	op->opq__owner = q;
 	op->opq__prev = NULL;
 	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
@@ -984,7 +1008,7 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 		if (top == INBOX_CLOSED) {
 			op->opq__owner = NULL;
 			OP_SET_STATE(op, st);
-			__atomic_fetch_sub(&q->pushing, 1, __ATOMIC_SEQ_CST);
+			__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
 			return ESHUTDOWN;
 		}
 		op->opq__next = top;
@@ -998,7 +1022,7 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 			wake_one(q);
 		opq__unlock(&q->mu);
 	}
-	__atomic_fetch_sub(&q->pushing, 1, __ATOMIC_SEQ_CST);
+	__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
 	return 0;
 }
 
