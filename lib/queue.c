@@ -294,21 +294,38 @@ static void fifo_unlink(opq_queue *q, opq_op *op, uintptr_t state)
 	q->queued--;
 }
 
-/* Append a reversed inbox stack to the FIFO. Under q->mu. */
+/*
+ * Append an inbox stack (newest first, linked by opq__next) to the FIFO,
+ * oldest first. One pass, newest to oldest, touching each operation once:
+ * reversing the links makes the FIFO's next links, and the op visited
+ * before (the next newer one) gets its prev link. Under q->mu.
+ */
 static void fifo_push_stack(opq_queue *q, opq_op *stack)
 {
-	opq_op *list = NULL;
+	if (!stack)
+		return;
+	opq_op *newest = stack, *list = NULL;
+	size_t n = 0;
 	while (stack) {
-		opq_op *next = stack->opq__next;
+		opq_op *older = stack->opq__next;
 		stack->opq__next = list;
+		if (list)
+			list->opq__prev = stack;
+		stack->opq__owner = q;
+		OP_SET_STATE(stack, OP_QUEUED);
 		list = stack;
-		stack = next;
+		stack = older;
+		n++;
 	}
-	while (list) {
-		opq_op *next = list->opq__next;
-		fifo_push(q, list);
-		list = next;
-	}
+	list->opq__prev = q->tail; /* list: the oldest */
+	if (q->tail)
+		q->tail->opq__next = list;
+	else
+		__atomic_store_n(&q->head, list, __ATOMIC_RELAXED);
+	q->tail = newest;
+	q->queued += n;
+	if (q->queued > q->high_water)
+		q->high_water = q->queued;
 }
 
 /* Move the inbox to the FIFO. Under q->mu. */
@@ -980,7 +997,13 @@ enum wait_kind { WAIT_BLOCK, WAIT_TRY };
  * looks queued already, so that the locked path decides under the lock.
  */
 /* This thread's stripe of opq_queue.pushing. */
-static _Thread_local unsigned tls_stripe;
+/*
+ * The enqueue path's thread-locals use the initial-exec model: a plain
+ * offset from the thread pointer instead of a __tls_get_addr call (a few
+ * dozen bytes of the static TLS reserve, also when dlopen()ed).
+ */
+#define TLS_FAST __attribute__((tls_model("initial-exec")))
+static _Thread_local unsigned tls_stripe TLS_FAST;
 static atomic_uint next_stripe;
 
 static unsigned *pushing_counter(opq_queue *q)
@@ -1126,11 +1149,11 @@ static void box_discard(opq_op *op)
 }
 
 /* This thread's spare boxes (see SPARE_MAX), freed when it exits. */
-static _Thread_local opq_op *tls_boxes;
-static _Thread_local unsigned tls_nboxes;
-static _Thread_local bool tls_boxes_registered;
-static _Thread_local struct slab *tls_slab; /* boxes [tls_carved, SLAB_BOXES) not carved */
-static _Thread_local unsigned tls_carved;
+static _Thread_local opq_op *tls_boxes TLS_FAST;
+static _Thread_local unsigned tls_nboxes TLS_FAST;
+static _Thread_local bool tls_boxes_registered TLS_FAST;
+static _Thread_local struct slab *tls_slab TLS_FAST; /* boxes [tls_carved, SLAB_BOXES) not carved */
+static _Thread_local unsigned tls_carved TLS_FAST;
 static pthread_key_t boxes_key;
 static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
 static bool boxes_key_ok;

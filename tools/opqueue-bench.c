@@ -23,7 +23,8 @@
  *          release to the last of 1, 8 and 64 blocked waiters running again.
  *
  * Every run of every variant happens in a child process of its own (peak
- * RSS is per variant) and checks that each operation ran exactly once
+ * RSS is per variant), after an untimed warm-up run of the same workload in
+ * that process (--cold: none), and checks that each operation ran exactly once
  * (a counter per operation). Tables show medians over -k runs. A separate
  * run per variant counts allocations (a malloc wrapper in this program; it
  * also sees jemalloc's mallocx) per operation.
@@ -34,6 +35,7 @@
  *          -c N capacity (bounded)                   -V LIST variants:
  *          intrusive,fn,glib,libuv,plain,ceiling     -F no fork, one run
  *          -P FILE.svg / --plot FILE.svg: draw the results with gnuplot
+ *          --cold: no warm-up run
  *          -l: the line (same as the mode `line`)
  */
 #define _GNU_SOURCE 1
@@ -79,6 +81,7 @@
 static unsigned P = 1, R = 2, K = 5;
 static long M = 1000000, W = 0, L = 10000, CAP = 64;
 static int no_fork;
+static int cold; /* --cold: no untimed warm-up run before each timed burst run */
 static atomic_uchar *hits; /* one per operation: performed how often */
 static long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
@@ -737,6 +740,20 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 		return;
 	}
 	perform_cb = work;
+	if (!latency && !cold) {
+		/*
+		 * Warm up: the same run once, untimed, in this process, so that
+		 * every variant meets memory its allocator has touched before, as
+		 * in a daemon that has been running for a while.
+		 */
+		res->rc = fn();
+		if (res->rc) {
+			free(hits);
+			return;
+		}
+		for (long i = 0; i < nops; i++)
+			atomic_store_explicit(&hits[i], 0, memory_order_relaxed);
+	}
 	atomic_store(&allocs, 0);
 	atomic_store(&counting, count);
 	res->rc = fn();
@@ -1259,7 +1276,7 @@ static void usage(void)
 		"usage: opqueue-bench [burst|latency|bounded|line] [-p LIST] [-r RUNNERS]\n"
 		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES]\n"
 		"         [-c CAPACITY] [-V intrusive,fn,glib,libuv,plain,ceiling] [-F]\n"
-		"         [--plot FILE.svg]\n"
+		"         [--plot FILE.svg] [--cold]\n"
 		"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n");
 }
 
@@ -1283,6 +1300,7 @@ int main(int argc, char **argv)
 {
 	static const struct option longopts[] = { { "plot", required_argument, NULL, 'P' },
 						  { "help", no_argument, NULL, 'h' },
+						  { "cold", no_argument, NULL, 'C' },
 						  { NULL, 0, NULL, 0 } };
 	const char *mode = "burst";
 	int opt;
@@ -1304,6 +1322,7 @@ int main(int argc, char **argv)
 		case 'n': L = atol(optarg); break;
 		case 'c': CAP = atol(optarg); break;
 		case 'F': no_fork = 1; break;
+		case 'C': cold = 1; break;
 		case 'P': plot_file = optarg; break;
 		case 'V':
 			if (!select_variants(optarg)) {
