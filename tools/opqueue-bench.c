@@ -976,16 +976,23 @@ static int run_burst(void)
 			       "fn/this", "allocs/op", "RSS kB");
 			double med[NV], per_op[NV];
 			long rss[NV];
+			/*
+			 * Round k runs every variant once, so that each variant's runs
+			 * spread over the same stretch of time: on a machine whose load
+			 * changes, the ratios stay fair.
+			 */
+			double rates[NV][K];
 			for (size_t v = 0; v < NV; v++) {
 				med[v] = 0;
-				table[row][v] = 0;
-				if (!selected[v] || !variants[v].burst)
-					continue;
-				double rates[K];
 				rss[v] = 0;
-				for (unsigned k = 0; k < K; k++) {
-					progress("%s: %s run %u/%u", rowname[row], variants[v].label,
-						 k + 1, K);
+				table[row][v] = 0;
+			}
+			for (unsigned k = 0; k < K; k++)
+				for (size_t v = 0; v < NV; v++) {
+					if (!selected[v] || !variants[v].burst)
+						continue;
+					progress("%s: round %u/%u, %s", rowname[row], k + 1, K,
+						 variants[v].label);
 					struct result res;
 					int rc = run_one(variants[v].burst, false, false, &res);
 					if (rc) {
@@ -993,18 +1000,22 @@ static int run_burst(void)
 							variants[v].label, strerror(rc));
 						return 1;
 					}
-					rates[k] = res.rate;
+					rates[v][k] = res.rate;
 					if (res.rss_kb > rss[v])
 						rss[v] = res.rss_kb;
 				}
-				qsort(rates, K, sizeof(double), cmp_double);
-				med[v] = rates[K / 2];
+			for (size_t v = 0; v < NV; v++) {
+				if (!selected[v] || !variants[v].burst)
+					continue;
+				qsort(rates[v], K, sizeof(double), cmp_double);
+				med[v] = rates[v][K / 2];
 				table[row][v] = med[v] / 1e6;
 				/* One more run, smaller, counting allocations. */
 				long saved = M;
 				if (M > 100000)
 					M = 100000;
 				nops = (long)P * M;
+				progress("%s: counting allocations, %s", rowname[row], variants[v].label);
 				struct result res;
 				int rc = run_one(variants[v].burst, true, false, &res);
 				M = saved;
@@ -1081,12 +1092,13 @@ static int run_latency(void)
 	const char *rows[NV];
 	size_t nr = 0;
 	double base = 0;
-	for (size_t v = 0; v < NV; v++) {
-		if (!selected[v] || !variants[v].latency)
-			continue;
-		double p50[K], p99[K], p999[K];
-		for (unsigned k = 0; k < K; k++) {
-			progress("latency: %s run %u/%u", variants[v].label, k + 1, K);
+	double p50[NV][K], p99[NV][K], p999[NV][K];
+	/* Round k runs every variant once (see run_burst). */
+	for (unsigned k = 0; k < K; k++)
+		for (size_t v = 0; v < NV; v++) {
+			if (!selected[v] || !variants[v].latency)
+				continue;
+			progress("latency: round %u/%u, %s", k + 1, K, variants[v].label);
 			struct result res;
 			int rc = run_one(variants[v].latency, false, true, &res);
 			if (rc) {
@@ -1094,23 +1106,26 @@ static int run_latency(void)
 					strerror(rc));
 				return 1;
 			}
-			p50[k] = res.p50;
-			p99[k] = res.p99;
-			p999[k] = res.p999;
+			p50[v][k] = res.p50;
+			p99[v][k] = res.p99;
+			p999[v][k] = res.p999;
 		}
-		qsort(p50, K, sizeof(double), cmp_double);
-		qsort(p99, K, sizeof(double), cmp_double);
-		qsort(p999, K, sizeof(double), cmp_double);
+	progress_done();
+	for (size_t v = 0; v < NV; v++) {
+		if (!selected[v] || !variants[v].latency)
+			continue;
+		qsort(p50[v], K, sizeof(double), cmp_double);
+		qsort(p99[v], K, sizeof(double), cmp_double);
+		qsort(p999[v], K, sizeof(double), cmp_double);
+		double a = p50[v][K / 2], b = p99[v][K / 2], c = p999[v][K / 2];
 		if (nr == 0)
-			base = p50[K / 2];
-		progress_done();
-		printf("%-22s %9.2f %9.2f %9.2f %11.2fx\n", variants[v].label, p50[K / 2], p99[K / 2],
-		       p999[K / 2], p50[K / 2] / base);
+			base = a;
+		printf("%-22s %9.2f %9.2f %9.2f %11.2fx\n", variants[v].label, a, b, c, a / base);
 		fflush(stdout);
 		rows[nr] = variants[v].label;
-		data[nr * 3] = p50[K / 2];
-		data[nr * 3 + 1] = p99[K / 2];
-		data[nr * 3 + 2] = p999[K / 2];
+		data[nr * 3] = a;
+		data[nr * 3 + 1] = b;
+		data[nr * 3 + 2] = c;
 		nr++;
 	}
 	progress_done();
@@ -1148,33 +1163,27 @@ static int run_bounded(void)
 		{ "opqueue intrusive, unbounded", burst_intrusive },
 		{ "no queue (ceiling)", burst_ceiling },
 	};
-	double med[4];
-	for (int pass = 0; pass < 2; pass++)
+	double med[4], rates[4][K];
+	/* Round k runs every variant once (see run_burst). */
+	for (unsigned k = 0; k < K; k++)
 		for (size_t v = 0; v < 4; v++) {
-			if (pass == 0 && v != 3)
-				continue; /* the ceiling first, for the ratios */
-			if (pass == 1 && v == 3)
-				break;
-			double rates[K];
-			for (unsigned k = 0; k < K; k++) {
-				progress("bounded: %s run %u/%u", b[v].label, k + 1, K);
-				struct result res;
-				int rc = run_one(b[v].fn, false, false, &res);
-				if (rc) {
-					fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", b[v].label,
-						strerror(rc));
-					return 1;
-				}
-				rates[k] = res.rate;
+			progress("bounded: round %u/%u, %s", k + 1, K, b[v].label);
+			struct result res;
+			int rc = run_one(b[v].fn, false, false, &res);
+			if (rc) {
+				fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", b[v].label,
+					strerror(rc));
+				return 1;
 			}
-			qsort(rates, K, sizeof(double), cmp_double);
-			med[v] = rates[K / 2];
-			if (pass == 1) {
-				progress_done();
-				printf("%-30s %12.0f %13.1f%%\n", b[v].label, med[v],
-				       100 * med[v] / med[3]);
-			}
+			rates[v][k] = res.rate;
 		}
+	progress_done();
+	for (size_t v = 0; v < 4; v++) {
+		qsort(rates[v], K, sizeof(double), cmp_double);
+		med[v] = rates[v][K / 2];
+	}
+	for (size_t v = 0; v < 3; v++)
+		printf("%-30s %12.0f %13.1f%%\n", b[v].label, med[v], 100 * med[v] / med[3]);
 	progress_done();
 	printf("%-30s %12.0f %13.1f%%\n", b[3].label, med[3], 100.0);
 	return 0;
