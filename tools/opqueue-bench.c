@@ -1031,8 +1031,12 @@ static int run_burst(void)
 					snprintf(ri, sizeof(ri), "%.2fx", med[0] / med[v]);
 				if (med[1] > 0)
 					snprintf(rf, sizeof(rf), "%.2fx", med[1] / med[v]);
-				printf("%-22s %12.0f %9s %9s %10.3f %10ld\n", variants[v].label, med[v], ri,
-				       rf, per_op[v], rss[v]);
+				char al[16] = "n/a"; /* no malloc wrapper under a sanitizer */
+#ifndef NO_MALLOC_HOOK
+				snprintf(al, sizeof(al), "%.3f", per_op[v]);
+#endif
+				printf("%-22s %12.0f %9s %9s %10s %10ld\n", variants[v].label, med[v], ri,
+				       rf, al, rss[v]);
 			}
 			fflush(stdout);
 		}
