@@ -10,21 +10,89 @@
  *   yet finished (alive plus those running their exit hook); a runner leaves
  *   its loop when alive > target (shrink) or when the queue is stopping and
  *   the FIFO is empty;
- * - a condvar is signalled only when somebody waits on it (idle_runners,
- *   space_waiters, idle_waiters count the waiters).
+ * - a condvar is signalled only when somebody waits on it (sleepers,
+ *   space_waiters, idle_waiters count the waiters); a runner is woken only
+ *   when the FIFO holds more operations than runners already awake and
+ *   looking (spinning, or woken and not yet running): `sleepers` counts
+ *   runners waiting and not yet signalled, `wakes` signals not yet consumed.
+ *
+ * Batches: a runner takes up to BATCH_MAX operations (its share of the FIFO:
+ * queued / runners, rounded up) under one lock into the slots of its struct
+ * runner, and performs them in FIFO order without the lock. An operation in
+ * a slot is BATCHED; its slot's state says who has it: PENDING (nobody yet),
+ * OWNER (the runner performs it), STOLEN (an idle runner took it over),
+ * CANCELLED (opq_queue_cancel or a discarding stop took it). Every claim is a
+ * compare-and-swap from PENDING, so exactly one party gets each operation;
+ * only the winner touches the operation afterwards. Batched operations count
+ * as `running` (stats report the PENDING ones as queued), and each party
+ * that claims one takes it off `running` when it is done with it.
+ *
+ * The inbox: an unbounded queue's enqueue takes no lock. It pushes the
+ * operation (state INBOX) onto `inbox`, a lock-free LIFO stack, and whoever
+ * holds q->mu next with a need to see the FIFO (a runner out of work, cancel,
+ * stats, wait_idle, stop) moves the whole stack, reversed, to the FIFO's
+ * tail: the FIFO order is the order of the successful pushes. Stopping swaps
+ * in INBOX_CLOSED, which makes later pushes fail with ESHUTDOWN. A runner
+ * about to sleep counts itself in `sleepers` and then looks at the inbox once
+ * more; a producer pushes and then reads `sleepers` (both sequentially
+ * consistent), so one of them sees the other: no operation is left with
+ * every runner asleep. `pushing` counts producers between their push and
+ * their last access to q (striped by thread, so that producers do not share
+ * a counter); destroy waits for it to drop to zero.
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
 
+#include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
-/* opq_op.opq__state: IDLE after init, QUEUED in a FIFO, TAKEN by a runner. */
-enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_TAKEN = 0x7461 };
+/*
+ * opq_op.opq__state: IDLE after init, QUEUED in a FIFO, BATCHED in a runner's
+ * slot, TAKEN by a runner. Accessed atomically: a runner marks an operation
+ * TAKEN without the lock (see the batches above).
+ */
+enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, OP_INBOX = 0x6962 };
+
+#define INBOX_CLOSED ((opq_op *)(uintptr_t)1)
+/* Counters of producers in the lock-free path: one cache line per stripe. */
+#define PUSH_STRIPES 8
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
+
+#define OP_STATE(op) __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
+#define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
+
+/* The most operations a runner takes at once, and its slots' states. */
+#define BATCH_MAX 16
+enum { SLOT_PENDING = 1, SLOT_OWNER, SLOT_STOLEN, SLOT_CANCELLED };
+
+struct slot {
+	opq_op *op;
+	atomic_int state;
+};
+
+/*
+ * How long a runner that found nothing keeps looking before it sleeps, in
+ * nanoseconds: long enough for a producer's next operation in a ping-pong,
+ * short next to a futex wakeup's cost in CPU time.
+ */
+#ifndef OPQ_SPIN_NS
+#define OPQ_SPIN_NS 10000
+#endif
+/*
+ * Boxes of function-pointer operations are reused: runners push the boxes of
+ * the operations they performed onto their queue's `spare` stack (up to
+ * SPARE_MAX), a producer that has none takes that whole stack into a cache
+ * of its own thread (up to TLS_BOXES_MAX; freed when the thread exits).
+ */
+#define SPARE_MAX 65536
+#define TLS_BOXES_MAX 4096
 
 struct opq_queue_attr {
 	size_t capacity;
@@ -40,6 +108,8 @@ struct runner {
 	pthread_t thread;
 	unsigned index;
 	bool finished;
+	unsigned nslots; /* slots of the current batch, under q->mu */
+	struct slot slots[BATCH_MAX];
 };
 
 struct opq_queue {
@@ -52,7 +122,7 @@ struct opq_queue {
 	size_t queued;
 	size_t capacity;
 	unsigned running;
-	unsigned idle_runners;
+	unsigned wakes;		 /* signals on work not yet consumed */
 	unsigned space_waiters;
 	unsigned idle_waiters;
 	unsigned callers;	 /* threads blocked in a call on q: destroy is EBUSY */
@@ -69,6 +139,28 @@ struct opq_queue {
 	struct runner *runners;	 /* every runner not yet joined */
 	uint64_t completed, discarded, cancelled, high_water;
 	struct opq_queue_attr attr;
+
+	/*
+	 * Written by producers without the lock; then fields producers read
+	 * without the lock, seldom written. The padding keeps each group off
+	 * the cache lines of the others (the struct comes from calloc, so
+	 * it is not aligned to a line: 64 bytes of padding on each side).
+	 */
+	char pad0_[64];
+	opq_op *inbox; /* lock-free pushes of unbounded enqueues (see above) */
+	char pad1_[64];
+	unsigned sleepers;  /* runners waiting on work, not yet signalled */
+	unsigned spinning;  /* runners looking at the FIFO before sleeping */
+	size_t capacity_ro; /* = capacity, for the lock-free path */
+	char pad2_[64];
+	opq_op *spare;	 /* boxes for reuse (lock-free stack, by opq__next) */
+	unsigned nspare; /* about how many */
+	char pad3_[64];
+	/* Producers in the lock-free path right now, striped by thread. */
+	struct {
+		unsigned n;
+		char pad_[64 - sizeof(unsigned)];
+	} pushing[PUSH_STRIPES];
 };
 
 /* A function-pointer operation boxed by the queue. */
@@ -77,7 +169,27 @@ struct box {
 	opq_fn *fn;
 	opq_fn *discard;
 	void *arg;
+	struct slab *slab;
 };
+
+/*
+ * Boxes are carved, in order, from slabs of SLAB_BOXES that a thread
+ * allocates for itself (one allocation per SLAB_BOXES boxes, adjacent in
+ * memory). `live` counts the boxes of a slab not yet released, plus those
+ * not yet carved; the last release frees the slab.
+ */
+#define SLAB_BOXES 64
+struct slab {
+	atomic_uint live;
+	struct box boxes[SLAB_BOXES];
+};
+
+static void box_release(struct box *b)
+{
+	struct slab *s = b->slab;
+	if (atomic_fetch_sub_explicit(&s->live, 1, memory_order_acq_rel) == 1)
+		opq__box_free(s, sizeof(*s));
+}
 
 static _Thread_local opq_queue *tls_queue;
 /* Set while a runner runs its start hook: start and resize wait for it. */
@@ -156,11 +268,11 @@ static void fifo_push(opq_queue *q, opq_op *op)
 	op->opq__next = NULL;
 	op->opq__prev = q->tail;
 	op->opq__owner = q;
-	op->opq__state = OP_QUEUED;
+	OP_SET_STATE(op, OP_QUEUED);
 	if (q->tail)
 		q->tail->opq__next = op;
 	else
-		q->head = op;
+		__atomic_store_n(&q->head, op, __ATOMIC_RELAXED);
 	q->tail = op;
 	if (++q->queued > q->high_water)
 		q->high_water = q->queued;
@@ -171,15 +283,66 @@ static void fifo_unlink(opq_queue *q, opq_op *op, uintptr_t state)
 	if (op->opq__prev)
 		op->opq__prev->opq__next = op->opq__next;
 	else
-		q->head = op->opq__next;
+		__atomic_store_n(&q->head, op->opq__next, __ATOMIC_RELAXED);
 	if (op->opq__next)
 		op->opq__next->opq__prev = op->opq__prev;
 	else
 		q->tail = op->opq__prev;
 	op->opq__next = op->opq__prev = NULL;
 	op->opq__owner = NULL;
-	op->opq__state = state;
+	OP_SET_STATE(op, state);
 	q->queued--;
+}
+
+/*
+ * Append an inbox stack (newest first, linked by opq__next) to the FIFO,
+ * oldest first. One pass, newest to oldest, touching each operation once:
+ * reversing the links makes the FIFO's next links, and the op visited
+ * before (the next newer one) gets its prev link. Under q->mu.
+ */
+static void fifo_push_stack(opq_queue *q, opq_op *stack)
+{
+	if (!stack)
+		return;
+	opq_op *newest = stack, *list = NULL;
+	size_t n = 0;
+	while (stack) {
+		opq_op *older = stack->opq__next;
+		stack->opq__next = list;
+		if (list)
+			list->opq__prev = stack;
+		stack->opq__owner = q;
+		OP_SET_STATE(stack, OP_QUEUED);
+		list = stack;
+		stack = older;
+		n++;
+	}
+	list->opq__prev = q->tail; /* list: the oldest */
+	if (q->tail)
+		q->tail->opq__next = list;
+	else
+		__atomic_store_n(&q->head, list, __ATOMIC_RELAXED);
+	q->tail = newest;
+	q->queued += n;
+	if (q->queued > q->high_water)
+		q->high_water = q->queued;
+}
+
+/* Move the inbox to the FIFO. Under q->mu. */
+static void inbox_drain(opq_queue *q)
+{
+	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_ACQUIRE);
+	if (!top || top == INBOX_CLOSED)
+		return;
+	fifo_push_stack(q, __atomic_exchange_n(&q->inbox, NULL, __ATOMIC_SEQ_CST));
+}
+
+/* Close the inbox (later pushes fail) and move what it held to the FIFO. Under q->mu. */
+static void inbox_close(opq_queue *q)
+{
+	opq_op *top = __atomic_exchange_n(&q->inbox, INBOX_CLOSED, __ATOMIC_SEQ_CST);
+	if (top != INBOX_CLOSED)
+		fifo_push_stack(q, top);
 }
 
 /* After the FIFO shrank or an operation finished: wake who waits for that. */
@@ -201,10 +364,11 @@ static opq_op *fifo_take_all(opq_queue *q)
 	opq_op *list = q->head;
 	for (opq_op *op = list; op; op = op->opq__next) {
 		op->opq__owner = NULL;
-		op->opq__state = OP_IDLE;
+		OP_SET_STATE(op, OP_IDLE);
 	}
 	q->discarded += q->queued;
-	q->head = q->tail = NULL;
+	__atomic_store_n(&q->head, NULL, __ATOMIC_RELAXED);
+	q->tail = NULL;
 	q->queued = 0;
 	fifo_shrunk(q);
 	return list;
@@ -236,10 +400,200 @@ static void runner_name(opq_queue *q, unsigned index)
 #endif
 }
 
+/* Wake one sleeping runner, or all of them. Under q->mu. */
+static void wake_one(opq_queue *q)
+{
+	if (q->sleepers) {
+		STORE(q->sleepers, q->sleepers - 1);
+		q->wakes++;
+		OPQ_CHECK(pthread_cond_signal(&q->work));
+	}
+}
+
+static void wake_all(opq_queue *q)
+{
+	q->wakes += q->sleepers;
+	STORE(q->sleepers, 0);
+	OPQ_CHECK(pthread_cond_broadcast(&q->work));
+}
+
+static void box_perform(opq_op *op);
+
+/*
+ * Claim the slots of every runner's batch still PENDING for a discarding
+ * stop: the operations join `list` (to be discarded), in batch order, ahead
+ * of it. Under q->mu.
+ */
+static opq_op *batches_take_all(opq_queue *q, opq_op *list)
+{
+	opq_op *head = NULL, **tailp = &head;
+	for (struct runner *r = q->runners; r; r = r->next) {
+		for (unsigned i = 0; i < r->nslots; i++) {
+			int pending = SLOT_PENDING;
+			if (!atomic_compare_exchange_strong(&r->slots[i].state, &pending,
+							    SLOT_CANCELLED))
+				continue;
+			opq_op *op = r->slots[i].op;
+			op->opq__owner = NULL;
+			op->opq__prev = NULL;
+			OP_SET_STATE(op, OP_IDLE);
+			q->running--;
+			q->discarded++;
+			*tailp = op;
+			tailp = &op->opq__next;
+		}
+	}
+	*tailp = list;
+	return head;
+}
+
+/* Take this runner's share of the FIFO into its slots. Under q->mu. */
+static void take_batch(opq_queue *q, struct runner *r)
+{
+	unsigned alive = q->alive ? q->alive : 1;
+	size_t n = (q->queued + alive - 1) / alive;
+	if (n > BATCH_MAX)
+		n = BATCH_MAX;
+	/* A bounded queue's capacity counts what has not started: there a
+	 * runner takes one operation at a time, so none waits outside the FIFO
+	 * uncounted. */
+	if (n == 0 || q->capacity)
+		n = 1;
+	for (size_t i = 0; i < n; i++) {
+		opq_op *op = q->head;
+		fifo_unlink(q, op, OP_BATCHED);
+		op->opq__owner = q;
+		op->opq__prev = (opq_op *)(void *)&r->slots[i];
+		r->slots[i].op = op;
+		atomic_store_explicit(&r->slots[i].state, SLOT_PENDING, memory_order_relaxed);
+	}
+	r->nslots = (unsigned)n;
+	q->running += n;
+	if (q->space_waiters) {
+		/* n places freed: wake as many producers, no more. */
+		if (n >= q->space_waiters)
+			OPQ_CHECK(pthread_cond_broadcast(&q->space));
+		else
+			for (size_t i = 0; i < n; i++)
+				OPQ_CHECK(pthread_cond_signal(&q->space));
+	}
+}
+
+/*
+ * Perform the batch without the lock: each PENDING slot is claimed first,
+ * so that an operation cancelled or stolen meanwhile is left alone. The
+ * boxes of function-pointer operations go to *boxes for reuse. Returns how
+ * many operations this runner performed.
+ */
+static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigned *nboxes)
+{
+	size_t performed = 0;
+	for (unsigned i = 0; i < r->nslots; i++) {
+		if (i + 1 < r->nslots)
+			__builtin_prefetch(r->slots[i + 1].op);
+		int pending = SLOT_PENDING;
+		if (!atomic_compare_exchange_strong_explicit(&r->slots[i].state, &pending, SLOT_OWNER,
+							     memory_order_acquire,
+							     memory_order_relaxed))
+			continue;
+		opq_op *op = r->slots[i].op;
+		OP_SET_STATE(op, OP_TAKEN);
+		performed++;
+		if (op->perform == box_perform) {
+			struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
+			opq_fn *fn = b->fn;
+			void *arg = b->arg;
+			op->opq__next = *boxes;
+			if (!*boxes)
+				*last = op;
+			*boxes = op;
+			++*nboxes;
+			fn(arg);
+		} else {
+			op->perform(op); /* op may be freed from here on */
+		}
+	}
+	return performed;
+}
+
+/*
+ * Take over the first PENDING operation of another runner's batch, for a
+ * runner that found the FIFO empty. Under q->mu.
+ */
+static opq_op *steal(opq_queue *q, struct runner *self)
+{
+	for (struct runner *r = q->runners; r; r = r->next) {
+		if (r == self)
+			continue;
+		for (unsigned i = 0; i < r->nslots; i++) {
+			int pending = SLOT_PENDING;
+			if (atomic_compare_exchange_strong(&r->slots[i].state, &pending,
+							   SLOT_STOLEN)) {
+				opq_op *op = r->slots[i].op;
+				OP_SET_STATE(op, OP_TAKEN);
+				return op;
+			}
+		}
+	}
+	return NULL;
+}
+
+/* Look at the FIFO for a while without the lock: true if it has work. */
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static bool spin(opq_queue *q)
+{
+	uint64_t end = mono_ns() + OPQ_SPIN_NS;
+	for (unsigned i = 1;; i++) {
+		if (i % 32 == 0 && mono_ns() >= end)
+			return false;
+		if (__atomic_load_n(&q->head, __ATOMIC_RELAXED))
+			return true;
+		opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
+		if (top && top != INBOX_CLOSED)
+			return true;
+#if defined(__x86_64__) || defined(__i386__)
+		__builtin_ia32_pause();
+#elif defined(__aarch64__)
+		__asm__ __volatile__("yield");
+#endif
+	}
+}
+
+static void free_boxes(opq_op *op)
+{
+	while (op) {
+		opq_op *next = op->opq__next;
+		box_release(OPQ_CONTAINER_OF(op, struct box, op));
+		op = next;
+	}
+}
+
+/* Give the boxes first..last back to q's spare stack, or free them if it is full. */
+static void spare_push(opq_queue *q, opq_op *first, opq_op *last, unsigned n)
+{
+	if (__atomic_load_n(&q->nspare, __ATOMIC_RELAXED) >= SPARE_MAX) {
+		free_boxes(first);
+		return;
+	}
+	opq_op *top = __atomic_load_n(&q->spare, __ATOMIC_RELAXED);
+	do
+		last->opq__next = top;
+	while (!__atomic_compare_exchange_n(&q->spare, &top, first, true, __ATOMIC_RELEASE,
+					    __ATOMIC_RELAXED));
+	__atomic_fetch_add(&q->nspare, n, __ATOMIC_RELAXED);
+}
+
 static void *runner_main(void *arg)
 {
 	struct runner *r = arg;
 	opq_queue *q = r->q;
+	bool spun = false;
 
 	tls_queue = q;
 	runner_name(q, r->index);
@@ -255,28 +609,69 @@ static void *runner_main(void *arg)
 	for (;;) {
 		if (q->alive > q->target)
 			break;
-		opq_op *op = q->head;
-		if (!op) {
-			if (q->state == ST_STOPPING)
-				break;
-			q->idle_runners++;
-			OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
-			q->idle_runners--;
+		if (!q->head)
+			inbox_drain(q);
+		if (q->head) {
+			take_batch(q, r);
+			opq__unlock(&q->mu);
+
+			opq_op *boxes = NULL, *last = NULL;
+			unsigned nboxes = 0;
+			size_t performed = run_batch(r, &boxes, &last, &nboxes);
+			if (boxes)
+				spare_push(q, boxes, last, nboxes);
+
+			opq__lock(&q->mu);
+			r->nslots = 0;
+			q->running -= performed;
+			q->completed += performed;
+			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+				inbox_drain(q);
+				if (q->queued == 0)
+					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			}
+			spun = false;
 			continue;
 		}
-		fifo_unlink(q, op, OP_TAKEN);
-		q->running++;
-		if (q->space_waiters)
-			OPQ_CHECK(pthread_cond_signal(&q->space));
-		opq__unlock(&q->mu);
-
-		op->perform(op); /* op may be freed from here on */
-
-		opq__lock(&q->mu);
-		q->running--;
-		q->completed++;
-		if (q->idle_waiters && q->queued == 0 && q->running == 0)
-			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+		opq_op *op = steal(q, r);
+		if (op) {
+			opq__unlock(&q->mu);
+			op->perform(op); /* op may be freed from here on */
+			opq__lock(&q->mu);
+			q->running--;
+			q->completed++;
+			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+				inbox_drain(q);
+				if (q->queued == 0)
+					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+			}
+			continue;
+		}
+		if (q->state == ST_STOPPING)
+			break;
+		if (!spun) {
+			/* Look again for a moment: a runner awake is cheaper than a wakeup. */
+			spun = true;
+			STORE(q->spinning, q->spinning + 1);
+			opq__unlock(&q->mu);
+			spin(q);
+			opq__lock(&q->mu);
+			STORE(q->spinning, q->spinning - 1);
+			continue;
+		}
+		spun = false;
+		STORE(q->sleepers, q->sleepers + 1);
+		inbox_drain(q); /* after counting in sleepers: see the inbox above */
+		if (q->head) {
+			/* Nobody signalled us: that takes q->mu, which we held. */
+			STORE(q->sleepers, q->sleepers - 1);
+			continue;
+		}
+		OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
+		if (q->wakes)
+			q->wakes--;
+		else
+			STORE(q->sleepers, q->sleepers - 1); /* woken without a signal of its own */
 	}
 	q->alive--;
 	opq__unlock(&q->mu);
@@ -390,6 +785,27 @@ static void wait_runners_gone(opq_queue *q)
 
 /* ---- lifecycle ----------------------------------------------------------- */
 
+/*
+ * The queue's mutex is taken by producers and runners for a few dozen
+ * instructions at a time: an adaptive mutex (glibc) spins a little before
+ * it sleeps in the kernel, which saves most futex calls under contention.
+ */
+static int queue_mutex_init(pthread_mutex_t *mu)
+{
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP) && !defined(OPQ_DEBUG)
+	pthread_mutexattr_t ma;
+	int rc = pthread_mutexattr_init(&ma);
+	if (rc)
+		return rc;
+	pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+	rc = pthread_mutex_init(mu, &ma);
+	pthread_mutexattr_destroy(&ma);
+	return rc;
+#else
+	return opq__mutex_init(mu);
+#endif
+}
+
 OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 {
 	if (!qp)
@@ -398,10 +814,10 @@ OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 	if (!q)
 		return ENOMEM;
 	q->attr = attr ? *attr : default_attr;
-	q->capacity = q->attr.capacity;
+	q->capacity = q->capacity_ro = q->attr.capacity;
 	q->state = ST_NEW;
 
-	int rc = opq__mutex_init(&q->mu);
+	int rc = queue_mutex_init(&q->mu);
 	if (rc)
 		goto fail_mu;
 	if ((rc = opq__cond_init(&q->work)))
@@ -438,9 +854,19 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
+	inbox_close(q);
+	opq__unlock(&q->mu);
+	/* Producers that pushed before the inbox closed may still look at q. */
+	for (unsigned i = 0; i < PUSH_STRIPES; i++)
+		while (LOAD(q->pushing[i].n))
+			sched_yield();
+	opq__lock(&q->mu);
 	opq_op *list = fifo_take_all(q);
+	opq_op *boxes = q->spare;
+	q->spare = NULL;
 	opq__unlock(&q->mu);
 	discard_list(list);
+	free_boxes(boxes);
 
 	pthread_cond_destroy(&q->change);
 	pthread_cond_destroy(&q->idle);
@@ -463,15 +889,20 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 	}
 	int prev = q->state;
 	q->state = ST_RUNNING;
+	opq_op *closed = INBOX_CLOSED;
+	__atomic_compare_exchange_n(&q->inbox, &closed, NULL, false, __ATOMIC_SEQ_CST,
+				    __ATOMIC_SEQ_CST); /* reopen after a stop */
 	q->target = runners;
 	q->next_index = 0;
 	int rc = spawn(q, runners);
 	if (rc && q->state == ST_RUNNING) {
 		/* All or nothing: let the runners made so far go, and roll back. */
 		q->target = 0;
-		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+		wake_all(q);
 		wait_runners_gone(q);
 		q->state = prev;
+		if (prev == ST_STOPPED)
+			inbox_close(q);
 	}
 	opq__unlock(&q->mu);
 	return rc;
@@ -494,7 +925,7 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
 	if (q->alive < runners)
 		rc = spawn(q, runners - q->alive);
 	else if (q->alive > runners)
-		OPQ_CHECK(pthread_cond_broadcast(&q->work));
+		wake_all(q);
 	reap(q);
 	q->callers--;
 	opq__unlock(&q->mu);
@@ -518,11 +949,12 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 	int prev = q->state;
 	uint64_t stops = q->stops;
 	q->state = ST_STOPPING;
+	inbox_close(q);
 	OPQ_CHECK(pthread_cond_broadcast(&q->space)); /* blocked enqueuers: ESHUTDOWN */
-	OPQ_CHECK(pthread_cond_broadcast(&q->work));
+	wake_all(q);
 
 	if (mode == OPQ_STOP_DISCARD) {
-		opq_op *list = fifo_take_all(q);
+		opq_op *list = batches_take_all(q, fifo_take_all(q));
 		opq__unlock(&q->mu);
 		discard_list(list);
 		opq__lock(&q->mu);
@@ -562,10 +994,69 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 
 enum wait_kind { WAIT_BLOCK, WAIT_TRY };
 
+/*
+ * The lock-free enqueue of an unbounded queue (see the inbox above). The
+ * caller made sure the queue is unbounded. Returns EAGAIN when the operation
+ * looks queued already, so that the locked path decides under the lock.
+ */
+/* This thread's stripe of opq_queue.pushing. */
+/*
+ * The enqueue path's thread-locals use the initial-exec model: a plain
+ * offset from the thread pointer instead of a __tls_get_addr call (a few
+ * dozen bytes of the static TLS reserve, also when dlopen()ed).
+ */
+#define TLS_FAST __attribute__((tls_model("initial-exec")))
+static _Thread_local unsigned tls_stripe TLS_FAST;
+static atomic_uint next_stripe;
+
+static unsigned *pushing_counter(opq_queue *q)
+{
+	if (!tls_stripe)
+		tls_stripe = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) %
+				     PUSH_STRIPES +
+			     1;
+	return &q->pushing[tls_stripe - 1].n;
+}
+
+static int enqueue_inbox(opq_queue *q, opq_op *op)
+{
+	uintptr_t st = OP_STATE(op);
+	if (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX ||
+	    !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false, __ATOMIC_ACQUIRE,
+					 __ATOMIC_RELAXED))
+		return EAGAIN;
+	unsigned *pushing = pushing_counter(q);
+	__atomic_fetch_add(pushing, 1, __ATOMIC_SEQ_CST);
+	op->opq__owner = q;
+	op->opq__prev = NULL;
+	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
+	do {
+		if (top == INBOX_CLOSED) {
+			op->opq__owner = NULL;
+			OP_SET_STATE(op, st);
+			__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
+			return ESHUTDOWN;
+		}
+		op->opq__next = top;
+	} while (!__atomic_compare_exchange_n(&q->inbox, &top, op, true, __ATOMIC_SEQ_CST,
+					      __ATOMIC_RELAXED));
+	/* op may be performed and freed from here on. */
+	if (LOAD(q->sleepers) && !LOAD(q->spinning)) {
+		opq__lock(&q->mu);
+		inbox_drain(q);
+		if (q->sleepers && q->queued > q->spinning + q->wakes)
+			wake_one(q);
+		opq__unlock(&q->mu);
+	}
+	__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
 static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
 {
 	opq__lock(&q->mu);
-	if (op->opq__owner == q && op->opq__state == OP_QUEUED) {
+	uintptr_t st = OP_STATE(op);
+	if ((st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX) && op->opq__owner == q) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
@@ -612,32 +1103,45 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 			return ETIMEDOUT;
 		}
 	}
+	inbox_drain(q); /* what was pushed before goes first */
 	fifo_push(q, op);
-	if (q->idle_runners)
-		OPQ_CHECK(pthread_cond_signal(&q->work));
+	/* Wake a runner only if those awake and looking are too few. */
+	if (q->sleepers && q->queued > q->spinning + q->wakes)
+		wake_one(q);
 	opq__unlock(&q->mu);
 	return 0;
+}
+
+/* The lock-free path when the queue is unbounded, else (or in doubt) the locked one. */
+static int enqueue_op(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
+{
+	if (q->capacity_ro == 0) {
+		int rc = enqueue_inbox(q, op);
+		if (rc != EAGAIN)
+			return rc;
+	}
+	return enqueue(q, op, kind, deadline);
 }
 
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, NULL);
+	return enqueue_op(q, op, WAIT_BLOCK, NULL);
 }
 
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue(q, op, WAIT_TRY, NULL);
+	return enqueue_op(q, op, WAIT_TRY, NULL);
 }
 
 OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
 {
 	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
-	return enqueue(q, op, WAIT_BLOCK, deadline);
+	return enqueue_op(q, op, WAIT_BLOCK, deadline);
 }
 
 static void box_perform(opq_op *op)
@@ -645,7 +1149,7 @@ static void box_perform(opq_op *op)
 	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 	opq_fn *fn = b->fn;
 	void *arg = b->arg;
-	opq__box_free(b, sizeof(*b));
+	box_release(b);
 	fn(arg);
 }
 
@@ -654,9 +1158,93 @@ static void box_discard(opq_op *op)
 	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 	opq_fn *discard = b->discard;
 	void *arg = b->arg;
-	opq__box_free(b, sizeof(*b));
+	box_release(b);
 	if (discard)
 		discard(arg);
+}
+
+/* This thread's spare boxes (see SPARE_MAX), freed when it exits. */
+static _Thread_local opq_op *tls_boxes TLS_FAST;
+static _Thread_local unsigned tls_nboxes TLS_FAST;
+static _Thread_local bool tls_boxes_registered TLS_FAST;
+static _Thread_local struct slab *tls_slab TLS_FAST; /* boxes [tls_carved, SLAB_BOXES) not carved */
+static _Thread_local unsigned tls_carved TLS_FAST;
+static pthread_key_t boxes_key;
+static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
+static bool boxes_key_ok;
+
+static void tls_boxes_free(void *unused)
+{
+	(void)unused;
+	free_boxes(tls_boxes);
+	tls_boxes = NULL;
+	tls_nboxes = 0;
+	tls_boxes_registered = false;
+	struct slab *s = tls_slab;
+	tls_slab = NULL;
+	if (s && atomic_fetch_sub(&s->live, SLAB_BOXES - tls_carved) == SLAB_BOXES - tls_carved)
+		opq__box_free(s, sizeof(*s));
+}
+
+static void boxes_key_create(void)
+{
+	boxes_key_ok = pthread_key_create(&boxes_key, tls_boxes_free) == 0;
+}
+
+/* Make sure this thread's cache is freed when it exits: false if it cannot be. */
+static bool tls_boxes_register(void)
+{
+	if (!tls_boxes_registered) {
+		pthread_once(&boxes_once, boxes_key_create);
+		tls_boxes_registered = boxes_key_ok && pthread_setspecific(boxes_key, &tls_boxes) == 0;
+	}
+	return tls_boxes_registered;
+}
+
+/* Keep b in this thread's cache, or free it. */
+static void box_put(struct box *b)
+{
+	if (tls_nboxes < TLS_BOXES_MAX && tls_boxes_register()) {
+		b->op.opq__next = tls_boxes;
+		tls_boxes = &b->op;
+		tls_nboxes++;
+		return;
+	}
+	box_release(b);
+}
+
+/* A box: from this thread's cache, else q's spare stack (all of it), else new. */
+static struct box *box_get(opq_queue *q)
+{
+	if (!tls_boxes && __atomic_load_n(&q->spare, __ATOMIC_RELAXED)) {
+		if (tls_boxes_register()) {
+			tls_boxes = __atomic_exchange_n(&q->spare, NULL, __ATOMIC_ACQUIRE);
+			tls_nboxes = __atomic_exchange_n(&q->nspare, 0, __ATOMIC_RELAXED);
+		}
+	}
+	opq_op *op = tls_boxes;
+	if (op) {
+		tls_boxes = op->opq__next;
+		if (tls_boxes)
+			__builtin_prefetch(tls_boxes, 1); /* the next call's box */
+		if (tls_nboxes)
+			tls_nboxes--;
+		return OPQ_CONTAINER_OF(op, struct box, op);
+	}
+	/* Carve one from this thread's slab, or from a new slab. */
+	if (!tls_slab || tls_carved == SLAB_BOXES) {
+		struct slab *s;
+		if (!tls_boxes_register() || !(s = opq__box_alloc(sizeof(*s))))
+			return NULL;
+		atomic_init(&s->live, SLAB_BOXES);
+		tls_slab = s;
+		tls_carved = 0;
+	}
+	struct box *b = &tls_slab->boxes[tls_carved++];
+	b->slab = tls_slab;
+	if (tls_carved == SLAB_BOXES)
+		tls_slab = NULL; /* all carved: its boxes free it */
+	return b;
 }
 
 static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
@@ -664,16 +1252,19 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 {
 	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
-	struct box *b = opq__box_alloc(sizeof(*b));
+	struct box *b = box_get(q);
 	if (!b)
 		return ENOMEM;
-	opq_op_init(&b->op, box_perform, box_discard);
+	b->op.perform = box_perform;
+	b->op.discard = box_discard;
+	b->op.opq__owner = NULL;
+	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
 	b->discard = discard_fn;
 	b->arg = arg;
-	int rc = enqueue(q, &b->op, kind, deadline);
+	int rc = enqueue_op(q, &b->op, kind, deadline);
 	if (rc)
-		opq__box_free(b, sizeof(*b));
+		box_put(b);
 	return rc;
 }
 
@@ -700,11 +1291,29 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 	if (!q || !op)
 		return EINVAL;
 	opq__lock(&q->mu);
-	if (op->opq__owner != q || op->opq__state != OP_QUEUED) {
+	inbox_drain(q);
+	uintptr_t st = OP_STATE(op);
+	/* The state first: an operation still INBOX is not queued yet. */
+	if ((st != OP_QUEUED && st != OP_BATCHED) || op->opq__owner != q) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
-	fifo_unlink(q, op, OP_IDLE);
+	if (st == OP_QUEUED) {
+		fifo_unlink(q, op, OP_IDLE);
+	} else {
+		/* In a runner's batch: ours only if we claim its slot first. */
+		struct slot *slot = (struct slot *)(void *)op->opq__prev;
+		int pending = SLOT_PENDING;
+		if (slot->op != op ||
+		    !atomic_compare_exchange_strong(&slot->state, &pending, SLOT_CANCELLED)) {
+			opq__unlock(&q->mu);
+			return EBUSY;
+		}
+		op->opq__owner = NULL;
+		op->opq__prev = NULL;
+		OP_SET_STATE(op, OP_IDLE);
+		q->running--;
+	}
 	q->discarded++;
 	q->cancelled++;
 	fifo_shrunk(q);
@@ -724,9 +1333,14 @@ OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline
 	opq__lock(&q->mu);
 	q->callers++;
 	q->idle_waiters++;
-	while (q->queued || q->running) {
-		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT &&
-		    (q->queued || q->running)) {
+	for (;;) {
+		inbox_drain(q);
+		if (!q->queued && !q->running)
+			break;
+		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT) {
+			inbox_drain(q);
+			if (!q->queued && !q->running)
+				break;
 			rc = ETIMEDOUT;
 			break;
 		}
@@ -743,8 +1357,17 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 		return EINVAL;
 	memset(stats, 0, sizeof(*stats));
 	opq__lock(&q->mu);
-	stats->queued = q->queued;
-	stats->running = q->running;
+	inbox_drain(q);
+	/* Operations in a batch that nobody has claimed yet are still queued.
+	 * A bounded queue's runners take one at a time: the operation a runner
+	 * took is its to start, running, so queued never exceeds the capacity. */
+	size_t pending = 0;
+	for (struct runner *r = q->capacity ? NULL : q->runners; r; r = r->next)
+		for (unsigned i = 0; i < r->nslots; i++)
+			pending += atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
+				   SLOT_PENDING;
+	stats->queued = q->queued + pending;
+	stats->running = q->running - pending;
 	stats->completed = q->completed;
 	stats->discarded = q->discarded;
 	stats->cancelled = q->cancelled;
@@ -758,14 +1381,28 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 bool opq__queue_help(opq_queue *q, opq_op *op)
 {
 	opq__lock(&q->mu);
-	if (op->opq__owner != q || op->opq__state != OP_QUEUED) {
+	inbox_drain(q); /* an operation still in the inbox becomes QUEUED */
+	uintptr_t st = OP_STATE(op);
+	if ((st != OP_QUEUED && st != OP_BATCHED) || op->opq__owner != q) {
 		opq__unlock(&q->mu);
 		return false;
 	}
-	fifo_unlink(q, op, OP_TAKEN);
-	q->running++;
-	if (q->space_waiters)
-		OPQ_CHECK(pthread_cond_signal(&q->space));
+	if (st == OP_QUEUED) {
+		fifo_unlink(q, op, OP_TAKEN);
+		q->running++;
+		fifo_shrunk(q);
+	} else {
+		/* In a runner's batch (maybe our own): ours if we claim its slot
+		 * first, as a stealing runner does; it is counted as running. */
+		struct slot *slot = (struct slot *)(void *)op->opq__prev;
+		int pending = SLOT_PENDING;
+		if (slot->op != op ||
+		    !atomic_compare_exchange_strong(&slot->state, &pending, SLOT_STOLEN)) {
+			opq__unlock(&q->mu);
+			return false;
+		}
+		OP_SET_STATE(op, OP_TAKEN);
+	}
 	opq__unlock(&q->mu);
 
 	op->perform(op); /* op may be freed from here on */
@@ -773,8 +1410,11 @@ bool opq__queue_help(opq_queue *q, opq_op *op)
 	opq__lock(&q->mu);
 	q->running--;
 	q->completed++;
-	if (q->idle_waiters && q->queued == 0 && q->running == 0)
-		OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+	if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+		inbox_drain(q);
+		if (q->queued == 0)
+			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+	}
 	opq__unlock(&q->mu);
 	return true;
 }

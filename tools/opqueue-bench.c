@@ -1,27 +1,54 @@
 /*
- * opqueue-bench: P producers enqueue M operations each into R runners; each
- * operation is empty or spins W nanoseconds. The same workload runs on
- * opqueue (intrusive and function-pointer paths) and on a plain
- * mutex/condvar pool that signals on every enqueue, each run in a child
- * process of its own (so that peak RSS is per variant), repeated; the table
- * shows medians and each variant's ratio to opqueue's intrusive path.
- * The clock runs from the moment the runners are up (and, for the intrusive
- * path, the operations initialised) until the last operation has been
- * performed and the runners joined.
+ * opqueue-bench: opqueue against the thread pools a C daemon author would
+ * otherwise pick, on the same workload, in the same run.
  *
- * usage: opqueue-bench [-p PRODUCERS] [-m OPS_PER_PRODUCER] [-r RUNNERS]
- *                      [-w SPIN_NS] [-k REPEATS]
- *        opqueue-bench -l [-m ITERATIONS] [-k REPEATS]
+ * usage: opqueue-bench [burst|latency|bounded|line] [options]
  *
- * -l measures the line instead: an uncontended opq_line_try_acquire plus
- * opq_line_release, in nanoseconds per pair (median of K runs), and the time
- * from a release to the last of 1, 8 and 64 blocked waiters running again.
+ * burst    P producers enqueue M operations each into R runners; each
+ *          operation is empty or spins W ns. Variants: opqueue intrusive
+ *          (opq_op embedded in the caller's struct), opqueue fn
+ *          (opq_queue_enqueue_fn), GLib's GThreadPool (R exclusive threads),
+ *          libuv's uv_queue_work (UV_THREADPOOL_SIZE=R, one loop per
+ *          producer: libuv wants work queued from the loop's thread), a plain
+ *          mutex/condvar pool that mallocs an item and signals on every
+ *          enqueue, and the ceiling: the same operations split across R
+ *          threads directly, no queue. The clock runs from the moment the
+ *          pool is up until the last operation has been performed and the
+ *          pool has stopped.
+ * latency  one operation at a time on an idle pool: the time from just
+ *          before the enqueue to the start of perform; p50, p99, p99.9.
+ * bounded  opqueue with a bounded FIFO (capacity -c) and producers faster
+ *          than the runners, against the unbounded queue and the ceiling.
+ * line     uncontended opq_line_try_acquire + release, and the time from a
+ *          release to the last of 1, 8 and 64 blocked waiters running again.
+ *
+ * Every run of every variant happens in a child process of its own (peak
+ * RSS is per variant), after an untimed warm-up run of the same workload in
+ * that process (--cold: none), and checks that each operation ran exactly once
+ * (a counter per operation). Tables show medians over -k runs. A separate
+ * run per variant counts allocations (a malloc wrapper in this program; it
+ * also sees jemalloc's mallocx) per operation.
+ *
+ * options: -p LIST producers (burst; comma list)     -r N runners
+ *          -m N ops per producer                     -w LIST spin ns per op
+ *          -k N repeats (median)                     -n N latency samples
+ *          -c N capacity (bounded)                   -V LIST variants:
+ *          intrusive,fn,glib,libuv,plain,ceiling     -F no fork, one run
+ *          -P FILE.svg / --plot FILE.svg: draw the results with gnuplot
+ *          --cold: no warm-up run
+ *          -l: the line (same as the mode `line`)
  */
-#define _DEFAULT_SOURCE 1 /* wait4 */
+#define _GNU_SOURCE 1
+#include "config.h"
+
+#include <dlfcn.h>
 #include <errno.h>
+#include <getopt.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,10 +60,31 @@
 
 #include <opqueue.h>
 
+#ifdef HAVE_GLIB
+#include <glib.h>
+#endif
+#ifdef HAVE_LIBUV
+#include <uv.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define NO_MALLOC_HOOK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+	__has_feature(memory_sanitizer)
+#define NO_MALLOC_HOOK 1
+#endif
+#endif
+
+#define MAXLIST 8
+
 static unsigned P = 1, R = 2, K = 5;
-static long M = 1000000, W = 0;
-static atomic_long performed;
-static uint64_t t_start; /* set by each variant once its set-up is done */
+static long M = 1000000, W = 0, L = 10000, CAP = 64;
+static int no_fork;
+static int cold; /* --cold: no untimed warm-up run before each timed burst run */
+static atomic_uchar *hits; /* one per operation: performed how often */
+static long nops;	   /* operations in this run */
+static uint64_t t_start, t_end;
 
 static uint64_t now_ns(void)
 {
@@ -45,83 +93,358 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void work(void)
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+/* ---- counting allocations ------------------------------------------------ */
+
+static atomic_long allocs;
+static atomic_int counting;
+
+#ifndef NO_MALLOC_HOOK
+/*
+ * This program's malloc family forwards to the C library's and, while
+ * `counting`, counts. jemalloc's mallocx (which libopqueue uses for boxes
+ * when configured with jemalloc) is wrapped too.
+ */
+void *__libc_malloc(size_t);
+void *__libc_calloc(size_t, size_t);
+void *__libc_realloc(void *, size_t);
+void *__libc_memalign(size_t, size_t);
+void __libc_free(void *);
+
+static inline void count_one(void)
+{
+	if (atomic_load_explicit(&counting, memory_order_relaxed))
+		atomic_fetch_add_explicit(&allocs, 1, memory_order_relaxed);
+}
+
+void *malloc(size_t n)
+{
+	count_one();
+	return __libc_malloc(n);
+}
+
+void *calloc(size_t n, size_t size)
+{
+	count_one();
+	return __libc_calloc(n, size);
+}
+
+void *realloc(void *p, size_t n)
+{
+	if (!p)
+		count_one();
+	return __libc_realloc(p, n);
+}
+
+void free(void *p)
+{
+	__libc_free(p);
+}
+
+int posix_memalign(void **p, size_t align, size_t n)
+{
+	count_one();
+	void *m = __libc_memalign(align, n);
+	if (!m)
+		return ENOMEM;
+	*p = m;
+	return 0;
+}
+
+void *aligned_alloc(size_t align, size_t n)
+{
+	count_one();
+	return __libc_memalign(align, n);
+}
+
+void *memalign(size_t align, size_t n)
+{
+	count_one();
+	return __libc_memalign(align, n);
+}
+
+void *mallocx(size_t size, int flags);
+void *mallocx(size_t size, int flags)
+{
+	static void *(*real)(size_t, int);
+	if (!real)
+		*(void **)&real = dlsym(RTLD_NEXT, "mallocx");
+	count_one();
+	return real(size, flags);
+}
+#endif
+
+/* ---- the work ------------------------------------------------------------ */
+
+static void work(long i)
 {
 	if (W > 0) {
 		uint64_t end = now_ns() + (uint64_t)W;
 		while (now_ns() < end)
 			;
 	}
-	atomic_fetch_add_explicit(&performed, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&hits[i], 1, memory_order_relaxed);
+}
+
+/* Latency mode: each operation records when perform started. */
+static uint64_t *lat_start;
+static atomic_long lat_done;
+
+static void lat_work(long i)
+{
+	lat_start[i] = now_ns();
+	atomic_fetch_add_explicit(&hits[i], 1, memory_order_relaxed);
+	atomic_store_explicit(&lat_done, i + 1, memory_order_release);
+}
+
+static void (*perform_cb)(long) = work;
+
+static void spawn_join(unsigned n, void *(*fn)(void *))
+{
+	pthread_t th[n];
+	for (unsigned i = 0; i < n; i++)
+		if (pthread_create(&th[i], NULL, fn, (void *)(intptr_t)i))
+			abort();
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(th[i], NULL);
 }
 
 /* ---- opqueue ------------------------------------------------------------- */
 
-static opq_queue *oq;
-static opq_op *ops;
+struct bop {
+	opq_op op;
+	long i;
+};
 
-static void op_perform(opq_op *op)
+static opq_queue *oq;
+static struct bop *bops;
+static size_t cur_capacity;
+
+static void bop_perform(opq_op *op)
 {
-	(void)op;
-	work();
+	perform_cb(OPQ_CONTAINER_OF(op, struct bop, op)->i);
 }
 
 static void fn_perform(void *arg)
 {
-	(void)arg;
-	work();
+	perform_cb((long)(intptr_t)arg);
 }
 
 static void *opq_producer(void *arg)
 {
 	long base = (long)(intptr_t)arg * M;
-	for (long i = 0; i < M; i++)
-		if (opq_queue_enqueue(oq, &ops[base + i]))
+	for (long i = base; i < base + M; i++)
+		if (opq_queue_enqueue(oq, &bops[i].op))
 			abort();
 	return NULL;
 }
 
 static void *opq_fn_producer(void *arg)
 {
-	(void)arg;
-	for (long i = 0; i < M; i++)
-		if (opq_queue_enqueue_fn(oq, fn_perform, NULL, NULL))
+	long base = (long)(intptr_t)arg * M;
+	for (long i = base; i < base + M; i++)
+		if (opq_queue_enqueue_fn(oq, fn_perform, NULL, (void *)(intptr_t)i))
 			abort();
 	return NULL;
 }
 
-static int run_opq(void *(*producer)(void *))
+static int opq_setup(bool intrusive, size_t capacity)
 {
-	if (producer == opq_producer) {
-		ops = calloc((size_t)P * (size_t)M, sizeof(*ops));
-		if (!ops)
+	if (intrusive) {
+		bops = malloc((size_t)nops * sizeof(*bops));
+		if (!bops)
 			return ENOMEM;
-		for (long i = 0; i < (long)P * M; i++)
-			opq_op_init(&ops[i], op_perform, NULL);
+		for (long i = 0; i < nops; i++) {
+			opq_op_init(&bops[i].op, bop_perform, NULL);
+			bops[i].i = i;
+		}
 	}
-	int rc = opq_queue_create(&oq, NULL);
+	cur_capacity = capacity;
+	opq_queue_attr *a;
+	int rc = opq_queue_attr_create(&a);
+	if (rc)
+		return rc;
+	opq_queue_attr_set_capacity(a, capacity);
+	opq_queue_attr_set_name(a, "bench");
+	rc = opq_queue_create(&oq, a);
+	opq_queue_attr_destroy(a);
 	if (rc || (rc = opq_queue_start(oq, R)))
 		return rc;
-	pthread_t th[P];
-	t_start = now_ns();
-	for (unsigned i = 0; i < P; i++)
-		pthread_create(&th[i], NULL, producer, (void *)(intptr_t)i);
-	for (unsigned i = 0; i < P; i++)
-		pthread_join(th[i], NULL);
-	rc = opq_queue_stop(oq, OPQ_STOP_DRAIN);
+	return 0;
+}
+
+static int opq_teardown(void)
+{
+	int rc = opq_queue_stop(oq, OPQ_STOP_DRAIN);
+	t_end = now_ns();
+	opq_queue_stats st;
+	if (!rc && !(rc = opq_queue_stats_get(oq, &st)) && st.completed != (uint64_t)nops)
+		rc = EPROTO;
+	if (!rc && cur_capacity && st.high_water > cur_capacity)
+		rc = EPROTO; /* a bounded FIFO held more than its capacity */
 	opq_queue_destroy(oq);
+	free(bops);
+	bops = NULL;
 	return rc;
 }
 
-static int run_opq_intrusive(void)
+static int burst_opq(bool intrusive, size_t capacity)
 {
-	return run_opq(opq_producer);
+	int rc = opq_setup(intrusive, capacity);
+	if (rc)
+		return rc;
+	t_start = now_ns();
+	spawn_join(P, intrusive ? opq_producer : opq_fn_producer);
+	return opq_teardown();
 }
 
-static int run_opq_fn(void)
+static int burst_intrusive(void)
 {
-	return run_opq(opq_fn_producer);
+	return burst_opq(true, 0);
 }
+
+static int burst_fn(void)
+{
+	return burst_opq(false, 0);
+}
+
+static int burst_bounded_intrusive(void)
+{
+	return burst_opq(true, (size_t)CAP);
+}
+
+static int burst_bounded_fn(void)
+{
+	return burst_opq(false, (size_t)CAP);
+}
+
+/* ---- GLib's GThreadPool --------------------------------------------------- */
+
+#ifdef HAVE_GLIB
+static GThreadPool *gpool;
+
+static void glib_func(gpointer data, gpointer user)
+{
+	(void)user;
+	perform_cb((long)(intptr_t)data - 1);
+}
+
+static void *glib_producer(void *arg)
+{
+	long base = (long)(intptr_t)arg * M;
+	for (long i = base; i < base + M; i++)
+		if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
+			abort();
+	return NULL;
+}
+
+static int glib_setup(void)
+{
+	gpool = g_thread_pool_new(glib_func, NULL, (gint)R, TRUE, NULL);
+	return gpool ? 0 : EAGAIN;
+}
+
+static int glib_teardown(void)
+{
+	g_thread_pool_free(gpool, FALSE, TRUE);
+	t_end = now_ns();
+	return 0;
+}
+
+static int burst_glib(void)
+{
+	int rc = glib_setup();
+	if (rc)
+		return rc;
+	t_start = now_ns();
+	spawn_join(P, glib_producer);
+	return glib_teardown();
+}
+#endif
+
+/* ---- libuv's uv_queue_work ------------------------------------------------ */
+
+#ifdef HAVE_LIBUV
+static uv_work_t *uvreqs;
+
+static void uv_work(uv_work_t *req)
+{
+	perform_cb((long)(intptr_t)req->data);
+}
+
+static void uv_after(uv_work_t *req, int status)
+{
+	(void)req;
+	if (status)
+		abort();
+}
+
+static void uv_set_size(void)
+{
+	char n[16];
+	snprintf(n, sizeof(n), "%u", R);
+	setenv("UV_THREADPOOL_SIZE", n, 1);
+}
+
+/* libuv starts its pool on first use: start it before the clock. */
+static int uv_warm(void)
+{
+	uv_set_size();
+	uv_loop_t loop;
+	uv_work_t req = { .data = NULL };
+	if (uv_loop_init(&loop))
+		return EAGAIN;
+	void (*saved)(long) = perform_cb;
+	static atomic_uchar dummy;
+	atomic_uchar *h = hits;
+	hits = &dummy;
+	perform_cb = work;
+	long w = W;
+	W = 0;
+	int rc = uv_queue_work(&loop, &req, uv_work, uv_after);
+	if (!rc)
+		uv_run(&loop, UV_RUN_DEFAULT);
+	W = w;
+	hits = h;
+	perform_cb = saved;
+	uv_loop_close(&loop);
+	return rc ? EAGAIN : 0;
+}
+
+static void *uv_producer(void *arg)
+{
+	long base = (long)(intptr_t)arg * M;
+	uv_loop_t loop;
+	if (uv_loop_init(&loop))
+		abort();
+	for (long i = base; i < base + M; i++) {
+		uvreqs[i].data = (void *)(intptr_t)i;
+		if (uv_queue_work(&loop, &uvreqs[i], uv_work, uv_after))
+			abort();
+	}
+	uv_run(&loop, UV_RUN_DEFAULT);
+	uv_loop_close(&loop);
+	return NULL;
+}
+
+static int burst_libuv(void)
+{
+	uvreqs = calloc((size_t)nops, sizeof(*uvreqs));
+	if (!uvreqs || uv_warm())
+		return ENOMEM;
+	t_start = now_ns();
+	spawn_join(P, uv_producer);
+	t_end = now_ns();
+	free(uvreqs);
+	return 0;
+}
+#endif
 
 /* ---- a plain mutex/condvar pool that signals on every enqueue ----------- */
 
@@ -136,7 +459,8 @@ static struct {
 	pthread_cond_t cv;
 	struct plain_item *head, *tail;
 	int stop;
-} plain = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0 };
+	pthread_t th[256];
+} plain = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, { 0 } };
 
 static void *plain_runner(void *arg)
 {
@@ -162,46 +486,238 @@ static void *plain_runner(void *arg)
 	return NULL;
 }
 
+static void plain_enqueue(void (*fn)(void *), void *arg)
+{
+	struct plain_item *it = malloc(sizeof(*it));
+	if (!it)
+		abort();
+	it->next = NULL;
+	it->fn = fn;
+	it->arg = arg;
+	pthread_mutex_lock(&plain.mu);
+	if (plain.tail)
+		plain.tail->next = it;
+	else
+		plain.head = it;
+	plain.tail = it;
+	pthread_cond_signal(&plain.cv);
+	pthread_mutex_unlock(&plain.mu);
+}
+
 static void *plain_producer(void *arg)
 {
-	(void)arg;
-	for (long i = 0; i < M; i++) {
-		struct plain_item *it = malloc(sizeof(*it));
-		if (!it)
-			abort();
-		it->next = NULL;
-		it->fn = fn_perform;
-		it->arg = NULL;
-		pthread_mutex_lock(&plain.mu);
-		if (plain.tail)
-			plain.tail->next = it;
-		else
-			plain.head = it;
-		plain.tail = it;
-		pthread_cond_signal(&plain.cv);
-		pthread_mutex_unlock(&plain.mu);
-	}
+	long base = (long)(intptr_t)arg * M;
+	for (long i = base; i < base + M; i++)
+		plain_enqueue(fn_perform, (void *)(intptr_t)i);
 	return NULL;
 }
 
-static int run_plain(void)
+static int plain_setup(void)
 {
-	pthread_t rt[R], pt[P];
+	plain.stop = 0;
 	for (unsigned i = 0; i < R; i++)
-		pthread_create(&rt[i], NULL, plain_runner, NULL);
-	t_start = now_ns();
-	for (unsigned i = 0; i < P; i++)
-		pthread_create(&pt[i], NULL, plain_producer, NULL);
-	for (unsigned i = 0; i < P; i++)
-		pthread_join(pt[i], NULL);
+		if (pthread_create(&plain.th[i], NULL, plain_runner, NULL))
+			return EAGAIN;
+	return 0;
+}
+
+static int plain_teardown(void)
+{
 	pthread_mutex_lock(&plain.mu);
 	plain.stop = 1;
 	pthread_cond_broadcast(&plain.cv);
 	pthread_mutex_unlock(&plain.mu);
 	for (unsigned i = 0; i < R; i++)
-		pthread_join(rt[i], NULL);
+		pthread_join(plain.th[i], NULL);
+	t_end = now_ns();
 	return 0;
 }
+
+static int burst_plain(void)
+{
+	int rc = plain_setup();
+	if (rc)
+		return rc;
+	t_start = now_ns();
+	spawn_join(P, plain_producer);
+	return plain_teardown();
+}
+
+/* ---- the ceiling: the same operations split across R threads, no queue ---- */
+
+static void *ceiling_thread(void *arg)
+{
+	long r = (long)(intptr_t)arg;
+	long from = nops * r / (long)R, to = nops * (r + 1) / (long)R;
+	for (long i = from; i < to; i++)
+		work(i);
+	return NULL;
+}
+
+static int burst_ceiling(void)
+{
+	t_start = now_ns();
+	spawn_join(R, ceiling_thread);
+	t_end = now_ns();
+	return 0;
+}
+
+/* ---- latency: one operation at a time ------------------------------------ */
+
+static uint64_t *lat_t0;
+
+static void lat_wait(long i)
+{
+	while (atomic_load_explicit(&lat_done, memory_order_acquire) != i + 1)
+		cpu_relax();
+}
+
+static int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)(void))
+{
+	lat_start = calloc((size_t)nops, sizeof(*lat_start));
+	lat_t0 = calloc((size_t)nops, sizeof(*lat_t0));
+	if (!lat_start || !lat_t0)
+		return ENOMEM;
+	perform_cb = lat_work;
+	atomic_store(&lat_done, 0);
+	int rc = setup();
+	if (rc)
+		return rc;
+	t_start = now_ns();
+	for (long i = 0; i < nops; i++) {
+		lat_t0[i] = now_ns();
+		submit(i);
+		lat_wait(i);
+	}
+	return teardown();
+}
+
+static void lat_submit_intrusive(long i)
+{
+	if (opq_queue_enqueue(oq, &bops[i].op))
+		abort();
+}
+
+static void lat_submit_fn(long i)
+{
+	if (opq_queue_enqueue_fn(oq, fn_perform, NULL, (void *)(intptr_t)i))
+		abort();
+}
+
+static int lat_setup_intrusive(void)
+{
+	return opq_setup(true, 0);
+}
+
+static int lat_setup_fn(void)
+{
+	return opq_setup(false, 0);
+}
+
+static int latency_intrusive(void)
+{
+	return latency_run(lat_setup_intrusive, lat_submit_intrusive, opq_teardown);
+}
+
+static int latency_fn(void)
+{
+	return latency_run(lat_setup_fn, lat_submit_fn, opq_teardown);
+}
+
+#ifdef HAVE_GLIB
+static void lat_submit_glib(long i)
+{
+	if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
+		abort();
+}
+
+static int latency_glib(void)
+{
+	return latency_run(glib_setup, lat_submit_glib, glib_teardown);
+}
+#endif
+
+#ifdef HAVE_LIBUV
+static uv_loop_t lat_loop;
+
+static int lat_setup_libuv(void)
+{
+	uvreqs = calloc((size_t)nops, sizeof(*uvreqs));
+	if (!uvreqs || uv_warm() || uv_loop_init(&lat_loop))
+		return ENOMEM;
+	return 0;
+}
+
+static void lat_submit_libuv(long i)
+{
+	uvreqs[i].data = (void *)(intptr_t)i;
+	if (uv_queue_work(&lat_loop, &uvreqs[i], uv_work, uv_after))
+		abort();
+	if (i % 64 == 63)
+		uv_run(&lat_loop, UV_RUN_NOWAIT); /* reap completions now and then */
+}
+
+static int lat_teardown_libuv(void)
+{
+	uv_run(&lat_loop, UV_RUN_DEFAULT);
+	uv_loop_close(&lat_loop);
+	t_end = now_ns();
+	free(uvreqs);
+	return 0;
+}
+
+static int latency_libuv(void)
+{
+	return latency_run(lat_setup_libuv, lat_submit_libuv, lat_teardown_libuv);
+}
+#endif
+
+static void lat_submit_plain(long i)
+{
+	plain_enqueue(fn_perform, (void *)(intptr_t)i);
+}
+
+static int latency_plain(void)
+{
+	return latency_run(plain_setup, lat_submit_plain, plain_teardown);
+}
+
+/* ---- variants ------------------------------------------------------------ */
+
+struct variant {
+	const char *name;  /* for -V */
+	const char *label; /* for tables and plots */
+	int (*burst)(void);
+	int (*latency)(void);
+	const char *missing; /* why it is not built, or NULL */
+};
+
+static struct variant variants[] = {
+	{ "intrusive", "opqueue intrusive", burst_intrusive, latency_intrusive, NULL },
+	{ "fn", "opqueue fn", burst_fn, latency_fn, NULL },
+#ifdef HAVE_GLIB
+	{ "glib", "GThreadPool", burst_glib, latency_glib, NULL },
+#else
+	{ "glib", "GThreadPool", NULL, NULL, "built without glib-2.0 (install libglib2.0-dev)" },
+#endif
+#ifdef HAVE_LIBUV
+	{ "libuv", "libuv uv_queue_work", burst_libuv, latency_libuv, NULL },
+#else
+	{ "libuv", "libuv uv_queue_work", NULL, NULL, "built without libuv (install libuv1-dev)" },
+#endif
+	{ "plain", "plain mutex/condvar", burst_plain, latency_plain, NULL },
+	{ "ceiling", "no queue (ceiling)", burst_ceiling, NULL, NULL },
+};
+#define NV (sizeof(variants) / sizeof(variants[0]))
+static bool selected[NV];
+
+struct result {
+	int rc;
+	double rate;		/* operations per second */
+	double p50, p99, p999;	/* latency, microseconds */
+	long allocs;
+	long rss_kb;
+};
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -209,6 +725,473 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* Run fn here and check that every operation ran exactly once. */
+static void run_here(int (*fn)(void), bool count, bool latency, struct result *res)
+{
+	hits = calloc((size_t)nops, sizeof(*hits));
+	if (!hits) {
+		res->rc = ENOMEM;
+		return;
+	}
+	perform_cb = work;
+	if (!latency && !cold) {
+		/*
+		 * Warm up: the same run once, untimed, in this process, so that
+		 * every variant meets memory its allocator has touched before, as
+		 * in a daemon that has been running for a while.
+		 */
+		res->rc = fn();
+		if (res->rc) {
+			free(hits);
+			return;
+		}
+		for (long i = 0; i < nops; i++)
+			atomic_store_explicit(&hits[i], 0, memory_order_relaxed);
+	}
+	atomic_store(&allocs, 0);
+	atomic_store(&counting, count);
+	res->rc = fn();
+	atomic_store(&counting, 0);
+	res->allocs = atomic_load(&allocs);
+	for (long i = 0; i < nops && !res->rc; i++)
+		if (atomic_load_explicit(&hits[i], memory_order_relaxed) != 1) {
+			fprintf(stderr, "opqueue-bench: operation %ld ran %d times\n", i,
+				atomic_load(&hits[i]));
+			res->rc = EPROTO;
+		}
+	if (!res->rc)
+		res->rate = (double)nops / ((double)(t_end - t_start) / 1e9);
+	if (!res->rc && latency) {
+		uint64_t *d = lat_t0; /* reuse: latencies in ns */
+		for (long i = 0; i < nops; i++)
+			d[i] = lat_start[i] - lat_t0[i];
+		qsort(d, (size_t)nops, sizeof(*d), cmp_u64);
+		res->p50 = (double)d[nops / 2] / 1e3;
+		res->p99 = (double)d[nops * 99 / 100] / 1e3;
+		res->p999 = (double)d[nops * 999 / 1000] / 1e3;
+		free(lat_start);
+		free(lat_t0);
+	}
+	free(hits);
+	hits = NULL;
+}
+
+/* One run in a child process (or here with -F); the child reports over a pipe. */
+static int run_one(int (*fn)(void), bool count, bool latency, struct result *res)
+{
+	memset(res, 0, sizeof(*res));
+	if (no_fork) {
+		run_here(fn, count, latency, res);
+		struct rusage ru;
+		getrusage(RUSAGE_SELF, &ru);
+		res->rss_kb = ru.ru_maxrss;
+		return res->rc;
+	}
+	fflush(NULL);
+	int fds[2];
+	if (pipe(fds))
+		return errno;
+	pid_t pid = fork();
+	if (pid < 0)
+		return errno;
+	if (pid == 0) {
+		close(fds[0]);
+		run_here(fn, count, latency, res);
+		ssize_t w = write(fds[1], res, sizeof(*res));
+		_exit(w == (ssize_t)sizeof(*res) ? 0 : 1);
+	}
+	close(fds[1]);
+	ssize_t r = read(fds[0], res, sizeof(*res));
+	close(fds[0]);
+	int status;
+	struct rusage ru;
+	if (wait4(pid, &status, 0, &ru) < 0)
+		return errno;
+	if (r != (ssize_t)sizeof(*res) || !WIFEXITED(status) || WEXITSTATUS(status))
+		return res->rc ? res->rc : EIO;
+	res->rss_kb = ru.ru_maxrss;
+	return res->rc;
+}
+
+/* ---- progress ------------------------------------------------------------ */
+
+static uint64_t progress_t0;
+static bool progress_shown;
+
+static void progress(const char *fmt, ...)
+{
+	if (now_ns() - progress_t0 < 1000000000u)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, "\r\033[K");
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	progress_shown = true;
+}
+
+static void progress_done(void)
+{
+	if (progress_shown)
+		fprintf(stderr, "\r\033[K");
+	progress_shown = false;
+}
+
+/* ---- plotting ------------------------------------------------------------ */
+
+/* One chart of a plot: clustered bars, rows are clusters, columns bars. */
+struct panel {
+	const char *title, *xlabel, *ylabel;
+	bool logy;
+	const char *const *rows;
+	size_t nrows;
+	const char *const *cols;
+	size_t ncols;
+	const double *data; /* nrows x ncols */
+};
+
+/* Draw the panels side by side into an SVG file with gnuplot. */
+static int plot(const char *file, const char *title, const struct panel *panels, size_t npanels)
+{
+	char tmp[4][32];
+	size_t made = 0;
+	int rc = 0;
+	for (; made < npanels && made < 4; made++) {
+		const struct panel *p = &panels[made];
+		snprintf(tmp[made], sizeof(tmp[made]), "/tmp/opqueue-bench-XXXXXX");
+		int fd = mkstemp(tmp[made]);
+		FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+		if (!f) {
+			rc = errno;
+			break;
+		}
+		fprintf(f, "workload");
+		for (size_t c = 0; c < p->ncols; c++)
+			fprintf(f, "\t\"%s\"", p->cols[c]);
+		fprintf(f, "\n");
+		for (size_t r = 0; r < p->nrows; r++) {
+			fprintf(f, "\"%s\"", p->rows[r]);
+			for (size_t c = 0; c < p->ncols; c++)
+				fprintf(f, "\t%g", p->data[r * p->ncols + c]);
+			fprintf(f, "\n");
+		}
+		fclose(f);
+	}
+	FILE *g = rc ? NULL : popen("gnuplot", "w");
+	if (g) {
+		fprintf(g,
+			"set terminal svg size %d,600 dynamic noenhanced font 'sans,12' "
+			"background '#ffffff'\n"
+			"set output '%s'\n"
+			"set multiplot layout 1,%zu title \"%s\"\n"
+			"set style data histograms\n"
+			"set style histogram clustered gap 1\n"
+			"set style fill solid 0.85 border -1\n"
+			"set grid ytics\n"
+			"set key below\n"
+			"set datafile separator '\\t'\n",
+			npanels > 1 ? 1280 : 960, file, made, title);
+		for (size_t i = 0; i < made; i++) {
+			const struct panel *p = &panels[i];
+			fprintf(g,
+				"set title \"%s\"\n"
+				"set xlabel \"%s\"\n"
+				"set ylabel \"%s\"\n"
+				"%s\n"
+				"plot for [c=2:%zu] '%s' using c:xtic(1) title columnheader(c)\n",
+				p->title, p->xlabel, p->ylabel,
+				p->logy ? "set logscale y; set yrange [0.05:*]"
+					: "unset logscale y; set yrange [0:*]",
+				p->ncols + 1, tmp[i]);
+		}
+		fprintf(g, "unset multiplot\n");
+		if (pclose(g))
+			rc = EIO;
+	} else if (!rc) {
+		rc = errno ? errno : EIO;
+	}
+	for (size_t i = 0; i < made; i++)
+		unlink(tmp[i]);
+	if (rc)
+		fprintf(stderr, "opqueue-bench: gnuplot failed (is gnuplot installed?)\n");
+	return rc;
+}
+
+/* ---- modes --------------------------------------------------------------- */
+
+static long plist[MAXLIST] = { 1 }, wlist[MAXLIST] = { 0 };
+static size_t np = 1, nw = 1;
+static const char *plot_file;
+
+static size_t parse_list(const char *s, long *out)
+{
+	size_t n = 0;
+	char *end;
+	while (*s && n < MAXLIST) {
+		out[n++] = strtol(s, &end, 10);
+		if (end == s)
+			return 0;
+		s = *end == ',' ? end + 1 : end;
+		if (*end && *end != ',')
+			return 0;
+	}
+	return n;
+}
+
+static void print_missing(void)
+{
+	for (size_t v = 0; v < NV; v++)
+		if (selected[v] && variants[v].missing)
+			printf("(%s: not measured, %s)\n", variants[v].label, variants[v].missing);
+}
+
+static int run_burst(void)
+{
+	size_t nrows = np * nw;
+	double table[MAXLIST * MAXLIST][NV];
+	char rowname[MAXLIST * MAXLIST][64];
+	const char *rows[MAXLIST * MAXLIST];
+	progress_t0 = now_ns();
+	print_missing();
+	for (size_t pi = 0; pi < np; pi++)
+		for (size_t wi = 0; wi < nw; wi++) {
+			size_t row = pi * nw + wi;
+			P = (unsigned)plist[pi];
+			W = wlist[wi];
+			nops = (long)P * M;
+			char what[32] = "empty ops";
+			if (W)
+				snprintf(what, sizeof(what), "%ld ns ops", W);
+			snprintf(rowname[row], sizeof(rowname[row]), "P=%u R=%u %s", P, R, what);
+			rows[row] = rowname[row];
+			printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n",
+			       P, M, R, what, K);
+			printf("%-22s %12s %9s %9s %10s %10s\n", "variant", "ops/s", "intr/this",
+			       "fn/this", "allocs/op", "RSS kB");
+			double med[NV], per_op[NV];
+			long rss[NV];
+			/*
+			 * Round k runs every variant once, so that each variant's runs
+			 * spread over the same stretch of time: on a machine whose load
+			 * changes, the ratios stay fair.
+			 */
+			double rates[NV][K];
+			for (size_t v = 0; v < NV; v++) {
+				med[v] = 0;
+				rss[v] = 0;
+				table[row][v] = 0;
+			}
+			for (unsigned k = 0; k < K; k++)
+				for (size_t v = 0; v < NV; v++) {
+					if (!selected[v] || !variants[v].burst)
+						continue;
+					progress("%s: round %u/%u, %s", rowname[row], k + 1, K,
+						 variants[v].label);
+					struct result res;
+					int rc = run_one(variants[v].burst, false, false, &res);
+					if (rc) {
+						fprintf(stderr, "\nopqueue-bench: %s failed: %s\n",
+							variants[v].label, strerror(rc));
+						return 1;
+					}
+					rates[v][k] = res.rate;
+					if (res.rss_kb > rss[v])
+						rss[v] = res.rss_kb;
+				}
+			for (size_t v = 0; v < NV; v++) {
+				if (!selected[v] || !variants[v].burst)
+					continue;
+				qsort(rates[v], K, sizeof(double), cmp_double);
+				med[v] = rates[v][K / 2];
+				table[row][v] = med[v] / 1e6;
+				/* One more run, smaller, counting allocations. */
+				long saved = M;
+				if (M > 100000)
+					M = 100000;
+				nops = (long)P * M;
+				progress("%s: counting allocations, %s", rowname[row], variants[v].label);
+				struct result res;
+				int rc = run_one(variants[v].burst, true, false, &res);
+				M = saved;
+				per_op[v] = rc ? -1 : (double)res.allocs / (double)nops;
+				nops = (long)P * M;
+			}
+			progress_done();
+			for (size_t v = 0; v < NV; v++) {
+				if (!selected[v] || !variants[v].burst)
+					continue;
+				char ri[16] = "-", rf[16] = "-";
+				if (med[0] > 0)
+					snprintf(ri, sizeof(ri), "%.2fx", med[0] / med[v]);
+				if (med[1] > 0)
+					snprintf(rf, sizeof(rf), "%.2fx", med[1] / med[v]);
+				char al[16] = "n/a"; /* no malloc wrapper under a sanitizer */
+#ifndef NO_MALLOC_HOOK
+				snprintf(al, sizeof(al), "%.3f", per_op[v]);
+#endif
+				printf("%-22s %12.0f %9s %9s %10s %10ld\n", variants[v].label, med[v], ri,
+				       rf, al, rss[v]);
+			}
+			fflush(stdout);
+		}
+	progress_done();
+	if (plot_file) {
+		/* Empty operations without the ceiling (it dwarfs them), then spinning ones with it. */
+		struct panel pn[2];
+		const char *cols[2][NV], *prow[2][MAXLIST * MAXLIST];
+		double data[2][MAXLIST * MAXLIST * NV];
+		size_t npn = 0;
+		for (int spin = 0; spin < 2; spin++) {
+			size_t nc = 0, nr = 0;
+			for (size_t v = 0; v < NV; v++)
+				if (selected[v] && variants[v].burst &&
+				    (spin || variants[v].burst != burst_ceiling))
+					cols[spin][nc++] = variants[v].label;
+			for (size_t r = 0; r < nrows; r++) {
+				if ((wlist[r % nw] > 0) != spin)
+					continue;
+				size_t c = 0;
+				for (size_t v = 0; v < NV; v++)
+					if (selected[v] && variants[v].burst &&
+					    (spin || variants[v].burst != burst_ceiling))
+						data[spin][nr * nc + c++] = table[r][v];
+				prow[spin][nr++] = rows[r];
+			}
+			if (nr == 0 || nc == 0)
+				continue;
+			pn[npn++] = (struct panel){
+				spin ? "operations that spin (with the no-queue ceiling)"
+				     : "empty operations",
+				"workload: P producers, R runners, work per operation", "throughput (million operations per second)", false, prow[spin], nr,
+				cols[spin], nc, data[spin]
+			};
+		}
+		char title[128];
+		snprintf(title, sizeof(title),
+			 "opqueue-bench burst: %ld operations per producer, %u runners, median of %u runs",
+			 M, R, K);
+		if (npn && plot(plot_file, title, pn, npn))
+			return 1;
+	}
+	return 0;
+}
+
+static int run_latency(void)
+{
+	nops = L;
+	P = 1;
+	progress_t0 = now_ns();
+	print_missing();
+	printf("\nlatency: enqueue to start of perform, one operation at a time, %ld samples,\n"
+	       "%u runners; microseconds, median over %u runs of each percentile\n",
+	       L, R, K);
+	printf("%-22s %9s %9s %9s %12s\n", "variant", "p50 us", "p99 us", "p99.9 us", "p50/intr");
+	double data[NV * 3];
+	const char *rows[NV];
+	size_t nr = 0;
+	double base = 0;
+	double p50[NV][K], p99[NV][K], p999[NV][K];
+	/* Round k runs every variant once (see run_burst). */
+	for (unsigned k = 0; k < K; k++)
+		for (size_t v = 0; v < NV; v++) {
+			if (!selected[v] || !variants[v].latency)
+				continue;
+			progress("latency: round %u/%u, %s", k + 1, K, variants[v].label);
+			struct result res;
+			int rc = run_one(variants[v].latency, false, true, &res);
+			if (rc) {
+				fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", variants[v].label,
+					strerror(rc));
+				return 1;
+			}
+			p50[v][k] = res.p50;
+			p99[v][k] = res.p99;
+			p999[v][k] = res.p999;
+		}
+	progress_done();
+	for (size_t v = 0; v < NV; v++) {
+		if (!selected[v] || !variants[v].latency)
+			continue;
+		qsort(p50[v], K, sizeof(double), cmp_double);
+		qsort(p99[v], K, sizeof(double), cmp_double);
+		qsort(p999[v], K, sizeof(double), cmp_double);
+		double a = p50[v][K / 2], b = p99[v][K / 2], c = p999[v][K / 2];
+		if (nr == 0)
+			base = a;
+		printf("%-22s %9.2f %9.2f %9.2f %11.2fx\n", variants[v].label, a, b, c, a / base);
+		fflush(stdout);
+		rows[nr] = variants[v].label;
+		data[nr * 3] = a;
+		data[nr * 3 + 1] = b;
+		data[nr * 3 + 2] = c;
+		nr++;
+	}
+	progress_done();
+	if (plot_file) {
+		static const char *const cols[] = { "p50", "p99", "p99.9" };
+		char title[128];
+		snprintf(title, sizeof(title),
+			 "opqueue-bench latency: %u runners, %ld samples, median of %u runs",
+			 R, L, K);
+		struct panel pn = { "p50, p99 and p99.9 of each variant", "thread pool",
+				    "enqueue to start of perform (microseconds, log scale)",
+				    true, rows, nr, cols, 3, data };
+		if (plot(plot_file, title, &pn, 1))
+			return 1;
+	}
+	return 0;
+}
+
+static int run_bounded(void)
+{
+	P = (unsigned)plist[0];
+	W = wlist[0];
+	nops = (long)P * M;
+	progress_t0 = now_ns();
+	printf("\nbounded: %u producer(s) x %ld ops, %u runners, %ld ns per op, capacity %ld,\n"
+	       "median of %u runs\n",
+	       P, M, R, W, CAP, K);
+	printf("%-30s %12s %14s\n", "variant", "ops/s", "this/ceiling");
+	static const struct {
+		const char *label;
+		int (*fn)(void);
+	} b[] = {
+		{ "opqueue intrusive, bounded", burst_bounded_intrusive },
+		{ "opqueue fn, bounded", burst_bounded_fn },
+		{ "opqueue intrusive, unbounded", burst_intrusive },
+		{ "no queue (ceiling)", burst_ceiling },
+	};
+	double med[4], rates[4][K];
+	/* Round k runs every variant once (see run_burst). */
+	for (unsigned k = 0; k < K; k++)
+		for (size_t v = 0; v < 4; v++) {
+			progress("bounded: round %u/%u, %s", k + 1, K, b[v].label);
+			struct result res;
+			int rc = run_one(b[v].fn, false, false, &res);
+			if (rc) {
+				fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", b[v].label,
+					strerror(rc));
+				return 1;
+			}
+			rates[v][k] = res.rate;
+		}
+	progress_done();
+	for (size_t v = 0; v < 4; v++) {
+		qsort(rates[v], K, sizeof(double), cmp_double);
+		med[v] = rates[v][K / 2];
+	}
+	for (size_t v = 0; v < 3; v++)
+		printf("%-30s %12.0f %13.1f%%\n", b[v].label, med[v], 100 * med[v] / med[3]);
+	progress_done();
+	printf("%-30s %12.0f %13.1f%%\n", b[3].label, med[3], 100.0);
+	return 0;
+}
 
 /* ---- the line ------------------------------------------------------------- */
 
@@ -268,7 +1251,8 @@ static double line_wakeup_us(unsigned n)
 
 static int run_line(void)
 {
-	printf("line: uncontended try_acquire + release, %ld iterations, median of %u runs\n", M, K);
+	printf("\nline: uncontended try_acquire + release, %ld iterations, median of %u runs\n", M,
+	       K);
 	opq_line line = OPQ_LINE_INITIALIZER;
 	double ns[K];
 	for (unsigned k = 0; k < K; k++) {
@@ -297,110 +1281,94 @@ static int run_line(void)
 	return 0;
 }
 
-/* ---- the driver ---------------------------------------------------------- */
+/* ---- main ---------------------------------------------------------------- */
 
-struct variant {
-	const char *name;
-	int (*run)(void);
-};
-
-static const struct variant variants[] = {
-	{ "opqueue (intrusive)", run_opq_intrusive },
-	{ "opqueue (fn)", run_opq_fn },
-	{ "plain mutex/condvar", run_plain },
-};
-#define NV (sizeof(variants) / sizeof(variants[0]))
-
-struct result {
-	double ops_per_s;
-	long rss_kb;
-};
-
-/* One run of one variant in a child process; the child reports over a pipe. */
-static int run_child(const struct variant *v, struct result *res)
+static void usage(void)
 {
-	int fds[2];
-	if (pipe(fds))
-		return errno;
-	pid_t pid = fork();
-	if (pid < 0)
-		return errno;
-	if (pid == 0) {
-		close(fds[0]);
-		int rc = v->run();
-		uint64_t t1 = now_ns(), t0 = t_start;
-		long expect = (long)P * M;
-		double rate = rc == 0 && atomic_load(&performed) == expect
-				      ? (double)expect / ((double)(t1 - t0) / 1e9)
-				      : -1.0;
-		ssize_t w = write(fds[1], &rate, sizeof(rate));
-		_exit(w == (ssize_t)sizeof(rate) ? 0 : 1);
+	fprintf(stderr,
+		"usage: opqueue-bench [burst|latency|bounded|line] [-p LIST] [-r RUNNERS]\n"
+		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES]\n"
+		"         [-c CAPACITY] [-V intrusive,fn,glib,libuv,plain,ceiling] [-F]\n"
+		"         [--plot FILE.svg] [--cold]\n"
+		"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n");
+}
+
+static bool select_variants(const char *list)
+{
+	memset(selected, 0, sizeof(selected));
+	char buf[256];
+	snprintf(buf, sizeof(buf), "%s", list);
+	for (char *save, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+		size_t v = 0;
+		while (v < NV && strcmp(variants[v].name, t))
+			v++;
+		if (v == NV)
+			return false;
+		selected[v] = true;
 	}
-	close(fds[1]);
-	double rate = -1;
-	ssize_t r = read(fds[0], &rate, sizeof(rate));
-	close(fds[0]);
-	int status;
-	struct rusage ru;
-	if (wait4(pid, &status, 0, &ru) < 0)
-		return errno;
-	if (r != (ssize_t)sizeof(rate) || rate < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
-		return EIO;
-	res->ops_per_s = rate;
-	res->rss_kb = ru.ru_maxrss;
-	return 0;
+	return true;
 }
 
 int main(int argc, char **argv)
 {
-	int opt, line_mode = 0;
-	while ((opt = getopt(argc, argv, "lp:m:r:w:k:")) != -1) {
+	static const struct option longopts[] = { { "plot", required_argument, NULL, 'P' },
+						  { "help", no_argument, NULL, 'h' },
+						  { "cold", no_argument, NULL, 'C' },
+						  { NULL, 0, NULL, 0 } };
+	const char *mode = "burst";
+	int opt;
+	for (size_t v = 0; v < NV; v++)
+		selected[v] = true;
+	if (argc > 1 && argv[1][0] != '-') {
+		mode = argv[1];
+		argv++;
+		argc--;
+	}
+	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:V:FP:h", longopts, NULL)) != -1) {
 		switch (opt) {
-		case 'l': line_mode = 1; break;
-		case 'p': P = (unsigned)atoi(optarg); break;
+		case 'l': mode = "line"; break;
+		case 'p': np = parse_list(optarg, plist); break;
 		case 'm': M = atol(optarg); break;
 		case 'r': R = (unsigned)atoi(optarg); break;
-		case 'w': W = atol(optarg); break;
+		case 'w': nw = parse_list(optarg, wlist); break;
 		case 'k': K = (unsigned)atoi(optarg); break;
-		default:
-			fprintf(stderr, "usage: opqueue-bench [-p PRODUCERS] [-m OPS_PER_PRODUCER] "
-					"[-r RUNNERS] [-w SPIN_NS] [-k REPEATS]\n"
-					"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n");
-			return 2;
+		case 'n': L = atol(optarg); break;
+		case 'c': CAP = atol(optarg); break;
+		case 'F': no_fork = 1; break;
+		case 'C': cold = 1; break;
+		case 'P': plot_file = optarg; break;
+		case 'V':
+			if (!select_variants(optarg)) {
+				fprintf(stderr, "opqueue-bench: unknown variant in %s\n", optarg);
+				return 2;
+			}
+			break;
+		default: usage(); return 2;
 		}
 	}
-	if (P < 1 || R < 1 || M < 1 || K < 1 || W < 0 || P > 256 || R > 256) {
-		fprintf(stderr, "opqueue-bench: bad arguments\n");
+	bool bad = np == 0 || nw == 0 || R < 1 || R > 256 || M < 1 || K < 1 || L < 1000 ||
+		   CAP < 1 || optind != argc;
+	for (size_t i = 0; i < np; i++)
+		bad |= plist[i] < 1 || plist[i] > 256;
+	for (size_t i = 0; i < nw; i++)
+		bad |= wlist[i] < 0;
+	if (bad) {
+		usage();
 		return 2;
 	}
-	if (line_mode)
+	if (no_fork)
+		K = 1;
+#ifdef HAVE_LIBUV
+	uv_set_size(); /* read by libuv once, on first use */
+#endif
+	if (!strcmp(mode, "burst"))
+		return run_burst();
+	if (!strcmp(mode, "latency"))
+		return run_latency();
+	if (!strcmp(mode, "bounded"))
+		return run_bounded();
+	if (!strcmp(mode, "line"))
 		return run_line();
-	printf("burst: %u producer(s) x %ld ops, %u runners, %ld ns per op, median of %u runs\n",
-	       P, M, R, W, K);
-	printf("%-22s %14s %10s %12s\n", "variant", "ops/s", "ratio", "peak RSS kB");
-	double base = 0;
-	for (size_t v = 0; v < NV; v++) {
-		double rates[K];
-		long rss = 0;
-		for (unsigned k = 0; k < K; k++) {
-			struct result res = { 0, 0 };
-			int rc = run_child(&variants[v], &res);
-			if (rc) {
-				fprintf(stderr, "opqueue-bench: %s failed: %s\n", variants[v].name,
-					strerror(rc));
-				return 1;
-			}
-			rates[k] = res.ops_per_s;
-			if (res.rss_kb > rss)
-				rss = res.rss_kb;
-			fprintf(stderr, "\r%s run %u/%u", variants[v].name, k + 1, K);
-		}
-		fprintf(stderr, "\r%60s\r", "");
-		qsort(rates, K, sizeof(double), cmp_double);
-		double med = rates[K / 2];
-		if (v == 0)
-			base = med;
-		printf("%-22s %14.0f %9.2fx %12ld\n", variants[v].name, med, med / base, rss);
-	}
-	return 0;
+	usage();
+	return 2;
 }

@@ -66,7 +66,7 @@ enum opq_stop_mode {
  * let fields be added without changing the struct's size.
  */
 typedef struct opq_queue_stats {
-	uint64_t queued;	/* waiting in the FIFO now */
+	uint64_t queued;	/* waiting now (FIFO; unbounded: also a runner's batch), <= capacity */
 	uint64_t running;	/* being performed now */
 	uint64_t completed;	/* performed, since create */
 	uint64_t discarded;	/* discarded by stop, cancel or destroy, since create */
@@ -138,6 +138,10 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
  * stop has begun (also for a thread blocked in enqueue when it begins),
  * EBUSY if op is already queued in this queue, EINVAL for NULL arguments, an
  * op without perform, or a deadline whose tv_nsec is outside [0, 1e9). On any error the caller keeps op.
+ * On an unbounded queue this takes no lock (a lock-free push). Runners take
+ * operations in FIFO order in batches of up to 16 (1 on a bounded queue, so
+ * that the capacity counts every operation not started) and start each batch in
+ * order; an idle runner takes over what another has taken but not started.
  */
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op);
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op);
@@ -147,7 +151,9 @@ OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct tim
  * The same for a function pointer: the queue boxes (fn, discard_fn, arg),
  * calls fn(arg) on a runner, or discard_fn(arg) (when not NULL) if the
  * operation is dropped. ENOMEM when the box cannot be allocated; on any
- * error neither function is called.
+ * error neither function is called. Boxes are reused (a spare stack per
+ * queue, up to 65536; a cache per enqueuing thread, up to 4096, freed when
+ * the thread exits): at most one allocation per call, usually none.
  */
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
 OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
@@ -155,9 +161,10 @@ OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *disca
 					 const struct timespec *deadline);
 
 /*
- * Remove a caller-boxed operation that is still queued: its discard callback
- * is called on the calling thread before this returns 0. EBUSY when it is
- * not queued in q (already taken by a runner, performed, or discarded).
+ * Remove a caller-boxed operation that has not started (in the FIFO, or in
+ * a runner's batch): its discard callback is called on the calling thread
+ * before this returns 0. EBUSY when it is not waiting in q (started,
+ * performed, or discarded).
  */
 OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op);
 

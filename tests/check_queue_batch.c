@@ -1,0 +1,384 @@
+/*
+ * check_queue_batch.c: the queue's fast paths. Runners take batches of
+ * operations; an operation in a batch that has not started can still be
+ * cancelled, discarded by a stop, or taken over by an idle runner, and is
+ * performed or discarded exactly once. Unbounded enqueues go through a
+ * lock-free inbox and keep each producer's FIFO order. Function-pointer
+ * boxes are reused. Links the convenience library for the allocation
+ * counter.
+ */
+#include "harness.h"
+#include "internal.h"
+
+#include <limits.h>
+#include <string.h>
+
+struct bop {
+	opq_op op;
+	atomic_int performed;
+	atomic_int discarded;
+	struct t_gate *hold;   /* perform waits on it, when set */
+	atomic_int *started;   /* set when perform begins */
+	long producer, seq;    /* for the order check */
+	long *last_seq;	       /* per producer: the last seq performed */
+	atomic_int *disorder;  /* counts order violations */
+};
+
+static void bop_perform(opq_op *op)
+{
+	struct bop *b = OPQ_CONTAINER_OF(op, struct bop, op);
+	if (b->started)
+		atomic_store(b->started, 1);
+	if (b->hold)
+		ck_assert(t_gate_wait(b->hold));
+	if (b->last_seq) {
+		if (b->last_seq[b->producer] >= b->seq)
+			atomic_fetch_add(b->disorder, 1);
+		b->last_seq[b->producer] = b->seq;
+	}
+	atomic_fetch_add(&b->performed, 1);
+}
+
+static void bop_discard(opq_op *op)
+{
+	struct bop *b = OPQ_CONTAINER_OF(op, struct bop, op);
+	atomic_fetch_add(&b->discarded, 1);
+}
+
+static void bop_init(struct bop *b)
+{
+	memset(b, 0, sizeof(*b));
+	ck_assert_int_eq(opq_op_init(&b->op, bop_perform, bop_discard), 0);
+}
+
+static opq_queue_stats stats_of(opq_queue *q)
+{
+	opq_queue_stats st;
+	ck_assert_int_eq(opq_queue_stats_get(q, &st), 0);
+	return st;
+}
+
+/*
+ * Queued before start, the four operations reach the single runner as one
+ * batch: the first blocks, and the others wait in the runner's slots.
+ */
+START_TEST(test_cancel_in_batch)
+{
+	opq_queue *q;
+	struct t_gate hold;
+	atomic_int started = 0;
+	struct bop b[4];
+	t_gate_init(&hold);
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	for (int i = 0; i < 4; i++) {
+		bop_init(&b[i]);
+		ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+	}
+	b[0].hold = &hold;
+	b[0].started = &started;
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	/* The batch's pending operations still count as queued. */
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.queued, 3);
+	ck_assert_uint_eq(st.running, 1);
+	ck_assert_int_eq(opq_queue_cancel(q, &b[0].op), EBUSY); /* running */
+	ck_assert_int_eq(opq_queue_enqueue(q, &b[2].op), EBUSY); /* queued already */
+	ck_assert_int_eq(opq_queue_cancel(q, &b[2].op), 0);
+	ck_assert_int_eq(b[2].discarded, 1);
+	ck_assert_int_eq(opq_queue_cancel(q, &b[2].op), EBUSY); /* twice */
+	st = stats_of(q);
+	ck_assert_uint_eq(st.queued, 2);
+	ck_assert_uint_eq(st.cancelled, 1);
+	t_gate_open(&hold);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	ck_assert_int_eq(b[0].performed + b[1].performed + b[3].performed, 3);
+	ck_assert_int_eq(b[2].performed, 0);
+	ck_assert_int_eq(opq_queue_cancel(q, &b[3].op), EBUSY); /* done */
+	st = stats_of(q);
+	ck_assert_uint_eq(st.completed, 3);
+	ck_assert_uint_eq(st.queued + st.running, 0);
+	/* A cancelled operation can be enqueued again. */
+	ck_assert_int_eq(opq_queue_enqueue(q, &b[2].op), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(b[2].performed, 1);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
+/*
+ * Two runners, four operations queued before start: the runner that gets
+ * the blocking one also holds the next in its batch; the other runner,
+ * done with its own, takes that one over instead of leaving it behind.
+ */
+START_TEST(test_idle_runner_takes_over)
+{
+	for (int round = 0; round < 20; round++) {
+		opq_queue *q;
+		struct t_gate hold;
+		atomic_int started = 0;
+		struct bop b[4];
+		t_gate_init(&hold);
+		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+		for (int i = 0; i < 4; i++) {
+			bop_init(&b[i]);
+			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+		}
+		b[0].hold = &hold;
+		b[0].started = &started;
+		ck_assert_int_eq(opq_queue_start(q, 2), 0);
+		T_WAIT_UNTIL(atomic_load(&started));
+		/* Everything but the blocked one runs while it blocks. */
+		T_WAIT_UNTIL(b[1].performed + b[2].performed + b[3].performed == 3);
+		ck_assert_int_eq(b[0].performed, 0);
+		t_gate_open(&hold);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		for (int i = 0; i < 4; i++) {
+			ck_assert_int_eq(b[i].performed, 1);
+			ck_assert_int_eq(b[i].discarded, 0);
+		}
+		ck_assert_uint_eq(stats_of(q).completed, 4);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		t_gate_destroy(&hold);
+	}
+}
+END_TEST
+
+struct stopper {
+	opq_queue *q;
+	int rc;
+};
+
+/*
+ * A bounded queue counts every operation accepted and not started: queued
+ * before start into a queue of capacity 4, the four are not taken as a
+ * batch (which would free the capacity while three still wait), so with
+ * the first one running only one more place is free.
+ */
+START_TEST(test_bounded_counts_unstarted)
+{
+	for (int iter = 0; iter < 20; iter++) {
+		opq_queue *q;
+		opq_queue_attr *attr;
+		struct t_gate hold;
+		atomic_int started = 0;
+		struct bop b[6];
+		t_gate_init(&hold);
+		ck_assert_int_eq(opq_queue_attr_create(&attr), 0);
+		ck_assert_int_eq(opq_queue_attr_set_capacity(attr, 4), 0);
+		ck_assert_int_eq(opq_queue_create(&q, attr), 0);
+		opq_queue_attr_destroy(attr);
+		for (int i = 0; i < 6; i++)
+			bop_init(&b[i]);
+		b[0].hold = &hold;
+		b[0].started = &started;
+		for (int i = 0; i < 4; i++)
+			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+		ck_assert_int_eq(opq_queue_tryenqueue(q, &b[4].op), EAGAIN);
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		T_WAIT_UNTIL(atomic_load(&started));
+		ck_assert_int_eq(stats_of(q).queued, 3);
+		ck_assert_int_eq(opq_queue_tryenqueue(q, &b[4].op), 0);
+		ck_assert_int_eq(opq_queue_tryenqueue(q, &b[5].op), EAGAIN);
+		t_gate_open(&hold);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		for (int i = 0; i < 5; i++)
+			ck_assert_int_eq(atomic_load(&b[i].performed), 1);
+		ck_assert_int_eq(atomic_load(&b[5].performed), 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+}
+END_TEST
+
+static void *stop_discard(void *arg)
+{
+	struct stopper *s = arg;
+	s->rc = opq_queue_stop(s->q, OPQ_STOP_DISCARD);
+	return NULL;
+}
+
+/* A discarding stop discards the operations waiting in a runner's batch. */
+START_TEST(test_stop_discards_batch)
+{
+	opq_queue *q;
+	struct t_gate hold;
+	atomic_int started = 0;
+	struct bop b[4];
+	t_gate_init(&hold);
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	for (int i = 0; i < 4; i++) {
+		bop_init(&b[i]);
+		ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+	}
+	b[0].hold = &hold;
+	b[0].started = &started;
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	struct stopper s = { q, -1 };
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, stop_discard, &s), 0);
+	T_WAIT_UNTIL(b[1].discarded + b[2].discarded + b[3].discarded == 3);
+	t_gate_open(&hold);
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_int_eq(s.rc, 0);
+	ck_assert_int_eq(b[0].performed, 1);
+	for (int i = 1; i < 4; i++)
+		ck_assert_int_eq(b[i].performed, 0);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.completed, 1);
+	ck_assert_uint_eq(st.discarded, 3);
+	ck_assert_uint_eq(st.queued + st.running, 0);
+	ck_assert_int_eq(opq_queue_enqueue(q, &b[1].op), ESHUTDOWN);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
+static void count_fn(void *arg)
+{
+	atomic_fetch_add((atomic_long *)arg, 1);
+}
+
+/* Function-pointer operations reuse their boxes: far fewer allocations than operations. */
+START_TEST(test_fn_boxes_reused)
+{
+	opq_queue *q;
+	atomic_long n = 0;
+	const long ops = 2000;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0);
+	opq__fault_set(LONG_MAX); /* count, never fail */
+	for (long i = 0; i < ops; i++) {
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, count_fn, NULL, &n), 0);
+		if (i % 16 == 15) {
+			struct timespec dl = t_deadline(T_WAIT_NS);
+			ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+		}
+	}
+	long made = opq__fault_count();
+	opq__fault_set(0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(atomic_load(&n), ops);
+	ck_assert_msg(made <= ops / 8, "%ld allocations for %ld operations", made, ops);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/* ---- stress: producers, runners and a canceller at once -------------------- */
+
+#define S_PRODUCERS 4
+
+struct stress {
+	opq_queue *q;
+	struct bop *ops;
+	long per;
+	long producer;
+	atomic_int *go;
+	atomic_long *cancelled;
+};
+
+static void *stress_producer(void *arg)
+{
+	struct stress *s = arg;
+	while (!atomic_load(s->go))
+		sched_yield();
+	for (long i = 0; i < s->per; i++) {
+		struct bop *b = &s->ops[s->producer * s->per + i];
+		ck_assert_int_eq(opq_queue_enqueue(s->q, &b->op), 0);
+	}
+	return NULL;
+}
+
+static void *stress_canceller(void *arg)
+{
+	struct stress *s = arg;
+	long n = S_PRODUCERS * s->per;
+	unsigned seed = 7;
+	while (!atomic_load(s->go))
+		sched_yield();
+	for (long k = 0; k < n / 4; k++) {
+		seed = seed * 1103515245u + 12345u;
+		long i = (long)(seed >> 8) % n;
+		if (opq_queue_cancel(s->q, &s->ops[i].op) == 0)
+			atomic_fetch_add(s->cancelled, 1);
+	}
+	return NULL;
+}
+
+/*
+ * One runner: each producer's operations are performed in its order, every
+ * one exactly once. Several runners with a canceller: every operation is
+ * performed or discarded, exactly once, and the statistics agree.
+ */
+START_TEST(test_stress_order_and_exactly_once)
+{
+	static const unsigned runners[] = { 1, 3 };
+	for (int r = 0; r < 2; r++) {
+		long per = t_scale(20000);
+		long n = S_PRODUCERS * per;
+		struct bop *ops = calloc((size_t)n, sizeof(*ops));
+		long last_seq[S_PRODUCERS];
+		atomic_int disorder = 0, go = 0;
+		atomic_long cancelled = 0;
+		ck_assert_ptr_nonnull(ops);
+		for (long p = 0; p < S_PRODUCERS; p++)
+			last_seq[p] = -1;
+		for (long i = 0; i < n; i++) {
+			bop_init(&ops[i]);
+			ops[i].producer = i / per;
+			ops[i].seq = i % per;
+			if (runners[r] == 1) {
+				ops[i].last_seq = last_seq;
+				ops[i].disorder = &disorder;
+			}
+		}
+		opq_queue *q;
+		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+		ck_assert_int_eq(opq_queue_start(q, runners[r]), 0);
+		struct stress s[S_PRODUCERS + 1];
+		pthread_t th[S_PRODUCERS + 1];
+		int nth = runners[r] == 1 ? S_PRODUCERS : S_PRODUCERS + 1;
+		for (int i = 0; i < nth; i++) {
+			s[i] = (struct stress){ q, ops, per, i, &go, &cancelled };
+			ck_assert_int_eq(pthread_create(&th[i], NULL,
+							i < S_PRODUCERS ? stress_producer :
+									  stress_canceller,
+							&s[i]),
+					 0);
+		}
+		atomic_store(&go, 1);
+		for (int i = 0; i < nth; i++)
+			ck_assert_int_eq(pthread_join(th[i], NULL), 0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		long performed = 0, discarded = 0;
+		for (long i = 0; i < n; i++) {
+			ck_assert_int_eq(ops[i].performed + ops[i].discarded, 1);
+			performed += ops[i].performed;
+			discarded += ops[i].discarded;
+		}
+		opq_queue_stats st = stats_of(q);
+		ck_assert_uint_eq(st.completed, (uint64_t)performed);
+		ck_assert_uint_eq(st.cancelled, (uint64_t)atomic_load(&cancelled));
+		ck_assert_int_eq(discarded, atomic_load(&cancelled));
+		ck_assert_int_eq(atomic_load(&disorder), 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		free(ops);
+	}
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("queue_batch");
+	TCase *tc = t_tcase(s, "batch", 60);
+	tcase_add_test(tc, test_cancel_in_batch);
+	tcase_add_test(tc, test_idle_runner_takes_over);
+	tcase_add_test(tc, test_stop_discards_batch);
+	tcase_add_test(tc, test_bounded_counts_unstarted);
+	tcase_add_test(tc, test_fn_boxes_reused);
+	tc = t_tcase(s, "stress", 300);
+	tcase_add_test(tc, test_stress_order_and_exactly_once);
+	return t_run(s);
+}
