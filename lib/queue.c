@@ -613,6 +613,11 @@ static void *runner_main(void *arg)
 			inbox_drain(q);
 		if (q->head) {
 			take_batch(q, r);
+			/* Work left behind: a producer that saw a runner spinning
+			 * (this one) woke nobody, so wake the next runner here
+			 * (a chain, not a herd), or it waits for our whole batch. */
+			if (q->head && q->sleepers && q->queued > q->spinning + q->wakes)
+				wake_one(q);
 			opq__unlock(&q->mu);
 
 			opq_op *boxes = NULL, *last = NULL;

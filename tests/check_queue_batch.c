@@ -192,6 +192,50 @@ START_TEST(test_bounded_counts_unstarted)
 }
 END_TEST
 
+/*
+ * An operation on a runner enqueues two and waits (keeping its runner) until
+ * both have started; they wait for each other too. The runner that takes the first
+ * must wake another for the second even when the producer saw it spinning
+ * and woke nobody; else the second waits in the FIFO with every other
+ * runner asleep (it did, before that wake was added).
+ */
+struct pair {
+	opq_queue *q;
+	atomic_int started;
+	atomic_int done;
+};
+
+static void pair_child(void *arg)
+{
+	struct pair *p = arg;
+	atomic_fetch_add(&p->started, 1);
+	T_WAIT_UNTIL(atomic_load(&p->started) == 2);
+}
+
+static void pair_parent(void *arg)
+{
+	struct pair *p = arg;
+	ck_assert_int_eq(opq_queue_enqueue_fn(p->q, pair_child, NULL, p), 0);
+	ck_assert_int_eq(opq_queue_enqueue_fn(p->q, pair_child, NULL, p), 0);
+	T_WAIT_UNTIL(atomic_load(&p->started) == 2); /* this runner stays busy */
+	atomic_store(&p->done, 1);
+}
+
+START_TEST(test_work_left_behind_wakes_a_runner)
+{
+	for (long iter = 0; iter < t_scale(2000); iter++) {
+		struct pair p = { 0 };
+		ck_assert_int_eq(opq_queue_create(&p.q, NULL), 0);
+		ck_assert_int_eq(opq_queue_start(p.q, 4), 0);
+		ck_assert_int_eq(opq_queue_enqueue_fn(p.q, pair_parent, NULL, &p), 0);
+		T_WAIT_UNTIL(atomic_load(&p.done));
+		ck_assert_int_eq(opq_queue_stop(p.q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(atomic_load(&p.started), 2);
+		ck_assert_int_eq(opq_queue_destroy(p.q), 0);
+	}
+}
+END_TEST
+
 static void *stop_discard(void *arg)
 {
 	struct stopper *s = arg;
@@ -377,6 +421,7 @@ int main(void)
 	tcase_add_test(tc, test_idle_runner_takes_over);
 	tcase_add_test(tc, test_stop_discards_batch);
 	tcase_add_test(tc, test_bounded_counts_unstarted);
+	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_stress_order_and_exactly_once);
