@@ -2,7 +2,8 @@
 # valgrind over the test suite (`make valgrind`; not part of make check: it
 # takes minutes). memcheck runs every Check binary in one process
 # (CK_FORK=no) with full leak checking, every leak kind an error; helgrind
-# and DRD run the queue and line tests as a second opinion next to TSan.
+# and DRD run the queue and line tests as a second opinion next to TSan,
+# helgrind the scope test too.
 # Stress sizes are divided by OPQ_TEST_DIVISOR (10 unless set); memcheck
 # also runs opqueue-stress for OPQ_VALGRIND_STRESS_SECONDS (5).
 # Prints one line per run; exits 1 if any run reports an error.
@@ -44,7 +45,8 @@ run() {
 	[ "$rc" = 0 ] && [ "${errors:-1}" = 0 ] || { fail=1; echo "  see $log"; }
 }
 
-tests="check_queue check_line check_stage check_fault check_badinput check_authdemo"
+tests="check_queue check_line check_stage check_fault check_badinput check_authdemo
+	check_lease check_scope check_fanout"
 case $what in memcheck | all)
 	for t in $tests; do
 		run memcheck "$t" --leak-check=full --show-leak-kinds=all \
@@ -57,7 +59,7 @@ case $what in memcheck | all)
 esac
 supp=--suppressions=${top_srcdir:-$(dirname "$0")/..}/tests/valgrind.supp
 case $what in helgrind | all)
-	for t in check_queue check_line; do run helgrind "$t" "$supp"; done ;;
+	for t in check_queue check_line check_scope; do run helgrind "$t" "$supp"; done ;;
 esac
 case $what in drd | all)
 	for t in check_queue check_line; do run drd "$t" "$supp"; done ;;
