@@ -689,7 +689,8 @@ R(spawn_past_deadline_attr)
 	int res = -1;
 	struct timespec dl = t_deadline(T_WAIT_NS);
 	ck_assert_int_eq(opq_scope_attr_set_deadline(f->sattr, &f->past), 0);
-	int rc = opq_scope_spawn(f->sc, f->sattr, task_block, &(opq_scope *_Atomic){NULL}, NULL, NULL, &t);
+	opq_scope *_Atomic ts = NULL;
+	int rc = opq_scope_spawn(f->sc, f->sattr, task_block, (void *)&ts, NULL, NULL, &t);
 	if (rc)
 		return rc;
 	ck_assert_int_eq(opq_task_wait(t, &dl, &res), 0);
