@@ -1,6 +1,7 @@
 /*
  * check_badinput.c: a table of every public function of the queue, the
- * line, the stage and the common calls, each called with NULL, zero,
+ * line, the stage, the lease (memory provider), the scope and the common
+ * calls, each called with NULL, zero,
  * out-of-range (malformed deadlines, 0 runners, huge values) or
  * wrong-state arguments. Each row asserts the errno its man page
  * documents; then every object of the fixture must still work (a queue
@@ -45,6 +46,14 @@ struct fx {
 	opq_line_ticket th, blank;
 	opq_stage *st, *st2;
 	opq_stage_ticket *t, *t2, *th_st; /* keys "a" on st, "a" on st2, "h" on st (heads st) */
+	opq_lease_provider *pm;     /* memory provider; la and lb use it */
+	opq_lease *la, *lb;         /* lock "x": la (owner A) holds it, lb (owner B) does not */
+	opq_lease_attr *lattr;      /* owner B */
+	opq_lease_grant grant;
+	int64_t ns;
+	char buf[64];
+	opq_scope *sc;              /* root scope on qr */
+	opq_scope_attr *sattr;
 	struct timespec bad_hi, bad_neg, past;
 	opq_queue_stats stats;
 	void *ev;
@@ -88,10 +97,100 @@ static void fx_setup(void)
 	ck_assert_int_eq(opq_stage_register(f->st, "h", 1, &f->th_st), 0);
 	ck_assert_int_eq(opq_stage_enter(f->st, f->th_st, NULL, &f->ev), OPQ_STAGE_HEAD);
 
+	ck_assert_int_eq(opq_lease_provider_memory(&f->pm), 0);
+	ck_assert_int_eq(opq_lease_attr_create(&f->lattr), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(f->lattr, "A"), 0);
+	ck_assert_int_eq(opq_lease_create(&f->la, f->pm, "x", f->lattr), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(f->lattr, "B"), 0);
+	ck_assert_int_eq(opq_lease_create(&f->lb, f->pm, "x", f->lattr), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(f->la, &f->grant), 0);
+	ck_assert_int_eq(opq_scope_create(&f->sc, f->qr, NULL), 0);
+	ck_assert_int_eq(opq_scope_attr_create(&f->sattr), 0);
+
 	f->bad_hi = (struct timespec){.tv_sec = 0, .tv_nsec = 1000000000};
 	f->bad_neg = (struct timespec){.tv_sec = 0, .tv_nsec = -1};
 	f->past = (struct timespec){.tv_sec = 0, .tv_nsec = 0};
 	atomic_store(&performed, 0);
+}
+
+static int task_ok(opq_scope *scope, void *arg)
+{
+	(void)scope;
+	atomic_fetch_add((atomic_long *)arg, 1);
+	return 0;
+}
+
+/* Sleeps until cancelled; *arg (an opq_scope **) gets its scope first. */
+static int task_block(opq_scope *scope, void *arg)
+{
+	*(opq_scope *_Atomic *)arg = scope;
+	return opq_scope_sleep(scope, NULL);
+}
+
+static atomic_int inner_rc;
+
+/* Waits for the root scope it runs in: EDEADLK. */
+static int task_wait_root(opq_scope *scope, void *arg)
+{
+	(void)scope;
+	atomic_store(&inner_rc, opq_scope_wait(arg, NULL, NULL));
+	return 0;
+}
+
+static void lost(opq_lease *lease, enum opq_lease_lost_reason why, void *arg)
+{
+	(void)lease;
+	(void)why;
+	(void)arg;
+}
+
+static int p_acquire(void *store, const opq_lease_request *req, uint64_t *token)
+{
+	(void)store;
+	(void)req;
+	*token = 1;
+	return 0;
+}
+
+static int p_other(void *store, const opq_lease_request *req)
+{
+	(void)store;
+	(void)req;
+	return 0;
+}
+
+/* The lease handles and the scope still work, then go cleanly. */
+static void fx_lease_scope_teardown(struct fx *f)
+{
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	/* The scope: whatever a row left is cancelled and waited for; a fresh
+	 * root on the same queue runs a task. */
+	ck_assert_int_eq(opq_scope_cancel(f->sc), 0);
+	ck_assert_int_eq(opq_scope_wait(f->sc, &dl, NULL), 0);
+	ck_assert_int_eq(opq_scope_destroy(f->sc), 0);
+	opq_scope_attr_destroy(f->sattr);
+	atomic_long ran = 0;
+	opq_scope *s;
+	int first = -1;
+	ck_assert_int_eq(opq_scope_create(&s, f->qr, NULL), 0);
+	ck_assert_int_eq(opq_scope_spawn(s, NULL, task_ok, &ran, NULL, NULL, NULL), 0);
+	ck_assert_int_eq(opq_scope_wait(s, &dl, &first), 0);
+	ck_assert_int_eq(first, 0);
+	ck_assert_int_eq(atomic_load(&ran), 1);
+	ck_assert_int_eq(opq_scope_destroy(s), 0);
+
+	/* The leases: A releases; B takes the lock with a new token and gives it back. */
+	ck_assert_int_eq(opq_lease_release(f->la), 0);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(f->lb, &g), 0);
+	ck_assert_uint_gt(g.token, f->grant.token);
+	ck_assert_int_eq(opq_lease_refresh(f->lb, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(f->lb), 0);
+	ck_assert_int_eq(opq_lease_grant_get(f->lb, &g), ENOLCK);
+	ck_assert_int_eq(opq_lease_destroy(f->la), 0);
+	ck_assert_int_eq(opq_lease_destroy(f->lb), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(f->lattr), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(f->pm), 0);
 }
 
 /* Every object still works, then is destroyed without EBUSY. */
@@ -99,6 +198,7 @@ static void fx_check_and_teardown(void)
 {
 	struct fx *f = &F;
 	struct timespec dl = t_deadline(T_WAIT_NS);
+	fx_lease_scope_teardown(f);
 	opq_queue *qs[] = {f->q, f->qr, f->qs, f->qb};
 	for (size_t k = 0; k < sizeof(qs) / sizeof(qs[0]); k++) {
 		int rc = opq_queue_start(qs[k], 1);
@@ -388,6 +488,276 @@ R(close_twice)
 R(stage_stats_null_st) { opq_stage_stats s; (void)f; return opq_stage_stats_get(NULL, &s); }
 R(stage_stats_null_out) { return opq_stage_stats_get(f->st, NULL); }
 
+/* lease: attributes */
+R(lattr_create_null) { UNUSED; return opq_lease_attr_create(NULL); }
+R(lattr_destroy_null) { UNUSED; return opq_lease_attr_destroy(NULL); }
+R(lattr_owner_null_attr) { UNUSED; return opq_lease_attr_set_owner(NULL, "o"); }
+R(lattr_owner_null) { return opq_lease_attr_set_owner(f->lattr, NULL); }
+R(lattr_owner_empty) { return opq_lease_attr_set_owner(f->lattr, ""); }
+R(lattr_owner_too_long) { char o[OPQ_LEASE_OWNER_MAX + 2]; memset(o, 'o', sizeof(o) - 1); o[sizeof(o) - 1] = 0; return opq_lease_attr_set_owner(f->lattr, o); }
+R(lattr_owner_longest) { char o[OPQ_LEASE_OWNER_MAX + 1]; memset(o, 'o', sizeof(o) - 1); o[sizeof(o) - 1] = 0; return opq_lease_attr_set_owner(f->lattr, o); }
+R(lattr_duration_null) { UNUSED; return opq_lease_attr_set_duration(NULL, 1000); }
+R(lattr_duration_zero) { return opq_lease_attr_set_duration(f->lattr, 0); }
+R(lattr_duration_negative) { return opq_lease_attr_set_duration(f->lattr, -1); }
+R(lattr_duration_max) { return opq_lease_attr_set_duration(f->lattr, INT64_MAX); }
+R(lattr_margin_null) { UNUSED; return opq_lease_attr_set_margin(NULL, 0, 0); }
+R(lattr_margin_neg_ppm) { return opq_lease_attr_set_margin(f->lattr, -1, 0); }
+R(lattr_margin_neg_fixed) { return opq_lease_attr_set_margin(f->lattr, 0, -1); }
+R(lattr_margin_zero) { return opq_lease_attr_set_margin(f->lattr, 0, 0); }
+R(lattr_poll_null) { UNUSED; return opq_lease_attr_set_poll(NULL, 1, 1); }
+R(lattr_poll_zero) { return opq_lease_attr_set_poll(f->lattr, 0, 1); }
+R(lattr_poll_min_gt_max) { return opq_lease_attr_set_poll(f->lattr, 2, 1); }
+R(lattr_poll_equal) { return opq_lease_attr_set_poll(f->lattr, 5, 5); }
+R(lattr_data_null_attr) { UNUSED; return opq_lease_attr_set_data(NULL, "d", 1); }
+R(lattr_data_null_len) { return opq_lease_attr_set_data(f->lattr, NULL, 1); }
+R(lattr_data_too_long) { static char d[OPQ_LEASE_DATA_MAX + 1]; return opq_lease_attr_set_data(f->lattr, d, sizeof(d)); }
+R(lattr_data_longest) { static char d[OPQ_LEASE_DATA_MAX]; return opq_lease_attr_set_data(f->lattr, d, sizeof(d)); }
+R(lattr_data_none) { return opq_lease_attr_set_data(f->lattr, NULL, 0); }
+/* lease: handles */
+R(lcreate_null_out) { return opq_lease_create(NULL, f->pm, "y", NULL); }
+R(lcreate_null_provider) { opq_lease *l; UNUSED; return opq_lease_create(&l, NULL, "y", NULL); }
+R(lcreate_null_name) { opq_lease *l; return opq_lease_create(&l, f->pm, NULL, NULL); }
+R(lcreate_empty_name) { opq_lease *l; return opq_lease_create(&l, f->pm, "", NULL); }
+R(lcreate_name_too_long) { opq_lease *l; char n[OPQ_LEASE_NAME_MAX + 2]; memset(n, 'n', sizeof(n) - 1); n[sizeof(n) - 1] = 0; return opq_lease_create(&l, f->pm, n, NULL); }
+R(lcreate_name_longest)
+{
+	opq_lease *l;
+	char n[OPQ_LEASE_NAME_MAX + 1];
+	memset(n, 'n', sizeof(n) - 1);
+	n[sizeof(n) - 1] = 0;
+	int rc = opq_lease_create(&l, f->pm, n, NULL);
+	if (rc)
+		return rc;
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	return opq_lease_destroy(l);
+}
+R(lcreate_margin_eq_lease) { opq_lease *l; ck_assert_int_eq(opq_lease_attr_set_duration(f->lattr, 10000000), 0); ck_assert_int_eq(opq_lease_attr_set_margin(f->lattr, 0, 10000000), 0); return opq_lease_create(&l, f->pm, "y", f->lattr); }
+R(lcreate_margin_gt_lease) { opq_lease *l; ck_assert_int_eq(opq_lease_attr_set_duration(f->lattr, 10000000), 0); ck_assert_int_eq(opq_lease_attr_set_margin(f->lattr, 0, 20000000), 0); return opq_lease_create(&l, f->pm, "y", f->lattr); }
+R(lcreate_margin_ppm_all) { opq_lease *l; ck_assert_int_eq(opq_lease_attr_set_margin(f->lattr, 1000000, 0), 0); return opq_lease_create(&l, f->pm, "y", f->lattr); }
+R(lcreate_margin_just_below)
+{
+	opq_lease *l;
+	ck_assert_int_eq(opq_lease_attr_set_duration(f->lattr, 10000000), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(f->lattr, 0, 9999999), 0);
+	int rc = opq_lease_create(&l, f->pm, "y", f->lattr);
+	return rc ? rc : opq_lease_destroy(l);
+}
+R(ldestroy_null) { UNUSED; return opq_lease_destroy(NULL); }
+R(ltry_null) { return opq_lease_try_acquire(NULL, &f->grant); }
+R(ltry_held_by_other) { int rc = opq_lease_try_acquire(f->lb, &f->grant); ck_assert_int_eq(opq_lease_grant_get(f->lb, &f->grant), ENOLCK); return rc; }
+R(ltry_holder_again) { opq_lease_grant g; int rc = opq_lease_try_acquire(f->la, &g); return rc ? rc : g.token == f->grant.token ? 0 : -1; }
+R(lacquire_null) { UNUSED; return opq_lease_acquire(NULL, NULL, NULL); }
+R(lacquire_nsec_1e9) { return opq_lease_acquire(f->lb, &f->bad_hi, NULL); }
+R(lacquire_nsec_negative) { return opq_lease_acquire(f->lb, &f->bad_neg, NULL); }
+R(lacquire_busy_past) { return opq_lease_acquire(f->lb, &f->past, NULL); }
+R(lrefresh_null) { return opq_lease_refresh(NULL, &f->grant); }
+R(lrefresh_not_held) { return opq_lease_refresh(f->lb, NULL); }
+R(lrefresh_after_release) { ck_assert_int_eq(opq_lease_release(f->la), 0); int rc = opq_lease_refresh(f->la, NULL); ck_assert_int_eq(opq_lease_try_acquire(f->la, &f->grant), 0); return rc; }
+R(lrefresh_same_token) { opq_lease_grant g; int rc = opq_lease_refresh(f->la, &g); return rc ? rc : g.token == f->grant.token ? 0 : -1; }
+R(lrelease_null) { UNUSED; return opq_lease_release(NULL); }
+R(lrelease_not_held) { return opq_lease_release(f->lb); }
+R(lrelease_twice) { ck_assert_int_eq(opq_lease_release(f->la), 0); int rc = opq_lease_release(f->la); ck_assert_int_eq(opq_lease_try_acquire(f->la, &f->grant), 0); return rc; }
+R(lremaining_null) { return opq_lease_remaining(NULL, NULL, &f->ns); }
+R(lremaining_null_out) { return opq_lease_remaining(f->la, NULL, NULL); }
+R(lremaining_nsec_1e9) { return opq_lease_remaining(f->la, &f->bad_hi, &f->ns); }
+R(lremaining_nsec_negative) { return opq_lease_remaining(f->la, &f->bad_neg, &f->ns); }
+R(lremaining_not_held) { f->ns = -1; int rc = opq_lease_remaining(f->lb, NULL, &f->ns); return rc ? rc : f->ns == 0 ? 0 : -1; }
+R(lremaining_held) { f->ns = -1; int rc = opq_lease_remaining(f->la, NULL, &f->ns); return rc ? rc : f->ns > 0 ? 0 : -1; }
+R(lgrant_null) { return opq_lease_grant_get(NULL, &f->grant); }
+R(lgrant_null_out) { return opq_lease_grant_get(f->la, NULL); }
+R(lgrant_not_held) { return opq_lease_grant_get(f->lb, &f->grant); }
+R(lerror_null) { return opq_lease_error(NULL, f->buf, sizeof(f->buf)); }
+R(lerror_null_buf) { return opq_lease_error(f->la, NULL, 8); }
+R(lerror_len_zero) { return opq_lease_error(f->la, f->buf, 0); }
+R(lerror_len_one) { f->buf[0] = 'z'; int rc = opq_lease_error(f->la, f->buf, 1); return rc ? rc : f->buf[0] == 0 ? 0 : -1; }
+/* lease: keepalive */
+R(lka_null_lease) { return opq_lease_keepalive_start(NULL, f->qr, 0, lost, NULL); }
+R(lka_null_queue) { return opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL); }
+R(lka_null_lost) { return opq_lease_keepalive_start(f->la, f->qr, 0, NULL, NULL); }
+R(lka_negative_interval) { return opq_lease_keepalive_start(f->la, f->qr, -1, lost, NULL); }
+R(lka_interval_too_long) { return opq_lease_keepalive_start(f->la, f->qr, 10000000000LL, lost, NULL); }
+R(lka_not_held) { return opq_lease_keepalive_start(f->lb, f->qr, 0, lost, NULL); }
+R(lka_twice) { ck_assert_int_eq(opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL), 0); return opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL); }
+R(lka_stopped_queue) { return opq_lease_keepalive_start(f->la, f->qs, 0, lost, NULL); }
+R(lka_stop_null) { UNUSED; return opq_lease_keepalive_stop(NULL); }
+R(lka_stop_none) { return opq_lease_keepalive_stop(f->la); }
+R(lka_stop_twice) { ck_assert_int_eq(opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL), 0); ck_assert_int_eq(opq_lease_keepalive_stop(f->la), 0); return opq_lease_keepalive_stop(f->la); }
+R(lka_restart) { ck_assert_int_eq(opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL), 0); ck_assert_int_eq(opq_lease_keepalive_stop(f->la), 0); return opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL); }
+/* lease: providers */
+R(lprov_null_out) { opq_lease_provider_ops o = {.acquire = p_acquire, .refresh = p_other, .release = p_other}; (void)f; return opq_lease_provider_create(NULL, &o, NULL); }
+R(lprov_null_ops) { opq_lease_provider *p; (void)f; return opq_lease_provider_create(&p, NULL, NULL); }
+R(lprov_no_acquire) { opq_lease_provider *p; opq_lease_provider_ops o = {.refresh = p_other, .release = p_other}; (void)f; return opq_lease_provider_create(&p, &o, NULL); }
+R(lprov_no_refresh) { opq_lease_provider *p; opq_lease_provider_ops o = {.acquire = p_acquire, .release = p_other}; (void)f; return opq_lease_provider_create(&p, &o, NULL); }
+R(lprov_no_release) { opq_lease_provider *p; opq_lease_provider_ops o = {.acquire = p_acquire, .refresh = p_other}; (void)f; return opq_lease_provider_create(&p, &o, NULL); }
+R(lprov_no_destroy)
+{
+	opq_lease_provider *p;
+	opq_lease_provider_ops o = {.acquire = p_acquire, .refresh = p_other, .release = p_other};
+	opq_lease *l;
+	(void)f;
+	int rc = opq_lease_provider_create(&p, &o, NULL);
+	if (rc)
+		return rc;
+	ck_assert_int_eq(opq_lease_create(&l, p, "y", NULL), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	return opq_lease_provider_destroy(p);
+}
+R(lprov_memory_null) { UNUSED; return opq_lease_provider_memory(NULL); }
+R(lprov_destroy_null) { UNUSED; return opq_lease_provider_destroy(NULL); }
+R(lprov_destroy_in_use) { return opq_lease_provider_destroy(f->pm); }
+
+/* scope: attributes */
+R(sattr_create_null) { UNUSED; return opq_scope_attr_create(NULL); }
+R(sattr_destroy_null) { UNUSED; opq_scope_attr_destroy(NULL); return 0; }
+R(sattr_policy_null) { UNUSED; return opq_scope_attr_set_policy(NULL, OPQ_SCOPE_COLLECT); }
+R(sattr_policy_bad) { return opq_scope_attr_set_policy(f->sattr, 2); }
+R(sattr_policy_negative) { return opq_scope_attr_set_policy(f->sattr, -1); }
+R(sattr_policy_first_error) { return opq_scope_attr_set_policy(f->sattr, OPQ_SCOPE_FIRST_ERROR); }
+R(sattr_deadline_null_attr) { return opq_scope_attr_set_deadline(NULL, &f->past); }
+R(sattr_deadline_nsec_1e9) { return opq_scope_attr_set_deadline(f->sattr, &f->bad_hi); }
+R(sattr_deadline_nsec_negative) { return opq_scope_attr_set_deadline(f->sattr, &f->bad_neg); }
+R(sattr_deadline_none) { return opq_scope_attr_set_deadline(f->sattr, NULL); }
+/* scope: roots */
+R(screate_null_out) { return opq_scope_create(NULL, f->qr, NULL); }
+R(screate_null_queue) { opq_scope *s; UNUSED; return opq_scope_create(&s, NULL, NULL); }
+R(screate_past_deadline)
+{
+	/* A root whose deadline has passed: cancelled at once, takes no spawn. */
+	opq_scope *s;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(f->sattr, &f->past), 0);
+	ck_assert_int_eq(opq_scope_create(&s, f->qr, f->sattr), 0);
+	while (!opq_scope_cancelled(s))
+		ck_assert_int_eq(opq_scope_sleep(s, &dl), ECANCELED);
+	int rc = opq_scope_spawn(s, NULL, task_ok, &performed, NULL, NULL, NULL);
+	int first = 0;
+	ck_assert_int_eq(opq_scope_wait(s, &dl, &first), 0);
+	ck_assert_int_eq(first, ETIMEDOUT);
+	ck_assert_int_eq(opq_scope_destroy(s), 0);
+	return rc;
+}
+R(sdestroy_null) { UNUSED; return opq_scope_destroy(NULL); }
+R(sdestroy_busy)
+{
+	opq_scope *_Atomic ts = NULL;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_block, (void *)&ts, NULL, NULL, NULL), 0);
+	T_WAIT_UNTIL(atomic_load(&ts) != NULL);
+	int rc = opq_scope_destroy(f->sc);
+	ck_assert_int_eq(opq_scope_wait(f->sc, &f->past, NULL), ETIMEDOUT);
+	ck_assert_int_eq(opq_scope_cancel(f->sc), 0);
+	ck_assert_int_eq(opq_scope_wait(f->sc, &dl, NULL), 0);
+	return rc;
+}
+R(sdestroy_task_scope)
+{
+	opq_scope *_Atomic ts = NULL;
+	opq_task *t;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_block, (void *)&ts, NULL, NULL, &t), 0);
+	T_WAIT_UNTIL(atomic_load(&ts) != NULL);
+	int rc = opq_scope_destroy(atomic_load(&ts));
+	/* And from outside the task, its scope takes no spawn. */
+	ck_assert_int_eq(opq_scope_spawn(atomic_load(&ts), NULL, task_ok, &performed, NULL, NULL, NULL), EPERM);
+	ck_assert_int_eq(opq_task_cancel(t), 0);
+	int res = 0;
+	ck_assert_int_eq(opq_task_wait(t, &dl, &res), 0);
+	ck_assert_int_eq(res, ECANCELED);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	return rc;
+}
+/* scope: spawn */
+R(spawn_null_scope) { UNUSED; return opq_scope_spawn(NULL, NULL, task_ok, &performed, NULL, NULL, NULL); }
+R(spawn_null_fn) { return opq_scope_spawn(f->sc, NULL, NULL, NULL, NULL, NULL, NULL); }
+R(spawn_after_cancel) { ck_assert_int_eq(opq_scope_cancel(f->sc), 0); return opq_scope_spawn(f->sc, NULL, task_ok, &performed, NULL, NULL, NULL); }
+R(spawn_stopped_queue)
+{
+	opq_scope *s;
+	ck_assert_int_eq(opq_scope_create(&s, f->qs, NULL), 0);
+	int rc = opq_scope_spawn(s, NULL, task_ok, &performed, NULL, NULL, NULL);
+	ck_assert_int_eq(opq_scope_wait(s, &f->past, NULL), 0);
+	ck_assert_int_eq(opq_scope_destroy(s), 0);
+	return rc;
+}
+R(spawn_past_deadline_attr)
+{
+	/* A task whose own deadline has passed: spawned, ends with ETIMEDOUT or runs. */
+	opq_task *t;
+	int res = -1;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(f->sattr, &f->past), 0);
+	opq_scope *_Atomic ts = NULL;
+	int rc = opq_scope_spawn(f->sc, f->sattr, task_block, (void *)&ts, NULL, NULL, &t);
+	if (rc)
+		return rc;
+	ck_assert_int_eq(opq_task_wait(t, &dl, &res), 0);
+	ck_assert_int_eq(res, ETIMEDOUT);
+	return opq_task_release(t);
+}
+R(current_outside_task) { UNUSED; return opq_scope_current() == NULL ? 0 : -1; }
+/* scope: cancel */
+R(scancel_null) { UNUSED; return opq_scope_cancel(NULL); }
+R(tcancel_null) { UNUSED; return opq_task_cancel(NULL); }
+R(scancel_twice) { ck_assert_int_eq(opq_scope_cancel(f->sc), 0); return opq_scope_cancel(f->sc); }
+R(scancelled_null) { UNUSED; return opq_scope_cancelled(NULL); }
+R(tcancelled_null) { UNUSED; return opq_task_cancelled(NULL); }
+R(scancelled_fresh) { return opq_scope_cancelled(f->sc); }
+/* scope: waits */
+R(swait_null) { UNUSED; return opq_scope_wait(NULL, NULL, NULL); }
+R(swait_nsec_1e9) { return opq_scope_wait(f->sc, &f->bad_hi, NULL); }
+R(swait_nsec_negative) { return opq_scope_wait(f->sc, &f->bad_neg, NULL); }
+R(swait_empty_past) { f->i = -1; int rc = opq_scope_wait(f->sc, &f->past, &f->i); return rc ? rc : f->i == 0 ? 0 : -1; }
+R(swait_from_inside)
+{
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	atomic_store(&inner_rc, -1);
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_wait_root, f->sc, NULL, NULL, NULL), 0);
+	ck_assert_int_eq(opq_scope_wait(f->sc, &dl, NULL), 0);
+	return atomic_load(&inner_rc);
+}
+R(twait_null) { UNUSED; return opq_task_wait(NULL, NULL, NULL); }
+R(twait_nsec_1e9)
+{
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_ok, &performed, NULL, NULL, &t), 0);
+	int rc = opq_task_wait(t, &f->bad_hi, NULL);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	return rc;
+}
+R(twait_twice)
+{
+	opq_task *t;
+	int r1 = -1, r2 = -1;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_ok, &performed, NULL, NULL, &t), 0);
+	ck_assert_int_eq(opq_task_wait(t, &dl, &r1), 0);
+	int rc = opq_task_wait(t, &dl, &r2);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	return rc ? rc : r1 == 0 && r2 == 0 ? 0 : -1;
+}
+R(twait_busy_past)
+{
+	opq_scope *_Atomic ts = NULL;
+	opq_task *t;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_spawn(f->sc, NULL, task_block, (void *)&ts, NULL, NULL, &t), 0);
+	int rc = opq_task_wait(t, &f->past, NULL);
+	ck_assert_int_eq(opq_task_cancel(t), 0);
+	ck_assert_int_eq(opq_task_wait(t, &dl, NULL), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	return rc;
+}
+R(trelease_null) { UNUSED; return opq_task_release(NULL); }
+/* scope: sleep */
+R(ssleep_null) { return opq_scope_sleep(NULL, &f->past); }
+R(ssleep_nsec_1e9) { return opq_scope_sleep(f->sc, &f->bad_hi); }
+R(ssleep_nsec_negative) { return opq_scope_sleep(f->sc, &f->bad_neg); }
+R(ssleep_past) { return opq_scope_sleep(f->sc, &f->past); }
+R(ssleep_cancelled) { ck_assert_int_eq(opq_scope_cancel(f->sc), 0); return opq_scope_sleep(f->sc, NULL); }
+
 /* clang-format on */
 
 struct row {
@@ -558,6 +928,134 @@ static const struct row rows[] = {
     ROW(close_twice, EALREADY),
     ROW(stage_stats_null_st, EINVAL),
     ROW(stage_stats_null_out, EINVAL),
+
+    ROW(lattr_create_null, EINVAL),
+    ROW(lattr_destroy_null, EINVAL),
+    ROW(lattr_owner_null_attr, EINVAL),
+    ROW(lattr_owner_null, EINVAL),
+    ROW(lattr_owner_empty, EINVAL),
+    ROW(lattr_owner_too_long, EINVAL),
+    ROW(lattr_owner_longest, 0),
+    ROW(lattr_duration_null, EINVAL),
+    ROW(lattr_duration_zero, EINVAL),
+    ROW(lattr_duration_negative, EINVAL),
+    ROW(lattr_duration_max, 0),
+    ROW(lattr_margin_null, EINVAL),
+    ROW(lattr_margin_neg_ppm, EINVAL),
+    ROW(lattr_margin_neg_fixed, EINVAL),
+    ROW(lattr_margin_zero, 0),
+    ROW(lattr_poll_null, EINVAL),
+    ROW(lattr_poll_zero, EINVAL),
+    ROW(lattr_poll_min_gt_max, EINVAL),
+    ROW(lattr_poll_equal, 0),
+    ROW(lattr_data_null_attr, EINVAL),
+    ROW(lattr_data_null_len, EINVAL),
+    ROW(lattr_data_too_long, EINVAL),
+    ROW(lattr_data_longest, 0),
+    ROW(lattr_data_none, 0),
+    ROW(lcreate_null_out, EINVAL),
+    ROW(lcreate_null_provider, EINVAL),
+    ROW(lcreate_null_name, EINVAL),
+    ROW(lcreate_empty_name, EINVAL),
+    ROW(lcreate_name_too_long, EINVAL),
+    ROW(lcreate_name_longest, 0),
+    ROW(lcreate_margin_eq_lease, EINVAL),
+    ROW(lcreate_margin_gt_lease, EINVAL),
+    ROW(lcreate_margin_ppm_all, EINVAL),
+    ROW(lcreate_margin_just_below, 0),
+    ROW(ldestroy_null, EINVAL),
+    ROW(ltry_null, EINVAL),
+    ROW(ltry_held_by_other, EBUSY),
+    ROW(ltry_holder_again, 0),
+    ROW(lacquire_null, EINVAL),
+    ROW(lacquire_nsec_1e9, EINVAL),
+    ROW(lacquire_nsec_negative, EINVAL),
+    ROW(lacquire_busy_past, ETIMEDOUT),
+    ROW(lrefresh_null, EINVAL),
+    ROW(lrefresh_not_held, ENOLCK),
+    ROW(lrefresh_after_release, ENOLCK),
+    ROW(lrefresh_same_token, 0),
+    ROW(lrelease_null, EINVAL),
+    ROW(lrelease_not_held, 0),
+    ROW(lrelease_twice, 0),
+    ROW(lremaining_null, EINVAL),
+    ROW(lremaining_null_out, EINVAL),
+    ROW(lremaining_nsec_1e9, EINVAL),
+    ROW(lremaining_nsec_negative, EINVAL),
+    ROW(lremaining_not_held, 0),
+    ROW(lremaining_held, 0),
+    ROW(lgrant_null, EINVAL),
+    ROW(lgrant_null_out, EINVAL),
+    ROW(lgrant_not_held, ENOLCK),
+    ROW(lerror_null, EINVAL),
+    ROW(lerror_null_buf, EINVAL),
+    ROW(lerror_len_zero, EINVAL),
+    ROW(lerror_len_one, 0),
+    ROW(lka_null_lease, EINVAL),
+    ROW(lka_null_queue, EINVAL),
+    ROW(lka_null_lost, EINVAL),
+    ROW(lka_negative_interval, EINVAL),
+    ROW(lka_interval_too_long, EINVAL),
+    ROW(lka_not_held, ENOLCK),
+    ROW(lka_twice, EBUSY),
+    ROW(lka_stopped_queue, ESHUTDOWN),
+    ROW(lka_stop_null, EINVAL),
+    ROW(lka_stop_none, 0),
+    ROW(lka_stop_twice, 0),
+    ROW(lka_restart, 0),
+    ROW(lprov_null_out, EINVAL),
+    ROW(lprov_null_ops, EINVAL),
+    ROW(lprov_no_acquire, EINVAL),
+    ROW(lprov_no_refresh, EINVAL),
+    ROW(lprov_no_release, EINVAL),
+    ROW(lprov_no_destroy, 0),
+    ROW(lprov_memory_null, EINVAL),
+    ROW(lprov_destroy_null, EINVAL),
+    ROW(lprov_destroy_in_use, EBUSY),
+
+    ROW(sattr_create_null, EINVAL),
+    ROW(sattr_destroy_null, 0),
+    ROW(sattr_policy_null, EINVAL),
+    ROW(sattr_policy_bad, EINVAL),
+    ROW(sattr_policy_negative, EINVAL),
+    ROW(sattr_policy_first_error, 0),
+    ROW(sattr_deadline_null_attr, EINVAL),
+    ROW(sattr_deadline_nsec_1e9, EINVAL),
+    ROW(sattr_deadline_nsec_negative, EINVAL),
+    ROW(sattr_deadline_none, 0),
+    ROW(screate_null_out, EINVAL),
+    ROW(screate_null_queue, EINVAL),
+    ROW(screate_past_deadline, ECANCELED),
+    ROW(sdestroy_null, 0),
+    ROW(sdestroy_busy, EBUSY),
+    ROW(sdestroy_task_scope, EINVAL),
+    ROW(spawn_null_scope, EINVAL),
+    ROW(spawn_null_fn, EINVAL),
+    ROW(spawn_after_cancel, ECANCELED),
+    ROW(spawn_stopped_queue, ESHUTDOWN),
+    ROW(spawn_past_deadline_attr, 0),
+    ROW(current_outside_task, 0),
+    ROW(scancel_null, EINVAL),
+    ROW(tcancel_null, EINVAL),
+    ROW(scancel_twice, 0),
+    ROW(scancelled_null, 0),
+    ROW(tcancelled_null, 0),
+    ROW(scancelled_fresh, 0),
+    ROW(swait_null, EINVAL),
+    ROW(swait_nsec_1e9, EINVAL),
+    ROW(swait_nsec_negative, EINVAL),
+    ROW(swait_empty_past, 0),
+    ROW(swait_from_inside, EDEADLK),
+    ROW(twait_null, EINVAL),
+    ROW(twait_nsec_1e9, EINVAL),
+    ROW(twait_twice, 0),
+    ROW(twait_busy_past, ETIMEDOUT),
+    ROW(trelease_null, EINVAL),
+    ROW(ssleep_null, EINVAL),
+    ROW(ssleep_nsec_1e9, EINVAL),
+    ROW(ssleep_nsec_negative, EINVAL),
+    ROW(ssleep_past, 0),
+    ROW(ssleep_cancelled, ECANCELED),
 };
 #define NROWS ((int)(sizeof(rows) / sizeof(rows[0])))
 

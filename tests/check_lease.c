@@ -528,6 +528,112 @@ START_TEST(test_fault_sweep)
 }
 END_TEST
 
+/* Only these calls allocate nothing: run each with the next allocation
+ * armed to fail and check it made none (so no ENOMEM can come from it). */
+#define NO_ALLOC(call)                                                           \
+	do {                                                                     \
+		opq__fault_set(1);                                               \
+		int rc_ = (call);                                                \
+		long made_ = opq__fault_count();                                 \
+		opq__fault_set(0);                                               \
+		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_);     \
+		ck_assert_msg(rc_ == 0 || rc_ == ENOLCK, "%s: %d", #call, rc_);  \
+	} while (0)
+
+static int p_ok_acquire(void *store, const opq_lease_request *req, uint64_t *token)
+{
+	(void)store;
+	(void)req;
+	*token = 1;
+	return 0;
+}
+
+static int p_ok(void *store, const opq_lease_request *req)
+{
+	(void)store;
+	(void)req;
+	return 0;
+}
+
+START_TEST(test_fault_sweep_rest)
+{
+	/* provider_create allocates; a failed one leaves nothing behind. */
+	opq_lease_provider_ops ops;
+	memset(&ops, 0, sizeof(ops));
+	ops.acquire = p_ok_acquire;
+	ops.refresh = p_ok;
+	ops.release = p_ok;
+	opq_lease_provider *own = NULL;
+	SWEEP(opq_lease_provider_create(&own, &ops, NULL), ck_assert_ptr_null(own));
+	ck_assert_int_eq(opq_lease_provider_destroy(own), 0);
+
+	/* A blocking acquire of a new name: the memory store's record cannot
+	 * be made (ENOMEM, a store failure): acquire retries and gets it on
+	 * the next try; the words stay in the handle. */
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease_attr *a;
+	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
+	ck_assert_int_eq(opq_lease_attr_set_poll(a, 1000000, 1000000), 0);
+	for (int k = 0; k < 4; k++) {
+		char name[16];
+		snprintf(name, sizeof(name), "new-%d", k);
+		opq_lease *l;
+		ck_assert_int_eq(opq_lease_create(&l, p, name, a), 0);
+		struct timespec dl = t_deadline(T_WAIT_NS);
+		opq_lease_grant g;
+		char words[128];
+		opq__fault_set(1);
+		int rc = opq_lease_acquire(l, &dl, &g);
+		long made = opq__fault_count();
+		opq__fault_set(0);
+		ck_assert_int_eq(rc, 0);
+		ck_assert_int_eq(made, 2); /* the failed record, then the one made */
+		ck_assert_uint_eq(g.token, 1);
+		ck_assert_int_eq(opq_lease_error(l, words, sizeof(words)), 0);
+		ck_assert_ptr_nonnull(strstr(words, "out of memory"));
+		/* A past deadline: ENOMEM is retried until the deadline, then ETIMEDOUT. */
+		opq_lease *l2;
+		snprintf(name, sizeof(name), "other-%d", k);
+		ck_assert_int_eq(opq_lease_create(&l2, p, name, a), 0);
+		struct timespec past = {0, 0};
+		opq__fault_set(1);
+		rc = opq_lease_acquire(l2, &past, &g);
+		opq__fault_set(0);
+		ck_assert_int_eq(rc, ETIMEDOUT);
+		ck_assert_int_eq(opq_lease_try_acquire(l2, &g), 0);
+		ck_assert_uint_eq(g.token, 1);
+
+		/* Everything else allocates nothing. */
+		opq_queue *q;
+		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		int64_t ns;
+		NO_ALLOC(opq_lease_try_acquire(l, &g)); /* an existing record */
+		NO_ALLOC(opq_lease_refresh(l, &g));
+		NO_ALLOC(opq_lease_remaining(l, NULL, &ns));
+		NO_ALLOC(opq_lease_grant_get(l, &g));
+		NO_ALLOC(opq_lease_error(l, words, sizeof(words)));
+		NO_ALLOC(opq_lease_keepalive_start(l, q, 0, lost_never, NULL));
+		NO_ALLOC(opq_lease_keepalive_stop(l));
+		NO_ALLOC(opq_lease_release(l));
+		NO_ALLOC(opq_lease_release(l));
+		NO_ALLOC(opq_lease_refresh(l, &g));
+		NO_ALLOC(opq_lease_attr_set_owner(a, "someone"));
+		NO_ALLOC(opq_lease_attr_set_duration(a, 5000000000LL));
+		NO_ALLOC(opq_lease_attr_set_margin(a, 100, 1000));
+		NO_ALLOC(opq_lease_attr_set_poll(a, 1000000, 1000000));
+		NO_ALLOC(opq_lease_attr_set_data(a, "d", 1));
+		NO_ALLOC(opq_lease_destroy(l2));
+		NO_ALLOC(opq_lease_destroy(l));
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
 /* ---- keepalive ------------------------------------------------------------------ */
 
 /*
@@ -1023,6 +1129,7 @@ int main(void)
 	tcase_add_test(tc, test_blocking_acquire);
 	tcase_add_test(tc, test_mutual_exclusion);
 	tcase_add_test(tc, test_fault_sweep);
+	tcase_add_test(tc, test_fault_sweep_rest);
 	tcase_add_test(tc, test_round_trips);
 	tc = t_tcase(s, "keepalive", 120);
 	tcase_add_test(tc, test_keepalive_keeps);

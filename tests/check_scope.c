@@ -947,6 +947,72 @@ START_TEST(test_enomem)
 }
 END_TEST
 
+/* Spawns with a deadline attribute from inside a task (arg: the attr). */
+static int spawn_sweep_deadline(opq_scope *s, void *arg)
+{
+	for (int i = 0; i < 3; i++) {
+		opq_task *t = NULL;
+		SWEEP(opq_scope_spawn(s, arg, child_ok, NULL, inc_done, NULL, &t),
+		      ck_assert_ptr_null(t));
+		ck_assert_int_eq(opq_task_release(t), 0);
+	}
+	opq_scope_attr *a = NULL;
+	SWEEP(opq_scope_attr_create(&a), ck_assert_ptr_null(a));
+	opq_scope_attr_destroy(a);
+	int first = -1;
+	ck_assert_int_eq(opq_scope_wait(s, NULL, &first), 0);
+	ck_assert_int_eq(first, 0);
+	return 0;
+}
+
+/* Run `call` with the next allocation armed to fail: it must make none. */
+#define NO_ALLOC(call)                                                       \
+	do {                                                                 \
+		opq__fault_set(1);                                           \
+		int rc_ = (call);                                            \
+		long made_ = opq__fault_count();                             \
+		opq__fault_set(0);                                           \
+		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_); \
+		(void)rc_;                                                   \
+	} while (0)
+
+START_TEST(test_enomem_deadlines)
+{
+	/* Roots and tasks with a (far) deadline: the deadline list and the
+	 * tree's timer thread add no allocation of the library's own. */
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope_attr *a;
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	struct timespec far = t_deadline(3600LL * 1000000000LL);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &far), 0);
+	ck_assert_int_eq(opq_scope_attr_set_policy(a, OPQ_SCOPE_FIRST_ERROR), 0);
+	opq_scope *root = NULL;
+	SWEEP(opq_scope_create(&root, q, a), ck_assert_ptr_null(root));
+	atomic_store(&dones, 0);
+	opq_task *t = NULL;
+	SWEEP(opq_scope_spawn(root, a, spawn_sweep_deadline, a, inc_done, NULL, &t),
+	      ck_assert_ptr_null(t));
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(atomic_load(&dones), 4);
+	/* The rest allocates nothing. */
+	int res;
+	NO_ALLOC(opq_task_wait(t, NULL, &res));
+	NO_ALLOC(opq_task_cancel(t));
+	NO_ALLOC(opq_task_cancelled(t));
+	NO_ALLOC(opq_task_release(t));
+	NO_ALLOC(opq_scope_wait(root, NULL, &res));
+	NO_ALLOC(opq_scope_sleep(root, &(struct timespec){0, 0}));
+	NO_ALLOC(opq_scope_attr_set_policy(a, OPQ_SCOPE_COLLECT));
+	NO_ALLOC(opq_scope_attr_set_deadline(a, NULL));
+	NO_ALLOC(opq_scope_cancel(root));
+	NO_ALLOC(opq_scope_cancelled(root));
+	NO_ALLOC(opq_scope_sleep(root, NULL));
+	NO_ALLOC(opq_scope_destroy(root));
+	opq_scope_attr_destroy(a);
+	rmqueue(q);
+}
+END_TEST
+
 /* ---- stress: random trees ---------------------------------------------- */
 
 #define STRESS_MAX 10000
@@ -1161,6 +1227,7 @@ int main(void)
 	tcase_add_test(tc, test_spawn_cancelled_on_full_queue);
 	tcase_add_test(tc, test_drop_handles);
 	tcase_add_test(tc, test_enomem);
+	tcase_add_test(tc, test_enomem_deadlines);
 	tc = t_tcase(s, "stress", 600);
 	tcase_add_test(tc, test_stress_random_trees);
 	tcase_add_test(tc, test_stress_one_runner);

@@ -104,8 +104,10 @@ OPQ_EXPORT int opq_lease_destroy(opq_lease *lease);
 OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant);
 /*
  * Acquire, polling with backoff until `deadline` (NULL: forever) while the
- * lock is held by another owner or the store is unreachable. Errors: as
- * opq_lease_try_acquire, ETIMEDOUT when the deadline passed (EBUSY never).
+ * lock is held by another owner or the store fails (the last failure's
+ * words stay in opq_lease_error). Errors: EINVAL, ETIMEDOUT when the
+ * deadline passed, ECANCELED (a cancelled scope task); never EBUSY or a
+ * store failure, which are retried.
  */
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
 				 opq_lease_grant *grant);
@@ -147,8 +149,10 @@ typedef void opq_lease_lost_fn(opq_lease *lease, enum opq_lease_lost_reason why,
  * Refresh the held lease every interval_ns (0: a third of lease - margin) as
  * operations on `queue`, and call lost(lease, why, arg) once, before the
  * lease ends locally (acquired + lease - margin), if it cannot be
- * confirmed by then; the keepalive then ends. Errors: ENOLCK (not held),
- * EBUSY (already running), EINVAL, ENOMEM, ESHUTDOWN (queue stopping).
+ * confirmed by then; the keepalive then ends. Allocates nothing. Errors:
+ * ENOLCK (not held), EBUSY (already running), EINVAL, ESHUTDOWN (queue
+ * stopping), EAGAIN (the timer thread could not be started), EDEADLK (from
+ * the handle's own lost callback).
  */
 OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int64_t interval_ns,
 					 opq_lease_lost_fn *lost, void *arg);

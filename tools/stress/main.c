@@ -26,6 +26,8 @@ static const struct stress_module *const modules[] = {
     &stress_queue,
     &stress_line,
     &stress_stage,
+    &stress_lease,
+    &stress_scope,
 };
 #define NMODULES (sizeof(modules) / sizeof(modules[0]))
 

@@ -96,5 +96,7 @@ static inline int64_t stress_now(void)
 extern const struct stress_module stress_queue;
 extern const struct stress_module stress_line;
 extern const struct stress_module stress_stage;
+extern const struct stress_module stress_lease;
+extern const struct stress_module stress_scope;
 
 #endif /* OPQ_STRESS_H */
