@@ -6,6 +6,7 @@
  * opq__fault_set() hook.
  */
 #include "harness.h"
+#include "fault.h"
 #include "internal.h"
 
 static void inc(void *arg)
@@ -13,23 +14,6 @@ static void inc(void *arg)
 	atomic_fetch_add((atomic_long *)arg, 1);
 }
 
-/*
- * Run `call` with allocation n failing, for n = 1, 2, ... until the call
- * makes fewer than n allocations; `check` runs after each failed call.
- */
-#define SWEEP(call, on_enomem)                                              \
-	for (long nth_ = 1;; nth_++) {                                            \
-		opq__fault_set(nth_);                                          \
-		int rc_ = (call);                                           \
-		long made_ = opq__fault_count();                            \
-		opq__fault_set(0);                                          \
-		if (made_ < nth_) {                                            \
-			ck_assert_int_eq(rc_, 0);                           \
-			break;                                              \
-		}                                                           \
-		ck_assert_msg(rc_ == ENOMEM, "allocation %ld: rc %d", nth_, rc_); \
-		on_enomem;                                                  \
-	}
 
 START_TEST(test_attr_and_create)
 {

@@ -3,6 +3,7 @@
  * fault injector and opq__cancel_sleep_until.
  */
 #include "harness.h"
+#include "fault.h"
 #include "internal.h"
 
 #include <string.h>
@@ -898,19 +899,6 @@ END_TEST
 
 /* ---- allocation failure ------------------------------------------------- */
 
-#define SWEEP(call, on_enomem)                                                    \
-	for (long nth_ = 1;; nth_++) {                                            \
-		opq__fault_set(nth_);                                             \
-		int rc_ = (call);                                                 \
-		long made_ = opq__fault_count();                                  \
-		opq__fault_set(0);                                                \
-		if (made_ < nth_) {                                               \
-			ck_assert_int_eq(rc_, 0);                                 \
-			break;                                                    \
-		}                                                                 \
-		ck_assert_msg(rc_ == ENOMEM, "allocation %ld: rc %d", nth_, rc_); \
-		on_enomem;                                                        \
-	}
 
 static int spawn_sweep(opq_scope *s, void *arg)
 {
