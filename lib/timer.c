@@ -88,8 +88,10 @@ static void *timer_main(void *unused)
 		}
 		unlink_timer(first);
 		firing = first;
+		/* Read under the lock: the timer may be re-armed (a new fn) while it fires. */
+		void (*fn)(struct opq__timer *t) = first->fn;
 		opq__unlock(&mu);
-		first->fn(first);
+		fn(first);
 		opq__lock(&mu);
 		firing = NULL;
 		OPQ_CHECK(pthread_cond_broadcast(&cv));
