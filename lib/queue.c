@@ -574,6 +574,22 @@ static void free_boxes(opq_op *op)
 	}
 }
 
+/*
+ * n operations taken as running were performed: count them, and wake
+ * wait_idle if that left the queue idle (an inbox not yet drained counts
+ * as work). Under q->mu.
+ */
+static void performed_done(opq_queue *q, size_t n)
+{
+	q->running -= n;
+	q->completed += n;
+	if (q->idle_waiters && q->queued == 0 && q->running == 0) {
+		inbox_drain(q);
+		if (q->queued == 0)
+			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
+	}
+}
+
 /* Give the boxes first..last back to q's spare stack, or free them if it is full. */
 static void spare_push(opq_queue *q, opq_op *first, opq_op *last, unsigned n)
 {
@@ -628,13 +644,7 @@ static void *runner_main(void *arg)
 
 			opq__lock(&q->mu);
 			r->nslots = 0;
-			q->running -= performed;
-			q->completed += performed;
-			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
-				inbox_drain(q);
-				if (q->queued == 0)
-					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
-			}
+			performed_done(q, performed);
 			spun = false;
 			continue;
 		}
@@ -643,13 +653,7 @@ static void *runner_main(void *arg)
 			opq__unlock(&q->mu);
 			op->perform(op); /* op may be freed from here on */
 			opq__lock(&q->mu);
-			q->running--;
-			q->completed++;
-			if (q->idle_waiters && q->queued == 0 && q->running == 0) {
-				inbox_drain(q);
-				if (q->queued == 0)
-					OPQ_CHECK(pthread_cond_broadcast(&q->idle));
-			}
+			performed_done(q, 1);
 			continue;
 		}
 		if (q->state == ST_STOPPING)
@@ -1413,13 +1417,7 @@ bool opq__queue_help(opq_queue *q, opq_op *op)
 	op->perform(op); /* op may be freed from here on */
 
 	opq__lock(&q->mu);
-	q->running--;
-	q->completed++;
-	if (q->idle_waiters && q->queued == 0 && q->running == 0) {
-		inbox_drain(q);
-		if (q->queued == 0)
-			OPQ_CHECK(pthread_cond_broadcast(&q->idle));
-	}
+	performed_done(q, 1);
 	opq__unlock(&q->mu);
 	return true;
 }
