@@ -82,7 +82,6 @@ static unsigned P = 1, R = 2, K = 5;
 static long M = 1000000, W = 0, L = 10000, CAP = 64;
 static int no_fork;
 static int cold; /* --cold: no untimed warm-up run before each timed burst run */
-static atomic_uchar *hits; /* one per operation: performed how often */
 static long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
 
@@ -182,6 +181,55 @@ void *mallocx(size_t size, int flags)
 
 /* ---- the work ------------------------------------------------------------ */
 
+/*
+ * The exactly-once check. Each thread that performs operations appends their
+ * indices to a log of its own, claimed on its first operation of a run; after
+ * the run the logs are counted. Nothing is written to memory another thread
+ * writes (a shared array of counters would put the runners of a queue on the
+ * same cache lines as they take neighbouring operations, a cost the ceiling,
+ * which splits the operations into halves, would not pay). The logs are
+ * allocated and touched before the clock starts.
+ */
+struct oplog {
+	_Alignas(64) uint32_t *ix; /* a cache line each: n is written by its thread only */
+	long n;
+};
+static struct oplog *logs;
+static unsigned nlogs_max;
+static atomic_uint nlogs;
+static atomic_uint log_gen; /* bumped before each run: threads claim a log anew */
+static _Thread_local unsigned my_gen;
+static _Thread_local struct oplog *my_log;
+static bool recording = true; /* false while a pool is warmed up off the clock */
+
+/* Logs per run: runners, producers, the main thread, one spare. */
+static unsigned logs_count(void)
+{
+	return R + P + 2;
+}
+
+/* Their size, not counted in the peak RSS reported. */
+static long logs_kb(void)
+{
+	return (long)logs_count() * nops * (long)sizeof(uint32_t) / 1024;
+}
+
+static void record(long i)
+{
+	unsigned gen = atomic_load_explicit(&log_gen, memory_order_relaxed);
+	if (my_gen != gen) {
+		unsigned k = atomic_fetch_add_explicit(&nlogs, 1, memory_order_relaxed);
+		if (k >= nlogs_max) {
+			fprintf(stderr, "opqueue-bench: more than %u threads performed operations\n",
+				nlogs_max);
+			abort();
+		}
+		my_log = &logs[k];
+		my_gen = gen;
+	}
+	my_log->ix[my_log->n++] = (uint32_t)i;
+}
+
 static void work(long i)
 {
 	if (W > 0) {
@@ -189,7 +237,8 @@ static void work(long i)
 		while (now_ns() < end)
 			;
 	}
-	atomic_fetch_add_explicit(&hits[i], 1, memory_order_relaxed);
+	if (recording)
+		record(i);
 }
 
 /* Latency mode: each operation records when perform started. */
@@ -199,7 +248,7 @@ static atomic_long lat_done;
 static void lat_work(long i)
 {
 	lat_start[i] = now_ns();
-	atomic_fetch_add_explicit(&hits[i], 1, memory_order_relaxed);
+	record(i);
 	atomic_store_explicit(&lat_done, i + 1, memory_order_release);
 }
 
@@ -401,9 +450,7 @@ static int uv_warm(void)
 	if (uv_loop_init(&loop))
 		return EAGAIN;
 	void (*saved)(long) = perform_cb;
-	static atomic_uchar dummy;
-	atomic_uchar *h = hits;
-	hits = &dummy;
+	recording = false;
 	perform_cb = work;
 	long w = W;
 	W = 0;
@@ -411,7 +458,7 @@ static int uv_warm(void)
 	if (!rc)
 		uv_run(&loop, UV_RUN_DEFAULT);
 	W = w;
-	hits = h;
+	recording = true;
 	perform_cb = saved;
 	uv_loop_close(&loop);
 	return rc ? EAGAIN : 0;
@@ -731,12 +778,66 @@ static int cmp_u64(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Start a run: every thread claims a log anew, each log empty and touched. */
+static void logs_reset(void)
+{
+	for (unsigned k = 0; k < nlogs_max; k++) {
+		memset(logs[k].ix, 0, (size_t)nops * sizeof(*logs[k].ix));
+		logs[k].n = 0;
+	}
+	atomic_store(&nlogs, 0);
+	atomic_fetch_add(&log_gen, 1);
+}
+
+static int logs_create(void)
+{
+	if (nops > (long)UINT32_MAX)
+		return EOVERFLOW;
+	nlogs_max = logs_count();
+	logs = aligned_alloc(_Alignof(struct oplog), nlogs_max * sizeof(*logs));
+	if (!logs)
+		return ENOMEM;
+	memset(logs, 0, nlogs_max * sizeof(*logs));
+	for (unsigned k = 0; k < nlogs_max; k++)
+		if (!(logs[k].ix = malloc((size_t)nops * sizeof(*logs[k].ix))))
+			return ENOMEM;
+	return 0;
+}
+
+static void logs_destroy(void)
+{
+	for (unsigned k = 0; logs && k < nlogs_max; k++)
+		free(logs[k].ix);
+	free(logs);
+	logs = NULL;
+}
+
+/* 0 if the logs name every operation exactly once. */
+static int logs_check(void)
+{
+	unsigned char *seen = calloc((size_t)nops, 1);
+	if (!seen)
+		return ENOMEM;
+	unsigned n = atomic_load(&nlogs);
+	for (unsigned k = 0; k < n && k < nlogs_max; k++)
+		for (long j = 0; j < logs[k].n; j++)
+			if (seen[logs[k].ix[j]] < 255)
+				seen[logs[k].ix[j]]++;
+	int rc = 0;
+	for (long i = 0; i < nops && !rc; i++)
+		if (seen[i] != 1) {
+			fprintf(stderr, "opqueue-bench: operation %ld ran %d times\n", i, seen[i]);
+			rc = EPROTO;
+		}
+	free(seen);
+	return rc;
+}
+
 /* Run fn here and check that every operation ran exactly once. */
 static void run_here(int (*fn)(void), bool count, bool latency, struct result *res)
 {
-	hits = calloc((size_t)nops, sizeof(*hits));
-	if (!hits) {
-		res->rc = ENOMEM;
+	if ((res->rc = logs_create())) {
+		logs_destroy();
 		return;
 	}
 	perform_cb = work;
@@ -746,25 +847,21 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 		 * every variant meets memory its allocator has touched before, as
 		 * in a daemon that has been running for a while.
 		 */
+		logs_reset();
 		res->rc = fn();
 		if (res->rc) {
-			free(hits);
+			logs_destroy();
 			return;
 		}
-		for (long i = 0; i < nops; i++)
-			atomic_store_explicit(&hits[i], 0, memory_order_relaxed);
 	}
+	logs_reset();
 	atomic_store(&allocs, 0);
 	atomic_store(&counting, count);
 	res->rc = fn();
 	atomic_store(&counting, 0);
 	res->allocs = atomic_load(&allocs);
-	for (long i = 0; i < nops && !res->rc; i++)
-		if (atomic_load_explicit(&hits[i], memory_order_relaxed) != 1) {
-			fprintf(stderr, "opqueue-bench: operation %ld ran %d times\n", i,
-				atomic_load(&hits[i]));
-			res->rc = EPROTO;
-		}
+	if (!res->rc)
+		res->rc = logs_check();
 	if (!res->rc)
 		res->rate = (double)nops / ((double)(t_end - t_start) / 1e9);
 	if (!res->rc && latency) {
@@ -778,8 +875,7 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 		free(lat_start);
 		free(lat_t0);
 	}
-	free(hits);
-	hits = NULL;
+	logs_destroy();
 }
 
 /* One run in a child process (or here with -F); the child reports over a pipe. */
@@ -790,7 +886,7 @@ static int run_one(int (*fn)(void), bool count, bool latency, struct result *res
 		run_here(fn, count, latency, res);
 		struct rusage ru;
 		getrusage(RUSAGE_SELF, &ru);
-		res->rss_kb = ru.ru_maxrss;
+		res->rss_kb = ru.ru_maxrss - logs_kb();
 		return res->rc;
 	}
 	fflush(NULL);
@@ -815,7 +911,7 @@ static int run_one(int (*fn)(void), bool count, bool latency, struct result *res
 		return errno;
 	if (r != (ssize_t)sizeof(*res) || !WIFEXITED(status) || WEXITSTATUS(status))
 		return res->rc ? res->rc : EIO;
-	res->rss_kb = ru.ru_maxrss;
+	res->rss_kb = ru.ru_maxrss - logs_kb();
 	return res->rc;
 }
 
