@@ -28,9 +28,9 @@
 OPQ_INTERNAL void *opq__malloc(size_t size);
 OPQ_INTERNAL void *opq__calloc(size_t n, size_t size);
 OPQ_INTERNAL void opq__free(void *p);
-/* Small fixed-size boxes for function-pointer operations (jemalloc when configured). */
-OPQ_INTERNAL void *opq__box_alloc(size_t size);
-OPQ_INTERNAL void opq__box_free(void *p, size_t size);
+/* Slabs of function-pointer boxes: size, a power of two, aligned to size (jemalloc when configured). */
+OPQ_INTERNAL void *opq__slab_alloc(size_t size);
+OPQ_INTERNAL void opq__slab_free(void *p, size_t size);
 
 /*
  * Test-only fault injector: opq__fault_set(n) makes the nth allocation from

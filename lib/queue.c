@@ -69,7 +69,9 @@ enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, 
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
 
 /* The most operations a runner takes at once, and its slots' states. */
-#define BATCH_MAX 16
+#ifndef BATCH_MAX
+#define BATCH_MAX 64
+#endif
 enum { SLOT_PENDING = 1, SLOT_OWNER, SLOT_STOLEN, SLOT_CANCELLED };
 
 struct slot {
@@ -163,32 +165,47 @@ struct opq_queue {
 	} pushing[PUSH_STRIPES];
 };
 
-/* A function-pointer operation boxed by the queue. */
+/*
+ * A function-pointer operation boxed by the queue: one cache line on LP64.
+ * A box is told from a caller's operation by op.perform == box_perform; its
+ * op.discard holds the caller's discard function (an opq_fn, converted),
+ * so every discard goes through op_discard().
+ */
 struct box {
 	opq_op op;
 	opq_fn *fn;
-	opq_fn *discard;
 	void *arg;
-	struct slab *slab;
 };
 
 /*
- * Boxes are carved, in order, from slabs of SLAB_BOXES that a thread
- * allocates for itself (one allocation per SLAB_BOXES boxes, adjacent in
- * memory). `live` counts the boxes of a slab not yet released, plus those
- * not yet carved; the last release frees the slab.
+ * Boxes are carved, in order, from slabs that a thread allocates for itself:
+ * SLAB_SIZE bytes aligned to SLAB_SIZE, a header line and then the boxes, so
+ * that a box finds its slab by masking its address. `live` counts the boxes
+ * of a slab not yet released, plus those not yet carved; the last release
+ * frees the slab.
  */
-#define SLAB_BOXES 64
+#define SLAB_SIZE 4096
+#define SLAB_HEADER 64
+#define SLAB_BOXES ((SLAB_SIZE - SLAB_HEADER) / sizeof(struct box))
 struct slab {
-	atomic_uint live;
+	union {
+		atomic_uint live;
+		char line_[SLAB_HEADER];
+	} h;
 	struct box boxes[SLAB_BOXES];
 };
+_Static_assert(sizeof(struct slab) <= SLAB_SIZE, "a slab fits its alignment");
+
+static struct slab *box_slab(struct box *b)
+{
+	return (struct slab *)(void *)((uintptr_t)b & ~(uintptr_t)(SLAB_SIZE - 1));
+}
 
 static void box_release(struct box *b)
 {
-	struct slab *s = b->slab;
-	if (atomic_fetch_sub_explicit(&s->live, 1, memory_order_acq_rel) == 1)
-		opq__box_free(s, sizeof(*s));
+	struct slab *s = box_slab(b);
+	if (atomic_fetch_sub_explicit(&s->h.live, 1, memory_order_acq_rel) == 1)
+		opq__slab_free(s, SLAB_SIZE);
 }
 
 static _Thread_local opq_queue *tls_queue;
@@ -374,13 +391,24 @@ static opq_op *fifo_take_all(opq_queue *q)
 	return list;
 }
 
+static void box_perform(opq_op *op);
+static void box_discard(opq_op *op);
+
+/* Call op's discard callback, if it has one (a box: the caller's discard_fn). */
+static void op_discard(opq_op *op)
+{
+	if (op->perform == box_perform)
+		box_discard(op);
+	else if (op->discard)
+		op->discard(op);
+}
+
 static void discard_list(opq_op *op)
 {
 	while (op) {
 		opq_op *next = op->opq__next;
 		op->opq__next = op->opq__prev = NULL;
-		if (op->discard)
-			op->discard(op);
+		op_discard(op);
 		op = next;
 	}
 }
@@ -416,8 +444,6 @@ static void wake_all(opq_queue *q)
 	STORE(q->sleepers, 0);
 	OPQ_CHECK(pthread_cond_broadcast(&q->work));
 }
-
-static void box_perform(opq_op *op);
 
 /*
  * Claim the slots of every runner's batch still PENDING for a discarding
@@ -459,14 +485,27 @@ static void take_batch(opq_queue *q, struct runner *r)
 	 * uncounted. */
 	if (n == 0 || q->capacity)
 		n = 1;
+	/* Detach the first n from the head in one walk: each operation's
+	 * fields are written once (opq__prev points to its slot), and only
+	 * the new head's prev link is cleared. */
+	opq_op *op = q->head;
 	for (size_t i = 0; i < n; i++) {
-		opq_op *op = q->head;
-		fifo_unlink(q, op, OP_BATCHED);
-		op->opq__owner = q;
+		opq_op *next = op->opq__next;
+		if (next)
+			__builtin_prefetch(next, 1);
+		op->opq__next = NULL;
 		op->opq__prev = (opq_op *)(void *)&r->slots[i];
+		OP_SET_STATE(op, OP_BATCHED);
 		r->slots[i].op = op;
 		atomic_store_explicit(&r->slots[i].state, SLOT_PENDING, memory_order_relaxed);
+		op = next;
 	}
+	__atomic_store_n(&q->head, op, __ATOMIC_RELAXED);
+	if (op)
+		op->opq__prev = NULL;
+	else
+		q->tail = NULL;
+	q->queued -= n;
 	r->nslots = (unsigned)n;
 	q->running += n;
 	if (q->space_waiters) {
@@ -1165,7 +1204,7 @@ static void box_perform(opq_op *op)
 static void box_discard(opq_op *op)
 {
 	struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
-	opq_fn *discard = b->discard;
+	opq_fn *discard = (opq_fn *)op->discard;
 	void *arg = b->arg;
 	box_release(b);
 	if (discard)
@@ -1191,8 +1230,8 @@ static void tls_boxes_free(void *unused)
 	tls_boxes_registered = false;
 	struct slab *s = tls_slab;
 	tls_slab = NULL;
-	if (s && atomic_fetch_sub(&s->live, SLAB_BOXES - tls_carved) == SLAB_BOXES - tls_carved)
-		opq__box_free(s, sizeof(*s));
+	if (s && atomic_fetch_sub(&s->h.live, SLAB_BOXES - tls_carved) == SLAB_BOXES - tls_carved)
+		opq__slab_free(s, SLAB_SIZE);
 }
 
 static void boxes_key_create(void)
@@ -1243,14 +1282,13 @@ static struct box *box_get(opq_queue *q)
 	/* Carve one from this thread's slab, or from a new slab. */
 	if (!tls_slab || tls_carved == SLAB_BOXES) {
 		struct slab *s;
-		if (!tls_boxes_register() || !(s = opq__box_alloc(sizeof(*s))))
+		if (!tls_boxes_register() || !(s = opq__slab_alloc(SLAB_SIZE)))
 			return NULL;
-		atomic_init(&s->live, SLAB_BOXES);
+		atomic_init(&s->h.live, SLAB_BOXES);
 		tls_slab = s;
 		tls_carved = 0;
 	}
 	struct box *b = &tls_slab->boxes[tls_carved++];
-	b->slab = tls_slab;
 	if (tls_carved == SLAB_BOXES)
 		tls_slab = NULL; /* all carved: its boxes free it */
 	return b;
@@ -1265,11 +1303,10 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 	if (!b)
 		return ENOMEM;
 	b->op.perform = box_perform;
-	b->op.discard = box_discard;
+	b->op.discard = (opq_op_fn *)discard_fn; /* see struct box */
 	b->op.opq__owner = NULL;
 	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
-	b->discard = discard_fn;
 	b->arg = arg;
 	int rc = enqueue_op(q, &b->op, kind, deadline);
 	if (rc)
@@ -1327,8 +1364,7 @@ OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op)
 	q->cancelled++;
 	fifo_shrunk(q);
 	opq__unlock(&q->mu);
-	if (op->discard)
-		op->discard(op);
+	op_discard(op);
 	return 0;
 }
 

@@ -15,6 +15,8 @@
 void *mallocx(size_t size, int flags);
 void dallocx(void *ptr, int flags);
 void sdallocx(void *ptr, size_t size, int flags);
+/* jemalloc's MALLOCX_LG_ALIGN(lg): the flags for alignment 2^lg. */
+#define LG_ALIGN(size) ((int)__builtin_ctzl(size))
 #endif
 
 /* Fault injector: the allocation whose number equals fault_at fails. */
@@ -55,21 +57,21 @@ void opq__free(void *p)
 	free(p);
 }
 
-void *opq__box_alloc(size_t size)
+void *opq__slab_alloc(size_t size)
 {
 	if (fault_now())
 		return NULL;
 #ifdef OPQ_HAVE_JEMALLOC
-	return mallocx(size, 0);
+	return mallocx(size, LG_ALIGN(size));
 #else
-	return malloc(size);
+	return aligned_alloc(size, size);
 #endif
 }
 
-void opq__box_free(void *p, size_t size)
+void opq__slab_free(void *p, size_t size)
 {
 #ifdef OPQ_HAVE_JEMALLOC
-	sdallocx(p, size, 0);
+	sdallocx(p, size, LG_ALIGN(size));
 #else
 	(void)size;
 	free(p);
