@@ -201,11 +201,16 @@ static struct slab *box_slab(struct box *b)
 	return (struct slab *)(void *)((uintptr_t)b & ~(uintptr_t)(SLAB_SIZE - 1));
 }
 
+/* Release n boxes (or boxes not carved) of slab s: the last release frees it. */
+static void slab_release(struct slab *s, unsigned n)
+{
+	if (atomic_fetch_sub_explicit(&s->h.live, n, memory_order_acq_rel) == n)
+		opq__slab_free(s, SLAB_SIZE);
+}
+
 static void box_release(struct box *b)
 {
-	struct slab *s = box_slab(b);
-	if (atomic_fetch_sub_explicit(&s->h.live, 1, memory_order_acq_rel) == 1)
-		opq__slab_free(s, SLAB_SIZE);
+	slab_release(box_slab(b), 1);
 }
 
 static _Thread_local opq_queue *tls_queue;
@@ -604,12 +609,17 @@ static bool spin(opq_queue *q)
 	}
 }
 
+/* Release a list of boxes, with one release per run of boxes of the same slab. */
 static void free_boxes(opq_op *op)
 {
 	while (op) {
-		opq_op *next = op->opq__next;
-		box_release(OPQ_CONTAINER_OF(op, struct box, op));
-		op = next;
+		struct slab *s = box_slab(OPQ_CONTAINER_OF(op, struct box, op));
+		unsigned n = 0;
+		do {
+			op = op->opq__next;
+			n++;
+		} while (op && box_slab(OPQ_CONTAINER_OF(op, struct box, op)) == s);
+		slab_release(s, n);
 	}
 }
 
@@ -1230,8 +1240,8 @@ static void tls_boxes_free(void *unused)
 	tls_boxes_registered = false;
 	struct slab *s = tls_slab;
 	tls_slab = NULL;
-	if (s && atomic_fetch_sub(&s->h.live, SLAB_BOXES - tls_carved) == SLAB_BOXES - tls_carved)
-		opq__slab_free(s, SLAB_SIZE);
+	if (s)
+		slab_release(s, (unsigned)(SLAB_BOXES - tls_carved));
 }
 
 static void boxes_key_create(void)
