@@ -36,9 +36,10 @@
  * about to sleep counts itself in `sleepers` and then looks at the inbox once
  * more; a producer pushes and then reads `sleepers` (both sequentially
  * consistent), so one of them sees the other: no operation is left with
- * every runner asleep. `pushing` counts producers between their push and
- * their last access to q (striped by thread, so that producers do not share
- * a counter); destroy waits for it to drop to zero.
+ * every runner asleep. A producer names q in a record of its own thread
+ * from before its push until after its last access to q (plain stores: no
+ * read-modify-write of a shared counter); destroy closes the inbox and then
+ * waits until no thread's record names q (see pushers_wait).
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
@@ -60,8 +61,6 @@ enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, OP_INBOX = 0x6962 };
 
 #define INBOX_CLOSED ((opq_op *)(uintptr_t)1)
-/* Counters of producers in the lock-free path: one cache line per stripe. */
-#define PUSH_STRIPES 8
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 
@@ -158,11 +157,6 @@ struct opq_queue {
 	opq_op *spare;	 /* boxes for reuse (lock-free stack, by opq__next) */
 	unsigned nspare; /* about how many */
 	char pad3_[64];
-	/* Producers in the lock-free path right now, striped by thread. */
-	struct {
-		unsigned n;
-		char pad_[64 - sizeof(unsigned)];
-	} pushing[PUSH_STRIPES];
 };
 
 /*
@@ -902,6 +896,8 @@ fail_mu:
 	return rc;
 }
 
+static void pushers_wait(opq_queue *q);
+
 OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 {
 	if (!q)
@@ -914,10 +910,7 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	}
 	inbox_close(q);
 	opq__unlock(&q->mu);
-	/* Producers that pushed before the inbox closed may still look at q. */
-	for (unsigned i = 0; i < PUSH_STRIPES; i++)
-		while (LOAD(q->pushing[i].n))
-			sched_yield();
+	pushers_wait(q); /* producers that pushed before the close may still look at q */
 	opq__lock(&q->mu);
 	opq_op *list = fifo_take_all(q);
 	opq_op *boxes = q->spare;
@@ -1057,23 +1050,82 @@ enum wait_kind { WAIT_BLOCK, WAIT_TRY };
  * caller made sure the queue is unbounded. Returns EAGAIN when the operation
  * looks queued already, so that the locked path decides under the lock.
  */
-/* This thread's stripe of opq_queue.pushing. */
 /*
  * The enqueue path's thread-locals use the initial-exec model: a plain
  * offset from the thread pointer instead of a __tls_get_addr call (a few
  * dozen bytes of the static TLS reserve, also when dlopen()ed).
  */
 #define TLS_FAST __attribute__((tls_model("initial-exec")))
-static _Thread_local unsigned tls_stripe TLS_FAST;
-static atomic_uint next_stripe;
 
-static unsigned *pushing_counter(opq_queue *q)
+/*
+ * Producers in the lock-free path. Each thread that enqueues there has a
+ * record, linked into `pushers` on its first such enqueue and unlinked when
+ * the thread exits (a key's destructor). `q` names the queue the thread is
+ * pushing into, from before its push until after its last access to that
+ * queue, written only by its thread. A push is a read-modify-write of
+ * q->inbox, and so is every later change of it, up to destroy's closing
+ * exchange: that exchange synchronizes with every successful push, so the
+ * record's store made before a push is visible to destroy's scan after it.
+ */
+struct pusher {
+	opq_queue *q;
+	struct pusher *next, *prev;
+	bool linked;
+};
+static _Thread_local struct pusher tls_pusher TLS_FAST;
+static pthread_mutex_t pushers_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct pusher *pushers;
+static pthread_key_t pusher_key;
+static pthread_once_t pusher_once = PTHREAD_ONCE_INIT;
+static bool pusher_key_ok;
+
+static void pusher_unlink(void *arg)
 {
-	if (!tls_stripe)
-		tls_stripe = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) %
-				     PUSH_STRIPES +
-			     1;
-	return &q->pushing[tls_stripe - 1].n;
+	struct pusher *p = arg;
+	OPQ_CHECK(pthread_mutex_lock(&pushers_mu));
+	if (p->prev)
+		p->prev->next = p->next;
+	else
+		pushers = p->next;
+	if (p->next)
+		p->next->prev = p->prev;
+	p->linked = false;
+	OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
+}
+
+static void pusher_key_create(void)
+{
+	pusher_key_ok = pthread_key_create(&pusher_key, pusher_unlink) == 0;
+}
+
+/* This thread's record, linked; NULL if it cannot be (the caller then takes the lock). */
+static struct pusher *pusher_self(void)
+{
+	struct pusher *p = &tls_pusher;
+	if (p->linked)
+		return p;
+	pthread_once(&pusher_once, pusher_key_create);
+	if (!pusher_key_ok || pthread_setspecific(pusher_key, p))
+		return NULL;
+	OPQ_CHECK(pthread_mutex_lock(&pushers_mu));
+	p->prev = NULL;
+	p->next = pushers;
+	if (pushers)
+		pushers->prev = p;
+	pushers = p;
+	p->linked = true;
+	OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
+	return p;
+}
+
+/* Wait until no producer's record names q. Called after q's inbox is closed. */
+static void pushers_wait(opq_queue *q)
+{
+	OPQ_CHECK(pthread_mutex_lock(&pushers_mu));
+	for (struct pusher *p = pushers; p; p = p->next)
+		while (__atomic_load_n(&p->q, __ATOMIC_ACQUIRE) == q)
+			sched_yield();
+	OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
 }
 
 static int enqueue_inbox(opq_queue *q, opq_op *op)
@@ -1083,8 +1135,12 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 	    !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false, __ATOMIC_ACQUIRE,
 					 __ATOMIC_RELAXED))
 		return EAGAIN;
-	unsigned *pushing = pushing_counter(q);
-	__atomic_fetch_add(pushing, 1, __ATOMIC_SEQ_CST);
+	struct pusher *self = pusher_self();
+	if (!self) {
+		OP_SET_STATE(op, st);
+		return EAGAIN;
+	}
+	__atomic_store_n(&self->q, q, __ATOMIC_RELAXED); /* published by the push (see struct pusher) */
 	op->opq__owner = q;
 	op->opq__prev = NULL;
 	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
@@ -1092,7 +1148,7 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 		if (top == INBOX_CLOSED) {
 			op->opq__owner = NULL;
 			OP_SET_STATE(op, st);
-			__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
+			__atomic_store_n(&self->q, NULL, __ATOMIC_RELEASE);
 			return ESHUTDOWN;
 		}
 		op->opq__next = top;
@@ -1106,7 +1162,7 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 			wake_one(q);
 		opq__unlock(&q->mu);
 	}
-	__atomic_fetch_sub(pushing, 1, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&self->q, NULL, __ATOMIC_RELEASE); /* the last access to q */
 	return 0;
 }
 

@@ -413,6 +413,57 @@ START_TEST(test_stress_order_and_exactly_once)
 }
 END_TEST
 
+/*
+ * A queue stopped and destroyed as soon as its operation has run, while the
+ * thread that enqueued it may still be inside the enqueue call, after its
+ * push: destroy waits until no producer's record names the queue. The
+ * window in which a producer still reads the queue is a few instructions
+ * wide, so this rarely lands in it (the argument for the wait is in
+ * lib/queue.c, struct pusher); what it does check every round is that each
+ * producer, a new thread, links its record and unlinks it when it exits
+ * (with unlinking broken, records of exited threads corrupt the list and
+ * this suite crashes).
+ */
+struct handoff {
+	opq_op op;
+	opq_queue *q;
+	struct t_gate ran;
+};
+
+static void handoff_perform(opq_op *op)
+{
+	t_gate_open(&OPQ_CONTAINER_OF(op, struct handoff, op)->ran);
+}
+
+static void *handoff_producer(void *arg)
+{
+	struct handoff *h = arg;
+	return (void *)(intptr_t)opq_queue_enqueue(h->q, &h->op);
+}
+
+START_TEST(test_destroy_while_producer_returns)
+{
+	long rounds = t_scale(2000);
+	for (long i = 0; i < rounds; i++) {
+		struct handoff h;
+		memset(&h, 0, sizeof(h));
+		t_gate_init(&h.ran);
+		ck_assert_int_eq(opq_op_init(&h.op, handoff_perform, NULL), 0);
+		ck_assert_int_eq(opq_queue_create(&h.q, NULL), 0);
+		ck_assert_int_eq(opq_queue_start(h.q, 1), 0);
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, handoff_producer, &h), 0);
+		ck_assert(t_gate_wait(&h.ran));
+		ck_assert_int_eq(opq_queue_stop(h.q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(opq_queue_destroy(h.q), 0);
+		void *rc;
+		ck_assert_int_eq(pthread_join(th, &rc), 0);
+		ck_assert_int_eq((int)(intptr_t)rc, 0);
+		t_gate_destroy(&h.ran);
+	}
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("queue_batch");
@@ -424,6 +475,7 @@ int main(void)
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
 	tc = t_tcase(s, "stress", 300);
+	tcase_add_test(tc, test_destroy_while_producer_returns);
 	tcase_add_test(tc, test_stress_order_and_exactly_once);
 	return t_run(s);
 }
