@@ -178,7 +178,7 @@ struct box {
  * of a slab not yet released, plus those not yet carved; the last release
  * frees the slab.
  */
-#define SLAB_SIZE 4096
+#define SLAB_SIZE 16384
 #define SLAB_HEADER 64
 #define SLAB_BOXES ((SLAB_SIZE - SLAB_HEADER) / sizeof(struct box))
 struct slab {
