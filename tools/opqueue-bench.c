@@ -25,7 +25,9 @@
  * Every run of every variant happens in a child process of its own (peak
  * RSS is per variant), after an untimed warm-up run of the same workload in
  * that process (--cold: none), and checks that each operation ran exactly once
- * (a counter per operation). Tables show medians over -k runs. A separate
+ * (a log per thread, counted afterwards). Tables show medians over -k runs;
+ * burst tables also show the process's CPU time (every thread) over the timed
+ * window per operation, which a noisy machine disturbs less. A separate
  * run per variant counts allocations (a malloc wrapper in this program; it
  * also sees jemalloc's mallocx) per operation.
  *
@@ -84,12 +86,33 @@ static int no_fork;
 static int cold; /* --cold: no untimed warm-up run before each timed burst run */
 static long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
+static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
 
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The timed window of a run: wall clock and the CPU time of every thread. */
+static void clock_start(void)
+{
+	cpu_start = cpu_ns();
+	t_start = now_ns();
+}
+
+static void clock_stop(void)
+{
+	t_end = now_ns();
+	cpu_end = cpu_ns();
 }
 
 static void cpu_relax(void)
@@ -331,7 +354,7 @@ static int opq_setup(bool intrusive, size_t capacity)
 static int opq_teardown(void)
 {
 	int rc = opq_queue_stop(oq, OPQ_STOP_DRAIN);
-	t_end = now_ns();
+	clock_stop();
 	opq_queue_stats st;
 	if (!rc && !(rc = opq_queue_stats_get(oq, &st)) && st.completed != (uint64_t)nops)
 		rc = EPROTO;
@@ -348,7 +371,7 @@ static int burst_opq(bool intrusive, size_t capacity)
 	int rc = opq_setup(intrusive, capacity);
 	if (rc)
 		return rc;
-	t_start = now_ns();
+	clock_start();
 	spawn_join(P, intrusive ? opq_producer : opq_fn_producer);
 	return opq_teardown();
 }
@@ -402,7 +425,7 @@ static int glib_setup(void)
 static int glib_teardown(void)
 {
 	g_thread_pool_free(gpool, FALSE, TRUE);
-	t_end = now_ns();
+	clock_stop();
 	return 0;
 }
 
@@ -411,7 +434,7 @@ static int burst_glib(void)
 	int rc = glib_setup();
 	if (rc)
 		return rc;
-	t_start = now_ns();
+	clock_start();
 	spawn_join(P, glib_producer);
 	return glib_teardown();
 }
@@ -485,9 +508,9 @@ static int burst_libuv(void)
 	uvreqs = calloc((size_t)nops, sizeof(*uvreqs));
 	if (!uvreqs || uv_warm())
 		return ENOMEM;
-	t_start = now_ns();
+	clock_start();
 	spawn_join(P, uv_producer);
-	t_end = now_ns();
+	clock_stop();
 	free(uvreqs);
 	return 0;
 }
@@ -576,7 +599,7 @@ static int plain_teardown(void)
 	pthread_mutex_unlock(&plain.mu);
 	for (unsigned i = 0; i < R; i++)
 		pthread_join(plain.th[i], NULL);
-	t_end = now_ns();
+	clock_stop();
 	return 0;
 }
 
@@ -585,7 +608,7 @@ static int burst_plain(void)
 	int rc = plain_setup();
 	if (rc)
 		return rc;
-	t_start = now_ns();
+	clock_start();
 	spawn_join(P, plain_producer);
 	return plain_teardown();
 }
@@ -603,9 +626,9 @@ static void *ceiling_thread(void *arg)
 
 static int burst_ceiling(void)
 {
-	t_start = now_ns();
+	clock_start();
 	spawn_join(R, ceiling_thread);
-	t_end = now_ns();
+	clock_stop();
 	return 0;
 }
 
@@ -630,7 +653,7 @@ static int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)
 	int rc = setup();
 	if (rc)
 		return rc;
-	t_start = now_ns();
+	clock_start();
 	for (long i = 0; i < nops; i++) {
 		lat_t0[i] = now_ns();
 		submit(i);
@@ -708,7 +731,7 @@ static int lat_teardown_libuv(void)
 {
 	uv_run(&lat_loop, UV_RUN_DEFAULT);
 	uv_loop_close(&lat_loop);
-	t_end = now_ns();
+	clock_stop();
 	free(uvreqs);
 	return 0;
 }
@@ -764,6 +787,7 @@ struct result {
 	double p50, p99, p999;	/* latency, microseconds */
 	long allocs;
 	long rss_kb;
+	double cpu_per_op;	/* CPU ns per operation over the timed window */
 };
 
 static int cmp_double(const void *a, const void *b)
@@ -862,8 +886,10 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 	res->allocs = atomic_load(&allocs);
 	if (!res->rc)
 		res->rc = logs_check();
-	if (!res->rc)
+	if (!res->rc) {
 		res->rate = (double)nops / ((double)(t_end - t_start) / 1e9);
+		res->cpu_per_op = (double)(cpu_end - cpu_start) / (double)nops;
+	}
 	if (!res->rc && latency) {
 		uint64_t *d = lat_t0; /* reuse: latencies in ns */
 		for (long i = 0; i < nops; i++)
@@ -1068,18 +1094,19 @@ static int run_burst(void)
 			rows[row] = rowname[row];
 			printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n",
 			       P, M, R, what, K);
-			printf("%-22s %12s %9s %9s %10s %10s\n", "variant", "ops/s", "intr/this",
-			       "fn/this", "allocs/op", "RSS kB");
-			double med[NV], per_op[NV];
+			printf("%-22s %12s %9s %9s %10s %10s %10s\n", "variant", "ops/s", "intr/this",
+			       "fn/this", "allocs/op", "RSS kB", "CPU ns/op");
+			double med[NV], per_op[NV], cpu_med[NV];
 			long rss[NV];
 			/*
 			 * Round k runs every variant once, so that each variant's runs
 			 * spread over the same stretch of time: on a machine whose load
 			 * changes, the ratios stay fair.
 			 */
-			double rates[NV][K];
+			double rates[NV][K], cpus[NV][K];
 			for (size_t v = 0; v < NV; v++) {
 				med[v] = 0;
+				cpu_med[v] = 0;
 				rss[v] = 0;
 				table[row][v] = 0;
 			}
@@ -1097,6 +1124,7 @@ static int run_burst(void)
 						return 1;
 					}
 					rates[v][k] = res.rate;
+					cpus[v][k] = res.cpu_per_op;
 					if (res.rss_kb > rss[v])
 						rss[v] = res.rss_kb;
 				}
@@ -1105,6 +1133,8 @@ static int run_burst(void)
 					continue;
 				qsort(rates[v], K, sizeof(double), cmp_double);
 				med[v] = rates[v][K / 2];
+				qsort(cpus[v], K, sizeof(double), cmp_double);
+				cpu_med[v] = cpus[v][K / 2];
 				table[row][v] = med[v] / 1e6;
 				/* One more run, smaller, counting allocations. */
 				long saved = M;
@@ -1131,8 +1161,8 @@ static int run_burst(void)
 #ifndef NO_MALLOC_HOOK
 				snprintf(al, sizeof(al), "%.3f", per_op[v]);
 #endif
-				printf("%-22s %12.0f %9s %9s %10s %10ld\n", variants[v].label, med[v], ri,
-				       rf, al, rss[v]);
+				printf("%-22s %12.0f %9s %9s %10s %10ld %10.1f\n", variants[v].label,
+				       med[v], ri, rf, al, rss[v], cpu_med[v]);
 			}
 			fflush(stdout);
 		}
