@@ -565,7 +565,11 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 			continue;
 		for (unsigned i = 0; i < r->nslots; i++) {
 			int pending = SLOT_PENDING;
-			if (atomic_compare_exchange_strong(&r->slots[i].state, &pending,
+			/* Look first: a failed compare-and-swap still takes the
+			 * slot's cache line from the runner that owns it. */
+			if (atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
+				    SLOT_PENDING &&
+			    atomic_compare_exchange_strong(&r->slots[i].state, &pending,
 							   SLOT_STOLEN)) {
 				opq_op *op = r->slots[i].op;
 				OP_SET_STATE(op, OP_TAKEN);
@@ -1071,6 +1075,7 @@ struct pusher {
 	opq_queue *q;
 	struct pusher *next, *prev;
 	bool linked;
+	bool exited; /* unlinked by the destructor: the thread is exiting, never link again */
 };
 static _Thread_local struct pusher tls_pusher TLS_FAST;
 static pthread_mutex_t pushers_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -1090,6 +1095,10 @@ static void pusher_unlink(void *arg)
 	if (p->next)
 		p->next->prev = p->prev;
 	p->linked = false;
+	/* Another key's destructor may still enqueue on this thread: a record
+	 * linked again now could outlive the thread (its last destructor round
+	 * may be over), so from here on this thread takes the locked path. */
+	p->exited = true;
 	OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
 }
 
@@ -1104,6 +1113,8 @@ static struct pusher *pusher_self(void)
 	struct pusher *p = &tls_pusher;
 	if (p->linked)
 		return p;
+	if (p->exited)
+		return NULL;
 	pthread_once(&pusher_once, pusher_key_create);
 	if (!pusher_key_ok || pthread_setspecific(pusher_key, p))
 		return NULL;
@@ -1118,14 +1129,24 @@ static struct pusher *pusher_self(void)
 	return p;
 }
 
-/* Wait until no producer's record names q. Called after q's inbox is closed. */
+/*
+ * Wait until no producer's record names q. Called after q's inbox is closed,
+ * so a record names q only for the rest of one enqueue call. The list's lock
+ * is not held while waiting (other threads' first enqueues and exits need
+ * it): the scan starts over after each wait.
+ */
 static void pushers_wait(opq_queue *q)
 {
-	OPQ_CHECK(pthread_mutex_lock(&pushers_mu));
-	for (struct pusher *p = pushers; p; p = p->next)
-		while (__atomic_load_n(&p->q, __ATOMIC_ACQUIRE) == q)
+	bool busy;
+	do {
+		busy = false;
+		OPQ_CHECK(pthread_mutex_lock(&pushers_mu));
+		for (struct pusher *p = pushers; p && !busy; p = p->next)
+			busy = __atomic_load_n(&p->q, __ATOMIC_ACQUIRE) == q;
+		OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
+		if (busy)
 			sched_yield();
-	OPQ_CHECK(pthread_mutex_unlock(&pushers_mu));
+	} while (busy);
 }
 
 static int enqueue_inbox(opq_queue *q, opq_op *op)
@@ -1140,7 +1161,7 @@ static int enqueue_inbox(opq_queue *q, opq_op *op)
 		OP_SET_STATE(op, st);
 		return EAGAIN;
 	}
-	__atomic_store_n(&self->q, q, __ATOMIC_RELAXED); /* published by the push (see struct pusher) */
+	__atomic_store_n(&self->q, q, __ATOMIC_RELEASE); /* published by the push (see struct pusher) */
 	op->opq__owner = q;
 	op->opq__prev = NULL;
 	opq_op *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);

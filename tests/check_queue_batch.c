@@ -464,6 +464,75 @@ START_TEST(test_destroy_while_producer_returns)
 }
 END_TEST
 
+/*
+ * A thread-exit helper that enqueues from a key destructor and re-arms its
+ * key on every destructor round. The library's own destructor (its key is
+ * older, so it runs first in each round) unlinks the thread's producer
+ * record; the helper's later enqueues must not link it again: it would
+ * outlive the thread, the next thread given the same stack would link its
+ * own record into a loop, and every destroy would then scan forever. The
+ * exiting thread's enqueues take the locked path instead, and all are
+ * performed.
+ */
+static opq_queue *rearm_q;
+static pthread_key_t rearm_key;
+static atomic_int rearm_enqueued;
+
+static void rearm_nop(void *arg)
+{
+	(void)arg;
+}
+
+static void rearm_dtor(void *v)
+{
+	(void)v;
+	if (opq_queue_enqueue_fn(rearm_q, rearm_nop, NULL, NULL) == 0)
+		atomic_fetch_add(&rearm_enqueued, 1);
+	pthread_setspecific(rearm_key, (void *)1);
+}
+
+static void *rearm_thread(void *arg)
+{
+	(void)arg;
+	pthread_setspecific(rearm_key, (void *)1);
+	return NULL;
+}
+
+static void *enqueue_once_thread(void *arg)
+{
+	(void)arg;
+	return (void *)(intptr_t)opq_queue_enqueue_fn(rearm_q, rearm_nop, NULL, NULL);
+}
+
+START_TEST(test_enqueue_from_key_destructor)
+{
+	const int rounds = 20;
+	ck_assert_int_eq(opq_queue_create(&rearm_q, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(rearm_q, 1), 0);
+	/* The library's keys first, so that the helper's destructor runs after them. */
+	ck_assert_int_eq(opq_queue_enqueue_fn(rearm_q, rearm_nop, NULL, NULL), 0);
+	ck_assert_int_eq(pthread_key_create(&rearm_key, rearm_dtor), 0);
+	for (int i = 0; i < rounds; i++) {
+		pthread_t th;
+		void *rc;
+		ck_assert_int_eq(pthread_create(&th, NULL, rearm_thread, NULL), 0);
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_int_eq(pthread_create(&th, NULL, enqueue_once_thread, NULL), 0);
+		ck_assert_int_eq(pthread_join(th, &rc), 0);
+		ck_assert_int_eq((int)(intptr_t)rc, 0);
+		opq_queue *q2;
+		ck_assert_int_eq(opq_queue_create(&q2, NULL), 0);
+		ck_assert_int_eq(opq_queue_destroy(q2), 0); /* scans every record */
+	}
+	ck_assert_int_eq(opq_queue_stop(rearm_q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_gt(atomic_load(&rearm_enqueued), rounds); /* several per exit */
+	opq_queue_stats st = stats_of(rearm_q);
+	ck_assert_uint_eq(st.completed, (uint64_t)(1 + rounds + atomic_load(&rearm_enqueued)));
+	ck_assert_int_eq(opq_queue_destroy(rearm_q), 0);
+	pthread_key_delete(rearm_key);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("queue_batch");
@@ -474,6 +543,7 @@ int main(void)
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
+	tcase_add_test(tc, test_enqueue_from_key_destructor);
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_destroy_while_producer_returns);
 	tcase_add_test(tc, test_stress_order_and_exactly_once);
