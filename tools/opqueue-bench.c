@@ -206,51 +206,52 @@ void *mallocx(size_t size, int flags)
 
 /*
  * The exactly-once check. Each thread that performs operations appends their
- * indices to a log of its own, claimed on its first operation of a run; after
- * the run the logs are counted. Nothing is written to memory another thread
- * writes (a shared array of counters would put the runners of a queue on the
- * same cache lines as they take neighbouring operations, a cost the ceiling,
- * which splits the operations into halves, would not pay). The logs are
- * allocated and touched before the clock starts.
+ * indices to a log shared by all, in chunks of LOG_CHUNK entries that it
+ * claims one at a time with an atomic addition; after the run the log is
+ * counted. Threads write to chunks of their own (a shared array of counters
+ * would put the runners of a queue on the same cache lines as they take
+ * neighbouring operations, a cost the ceiling, which splits the operations
+ * into halves, would not pay). The log holds every operation plus a partly
+ * used chunk per thread; it is allocated, filled with LOG_EMPTY and so
+ * touched before the clock starts.
  */
-struct oplog {
-	_Alignas(64) uint32_t *ix; /* a cache line each: n is written by its thread only */
-	long n;
-};
-static struct oplog *logs;
-static unsigned nlogs_max;
-static atomic_uint nlogs;
-static atomic_uint log_gen; /* bumped before each run: threads claim a log anew */
+#define LOG_CHUNK 4096
+#define LOG_THREADS 64 /* threads that may perform operations in one run */
+#define LOG_EMPTY UINT32_MAX
+static uint32_t *logbuf;
+static atomic_long log_next;	/* the next chunk to claim */
+static atomic_uint log_gen;	/* bumped before each run: threads claim chunks anew */
 static _Thread_local unsigned my_gen;
-static _Thread_local struct oplog *my_log;
+static _Thread_local uint32_t *my_pos, *my_end;
 static bool recording = true; /* false while a pool is warmed up off the clock */
 
-/* Logs per run: runners, producers, the main thread, one spare. */
-static unsigned logs_count(void)
+static long log_entries(void)
 {
-	return R + P + 2;
+	return nops + (long)LOG_THREADS * LOG_CHUNK;
 }
 
-/* Their size, not counted in the peak RSS reported. */
+/* The log's size, not counted in the peak RSS reported. */
 static long logs_kb(void)
 {
-	return (long)logs_count() * nops * (long)sizeof(uint32_t) / 1024;
+	return log_entries() * (long)sizeof(uint32_t) / 1024;
 }
 
 static void record(long i)
 {
 	unsigned gen = atomic_load_explicit(&log_gen, memory_order_relaxed);
-	if (my_gen != gen) {
-		unsigned k = atomic_fetch_add_explicit(&nlogs, 1, memory_order_relaxed);
-		if (k >= nlogs_max) {
-			fprintf(stderr, "opqueue-bench: more than %u threads performed operations\n",
-				nlogs_max);
+	if (my_gen != gen || my_pos == my_end) {
+		long at = atomic_fetch_add_explicit(&log_next, LOG_CHUNK, memory_order_relaxed);
+		if (at + LOG_CHUNK > log_entries()) {
+			fprintf(stderr, "opqueue-bench: the log is full: more operations performed "
+					"than enqueued, or more than %d threads performed them\n",
+				LOG_THREADS);
 			abort();
 		}
-		my_log = &logs[k];
+		my_pos = logbuf + at;
+		my_end = my_pos + LOG_CHUNK;
 		my_gen = gen;
 	}
-	my_log->ix[my_log->n++] = (uint32_t)i;
+	*my_pos++ = (uint32_t)i;
 }
 
 static void work(long i)
@@ -802,51 +803,38 @@ static int cmp_u64(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-/* Start a run: every thread claims a log anew, each log empty and touched. */
+/* Start a run: the log empty (and touched), every thread claims chunks anew. */
 static void logs_reset(void)
 {
-	for (unsigned k = 0; k < nlogs_max; k++) {
-		memset(logs[k].ix, 0, (size_t)nops * sizeof(*logs[k].ix));
-		logs[k].n = 0;
-	}
-	atomic_store(&nlogs, 0);
+	memset(logbuf, 0xff, (size_t)log_entries() * sizeof(*logbuf)); /* LOG_EMPTY */
+	atomic_store(&log_next, 0);
 	atomic_fetch_add(&log_gen, 1);
 }
 
 static int logs_create(void)
 {
-	if (nops > (long)UINT32_MAX)
+	if (nops >= (long)LOG_EMPTY)
 		return EOVERFLOW;
-	nlogs_max = logs_count();
-	logs = aligned_alloc(_Alignof(struct oplog), nlogs_max * sizeof(*logs));
-	if (!logs)
-		return ENOMEM;
-	memset(logs, 0, nlogs_max * sizeof(*logs));
-	for (unsigned k = 0; k < nlogs_max; k++)
-		if (!(logs[k].ix = malloc((size_t)nops * sizeof(*logs[k].ix))))
-			return ENOMEM;
-	return 0;
+	logbuf = malloc((size_t)log_entries() * sizeof(*logbuf));
+	return logbuf ? 0 : ENOMEM;
 }
 
 static void logs_destroy(void)
 {
-	for (unsigned k = 0; logs && k < nlogs_max; k++)
-		free(logs[k].ix);
-	free(logs);
-	logs = NULL;
+	free(logbuf);
+	logbuf = NULL;
 }
 
-/* 0 if the logs name every operation exactly once. */
+/* 0 if the log names every operation exactly once. */
 static int logs_check(void)
 {
 	unsigned char *seen = calloc((size_t)nops, 1);
 	if (!seen)
 		return ENOMEM;
-	unsigned n = atomic_load(&nlogs);
-	for (unsigned k = 0; k < n && k < nlogs_max; k++)
-		for (long j = 0; j < logs[k].n; j++)
-			if (seen[logs[k].ix[j]] < 255)
-				seen[logs[k].ix[j]]++;
+	long used = atomic_load(&log_next);
+	for (long j = 0; j < used && j < log_entries(); j++)
+		if (logbuf[j] != LOG_EMPTY && seen[logbuf[j]] < 255)
+			seen[logbuf[j]]++;
 	int rc = 0;
 	for (long i = 0; i < nops && !rc; i++)
 		if (seen[i] != 1) {
