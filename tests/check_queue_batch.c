@@ -464,6 +464,7 @@ START_TEST(test_destroy_while_producer_returns)
 }
 END_TEST
 
+#if !OPQ_TEST_TSAN /* see main() */
 /*
  * A thread-exit helper that enqueues from a key destructor and re-arms its
  * key on every destructor round. The library's own destructor (its key is
@@ -532,6 +533,7 @@ START_TEST(test_enqueue_from_key_destructor)
 	pthread_key_delete(rearm_key);
 }
 END_TEST
+#endif
 
 int main(void)
 {
@@ -543,7 +545,12 @@ int main(void)
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
+#if !OPQ_TEST_TSAN
+	/* ThreadSanitizer finishes a thread in the last destructor round, before
+	 * the destructors of later keys: instrumented code run there (this
+	 * test's helper enqueues in every round) crashes inside its runtime. */
 	tcase_add_test(tc, test_enqueue_from_key_destructor);
+#endif
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_destroy_while_producer_returns);
 	tcase_add_test(tc, test_stress_order_and_exactly_once);

@@ -92,6 +92,18 @@ static inline void t_gate_destroy(struct t_gate *g)
 	pthread_mutex_destroy(&g->mu);
 }
 
+/* 1 in a ThreadSanitizer build (clang's or gcc's). */
+#if defined(__SANITIZE_THREAD__)
+#define OPQ_TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define OPQ_TEST_TSAN 1
+#endif
+#endif
+#ifndef OPQ_TEST_TSAN
+#define OPQ_TEST_TSAN 0
+#endif
+
 /* Stress sizes are divided by OPQ_TEST_DIVISOR (sanitizer builds set it). */
 static inline long t_scale(long n)
 {
