@@ -490,8 +490,6 @@ static void take_batch(opq_queue *q, struct runner *r)
 	opq_op *op = q->head;
 	for (size_t i = 0; i < n; i++) {
 		opq_op *next = op->opq__next;
-		if (next)
-			__builtin_prefetch(next, 1);
 		op->opq__next = NULL;
 		op->opq__prev = (opq_op *)(void *)&r->slots[i];
 		OP_SET_STATE(op, OP_BATCHED);
@@ -1050,11 +1048,6 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 enum wait_kind { WAIT_BLOCK, WAIT_TRY };
 
 /*
- * The lock-free enqueue of an unbounded queue (see the inbox above). The
- * caller made sure the queue is unbounded. Returns EAGAIN when the operation
- * looks queued already, so that the locked path decides under the lock.
- */
-/*
  * The enqueue path's thread-locals use the initial-exec model: a plain
  * offset from the thread pointer instead of a __tls_get_addr call (a few
  * dozen bytes of the static TLS reserve, also when dlopen()ed).
@@ -1149,6 +1142,12 @@ static void pushers_wait(opq_queue *q)
 	} while (busy);
 }
 
+/*
+ * The lock-free enqueue of an unbounded queue (see the inbox above). The
+ * caller made sure the queue is unbounded. Returns EAGAIN when the operation
+ * looks queued already, or when this thread has no producer record, so that
+ * the locked path decides under the lock.
+ */
 static int enqueue_inbox(opq_queue *q, opq_op *op)
 {
 	uintptr_t st = OP_STATE(op);
