@@ -25,9 +25,10 @@
  * Every run of every variant happens in a child process of its own (peak
  * RSS is per variant), after an untimed warm-up run of the same workload in
  * that process (--cold: none), and checks that each operation ran exactly once
- * (a log per thread, counted afterwards). Tables show medians over -k runs;
- * burst tables also show the process's CPU time (every thread) over the timed
- * window per operation, which a noisy machine disturbs less. A separate
+ * (each thread logs what it performed; the log is counted afterwards).
+ * Tables show medians over -k runs; burst tables also show the process's CPU
+ * time (every thread) over the timed window per operation, which a noisy
+ * machine disturbs less. A separate
  * run per variant counts allocations (a malloc wrapper in this program; it
  * also sees jemalloc's mallocx) per operation.
  *
