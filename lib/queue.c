@@ -1303,6 +1303,7 @@ static _Thread_local unsigned tls_nboxes TLS_FAST;
 static _Thread_local bool tls_boxes_registered TLS_FAST;
 static _Thread_local struct slab *tls_slab TLS_FAST; /* boxes [tls_carved, SLAB_BOXES) not carved */
 static _Thread_local unsigned tls_carved TLS_FAST;
+static _Thread_local bool tls_boxes_exited TLS_FAST; /* the cache's destructor ran */
 static pthread_key_t boxes_key;
 static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
 static bool boxes_key_ok;
@@ -1318,6 +1319,9 @@ static void tls_boxes_free(void *unused)
 	tls_slab = NULL;
 	if (s)
 		slab_release(s, (unsigned)(SLAB_BOXES - tls_carved));
+	/* The thread is exiting: a cache made again by a later destructor's
+	 * enqueue might never be freed (its last destructor round may be over). */
+	tls_boxes_exited = true;
 }
 
 static void boxes_key_create(void)
@@ -1328,7 +1332,7 @@ static void boxes_key_create(void)
 /* Make sure this thread's cache is freed when it exits: false if it cannot be. */
 static bool tls_boxes_register(void)
 {
-	if (!tls_boxes_registered) {
+	if (!tls_boxes_registered && !tls_boxes_exited) {
 		pthread_once(&boxes_once, boxes_key_create);
 		tls_boxes_registered = boxes_key_ok && pthread_setspecific(boxes_key, &tls_boxes) == 0;
 	}
@@ -1347,9 +1351,20 @@ static void box_put(struct box *b)
 	box_release(b);
 }
 
-/* A box: from this thread's cache, else q's spare stack (all of it), else new. */
+/*
+ * A box: from this thread's cache, else q's spare stack (all of it), else new
+ * (from this thread's slab, or a slab of its own once the thread is exiting).
+ */
 static struct box *box_get(opq_queue *q)
 {
+	if (tls_boxes_exited) {
+		/* No cache on an exiting thread: a slab for this box alone. */
+		struct slab *s = opq__slab_alloc(SLAB_SIZE);
+		if (!s)
+			return NULL;
+		atomic_init(&s->h.live, 1);
+		return &s->boxes[0];
+	}
 	if (!tls_boxes && __atomic_load_n(&q->spare, __ATOMIC_RELAXED)) {
 		if (tls_boxes_register()) {
 			tls_boxes = __atomic_exchange_n(&q->spare, NULL, __ATOMIC_ACQUIRE);
