@@ -59,10 +59,11 @@
 #define OID_TEXT 25
 
 /*
- * The schema: the same text as share/opqueue/lease.sql, run under a
- * transaction-scoped advisory lock (several processes may start at once,
- * and concurrent CREATE ... IF NOT EXISTS can still collide) in one
- * multi-statement string, which PostgreSQL runs as one transaction.
+ * The schema: the same text as share/opqueue/lease.sql (tests/schema.sh
+ * compares them), run under a transaction-scoped advisory lock (several
+ * processes may start at once, and concurrent CREATE ... IF NOT EXISTS can
+ * still collide) in one multi-statement string, which PostgreSQL runs as one
+ * transaction.
  */
 static const char SCHEMA_SQL[] =
 	"SELECT pg_advisory_xact_lock(7306914650713286145);\n"
