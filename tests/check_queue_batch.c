@@ -59,25 +59,37 @@ static opq_queue_stats stats_of(opq_queue *q)
 }
 
 /*
- * Queued before start, the four operations reach the single runner as one
- * batch: the first blocks, and the others wait in the runner's slots.
+ * A queue holding b[0..3], queued before start, with `runners` runners: the
+ * first to run, b[0], blocks on `hold` (opened by the caller); returns once
+ * it has started.
  */
-START_TEST(test_cancel_in_batch)
+static opq_queue *held_queue(struct bop b[4], struct t_gate *hold, atomic_int *started,
+			     unsigned runners)
 {
 	opq_queue *q;
-	struct t_gate hold;
-	atomic_int started = 0;
-	struct bop b[4];
-	t_gate_init(&hold);
+	t_gate_init(hold);
 	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
 	for (int i = 0; i < 4; i++) {
 		bop_init(&b[i]);
 		ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
 	}
-	b[0].hold = &hold;
-	b[0].started = &started;
-	ck_assert_int_eq(opq_queue_start(q, 1), 0);
-	T_WAIT_UNTIL(atomic_load(&started));
+	b[0].hold = hold;
+	b[0].started = started;
+	ck_assert_int_eq(opq_queue_start(q, runners), 0);
+	T_WAIT_UNTIL(atomic_load(started));
+	return q;
+}
+
+/*
+ * Queued before start, the four operations reach the single runner as one
+ * batch: the first blocks, and the others wait in the runner's slots.
+ */
+START_TEST(test_cancel_in_batch)
+{
+	struct t_gate hold;
+	atomic_int started = 0;
+	struct bop b[4];
+	opq_queue *q = held_queue(b, &hold, &started, 1);
 	/* The batch's pending operations still count as queued. */
 	opq_queue_stats st = stats_of(q);
 	ck_assert_uint_eq(st.queued, 3);
@@ -116,20 +128,10 @@ END_TEST
 START_TEST(test_idle_runner_takes_over)
 {
 	for (int round = 0; round < 20; round++) {
-		opq_queue *q;
 		struct t_gate hold;
 		atomic_int started = 0;
 		struct bop b[4];
-		t_gate_init(&hold);
-		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
-		for (int i = 0; i < 4; i++) {
-			bop_init(&b[i]);
-			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
-		}
-		b[0].hold = &hold;
-		b[0].started = &started;
-		ck_assert_int_eq(opq_queue_start(q, 2), 0);
-		T_WAIT_UNTIL(atomic_load(&started));
+		opq_queue *q = held_queue(b, &hold, &started, 2);
 		/* Everything but the blocked one runs while it blocks. */
 		T_WAIT_UNTIL(b[1].performed + b[2].performed + b[3].performed == 3);
 		ck_assert_int_eq(b[0].performed, 0);
@@ -246,20 +248,10 @@ static void *stop_discard(void *arg)
 /* A discarding stop discards the operations waiting in a runner's batch. */
 START_TEST(test_stop_discards_batch)
 {
-	opq_queue *q;
 	struct t_gate hold;
 	atomic_int started = 0;
 	struct bop b[4];
-	t_gate_init(&hold);
-	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
-	for (int i = 0; i < 4; i++) {
-		bop_init(&b[i]);
-		ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
-	}
-	b[0].hold = &hold;
-	b[0].started = &started;
-	ck_assert_int_eq(opq_queue_start(q, 1), 0);
-	T_WAIT_UNTIL(atomic_load(&started));
+	opq_queue *q = held_queue(b, &hold, &started, 1);
 	struct stopper s = { q, -1 };
 	pthread_t th;
 	ck_assert_int_eq(pthread_create(&th, NULL, stop_discard, &s), 0);
