@@ -29,17 +29,21 @@
  *
  * The inbox: an unbounded queue's enqueue takes no lock. It pushes the
  * operation (state INBOX) onto `inbox`, a lock-free LIFO stack, and whoever
- * holds q->mu next with a need to see the FIFO (a runner out of work, cancel,
- * stats, wait_idle, stop) moves the whole stack, reversed, to the FIFO's
- * tail: the FIFO order is the order of the successful pushes. Stopping swaps
- * in INBOX_CLOSED, which makes later pushes fail with ESHUTDOWN. A runner
- * about to sleep counts itself in `sleepers` and then looks at the inbox once
- * more; a producer pushes and then reads `sleepers` (both sequentially
- * consistent), so one of them sees the other: no operation is left with
- * every runner asleep. A producer names q in a record of its own thread
- * from before its push until after its last access to q (plain stores: no
- * read-modify-write of a shared counter); destroy closes the inbox and then
- * waits until no thread's record names q (see pushers_wait).
+ * holds q->mu next with a need to see the FIFO (a runner before each batch
+ * it takes, cancel, stats, wait_idle, stop) moves the whole stack, reversed,
+ * to the FIFO's tail: the FIFO order is the order of the successful pushes.
+ * Runners move it every time, not only when the FIFO is empty: what was
+ * pushed since the last batch is likely still in cache, while a stack left
+ * to grow while a deep FIFO drains would be walked cold, and under the lock.
+ * Stopping swaps in INBOX_CLOSED, which makes later pushes fail with
+ * ESHUTDOWN. A runner about to sleep counts itself in `sleepers` and then
+ * looks at the inbox once more; a producer pushes and then reads `sleepers`
+ * (both sequentially consistent), so one of them sees the other: no
+ * operation is left with every runner asleep. A producer names q in a
+ * record of its own thread from before its push until after its last access
+ * to q (plain stores: no read-modify-write of a shared counter); destroy
+ * closes the inbox and then waits until no thread's record names q (see
+ * pushers_wait).
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
@@ -670,8 +674,7 @@ static void *runner_main(void *arg)
 	for (;;) {
 		if (q->alive > q->target)
 			break;
-		if (!q->head)
-			inbox_drain(q);
+		inbox_drain(q); /* every time: see the inbox above */
 		if (q->head) {
 			take_batch(q, r);
 			/* Work left behind: a producer that saw a runner spinning
