@@ -148,6 +148,58 @@ START_TEST(test_idle_runner_takes_over)
 }
 END_TEST
 
+/*
+ * A long batch, held in its middle: one runner takes all LONG_N operations
+ * queued before start as one batch (LONG_N is below BATCH_MAX) and blocks
+ * on the one at LONG_HELD; a runner added then takes over every operation
+ * after it, one at a time and in order (it looks from where the holder is),
+ * and none twice.
+ */
+#define LONG_N 600
+#define LONG_HELD 300
+START_TEST(test_idle_runner_takes_over_long_batch)
+{
+	for (int round = 0; round < 5; round++) {
+		struct t_gate hold;
+		atomic_int started = 0, disorder = 0;
+		long last_seq = -1;
+		struct bop *b = calloc(LONG_N, sizeof(*b));
+		opq_queue *q;
+		ck_assert_ptr_nonnull(b);
+		t_gate_init(&hold);
+		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+		for (long i = 0; i < LONG_N; i++) {
+			bop_init(&b[i]);
+			b[i].seq = i;
+			if (i != LONG_HELD) {
+				b[i].last_seq = &last_seq;
+				b[i].disorder = &disorder;
+			}
+			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+		}
+		b[LONG_HELD].hold = &hold;
+		b[LONG_HELD].started = &started;
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		T_WAIT_UNTIL(atomic_load(&started));
+		ck_assert_int_eq(opq_queue_set_runners(q, 2), 0);
+		for (long i = LONG_HELD + 1; i < LONG_N; i++)
+			T_WAIT_UNTIL(atomic_load(&b[i].performed));
+		ck_assert_int_eq(b[LONG_HELD].performed, 0);
+		t_gate_open(&hold);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		for (long i = 0; i < LONG_N; i++) {
+			ck_assert_int_eq(b[i].performed, 1);
+			ck_assert_int_eq(b[i].discarded, 0);
+		}
+		ck_assert_int_eq(atomic_load(&disorder), 0);
+		ck_assert_uint_eq(stats_of(q).completed, LONG_N);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		t_gate_destroy(&hold);
+		free(b);
+	}
+}
+END_TEST
+
 struct stopper {
 	opq_queue *q;
 	int rc;
@@ -533,6 +585,7 @@ int main(void)
 	TCase *tc = t_tcase(s, "batch", 60);
 	tcase_add_test(tc, test_cancel_in_batch);
 	tcase_add_test(tc, test_idle_runner_takes_over);
+	tcase_add_test(tc, test_idle_runner_takes_over_long_batch);
 	tcase_add_test(tc, test_stop_discards_batch);
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
