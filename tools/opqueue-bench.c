@@ -28,7 +28,8 @@
  * (each thread logs what it performed; the log is counted afterwards).
  * Tables show medians over -k runs; burst tables also show the process's CPU
  * time (every thread) over the timed window per operation, which a noisy
- * machine disturbs less. A separate
+ * machine disturbs less, and the part of it spent by the producer threads
+ * ("enq ns/op": enqueueing; for libuv also the loop's completions). A separate
  * run per variant counts allocations (a malloc wrapper in this program; it
  * also sees jemalloc's mallocx) per operation.
  *
@@ -88,6 +89,7 @@ static int cold; /* --cold: no untimed warm-up run before each timed burst run *
 static long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
 static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
+static atomic_ullong producers_cpu; /* CPU time of the producer threads of a run */
 
 static uint64_t now_ns(void)
 {
@@ -103,9 +105,19 @@ static uint64_t cpu_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* A producer thread, at its end: its CPU time counts as enqueueing. */
+static void producer_done(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	atomic_fetch_add(&producers_cpu,
+			 (unsigned long long)ts.tv_sec * 1000000000u + (unsigned long long)ts.tv_nsec);
+}
+
 /* The timed window of a run: wall clock and the CPU time of every thread. */
 static void clock_start(void)
 {
+	atomic_store(&producers_cpu, 0);
 	cpu_start = cpu_ns();
 	t_start = now_ns();
 }
@@ -316,6 +328,7 @@ static void *opq_producer(void *arg)
 	for (long i = base; i < base + M; i++)
 		if (opq_queue_enqueue(oq, &bops[i].op))
 			abort();
+	producer_done();
 	return NULL;
 }
 
@@ -325,6 +338,7 @@ static void *opq_fn_producer(void *arg)
 	for (long i = base; i < base + M; i++)
 		if (opq_queue_enqueue_fn(oq, fn_perform, NULL, (void *)(intptr_t)i))
 			abort();
+	producer_done();
 	return NULL;
 }
 
@@ -415,6 +429,7 @@ static void *glib_producer(void *arg)
 	for (long i = base; i < base + M; i++)
 		if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
 			abort();
+	producer_done();
 	return NULL;
 }
 
@@ -502,6 +517,7 @@ static void *uv_producer(void *arg)
 	}
 	uv_run(&loop, UV_RUN_DEFAULT);
 	uv_loop_close(&loop);
+	producer_done();
 	return NULL;
 }
 
@@ -581,6 +597,7 @@ static void *plain_producer(void *arg)
 	long base = (long)(intptr_t)arg * M;
 	for (long i = base; i < base + M; i++)
 		plain_enqueue(fn_perform, (void *)(intptr_t)i);
+	producer_done();
 	return NULL;
 }
 
@@ -790,6 +807,7 @@ struct result {
 	long allocs;
 	long rss_kb;
 	double cpu_per_op;	/* CPU ns per operation over the timed window */
+	double enq_per_op;	/* of which the producer threads', per operation */
 };
 
 static int cmp_double(const void *a, const void *b)
@@ -878,6 +896,7 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 	if (!res->rc) {
 		res->rate = (double)nops / ((double)(t_end - t_start) / 1e9);
 		res->cpu_per_op = (double)(cpu_end - cpu_start) / (double)nops;
+		res->enq_per_op = (double)atomic_load(&producers_cpu) / (double)nops;
 	}
 	if (!res->rc && latency) {
 		uint64_t *d = lat_t0; /* reuse: latencies in ns */
@@ -1083,19 +1102,20 @@ static int run_burst(void)
 			rows[row] = rowname[row];
 			printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n",
 			       P, M, R, what, K);
-			printf("%-22s %12s %9s %9s %10s %10s %10s\n", "variant", "ops/s", "intr/this",
-			       "fn/this", "allocs/op", "RSS kB", "CPU ns/op");
-			double med[NV], per_op[NV], cpu_med[NV];
+			printf("%-22s %12s %9s %9s %10s %10s %10s %10s\n", "variant", "ops/s",
+			       "intr/this", "fn/this", "allocs/op", "RSS kB", "CPU ns/op", "enq ns/op");
+			double med[NV], per_op[NV], cpu_med[NV], enq_med[NV];
 			long rss[NV];
 			/*
 			 * Round k runs every variant once, so that each variant's runs
 			 * spread over the same stretch of time: on a machine whose load
 			 * changes, the ratios stay fair.
 			 */
-			double rates[NV][K], cpus[NV][K];
+			double rates[NV][K], cpus[NV][K], enqs[NV][K];
 			for (size_t v = 0; v < NV; v++) {
 				med[v] = 0;
 				cpu_med[v] = 0;
+				enq_med[v] = 0;
 				rss[v] = 0;
 				table[row][v] = 0;
 			}
@@ -1114,6 +1134,7 @@ static int run_burst(void)
 					}
 					rates[v][k] = res.rate;
 					cpus[v][k] = res.cpu_per_op;
+					enqs[v][k] = res.enq_per_op;
 					if (res.rss_kb > rss[v])
 						rss[v] = res.rss_kb;
 				}
@@ -1124,6 +1145,8 @@ static int run_burst(void)
 				med[v] = rates[v][K / 2];
 				qsort(cpus[v], K, sizeof(double), cmp_double);
 				cpu_med[v] = cpus[v][K / 2];
+				qsort(enqs[v], K, sizeof(double), cmp_double);
+				enq_med[v] = enqs[v][K / 2];
 				table[row][v] = med[v] / 1e6;
 				/* One more run, smaller, counting allocations. */
 				long saved = M;
@@ -1150,8 +1173,8 @@ static int run_burst(void)
 #ifndef NO_MALLOC_HOOK
 				snprintf(al, sizeof(al), "%.3f", per_op[v]);
 #endif
-				printf("%-22s %12.0f %9s %9s %10s %10ld %10.1f\n", variants[v].label,
-				       med[v], ri, rf, al, rss[v], cpu_med[v]);
+				printf("%-22s %12.0f %9s %9s %10s %10ld %10.1f %10.1f\n", variants[v].label,
+				       med[v], ri, rf, al, rss[v], cpu_med[v], enq_med[v]);
 			}
 			fflush(stdout);
 		}
