@@ -28,9 +28,14 @@
  * that claims one takes it off `running` when it is done with it. BATCH_MAX
  * is large (1024) because a batch has a fixed cost, the lock and the queue's
  * cache lines moving between cores (about 1.5 us on the 2-core test
- * machines), that its operations share; an idle runner steals one operation
- * at a time from where the batch's runner is (its `pos`), so a long batch is
- * still shared out when the FIFO runs dry.
+ * machines), that its operations share. So that a long batch does not
+ * leave its operations waiting: a runner that finds the FIFO empty takes
+ * over another runner's next operation, one at a time; and a runner about
+ * to take a batch from the FIFO first looks at the others, and takes half of
+ * what waits in the batch of one that has not moved since the last look
+ * (blocked in one operation, or preempted) as its own batch, since those
+ * operations are older than the FIFO's. Looks start at batch_first(): the
+ * slots before a runner's `pos` and its `steal_pos` are claimed already.
  *
  * The inbox: an unbounded queue's enqueue takes no lock. It pushes the
  * operation (state INBOX) onto `inbox`, a lock-free LIFO stack, and whoever
@@ -119,7 +124,10 @@ struct runner {
 	unsigned index;
 	bool finished;
 	unsigned nslots; /* slots of the current batch, under q->mu */
-	atomic_uint pos; /* slots before it are claimed: where steal starts looking */
+	atomic_uint pos; /* the slot it is at, written by this runner alone */
+	/* Under q->mu: slots before steal_pos are claimed too; batches taken,
+	 * and what the last look at this runner saw (see take_over_stuck). */
+	unsigned steal_pos, batches, seen_batches, seen_pos;
 	struct slot slots[BATCH_MAX];
 };
 
@@ -454,6 +462,32 @@ static void wake_all(opq_queue *q)
 	OPQ_CHECK(pthread_cond_broadcast(&q->work));
 }
 
+/* Put op into slot i of r's next batch. Under q->mu. */
+static void batch_add(struct runner *r, unsigned i, opq_op *op)
+{
+	op->opq__next = NULL;
+	op->opq__prev = (opq_op *)(void *)&r->slots[i];
+	OP_SET_STATE(op, OP_BATCHED);
+	r->slots[i].op = op;
+	atomic_store_explicit(&r->slots[i].state, SLOT_PENDING, memory_order_relaxed);
+}
+
+/* The first slot of r's batch that may still be PENDING. Under q->mu. */
+static unsigned batch_first(struct runner *r)
+{
+	unsigned pos = atomic_load_explicit(&r->pos, memory_order_relaxed);
+	return pos > r->steal_pos ? pos : r->steal_pos;
+}
+
+/* r's slots 0..n-1 are its new batch. Under q->mu. */
+static void batch_begin(struct runner *r, unsigned n)
+{
+	r->nslots = n;
+	atomic_store_explicit(&r->pos, 0, memory_order_relaxed);
+	r->steal_pos = 0;
+	r->batches++;
+}
+
 /*
  * Claim the slots of every runner's batch still PENDING for a discarding
  * stop: the operations join `list` (to be discarded), in batch order, ahead
@@ -463,7 +497,7 @@ static opq_op *batches_take_all(opq_queue *q, opq_op *list)
 {
 	opq_op *head = NULL, **tailp = &head;
 	for (struct runner *r = q->runners; r; r = r->next) {
-		for (unsigned i = 0; i < r->nslots; i++) {
+		for (unsigned i = batch_first(r); i < r->nslots; i++) {
 			int pending = SLOT_PENDING;
 			if (!atomic_compare_exchange_strong(&r->slots[i].state, &pending,
 							    SLOT_CANCELLED))
@@ -498,13 +532,9 @@ static void take_batch(opq_queue *q, struct runner *r)
 	 * fields are written once (opq__prev points to its slot), and only
 	 * the new head's prev link is cleared. */
 	opq_op *op = q->head;
-	for (size_t i = 0; i < n; i++) {
+	for (unsigned i = 0; i < n; i++) {
 		opq_op *next = op->opq__next;
-		op->opq__next = NULL;
-		op->opq__prev = (opq_op *)(void *)&r->slots[i];
-		OP_SET_STATE(op, OP_BATCHED);
-		r->slots[i].op = op;
-		atomic_store_explicit(&r->slots[i].state, SLOT_PENDING, memory_order_relaxed);
+		batch_add(r, i, op);
 		op = next;
 	}
 	__atomic_store_n(&q->head, op, __ATOMIC_RELAXED);
@@ -513,8 +543,7 @@ static void take_batch(opq_queue *q, struct runner *r)
 	else
 		q->tail = NULL;
 	q->queued -= n;
-	r->nslots = (unsigned)n;
-	atomic_store_explicit(&r->pos, 0, memory_order_relaxed);
+	batch_begin(r, (unsigned)n);
 	q->running += n;
 	if (q->space_waiters) {
 		/* n places freed: wake as many producers, no more. */
@@ -565,32 +594,73 @@ static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigne
 }
 
 /*
- * Take over the first PENDING operation of another runner's batch, for a
- * runner that found the FIFO empty. Under q->mu.
+ * Take over the first PENDING operation of r's batch. The slots before r's
+ * position and before steal_pos are claimed already; the next look starts
+ * after the one taken (r may be blocked: a long batch taken over one
+ * operation at a time is not scanned again for each). Under q->mu.
  */
+static opq_op *steal_from(struct runner *r)
+{
+	for (unsigned i = batch_first(r); i < r->nslots; i++) {
+		int pending = SLOT_PENDING;
+		/* Look first: a failed compare-and-swap still takes the slot's
+		 * cache line from the runner that owns it. */
+		if (atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) == SLOT_PENDING &&
+		    atomic_compare_exchange_strong(&r->slots[i].state, &pending, SLOT_STOLEN)) {
+			r->steal_pos = i + 1;
+			opq_op *op = r->slots[i].op;
+			OP_SET_STATE(op, OP_TAKEN);
+			return op;
+		}
+	}
+	return NULL;
+}
+
+/* For a runner that found the FIFO empty: another runner's next operation. Under q->mu. */
 static opq_op *steal(opq_queue *q, struct runner *self)
+{
+	for (struct runner *r = q->runners; r; r = r->next) {
+		opq_op *op;
+		if (r != self && (op = steal_from(r)))
+			return op;
+	}
+	return NULL;
+}
+
+/*
+ * For a runner about to take a batch from the FIFO: if another runner has
+ * not moved since the last look at it (by any runner), it is blocked in one
+ * operation (or preempted), and what waits behind it in its batch is older
+ * than anything in the FIFO. Take half of that over as this runner's batch
+ * (the operations stay counted as running). True if it took any. Under q->mu.
+ */
+static bool take_over_stuck(opq_queue *q, struct runner *self)
 {
 	for (struct runner *r = q->runners; r; r = r->next) {
 		if (r == self)
 			continue;
-		/* From where its runner is: a batch is long, and the slots
-		 * before that are claimed already. */
-		for (unsigned i = atomic_load_explicit(&r->pos, memory_order_relaxed); i < r->nslots;
-		     i++) {
+		unsigned pos = atomic_load_explicit(&r->pos, memory_order_relaxed);
+		bool still = r->batches == r->seen_batches && pos == r->seen_pos;
+		r->seen_batches = r->batches;
+		r->seen_pos = pos;
+		unsigned i = batch_first(r);
+		if (!still || i >= r->nslots)
+			continue;
+		unsigned want = (r->nslots - i + 1) / 2, n = 0;
+		for (; i < r->nslots && n < want; i++) {
 			int pending = SLOT_PENDING;
-			/* Look first: a failed compare-and-swap still takes the
-			 * slot's cache line from the runner that owns it. */
 			if (atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
 				    SLOT_PENDING &&
-			    atomic_compare_exchange_strong(&r->slots[i].state, &pending,
-							   SLOT_STOLEN)) {
-				opq_op *op = r->slots[i].op;
-				OP_SET_STATE(op, OP_TAKEN);
-				return op;
-			}
+			    atomic_compare_exchange_strong(&r->slots[i].state, &pending, SLOT_STOLEN))
+				batch_add(self, n++, r->slots[i].op);
+		}
+		r->steal_pos = i;
+		if (n) {
+			batch_begin(self, n);
+			return true;
 		}
 	}
-	return NULL;
+	return false;
 }
 
 /* Look at the FIFO for a while without the lock: true if it has work. */
@@ -687,7 +757,8 @@ static void *runner_main(void *arg)
 			break;
 		inbox_drain(q); /* every time: see the inbox above */
 		if (q->head) {
-			take_batch(q, r);
+			if (!take_over_stuck(q, r))
+				take_batch(q, r);
 			/* Work left behind: a producer that saw a runner spinning
 			 * (this one) woke nobody, so wake the next runner here
 			 * (a chain, not a herd), or it waits for our whole batch. */
@@ -1523,7 +1594,7 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 	 * took is its to start, running, so queued never exceeds the capacity. */
 	size_t pending = 0;
 	for (struct runner *r = q->capacity ? NULL : q->runners; r; r = r->next)
-		for (unsigned i = 0; i < r->nslots; i++)
+		for (unsigned i = batch_first(r); i < r->nslots; i++)
 			pending += atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
 				   SLOT_PENDING;
 	stats->queued = q->queued + pending;

@@ -200,6 +200,80 @@ START_TEST(test_idle_runner_takes_over_long_batch)
 }
 END_TEST
 
+/*
+ * A runner blocked in an operation does not hold back the rest of its batch
+ * until the FIFO runs dry: with STUCK_FILL operations behind them in the
+ * FIFO, a runner added later takes over the STUCK_N - 1 waiting behind the
+ * blocked one first, in order, each once (checked by how many of the FIFO's
+ * operations had run when each of them ran).
+ */
+#define STUCK_N 600
+#define STUCK_FILL 100000
+static atomic_long fill_done;
+static long fill_at[STUCK_N]; /* per operation: the FIFO's operations done when it ran */
+
+static void fill_fn(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&fill_done, 1);
+}
+
+static void stuck_perform(opq_op *op)
+{
+	struct bop *b = OPQ_CONTAINER_OF(op, struct bop, op);
+	fill_at[b->seq] = atomic_load(&fill_done);
+	bop_perform(op);
+}
+
+START_TEST(test_blocked_runner_batch_taken_over_first)
+{
+	struct t_gate hold;
+	atomic_int started = 0, disorder = 0;
+	long last_seq = -1;
+	struct bop *b = calloc(STUCK_N, sizeof(*b));
+	opq_queue *q;
+	ck_assert_ptr_nonnull(b);
+	atomic_store(&fill_done, 0);
+	t_gate_init(&hold);
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	for (long i = 0; i < STUCK_N; i++) {
+		bop_init(&b[i]);
+		b[i].op.perform = stuck_perform;
+		b[i].seq = i;
+		if (i > 0) { /* the order check: all but the blocked one */
+			b[i].last_seq = &last_seq;
+			b[i].disorder = &disorder;
+		}
+		ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+	}
+	b[0].hold = &hold;
+	b[0].started = &started;
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	for (long i = 0; i < STUCK_FILL; i++)
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, fill_fn, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_set_runners(q, 2), 0);
+	for (long i = 1; i < STUCK_N; i++)
+		T_WAIT_UNTIL(atomic_load(&b[i].performed));
+	ck_assert_int_eq(b[0].performed, 0);
+	for (long i = 1; i < STUCK_N; i++)
+		ck_assert_msg(fill_at[i] < STUCK_FILL / 2,
+			      "operation %ld waited for %ld of the FIFO's operations", i, fill_at[i]);
+	t_gate_open(&hold);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	for (long i = 0; i < STUCK_N; i++) {
+		ck_assert_int_eq(b[i].performed, 1);
+		ck_assert_int_eq(b[i].discarded, 0);
+	}
+	ck_assert_int_eq(atomic_load(&disorder), 0);
+	ck_assert_int_eq(atomic_load(&fill_done), STUCK_FILL);
+	ck_assert_uint_eq(stats_of(q).completed, STUCK_N + STUCK_FILL);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+	free(b);
+}
+END_TEST
+
 struct stopper {
 	opq_queue *q;
 	int rc;
@@ -586,6 +660,7 @@ int main(void)
 	tcase_add_test(tc, test_cancel_in_batch);
 	tcase_add_test(tc, test_idle_runner_takes_over);
 	tcase_add_test(tc, test_idle_runner_takes_over_long_batch);
+	tcase_add_test(tc, test_blocked_runner_batch_taken_over_first);
 	tcase_add_test(tc, test_stop_discards_batch);
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);

@@ -139,9 +139,10 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
  * EBUSY if op is already queued in this queue, EINVAL for NULL arguments, an
  * op without perform, or a deadline whose tv_nsec is outside [0, 1e9). On any error the caller keeps op.
  * On an unbounded queue this takes no lock (a lock-free push). Runners take
- * operations in FIFO order in batches of up to 16 (1 on a bounded queue, so
+ * operations in FIFO order in batches of up to 1024 (1 on a bounded queue, so
  * that the capacity counts every operation not started) and start each batch in
- * order; an idle runner takes over what another has taken but not started.
+ * order; an idle runner takes over what another has taken but not started,
+ * and so does a runner that finds another blocked in one operation.
  */
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op);
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op);
