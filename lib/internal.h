@@ -96,6 +96,11 @@ OPQ_INTERNAL int opq__cancel_sleep_until(const struct timespec *deadline);
  */
 OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
 
+/* queue.c: the most operations a runner takes at once (tests size batches by it). */
+#ifndef OPQ__BATCH_MAX
+#define OPQ__BATCH_MAX 1024
+#endif
+
 /* pthread calls that cannot fail on a correct program: checked in debug builds. */
 #ifdef OPQ_DEBUG
 #define OPQ_CHECK(call)                     \

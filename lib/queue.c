@@ -82,9 +82,7 @@ enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461, 
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
 
 /* The most operations a runner takes at once, and its slots' states. */
-#ifndef BATCH_MAX
-#define BATCH_MAX 1024
-#endif
+#define BATCH_MAX OPQ__BATCH_MAX
 enum { SLOT_PENDING = 1, SLOT_OWNER, SLOT_STOLEN, SLOT_CANCELLED };
 
 struct slot {

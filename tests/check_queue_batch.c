@@ -150,13 +150,13 @@ END_TEST
 
 /*
  * A long batch, held in its middle: one runner takes all LONG_N operations
- * queued before start as one batch (LONG_N is below BATCH_MAX) and blocks
- * on the one at LONG_HELD; a runner added then takes over every operation
- * after it, one at a time and in order (it looks from where the holder is),
- * and none twice.
+ * queued before start as one batch (LONG_N is at most OPQ__BATCH_MAX) and
+ * blocks on the one at LONG_HELD; a runner added then takes over every
+ * operation after it, in order (it looks from where the holder is), and none
+ * twice.
  */
-#define LONG_N 600
-#define LONG_HELD 300
+#define LONG_N (OPQ__BATCH_MAX < 600 ? OPQ__BATCH_MAX : 600)
+#define LONG_HELD (LONG_N / 2)
 START_TEST(test_idle_runner_takes_over_long_batch)
 {
 	for (int round = 0; round < 5; round++) {
@@ -207,7 +207,7 @@ END_TEST
  * blocked one first, in order, each once (checked by how many of the FIFO's
  * operations had run when each of them ran).
  */
-#define STUCK_N 600
+#define STUCK_N (OPQ__BATCH_MAX < 600 ? OPQ__BATCH_MAX : 600)
 #define STUCK_FILL 100000
 static atomic_long fill_done;
 static long fill_at[STUCK_N]; /* per operation: the FIFO's operations done when it ran */
