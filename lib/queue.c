@@ -592,6 +592,18 @@ static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigne
 }
 
 /*
+ * Claim a PENDING slot of another runner's batch for this one. Look first: a
+ * failed compare-and-swap still takes the slot's cache line from the runner
+ * that owns it.
+ */
+static bool slot_steal(struct slot *s)
+{
+	int pending = SLOT_PENDING;
+	return atomic_load_explicit(&s->state, memory_order_relaxed) == SLOT_PENDING &&
+	       atomic_compare_exchange_strong(&s->state, &pending, SLOT_STOLEN);
+}
+
+/*
  * Take over the first PENDING operation of r's batch. The slots before r's
  * position and before steal_pos are claimed already; the next look starts
  * after the one taken (r may be blocked: a long batch taken over one
@@ -600,11 +612,7 @@ static size_t run_batch(struct runner *r, opq_op **boxes, opq_op **last, unsigne
 static opq_op *steal_from(struct runner *r)
 {
 	for (unsigned i = batch_first(r); i < r->nslots; i++) {
-		int pending = SLOT_PENDING;
-		/* Look first: a failed compare-and-swap still takes the slot's
-		 * cache line from the runner that owns it. */
-		if (atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) == SLOT_PENDING &&
-		    atomic_compare_exchange_strong(&r->slots[i].state, &pending, SLOT_STOLEN)) {
+		if (slot_steal(&r->slots[i])) {
 			r->steal_pos = i + 1;
 			opq_op *op = r->slots[i].op;
 			OP_SET_STATE(op, OP_TAKEN);
@@ -645,13 +653,9 @@ static bool take_over_stuck(opq_queue *q, struct runner *self)
 		if (!still || i >= r->nslots)
 			continue;
 		unsigned want = (r->nslots - i + 1) / 2, n = 0;
-		for (; i < r->nslots && n < want; i++) {
-			int pending = SLOT_PENDING;
-			if (atomic_load_explicit(&r->slots[i].state, memory_order_relaxed) ==
-				    SLOT_PENDING &&
-			    atomic_compare_exchange_strong(&r->slots[i].state, &pending, SLOT_STOLEN))
+		for (; i < r->nslots && n < want; i++)
+			if (slot_steal(&r->slots[i]))
 				batch_add(self, n++, r->slots[i].op);
-		}
 		r->steal_pos = i;
 		if (n) {
 			batch_begin(self, n);
