@@ -46,6 +46,8 @@ OPQ_INTERNAL int opq__cond_init(pthread_cond_t *cond);
 OPQ_INTERNAL int opq__mutex_init(pthread_mutex_t *mutex);
 /* A deadline a public call may accept: NULL, or tv_nsec within [0, 1e9). */
 OPQ_INTERNAL bool opq__deadline_ok(const struct timespec *deadline);
+/* Whether instant a comes before instant b. */
+OPQ_INTERNAL bool opq__ts_before(const struct timespec *a, const struct timespec *b);
 /* Wait on cond until deadline (NULL: forever): 0 or ETIMEDOUT. */
 OPQ_INTERNAL int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
 				const struct timespec *deadline);

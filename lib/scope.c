@@ -137,11 +137,6 @@ static bool ts_passed(const struct timespec *dl)
 	return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
 }
 
-static bool ts_before(const struct timespec *a, const struct timespec *b)
-{
-	return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
 {
 	s->tr = tr;
@@ -419,7 +414,7 @@ static int dl_arm(struct tree *tr, opq_scope *s)
 		tr->timer_running = true;
 	}
 	opq_scope *prev = NULL, *cur = tr->dl_first;
-	while (cur && !ts_before(&s->deadline, &cur->deadline)) {
+	while (cur && !opq__ts_before(&s->deadline, &cur->deadline)) {
 		prev = cur;
 		cur = cur->dl_next;
 	}

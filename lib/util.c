@@ -112,6 +112,11 @@ bool opq__deadline_ok(const struct timespec *deadline)
 	return !deadline || (deadline->tv_nsec >= 0 && deadline->tv_nsec < 1000000000);
 }
 
+bool opq__ts_before(const struct timespec *a, const struct timespec *b)
+{
+	return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex, const struct timespec *deadline)
 {
 	if (!deadline) {

@@ -386,6 +386,52 @@ START_TEST(test_blocked_enqueue_stop)
 }
 END_TEST
 
+/*
+ * Blocked producers are woken when the FIFO has drained to half its capacity;
+ * a place freed above half is not lost either: they look again in a while.
+ */
+START_TEST(test_bounded_room_above_half)
+{
+	enum { CAP = 8, B = 3 };
+	opq_queue *q = make_queue(CAP);
+	struct cop c[CAP];
+	for (int i = 0; i < CAP; i++) {
+		cop_init(&c[i]);
+		ck_assert_int_eq(opq_queue_enqueue(q, &c[i].op), 0);
+	}
+	struct blocked_enqueuer b[B];
+	pthread_t th[B];
+	for (int i = 0; i < B; i++) {
+		b[i] = (struct blocked_enqueuer){ .q = q };
+		cop_init(&b[i].c);
+		pthread_create(&th[i], NULL, enqueue_blocking, &b[i]);
+	}
+	T_WAIT_UNTIL(stats_of(q).blocked == B);
+	/* One place, above half: one producer gets it. */
+	ck_assert_int_eq(opq_queue_cancel(q, &c[0].op), 0);
+	T_WAIT_UNTIL(stats_of(q).blocked == B - 1);
+	ck_assert_uint_eq(stats_of(q).queued, CAP);
+	/* Down to half: the other two get in. */
+	for (int i = 1; i <= CAP / 2; i++)
+		ck_assert_int_eq(opq_queue_cancel(q, &c[i].op), 0);
+	T_WAIT_UNTIL(stats_of(q).blocked == 0);
+	ck_assert_uint_eq(stats_of(q).queued, CAP / 2 + B - 1);
+	for (int i = 0; i < B; i++) {
+		pthread_join(th[i], NULL);
+		ck_assert_int_eq(b[i].rc, 0);
+	}
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+	for (int i = 0; i < CAP; i++)
+		ck_assert_int_eq(c[i].performed + c[i].discarded, 1);
+	for (int i = 0; i < B; i++)
+		ck_assert_int_eq(b[i].c.performed + b[i].c.discarded, 1);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.cancelled, CAP / 2 + 1);
+	ck_assert_uint_eq(st.discarded, CAP + B);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
 /* ---- stop ---------------------------------------------------------------- */
 
 START_TEST(test_stop_modes)
@@ -1060,6 +1106,7 @@ int main(void)
 	tcase_add_test(tc, test_fn_path);
 	tcase_add_test(tc, test_bounded_try_and_timed);
 	tcase_add_test(tc, test_blocked_enqueue_stop);
+	tcase_add_test(tc, test_bounded_room_above_half);
 	tcase_add_test(tc, test_stop_modes);
 	tcase_add_test(tc, test_stop_discard_while_running);
 	tcase_add_test(tc, test_calls_from_inside);
