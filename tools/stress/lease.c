@@ -1,5 +1,7 @@
 /*
- * The lease under stress, on the memory provider: every worker has its own
+ * The lease under stress, on the memory provider ("lease") and on the SQLite
+ * provider with a database file of its own ("lease_sqlite", when the build
+ * has it): every worker has its own
  * handle (its own owner) on each of a few lock names, with short leases
  * (2..20 ms), and makes random try_acquire / acquire with short deadlines /
  * refresh / release / remaining / grant_get / keepalive start and stop
@@ -29,8 +31,12 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stress.h"
+#ifdef HAVE_SQLITE3
+#include <opqueue/lease_sqlite.h>
+#endif
 
 #define NNAMES 3
 #define PAST   64
@@ -67,6 +73,8 @@ struct lh {
 };
 
 struct lmod {
+	const char *name; /* the module's */
+	char path[64];	  /* the SQLite database, or "" */
 	opq_lease_provider *prov;
 	opq_queue *q;
 	unsigned threads;
@@ -94,7 +102,7 @@ static void check_pair(struct lmod *m, unsigned n, const struct ival *x, const s
 		return;
 	if (x->token == y->token) {
 		if (x->owner != y->owner)
-			stress_fail("lease",
+			stress_fail(m->name,
 			            "%s: token %" PRIu64 " granted to workers %u and %u",
 			            lock_names[n], x->token, x->owner, y->owner);
 		return;
@@ -105,12 +113,12 @@ static void check_pair(struct lmod *m, unsigned n, const struct ival *x, const s
 	int64_t s = x->start > y->start ? x->start : y->start;
 	int64_t e = x->end < y->end ? x->end : y->end;
 	if (s < e)
-		stress_fail("lease",
+		stress_fail(m->name,
 		            "%s: worker %u (token %" PRIu64 ") and worker %u (token %" PRIu64
 		            ") both believed they held it for %" PRId64 " ns",
 		            lock_names[n], x->owner, x->token, y->owner, y->token, e - s);
 	else if ((x->end <= y->start) != (x->token < y->token))
-		stress_fail("lease",
+		stress_fail(m->name,
 		            "%s: token %" PRIu64 " (worker %u) and token %" PRIu64
 		            " (worker %u) out of order with their holding intervals",
 		            lock_names[n], x->token, x->owner, y->token, y->owner);
@@ -147,7 +155,7 @@ static void record(struct lmod *m, unsigned w, unsigned n, uint64_t token, int64
 	if (c->token != token) {
 		if (c->token) {
 			if (token < c->token)
-				stress_fail("lease",
+				stress_fail(m->name,
 				            "%s: worker %u got token %" PRIu64 " after %" PRIu64,
 				            lock_names[n], w, token, c->token);
 			ln->past[ln->npast++ % PAST] = *c;
@@ -176,7 +184,7 @@ static void observe(struct lmod *m, struct lh *h, int64_t start_if_new)
 	int rc = opq_lease_remaining(h->lease, &now, &left);
 	INC(m->observations);
 	if (rc || left < 0)
-		stress_fail("lease", "remaining returned %d, %" PRId64 " ns", rc, left);
+		stress_fail(m->name, "remaining returned %d, %" PRId64 " ns", rc, left);
 	if (left <= 0)
 		return;
 	opq_lease_grant g;
@@ -185,7 +193,7 @@ static void observe(struct lmod *m, struct lh *h, int64_t start_if_new)
 	if (rc == ENOLCK)
 		return; /* a keepalive refresh found it taken meanwhile */
 	if (rc || g.token == 0)
-		stress_fail("lease", "grant_get returned %d, token %" PRIu64, rc, g.token);
+		stress_fail(m->name, "grant_get returned %d, token %" PRIu64, rc, g.token);
 	record(m, h->worker, h->name, g.token, start_if_new >= 0 ? start_if_new : t, t + left,
 	       false);
 }
@@ -196,7 +204,7 @@ static void granted(struct lmod *m, struct lh *h, const opq_lease_grant *g)
 	int64_t ret = stress_now();
 	INC(m->grants);
 	if (g->token == 0)
-		stress_fail("lease", "a grant with token 0");
+		stress_fail(m->name, "a grant with token 0");
 	struct timespec now;
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	int64_t t = (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec, left = 0;
@@ -212,29 +220,24 @@ static void lost_cb(opq_lease *lease, enum opq_lease_lost_reason why, void *arg)
 	struct lh *h = k->h;
 	struct lmod *m = h->m;
 	if (lease != h->lease)
-		stress_fail("lease", "lost callback for another handle");
+		stress_fail(m->name, "lost callback for another handle");
 	if (why == OPQ_LEASE_UNREACHABLE)
 		INC(m->lost_unreach);
 	else if (why == OPQ_LEASE_TAKEN)
 		INC(m->lost_taken);
 	else
-		stress_fail("lease", "lost callback with reason %d", (int)why);
+		stress_fail(m->name, "lost callback with reason %d", (int)why);
 	if (atomic_fetch_add(&k->lost, 1) != 0)
-		stress_fail("lease", "worker %u, %s: a keepalive called lost twice", h->worker,
+		stress_fail(m->name, "worker %u, %s: a keepalive called lost twice", h->worker,
 		            lock_names[h->name]);
 	CALL(m);
 	atomic_store(&k->lost_stop, opq_lease_keepalive_stop(lease) == EDEADLK ? 1 : 2);
 }
 
-static int setup(void **statep, unsigned threads, uint64_t seed)
+static int setup_on(struct lmod *m, unsigned threads, uint64_t seed)
 {
-	struct lmod *m = calloc(1, sizeof(*m));
-	if (!m)
-		return ENOMEM;
 	m->threads = threads;
-	int rc = opq_lease_provider_memory(&m->prov);
-	if (rc)
-		return rc;
+	int rc;
 	if ((rc = opq_queue_create(&m->q, NULL)) || (rc = opq_queue_start(m->q, 2)))
 		return rc;
 	for (unsigned n = 0; n < NNAMES; n++) {
@@ -269,6 +272,18 @@ static int setup(void **statep, unsigned threads, uint64_t seed)
 			opq_lease_attr_destroy(a);
 		}
 	}
+	return 0;
+}
+
+static int setup(void **statep, unsigned threads, uint64_t seed)
+{
+	struct lmod *m = calloc(1, sizeof(*m));
+	if (!m)
+		return ENOMEM;
+	m->name = "lease";
+	int rc = opq_lease_provider_memory(&m->prov);
+	if (rc || (rc = setup_on(m, threads, seed)))
+		return rc;
 	*statep = m;
 	return 0;
 }
@@ -278,10 +293,11 @@ static void ka_done(struct karec *k)
 {
 	if (!k)
 		return;
+	struct lmod *m = k->h->m;
 	if (atomic_load(&k->lost) > 1)
-		stress_fail("lease", "a keepalive called lost %d times", atomic_load(&k->lost));
+		stress_fail(m->name, "a keepalive called lost %d times", atomic_load(&k->lost));
 	if (atomic_load(&k->lost_stop) == 2)
-		stress_fail("lease", "keepalive_stop from the lost callback was not EDEADLK");
+		stress_fail(m->name, "keepalive_stop from the lost callback was not EDEADLK");
 	free(k);
 }
 
@@ -298,7 +314,7 @@ static void ka_start(struct lmod *m, struct lh *h, struct stress_rng *r)
 	INC(m->ka_starts);
 	if (rc == 0) {
 		if (h->ka && !ended && atomic_load(&h->ka->lost) == 0)
-			stress_fail("lease", "keepalive_start: 0 while one was running");
+			stress_fail(m->name, "keepalive_start: 0 while one was running");
 		ka_done(h->ka); /* the start cleaned up the one that ended */
 		h->ka = k;
 		return;
@@ -306,11 +322,11 @@ static void ka_start(struct lmod *m, struct lh *h, struct stress_rng *r)
 	free(k);
 	if (rc == EBUSY) {
 		if (!h->ka || ended)
-			stress_fail("lease", "keepalive_start: EBUSY with none running");
+			stress_fail(m->name, "keepalive_start: EBUSY with none running");
 	} else if (rc == EINVAL && interval) {
 		/* 500 us is not below lease - margin for this handle: fine */
 	} else if (rc != ENOLCK) {
-		stress_fail("lease", "keepalive_start returned %d", rc);
+		stress_fail(m->name, "keepalive_start returned %d", rc);
 	}
 }
 
@@ -320,7 +336,7 @@ static void ka_stop(struct lmod *m, struct lh *h)
 	int rc = opq_lease_keepalive_stop(h->lease);
 	INC(m->ka_stops);
 	if (rc)
-		stress_fail("lease", "keepalive_stop returned %d", rc);
+		stress_fail(m->name, "keepalive_stop returned %d", rc);
 	ka_done(h->ka);
 	h->ka = NULL;
 }
@@ -336,25 +352,25 @@ static void release(struct lmod *m, struct lh *h, struct stress_rng *r)
 	int rc = opq_lease_release(h->lease);
 	INC(m->releases);
 	if (rc)
-		stress_fail("lease", "release returned %d", rc);
+		stress_fail(m->name, "release returned %d", rc);
 	/* Release stopped the keepalive. */
 	ka_done(h->ka);
 	h->ka = NULL;
 	if (stress_pct(r, 30)) {
 		CALL(m);
 		if ((rc = opq_lease_release(h->lease)) != 0)
-			stress_fail("lease", "a second release returned %d", rc);
+			stress_fail(m->name, "a second release returned %d", rc);
 	}
 	int64_t left = -1;
 	CALL(m);
 	opq_lease_remaining(h->lease, NULL, &left);
 	CALL(m);
 	if (left != 0 || opq_lease_grant_get(h->lease, &g) != ENOLCK)
-		stress_fail("lease", "after release: remaining %" PRId64 ", still a grant", left);
+		stress_fail(m->name, "after release: remaining %" PRId64 ", still a grant", left);
 	if (stress_pct(r, 30)) {
 		CALL(m);
 		if ((rc = opq_lease_refresh(h->lease, NULL)) != ENOLCK)
-			stress_fail("lease", "refresh after release returned %d, not ENOLCK", rc);
+			stress_fail(m->name, "refresh after release returned %d, not ENOLCK", rc);
 		INC(m->enolck);
 	}
 }
@@ -375,7 +391,7 @@ static void step(void *state, struct stress_worker *w)
 		else if (rc == EBUSY)
 			INC(m->busy);
 		else
-			stress_fail("lease", "try_acquire returned %d", rc);
+			stress_fail(m->name, "try_acquire returned %d", rc);
 	} else if (action < 45) {
 		struct timespec dl = stress_after((int64_t)stress_below(r, 3000000));
 		CALL(m);
@@ -385,7 +401,7 @@ static void step(void *state, struct stress_worker *w)
 		else if (rc == ETIMEDOUT)
 			INC(m->timeouts);
 		else
-			stress_fail("lease", "acquire returned %d", rc);
+			stress_fail(m->name, "acquire returned %d", rc);
 	} else if (action < 60) {
 		opq_lease_grant before;
 		int had = opq_lease_grant_get(h->lease, &before);
@@ -394,15 +410,15 @@ static void step(void *state, struct stress_worker *w)
 		INC(m->refreshes);
 		if (rc == 0) {
 			if (had != 0)
-				stress_fail("lease", "refresh succeeded on a handle holding nothing");
+				stress_fail(m->name, "refresh succeeded on a handle holding nothing");
 			else if (g.token != before.token)
-				stress_fail("lease", "refresh changed the token from %" PRIu64
+				stress_fail(m->name, "refresh changed the token from %" PRIu64
 				                     " to %" PRIu64,
 				            before.token, g.token);
 		} else if (rc == ENOLCK) {
 			INC(m->enolck);
 		} else {
-			stress_fail("lease", "refresh returned %d", rc);
+			stress_fail(m->name, "refresh returned %d", rc);
 		}
 	} else if (action < 72) {
 		release(m, h, r);
@@ -433,7 +449,7 @@ static void check(void *state)
 				believers++;
 		pthread_mutex_unlock(&ln->mu);
 		if (believers > 1)
-			stress_fail("lease", "%s: %u holders believe they hold it now",
+			stress_fail(m->name, "%s: %u holders believe they hold it now",
 			            lock_names[n], believers);
 	}
 }
@@ -446,31 +462,39 @@ static void teardown(void *state, FILE *out)
 		ka_stop(m, &m->h[i]);
 		CALL(m);
 		if (opq_lease_release(m->h[i].lease))
-			stress_fail("lease", "release at the end failed");
+			stress_fail(m->name, "release at the end failed");
 		CALL(m);
 		if (opq_lease_keepalive_start(m->h[i].lease, m->q, 0, lost_cb, NULL) != ENOLCK)
-			stress_fail("lease", "keepalive_start on a released handle was not ENOLCK");
+			stress_fail(m->name, "keepalive_start on a released handle was not ENOLCK");
 	}
 	CALL(m);
 	if (opq_lease_provider_destroy(m->prov) != EBUSY)
-		stress_fail("lease", "provider_destroy with live handles was not EBUSY");
+		stress_fail(m->name, "provider_destroy with live handles was not EBUSY");
 	for (unsigned i = 0; i < nh; i++)
 		if (opq_lease_destroy(m->h[i].lease))
-			stress_fail("lease", "destroy failed");
+			stress_fail(m->name, "destroy failed");
 	if (opq_lease_provider_destroy(m->prov))
-		stress_fail("lease", "provider_destroy failed");
+		stress_fail(m->name, "provider_destroy failed");
+	if (m->path[0]) {
+		static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
+		for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+			char f[sizeof(m->path) + 16];
+			snprintf(f, sizeof(f), "%s%s", m->path, suffix[i]);
+			unlink(f);
+		}
+	}
 	opq_queue_stop(m->q, OPQ_STOP_DRAIN);
 	opq_queue_destroy(m->q);
 	for (unsigned n = 0; n < NNAMES; n++)
-		fprintf(out, "lease %s: %" PRIu64 " tokens\n", lock_names[n],
+		fprintf(out, "%s %s: %" PRIu64 " tokens\n", m->name, lock_names[n],
 		        m->names[n].max_token);
 	fprintf(out,
-	        "lease: %" PRIu64 " grants, %" PRIu64 " EBUSY, %" PRIu64 " acquire timeouts, %" PRIu64
+	        "%s: %" PRIu64 " grants, %" PRIu64 " EBUSY, %" PRIu64 " acquire timeouts, %" PRIu64
 	        " refreshes (%" PRIu64 " ENOLCK), %" PRIu64 " releases, %" PRIu64
 	        " observations, %" PRIu64 " interval pairs checked, %" PRIu64
 	        " keepalive starts, %" PRIu64 " stops, lost %" PRIu64 " unreachable + %" PRIu64
 	        " taken\n",
-	        (uint64_t)m->grants, (uint64_t)m->busy, (uint64_t)m->timeouts,
+	        m->name, (uint64_t)m->grants, (uint64_t)m->busy, (uint64_t)m->timeouts,
 	        (uint64_t)m->refreshes, (uint64_t)m->enolck, (uint64_t)m->releases,
 	        (uint64_t)m->observations, (uint64_t)m->overlaps_checked, (uint64_t)m->ka_starts,
 	        (uint64_t)m->ka_stops, (uint64_t)m->lost_unreach, (uint64_t)m->lost_taken);
@@ -495,3 +519,40 @@ const struct stress_module stress_lease = {
     .teardown = teardown,
     .calls = calls,
 };
+
+#ifdef HAVE_SQLITE3
+/* The same on the SQLite provider, with a database file made for the run. */
+static int setup_sqlite(void **statep, unsigned threads, uint64_t seed)
+{
+	struct lmod *m = calloc(1, sizeof(*m));
+	if (!m)
+		return ENOMEM;
+	m->name = "lease_sqlite";
+	const char *dir = getenv("TMPDIR");
+	snprintf(m->path, sizeof(m->path), "%s/opqueue-stress-XXXXXX", dir && *dir ? dir : "/tmp");
+	int fd = mkstemp(m->path);
+	if (fd < 0)
+		return errno;
+	close(fd); /* an empty file is an empty database */
+	char err[256];
+	int rc = opq_lease_provider_sqlite(&m->prov, m->path, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "lease_sqlite: %s\n", err);
+		unlink(m->path);
+		return rc;
+	}
+	if ((rc = setup_on(m, threads, seed)))
+		return rc;
+	*statep = m;
+	return 0;
+}
+
+const struct stress_module stress_lease_sqlite = {
+    .name = "lease_sqlite",
+    .setup = setup_sqlite,
+    .step = step,
+    .check = check,
+    .teardown = teardown,
+    .calls = calls,
+};
+#endif

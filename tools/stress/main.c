@@ -27,6 +27,9 @@ static const struct stress_module *const modules[] = {
     &stress_line,
     &stress_stage,
     &stress_lease,
+#ifdef HAVE_SQLITE3
+    &stress_lease_sqlite,
+#endif
     &stress_scope,
 };
 #define NMODULES (sizeof(modules) / sizeof(modules[0]))

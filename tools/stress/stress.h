@@ -97,6 +97,9 @@ extern const struct stress_module stress_queue;
 extern const struct stress_module stress_line;
 extern const struct stress_module stress_stage;
 extern const struct stress_module stress_lease;
+#ifdef HAVE_SQLITE3
+extern const struct stress_module stress_lease_sqlite;
+#endif
 extern const struct stress_module stress_scope;
 
 #endif /* OPQ_STRESS_H */
