@@ -127,7 +127,7 @@ OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
  * while calling fn.
  */
 struct opq__timer {
-	struct opq__timer *next;
+	struct opq__timer *child, *sibling, *prev; /* the heap's links (timer.c) */
 	struct timespec when;
 	void (*fn)(struct opq__timer *t);
 	bool armed;
@@ -141,6 +141,13 @@ OPQ_INTERNAL void opq__timer_arm(struct opq__timer *t, const struct timespec *wh
 				 void (*fn)(struct opq__timer *t));
 /* Disarm t and wait until its fn is not running (never call from fn). */
 OPQ_INTERNAL void opq__timer_cancel(struct opq__timer *t);
+
+/*
+ * The timer thread on behalf of q's scope trees (scope.c): the first call
+ * takes a reference that q keeps until opq_queue_destroy, so that trees
+ * coming and going one at a time do not start and join the thread each.
+ */
+OPQ_INTERNAL int opq__queue_timer_ref(opq_queue *q);
 
 /* Monotonic nanoseconds and back. */
 OPQ_INTERNAL int64_t opq__mono_ns(void);

@@ -152,6 +152,7 @@ struct opq_queue {
 	unsigned reaping;	 /* calls joining finished runners right now */
 	unsigned next_index;
 	int state;
+	bool timer_ref;		 /* holds a timer thread reference (opq__queue_timer_ref) */
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
 	uint64_t completed, discarded, cancelled, high_water;
@@ -1022,6 +1023,8 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	opq__unlock(&q->mu);
 	discard_list(list);
 	free_boxes(boxes);
+	if (q->timer_ref)
+		opq__timer_unref();
 
 	pthread_cond_destroy(&q->change);
 	pthread_cond_destroy(&q->idle);
@@ -1030,6 +1033,16 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	pthread_mutex_destroy(&q->mu);
 	opq__free(q);
 	return 0;
+}
+
+int opq__queue_timer_ref(opq_queue *q)
+{
+	int rc = 0;
+	opq__lock(&q->mu); /* then the timer's own locks: it never takes q->mu with them */
+	if (!q->timer_ref && (rc = opq__timer_ref()) == 0)
+		q->timer_ref = true;
+	opq__unlock(&q->mu);
+	return rc;
 }
 
 OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)

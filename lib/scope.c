@@ -29,7 +29,6 @@
 #include "internal.h"
 
 #include <sched.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,13 +78,12 @@ struct opq_task {
 struct tree {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;	/* a task terminated, or one was queued: waiters look */
-	pthread_cond_t timer_cv;
 	opq_queue *q;
 	unsigned refs;
 	unsigned waiters;	/* threads in opq_scope_wait / opq_task_wait */
 	opq_scope *dl_first;
-	bool timer_running, timer_stop;
-	pthread_t timer;
+	struct opq__timer timer; /* on the library's timer thread: dl_first's deadline */
+	atomic_bool timer_ref;	 /* q holds a timer thread reference for the tree */
 	opq_scope root;
 };
 
@@ -216,7 +214,6 @@ static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
 
 static void tree_free(struct tree *tr)
 {
-	pthread_cond_destroy(&tr->timer_cv);
 	pthread_cond_destroy(&tr->cv);
 	pthread_mutex_destroy(&tr->mu);
 	opq__free(tr);
@@ -368,21 +365,17 @@ static void task_discard(opq_op *op)
 
 /* ---- deadlines ----------------------------------------------------------- */
 
-static void *timer_main(void *arg)
+/*
+ * The tree's timer fires (on the library's timer thread): time out every
+ * scope whose deadline has passed, soonest first, and arm the timer again
+ * for the next one.
+ */
+static void dl_fire(struct opq__timer *timer)
 {
-	struct tree *tr = arg;
+	struct tree *tr = OPQ_CONTAINER_OF(timer, struct tree, timer);
 	opq__lock(&tr->mu);
-	while (!tr->timer_stop) {
-		opq_scope *s = tr->dl_first;
-		if (!s) {
-			OPQ_CHECK(pthread_cond_wait(&tr->timer_cv, &tr->mu));
-			continue;
-		}
-		if (!ts_passed(&s->deadline)) {
-			struct timespec dl = s->deadline;
-			opq__cond_wait(&tr->timer_cv, &tr->mu, &dl);
-			continue;
-		}
+	opq_scope *s;
+	while ((s = tr->dl_first) && ts_passed(&s->deadline)) {
 		dl_remove(tr, s);
 		struct opq__cancel_reg *wake = NULL;
 		if (!atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
@@ -396,23 +389,28 @@ static void *timer_main(void *arg)
 			opq__lock(&tr->mu);
 		}
 	}
+	if (s)
+		opq__timer_arm(&tr->timer, &s->deadline, dl_fire);
 	opq__unlock(&tr->mu);
-	return NULL;
 }
 
-/* Under tr->mu: arm s's deadline (starting the tree's timer thread if needed). */
-static int dl_arm(struct tree *tr, opq_scope *s)
+/*
+ * Before arming a deadline, without tr->mu (it takes q->mu, and nothing
+ * takes an object mutex under tr->mu): make sure the timer thread runs.
+ */
+static int tree_timer_ref(struct tree *tr)
 {
-	if (!tr->timer_running) {
-		sigset_t all, old;
-		sigfillset(&all);
-		OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &all, &old));
-		int rc = pthread_create(&tr->timer, NULL, timer_main, tr);
-		OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
-		if (rc)
-			return rc;
-		tr->timer_running = true;
-	}
+	if (atomic_load_explicit(&tr->timer_ref, memory_order_acquire))
+		return 0;
+	int rc = opq__queue_timer_ref(tr->q);
+	if (rc == 0)
+		atomic_store_explicit(&tr->timer_ref, true, memory_order_release);
+	return rc;
+}
+
+/* Under tr->mu, after tree_timer_ref: arm s's deadline. */
+static void dl_arm(struct tree *tr, opq_scope *s)
+{
 	opq_scope *prev = NULL, *cur = tr->dl_first;
 	while (cur && !opq__ts_before(&s->deadline, &cur->deadline)) {
 		prev = cur;
@@ -428,8 +426,7 @@ static int dl_arm(struct tree *tr, opq_scope *s)
 		cur->dl_prev = s;
 	s->in_dl = true;
 	if (!prev)
-		OPQ_CHECK(pthread_cond_signal(&tr->timer_cv));
-	return 0;
+		opq__timer_arm(&tr->timer, &s->deadline, dl_fire);
 }
 
 /* ---- root scopes --------------------------------------------------------- */
@@ -446,24 +443,20 @@ OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scop
 		goto fail_mu;
 	if ((rc = opq__cond_init(&tr->cv)))
 		goto fail_cv;
-	if ((rc = opq__cond_init(&tr->timer_cv)))
-		goto fail_timer_cv;
 	tr->q = q;
 	tr->refs = 1;
 	scope_init(&tr->root, tr, NULL, attr);
 	if (tr->root.has_deadline) {
-		opq__lock(&tr->mu);
-		rc = dl_arm(tr, &tr->root);
-		opq__unlock(&tr->mu);
-		if (rc)
+		if ((rc = tree_timer_ref(tr)))
 			goto fail_arm;
+		opq__lock(&tr->mu);
+		dl_arm(tr, &tr->root);
+		opq__unlock(&tr->mu);
 	}
 	*scopep = &tr->root;
 	return 0;
 
 fail_arm:
-	pthread_cond_destroy(&tr->timer_cv);
-fail_timer_cv:
 	pthread_cond_destroy(&tr->cv);
 fail_cv:
 	pthread_mutex_destroy(&tr->mu);
@@ -485,13 +478,11 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 		return EBUSY;
 	}
 	s->closing = true;
-	dl_remove(tr, s);
-	bool join = tr->timer_running;
-	tr->timer_stop = true;
-	OPQ_CHECK(pthread_cond_signal(&tr->timer_cv));
+	dl_remove(tr, s); /* the list is empty now: nothing arms the timer again */
+	bool armed_once = atomic_load_explicit(&tr->timer_ref, memory_order_relaxed);
 	opq__unlock(&tr->mu);
-	if (join)
-		OPQ_CHECK(pthread_join(tr->timer, NULL));
+	if (armed_once)
+		opq__timer_cancel(&tr->timer); /* waits for a dl_fire under way */
 	opq__lock(&tr->mu);
 	bool free_tree = --tr->refs == 0;
 	opq__unlock(&tr->mu);
@@ -522,6 +513,13 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	t->done = done;
 	t->done_arg = done_arg;
 	t->state = T_NEW;
+	if (t->scope.has_deadline) {
+		int rc = tree_timer_ref(tr);
+		if (rc) {
+			opq__free(t);
+			return rc;
+		}
+	}
 
 	opq__lock(&tr->mu);
 	if (s->closing || atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
@@ -529,14 +527,8 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		opq__free(t);
 		return ECANCELED;
 	}
-	if (t->scope.has_deadline) {
-		int rc = dl_arm(tr, &t->scope);
-		if (rc) {
-			opq__unlock(&tr->mu);
-			opq__free(t);
-			return rc;
-		}
-	}
+	if (t->scope.has_deadline)
+		dl_arm(tr, &t->scope);
 	t->refs = 2 + (taskp != NULL); /* the tree's link, our pin, the handle */
 	tr->refs++;
 	t->sib_prev = s->ctail;

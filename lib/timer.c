@@ -1,16 +1,19 @@
 /*
  * timer.c: the library's one timer thread.
  *
- * Armed timers sit in an unsorted list (a process has few: one per running
- * keepalive); the thread sleeps on a CLOCK_MONOTONIC condition variable
- * until the earliest is due, takes it off the list, and calls its function
- * without holding the timer lock. The thread exists while somebody holds a
- * reference: the first opq__timer_ref starts it, the last opq__timer_unref
- * stops and joins it, so nothing is left running at exit once every user
- * has let go (sanitizers and valgrind see no leaked thread).
+ * Armed timers sit in a pairing heap, soonest at the root: a process may
+ * have many (one per running keepalive, one per scope tree with a pending
+ * deadline), and arming, cancelling and firing each cost O(log n)
+ * amortized, with the links in the timers themselves (nothing to allocate,
+ * so arming cannot fail). The thread sleeps on a CLOCK_MONOTONIC condition
+ * variable until the root is due, takes it off the heap, and calls its
+ * function without holding the timer lock. The thread exists while
+ * somebody holds a reference: the first opq__timer_ref starts it, the last
+ * opq__timer_unref stops and joins it, so nothing is left running at exit
+ * once every user has let go (sanitizers and valgrind see no leaked thread).
  *
  * Locks: life_mu serialises starting and joining the thread (never taken by
- * the thread); mu guards the list and is never held while a timer fires.
+ * the thread); mu guards the heap and is never held while a timer fires.
  */
 #include "internal.h"
 
@@ -19,12 +22,12 @@
 static pthread_mutex_t life_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t cv_once = PTHREAD_ONCE_INIT;
-static pthread_cond_t cv; /* list changed, quit, or a timer finished firing */
+static pthread_cond_t cv; /* the root changed, quit, or a timer finished firing */
 static int cv_err;
 static unsigned refs;    /* under life_mu */
 static pthread_t thread; /* valid while refs > 0 */
 static bool quit;        /* under mu */
-static struct opq__timer *list;
+static struct opq__timer *root; /* the heap, under mu */
 static struct opq__timer *firing;
 
 int64_t opq__mono_ns(void)
@@ -56,15 +59,89 @@ static void cv_init(void)
 	cv_err = opq__cond_init(&cv);
 }
 
-static void unlink_timer(struct opq__timer *t)
+/* ---- the pairing heap (under mu) ------------------------------------------ */
+
+/*
+ * Each node's children are a list through `sibling`, leftmost first; `prev`
+ * is the parent for a leftmost child, the left sibling otherwise, NULL at
+ * the root.
+ */
+static bool sooner(const struct opq__timer *a, const struct opq__timer *b)
 {
-	for (struct opq__timer **pp = &list; *pp; pp = &(*pp)->next) {
-		if (*pp == t) {
-			*pp = t->next;
-			break;
-		}
+	return opq__ts_before(&a->when, &b->when);
+}
+
+/* Meld two heaps (roots with no siblings): the later root becomes the
+ * sooner one's leftmost child. */
+static struct opq__timer *meld(struct opq__timer *a, struct opq__timer *b)
+{
+	if (!a)
+		return b;
+	if (!b)
+		return a;
+	if (sooner(b, a)) {
+		struct opq__timer *x = a;
+		a = b;
+		b = x;
 	}
-	t->next = NULL;
+	b->prev = a;
+	b->sibling = a->child;
+	if (a->child)
+		a->child->prev = b;
+	a->child = b;
+	return a;
+}
+
+/* Meld a list of siblings into one heap: pairs left to right, then the
+ * pairs right to left. */
+static struct opq__timer *meld_siblings(struct opq__timer *first)
+{
+	struct opq__timer *pairs = NULL; /* melded pairs, last first (by sibling) */
+	while (first) {
+		struct opq__timer *a = first, *b = a->sibling;
+		first = b ? b->sibling : NULL;
+		a->sibling = a->prev = NULL;
+		if (b)
+			b->sibling = b->prev = NULL;
+		struct opq__timer *m = meld(a, b);
+		m->sibling = pairs;
+		pairs = m;
+	}
+	struct opq__timer *heap = NULL;
+	while (pairs) {
+		struct opq__timer *next = pairs->sibling;
+		pairs->sibling = NULL;
+		heap = meld(heap, pairs);
+		pairs = next;
+	}
+	return heap;
+}
+
+static void heap_insert(struct opq__timer *t)
+{
+	t->child = t->sibling = t->prev = NULL;
+	root = meld(root, t);
+	root->prev = NULL;
+	t->armed = true;
+}
+
+static void heap_remove(struct opq__timer *t)
+{
+	struct opq__timer *sub = meld_siblings(t->child);
+	if (t == root) {
+		root = sub;
+	} else {
+		if (t->prev->child == t)
+			t->prev->child = t->sibling;
+		else
+			t->prev->sibling = t->sibling;
+		if (t->sibling)
+			t->sibling->prev = t->prev;
+		root = meld(root, sub);
+	}
+	if (root)
+		root->prev = NULL;
+	t->child = t->sibling = t->prev = NULL;
 	t->armed = false;
 }
 
@@ -73,10 +150,7 @@ static void *timer_main(void *unused)
 	(void)unused;
 	opq__lock(&mu);
 	while (!quit) {
-		struct opq__timer *first = NULL;
-		for (struct opq__timer *t = list; t; t = t->next)
-			if (!first || opq__ts_to_ns(&t->when) < opq__ts_to_ns(&first->when))
-				first = t;
+		struct opq__timer *first = root;
 		if (!first) {
 			opq__cond_wait(&cv, &mu, NULL);
 			continue;
@@ -86,7 +160,7 @@ static void *timer_main(void *unused)
 			opq__cond_wait(&cv, &mu, &when);
 			continue;
 		}
-		unlink_timer(first);
+		heap_remove(first);
 		firing = first;
 		/* Read under the lock: the timer may be re-armed (a new fn) while it fires. */
 		void (*fn)(struct opq__timer *t) = first->fn;
@@ -142,14 +216,13 @@ void opq__timer_arm(struct opq__timer *t, const struct timespec *when,
 		    void (*fn)(struct opq__timer *t))
 {
 	opq__lock(&mu);
-	if (!t->armed) {
-		t->next = list;
-		list = t;
-		t->armed = true;
-	}
+	if (t->armed)
+		heap_remove(t);
 	t->when = *when;
 	t->fn = fn;
-	OPQ_CHECK(pthread_cond_broadcast(&cv));
+	heap_insert(t);
+	if (root == t) /* the thread sleeps until the root is due */
+		OPQ_CHECK(pthread_cond_broadcast(&cv));
 	opq__unlock(&mu);
 }
 
@@ -157,7 +230,7 @@ void opq__timer_cancel(struct opq__timer *t)
 {
 	opq__lock(&mu);
 	if (t->armed)
-		unlink_timer(t);
+		heap_remove(t);
 	while (firing == t)
 		opq__cond_wait(&cv, &mu, NULL);
 	opq__unlock(&mu);

@@ -6,6 +6,8 @@
 #include "fault.h"
 #include "internal.h"
 
+#include <dirent.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MS 1000000LL
@@ -526,6 +528,133 @@ START_TEST(test_scope_deadline)
 }
 END_TEST
 
+/* ---- the library's timer (timer.c), which runs the deadlines ----------- */
+
+struct ttimer {
+	struct opq__timer t;
+	int64_t when, cancelled_at;
+	atomic_int fired;
+	int64_t fired_at;
+	int order;
+};
+
+static atomic_int fire_seq;
+
+static void tt_fire(struct opq__timer *t)
+{
+	struct ttimer *x = OPQ_CONTAINER_OF(t, struct ttimer, t);
+	x->fired_at = now_ns();
+	x->order = atomic_fetch_add(&fire_seq, 1);
+	atomic_fetch_add(&x->fired, 1);
+}
+
+static void tt_arm(struct ttimer *x, int64_t when)
+{
+	x->when = when;
+	struct timespec ts = opq__ns_to_ts(when);
+	opq__timer_arm(&x->t, &ts, tt_fire);
+}
+
+static bool tt_all_fired(const struct ttimer *x, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!x[i].cancelled_at && !atomic_load(&x[i].fired))
+			return false;
+	return true;
+}
+
+static int by_order(const void *a, const void *b)
+{
+	const struct ttimer *x = *(struct ttimer *const *)a, *y = *(struct ttimer *const *)b;
+	return (x->order > y->order) - (x->order < y->order);
+}
+
+/* Many timers, armed, re-armed and cancelled: each fires once, in the order
+ * of their instants, never early, and a cancelled one not at all. */
+START_TEST(test_timer_heap)
+{
+	enum { N = 3000 };
+	struct ttimer *x = calloc(N, sizeof(*x));
+	struct ttimer **fired = calloc(N, sizeof(*fired));
+	ck_assert(x && fired);
+	atomic_store(&fire_seq, 0);
+	ck_assert_int_eq(opq__timer_ref(), 0);
+	unsigned seed = 12345;
+	int64_t base = now_ns() + 300 * MS; /* arming all of them takes less */
+	for (int i = 0; i < N; i++)
+		tt_arm(&x[i], base + (int64_t)(rand_r(&seed) % 1000) * MS / 10);
+	for (int i = 0; i < N; i += 3) /* later or sooner than before */
+		tt_arm(&x[i], base + (int64_t)(rand_r(&seed) % 1000) * MS / 10);
+	for (int i = 1; i < N; i += 10) {
+		opq__timer_cancel(&x[i].t);
+		x[i].cancelled_at = now_ns();
+	}
+	T_WAIT_UNTIL(tt_all_fired(x, N));
+	int n = 0;
+	for (int i = 0; i < N; i++) {
+		int f = atomic_load(&x[i].fired);
+		if (x[i].cancelled_at && x[i].cancelled_at < x[i].when)
+			ck_assert_msg(f == 0, "timer %d fired after its cancel", i);
+		ck_assert_msg(f <= 1, "timer %d fired %d times", i, f);
+		if (f) {
+			ck_assert_msg(x[i].fired_at >= x[i].when, "timer %d fired early", i);
+			fired[n++] = &x[i];
+		}
+	}
+	ck_assert_int_eq(n, atomic_load(&fire_seq));
+	qsort(fired, (size_t)n, sizeof(*fired), by_order);
+	for (int i = 1; i < n; i++)
+		ck_assert_msg(fired[i - 1]->when <= fired[i]->when,
+			      "fired out of order at %d: %lld after %lld", i,
+			      (long long)fired[i]->when, (long long)fired[i - 1]->when);
+	opq__timer_unref();
+	free(fired);
+	free(x);
+}
+END_TEST
+
+static int threads_now(void)
+{
+	DIR *d = opendir("/proc/self/task");
+	ck_assert_ptr_nonnull(d);
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* Trees with deadlines share the library's timer thread: no thread each. */
+START_TEST(test_deadline_trees_share_timer)
+{
+	enum { TREES = 64 };
+	opq_queue *q = mkqueue(2, 0);
+	opq_scope_attr *a;
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	struct timespec far = t_deadline(3600LL * 1000000000LL);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &far), 0);
+	int before = threads_now();
+	opq_scope *roots[TREES];
+	for (int i = 0; i < TREES; i++)
+		ck_assert_int_eq(opq_scope_create(&roots[i], q, a), 0);
+	ck_assert_int_le(threads_now(), before + 1);
+	/* And they still time out: the soonest first, one tree at a time. */
+	struct timespec soon = t_deadline(20 * MS);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &soon), 0);
+	opq_task *t;
+	ck_assert_int_eq(opq_scope_spawn(roots[TREES / 2], a, sleep_forever, NULL, NULL, NULL, &t), 0);
+	ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+	ck_assert(t_passed(&soon));
+	ck_assert_int_eq(opq_scope_cancelled(roots[TREES / 2 + 1]), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	for (int i = 0; i < TREES; i++)
+		ck_assert_int_eq(opq_scope_destroy(roots[i]), 0);
+	opq_scope_attr_destroy(a);
+	rmqueue(q);
+}
+END_TEST
+
 /* ---- error policies ------------------------------------------------------ */
 
 struct backend {
@@ -967,7 +1096,7 @@ static int spawn_sweep_deadline(opq_scope *s, void *arg)
 START_TEST(test_enomem_deadlines)
 {
 	/* Roots and tasks with a (far) deadline: the deadline list and the
-	 * tree's timer thread add no allocation of the library's own. */
+	 * library's timer add no allocation of their own. */
 	opq_queue *q = mkqueue(2, 0);
 	opq_scope_attr *a;
 	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
@@ -1203,6 +1332,8 @@ int main(void)
 	tc = t_tcase(s, "wait", 120);
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
+	tcase_add_test(tc, test_timer_heap);
+	tcase_add_test(tc, test_deadline_trees_share_timer);
 	tc = t_tcase(s, "policy", 120);
 	tcase_add_test(tc, test_policy_collect);
 	tcase_add_test(tc, test_policy_first_error);
