@@ -152,6 +152,7 @@ OPQ_INTERNAL int opq__queue_timer_ref(opq_queue *q);
 /* Monotonic nanoseconds and back. */
 OPQ_INTERNAL int64_t opq__mono_ns(void);
 OPQ_INTERNAL struct timespec opq__ns_to_ts(int64_t ns);
+/* opq__ts_to_ns saturates at INT64_MAX / INT64_MIN for times out of range. */
 OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
 
 #endif /* OPQ_INTERNAL_H */

@@ -39,6 +39,11 @@ int64_t opq__mono_ns(void)
 
 int64_t opq__ts_to_ns(const struct timespec *ts)
 {
+	/* Saturates: a deadline centuries away is "never", not a negative time. */
+	if (ts->tv_sec >= INT64_MAX / 1000000000 - 1)
+		return INT64_MAX;
+	if (ts->tv_sec <= INT64_MIN / 1000000000 + 1)
+		return INT64_MIN;
 	return (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec;
 }
 
@@ -155,7 +160,9 @@ static void *timer_main(void *unused)
 			opq__cond_wait(&cv, &mu, NULL);
 			continue;
 		}
-		if (opq__mono_ns() < opq__ts_to_ns(&first->when)) {
+		struct timespec now;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (opq__ts_before(&now, &first->when)) {
 			struct timespec when = first->when;
 			opq__cond_wait(&cv, &mu, &when);
 			continue;

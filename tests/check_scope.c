@@ -613,6 +613,55 @@ START_TEST(test_timer_heap)
 }
 END_TEST
 
+static struct t_gate near_gate;
+
+static void near_fire(struct opq__timer *t)
+{
+	tt_fire(t);
+	t_gate_open(&near_gate);
+}
+
+static int64_t cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Instants too far away for nanoseconds in an int64_t are "never": such a
+ * timer does not fire (it used to count as due: it fired at once, and a
+ * deadline re-armed to it spun the timer thread), and the thread sleeps
+ * while it is the soonest. */
+START_TEST(test_timer_far_future)
+{
+	struct timespec w[3];
+	ck_assert_int_eq(opq_deadline_after(&w[0], INT64_MAX), 0);
+	w[1] = (struct timespec){ (time_t)(INT64_MAX / 1000000000) + 1, 0 };
+	w[2] = (struct timespec){ (time_t)INT64_MAX, 999999999 };
+	ck_assert_int_eq(opq__timer_ref(), 0);
+	for (int i = 0; i < 3; i++) {
+		struct ttimer far = { 0 }, near = { 0 };
+		t_gate_init(&near_gate);
+		opq__timer_arm(&far.t, &w[i], tt_fire);
+		int64_t cpu0 = cpu_ns(), t0 = now_ns();
+		near.when = t0 + 200 * MS;
+		struct timespec ts = opq__ns_to_ts(near.when);
+		opq__timer_arm(&near.t, &ts, near_fire);
+		ck_assert(t_gate_wait(&near_gate));
+		int64_t cpu = cpu_ns() - cpu0, wall = now_ns() - t0;
+		/* Once this returns, the thread has looked at the far timer
+		 * under its lock: it sleeps, or it has started firing it. */
+		opq__timer_cancel(&near.t);
+		opq__timer_cancel(&far.t); /* and waits for that firing */
+		ck_assert_msg(atomic_load(&far.fired) == 0, "far timer %d fired", i);
+		ck_assert_msg(cpu < wall / 2, "far timer %d: %lld ns of CPU in %lld ns", i,
+			      (long long)cpu, (long long)wall);
+		t_gate_destroy(&near_gate);
+	}
+	opq__timer_unref();
+}
+END_TEST
+
 static int threads_now(void)
 {
 	DIR *d = opendir("/proc/self/task");
@@ -1333,6 +1382,7 @@ int main(void)
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
 	tcase_add_test(tc, test_timer_heap);
+	tcase_add_test(tc, test_timer_far_future);
 	tcase_add_test(tc, test_deadline_trees_share_timer);
 	tc = t_tcase(s, "policy", 120);
 	tcase_add_test(tc, test_policy_collect);
