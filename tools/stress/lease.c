@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -74,7 +75,7 @@ struct lh {
 
 struct lmod {
 	const char *name; /* the module's */
-	char path[64];	  /* the SQLite database, or "" */
+	char path[PATH_MAX]; /* the SQLite database, or "" */
 	opq_lease_provider *prov;
 	opq_queue *q;
 	unsigned threads;
@@ -232,6 +233,20 @@ static void lost_cb(opq_lease *lease, enum opq_lease_lost_reason why, void *arg)
 		            lock_names[h->name]);
 	CALL(m);
 	atomic_store(&k->lost_stop, opq_lease_keepalive_stop(lease) == EDEADLK ? 1 : 2);
+}
+
+/* Remove the SQLite database made for the run, and its side files. */
+static void remove_db(struct lmod *m)
+{
+	if (!m->path[0])
+		return;
+	static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
+	for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+		char f[sizeof(m->path) + 16];
+		snprintf(f, sizeof(f), "%s%s", m->path, suffix[i]);
+		unlink(f);
+	}
+	m->path[0] = '\0';
 }
 
 static int setup_on(struct lmod *m, unsigned threads, uint64_t seed)
@@ -475,14 +490,7 @@ static void teardown(void *state, FILE *out)
 			stress_fail(m->name, "destroy failed");
 	if (opq_lease_provider_destroy(m->prov))
 		stress_fail(m->name, "provider_destroy failed");
-	if (m->path[0]) {
-		static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
-		for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
-			char f[sizeof(m->path) + 16];
-			snprintf(f, sizeof(f), "%s%s", m->path, suffix[i]);
-			unlink(f);
-		}
-	}
+	remove_db(m);
 	opq_queue_stop(m->q, OPQ_STOP_DRAIN);
 	opq_queue_destroy(m->q);
 	for (unsigned n = 0; n < NNAMES; n++)
@@ -529,20 +537,32 @@ static int setup_sqlite(void **statep, unsigned threads, uint64_t seed)
 		return ENOMEM;
 	m->name = "lease_sqlite";
 	const char *dir = getenv("TMPDIR");
-	snprintf(m->path, sizeof(m->path), "%s/opqueue-stress-XXXXXX", dir && *dir ? dir : "/tmp");
+	int n = snprintf(m->path, sizeof(m->path), "%s/opqueue-stress-XXXXXX",
+	                 dir && *dir ? dir : "/tmp");
+	if (n < 0 || (size_t)n >= sizeof(m->path)) {
+		fprintf(stderr, "lease_sqlite: TMPDIR is too long for a path\n");
+		free(m);
+		return ENAMETOOLONG;
+	}
 	int fd = mkstemp(m->path);
-	if (fd < 0)
-		return errno;
+	if (fd < 0) {
+		int e = errno;
+		fprintf(stderr, "lease_sqlite: mkstemp %s: %s\n", m->path, strerror(e));
+		free(m);
+		return e;
+	}
 	close(fd); /* an empty file is an empty database */
 	char err[256];
 	int rc = opq_lease_provider_sqlite(&m->prov, m->path, err, sizeof(err));
-	if (rc) {
+	if (rc)
 		fprintf(stderr, "lease_sqlite: %s\n", err);
-		unlink(m->path);
+	else
+		rc = setup_on(m, threads, seed);
+	if (rc) {
+		/* The process exits on a failed setup: only the file must go. */
+		remove_db(m);
 		return rc;
 	}
-	if ((rc = setup_on(m, threads, seed)))
-		return rc;
 	*statep = m;
 	return 0;
 }
