@@ -141,6 +141,7 @@ struct opq_queue {
 	unsigned running;
 	unsigned wakes;		 /* signals on work not yet consumed */
 	unsigned space_waiters;
+	unsigned space_woken;	 /* of them, signalled and not yet back (space_made) */
 	unsigned idle_waiters;
 	unsigned callers;	 /* threads blocked in a call on q: destroy is EBUSY */
 	unsigned target;	 /* runners wanted */
@@ -391,14 +392,18 @@ static void inbox_close(opq_queue *q)
 #define ROOM_LOOK_NS 10000000
 static void space_made(opq_queue *q)
 {
-	if (!q->space_waiters || q->queued > q->capacity / 2)
+	if (q->space_woken >= q->space_waiters || q->queued > q->capacity / 2)
 		return;
+	/* Wake one per free place, less those signalled already: each take
+	 * below half would otherwise signal all over again. */
 	size_t room = q->capacity - q->queued;
-	if (room >= q->space_waiters)
+	if (room >= q->space_waiters) {
 		OPQ_CHECK(pthread_cond_broadcast(&q->space));
-	else
-		for (size_t i = 0; i < room; i++)
-			OPQ_CHECK(pthread_cond_signal(&q->space));
+		q->space_woken = q->space_waiters;
+		return;
+	}
+	for (; q->space_woken < room; q->space_woken++)
+		OPQ_CHECK(pthread_cond_signal(&q->space));
 }
 
 /* After the FIFO shrank or an operation finished: wake who waits for that. */
@@ -1344,6 +1349,8 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 		if (looking)
 			rc = 0;
 		q->space_waiters--;
+		/* Back for whatever reason: at worst one more is signalled. */
+		q->space_woken -= q->space_woken > 0;
 		q->stuck_runners -= runner;
 		bool cancelled = opq__cancel_end(&creg); /* may wait for a canceller: still a caller */
 		q->callers--;
