@@ -20,7 +20,9 @@
  * bounded  opqueue with a bounded FIFO (capacity -c) and producers faster
  *          than the runners, against the unbounded queue and the ceiling.
  * line     uncontended opq_line_try_acquire + release, and the time from a
- *          release to the last of 1, 8 and 64 blocked waiters running again.
+ *          release to the last of 1, 8 and 64 blocked waiters running again
+ *          (the same threads over 21 rounds), against a plain mutex/condvar
+ *          broadcast to as many waiters.
  *
  * Every run of every variant happens in a child process of its own (peak
  * RSS is per variant), after an untimed warm-up run of the same workload in
@@ -1333,58 +1335,128 @@ static int run_bounded(void)
 
 /* ---- the line ------------------------------------------------------------- */
 
-static opq_line wline;
-static opq_line_ticket wheld;
-static atomic_uint_fast64_t woken_last;
+/*
+ * Release to wakeup: n waiter threads, made once and kept over the rounds
+ * (as in a daemon), block on the line's holder (or, for the peer, on a
+ * plain mutex/condvar broadcast); the time is from the release to the
+ * moment the last of them runs again. Between rounds the woken ones block
+ * on a barrier, so that nothing spins while the others wake.
+ */
+enum { WAKE_ROUNDS = 21 };
 
-static void *line_waiter(void *arg)
+struct wake_run {
+	bool line;		/* the line, else the plain condvar */
+	unsigned n;
+	opq_line wline;
+	opq_line_ticket held;
+	pthread_mutex_t mu;	/* the plain peer: */
+	pthread_cond_t cv;
+	unsigned gen, blocked;
+	pthread_barrier_t woke, next;
+	atomic_uint_fast64_t last;
+};
+
+static void wake_note(struct wake_run *w)
 {
-	(void)arg;
-	opq_line_ticket t = OPQ_LINE_TICKET_INITIALIZER;
-	if (opq_line_try_acquire(&wline, OPQ_LINE_ANY, &t) != EBUSY ||
-	    opq_line_wait(&wline, &t, NULL, NULL))
-		abort();
-	uint64_t now = now_ns(), seen = atomic_load(&woken_last);
-	while (now > seen && !atomic_compare_exchange_weak(&woken_last, &seen, now))
+	uint64_t now = now_ns(), seen = atomic_load(&w->last);
+	while (now > seen && !atomic_compare_exchange_weak(&w->last, &seen, now))
 		;
+}
+
+static void *wake_waiter(void *arg)
+{
+	struct wake_run *w = arg;
+	for (int r = 0; r < WAKE_ROUNDS; r++) {
+		if (w->line) {
+			opq_line_ticket t = OPQ_LINE_TICKET_INITIALIZER;
+			if (opq_line_try_acquire(&w->wline, OPQ_LINE_ANY, &t) != EBUSY ||
+			    opq_line_wait(&w->wline, &t, NULL, NULL))
+				abort();
+		} else {
+			pthread_mutex_lock(&w->mu);
+			unsigned g = w->gen;
+			w->blocked++;
+			while (w->gen == g)
+				pthread_cond_wait(&w->cv, &w->mu);
+			pthread_mutex_unlock(&w->mu);
+		}
+		wake_note(w);
+		pthread_barrier_wait(&w->woke);
+		pthread_barrier_wait(&w->next);
+	}
 	return NULL;
 }
 
-/*
- * Median over 21 rounds of the time from opq_line_release to the moment the
- * last of n blocked waiters runs again, in microseconds. The bench reads
- * the line's private waiter count (under its mutex) to know that all n
- * are blocked; a library user has no need for that.
- */
-static double line_wakeup_us(unsigned n)
+/* How many waiters are blocked (the bench reads the line's private count
+ * under its mutex; a library user has no need for that). */
+static unsigned wake_blocked(struct wake_run *w)
 {
-	enum { ROUNDS = 21 };
-	double us[ROUNDS];
-	pthread_t th[n];
-	for (int r = 0; r < ROUNDS; r++) {
-		if (opq_line_init(&wline))
-			return -1;
-		wheld = (opq_line_ticket)OPQ_LINE_TICKET_INITIALIZER;
-		if (opq_line_try_acquire(&wline, OPQ_LINE_ANY, &wheld))
-			return -1;
-		atomic_store(&woken_last, 0);
-		for (unsigned i = 0; i < n; i++)
-			pthread_create(&th[i], NULL, line_waiter, NULL);
-		for (unsigned blocked = 0; blocked < n;) {
-			sched_yield();
-			pthread_mutex_lock(&wline.opq_mu);
-			blocked = wline.opq_waiters;
-			pthread_mutex_unlock(&wline.opq_mu);
-		}
-		uint64_t t0 = now_ns();
-		opq_line_release(&wline, &wheld, 0);
-		for (unsigned i = 0; i < n; i++)
-			pthread_join(th[i], NULL);
-		us[r] = (double)(atomic_load(&woken_last) - t0) / 1e3;
-		opq_line_destroy(&wline);
+	pthread_mutex_t *mu = w->line ? &w->wline.opq_mu : &w->mu;
+	pthread_mutex_lock(mu);
+	unsigned n = w->line ? w->wline.opq_waiters : w->blocked;
+	pthread_mutex_unlock(mu);
+	return n;
+}
+
+static void wake_hold(struct wake_run *w)
+{
+	if (w->line) {
+		w->held = (opq_line_ticket)OPQ_LINE_TICKET_INITIALIZER;
+		if (opq_line_try_acquire(&w->wline, OPQ_LINE_ANY, &w->held))
+			abort();
+	} else {
+		w->blocked = 0;
 	}
-	qsort(us, ROUNDS, sizeof(double), cmp_double);
-	return us[ROUNDS / 2];
+}
+
+static void wake_release(struct wake_run *w)
+{
+	if (w->line) {
+		opq_line_release(&w->wline, &w->held, 0);
+	} else {
+		pthread_mutex_lock(&w->mu);
+		w->gen++;
+		pthread_cond_broadcast(&w->cv);
+		pthread_mutex_unlock(&w->mu);
+	}
+}
+
+/* Median over WAKE_ROUNDS rounds, in microseconds; < 0 on failure. */
+static double wakeup_us(bool line, unsigned n)
+{
+	struct wake_run w = { .line = line, .n = n };
+	double us[WAKE_ROUNDS];
+	pthread_t th[n];
+	if (opq_line_init(&w.wline) || pthread_mutex_init(&w.mu, NULL) ||
+	    pthread_cond_init(&w.cv, NULL) || pthread_barrier_init(&w.woke, NULL, n + 1) ||
+	    pthread_barrier_init(&w.next, NULL, n + 1))
+		return -1;
+	wake_hold(&w);
+	for (unsigned i = 0; i < n; i++)
+		if (pthread_create(&th[i], NULL, wake_waiter, &w))
+			abort();
+	for (int r = 0; r < WAKE_ROUNDS; r++) {
+		while (wake_blocked(&w) < n)
+			sched_yield();
+		atomic_store(&w.last, 0);
+		uint64_t t0 = now_ns();
+		wake_release(&w);
+		pthread_barrier_wait(&w.woke);
+		us[r] = (double)(atomic_load(&w.last) - t0) / 1e3;
+		wake_hold(&w); /* before any waiter comes back for the next round */
+		pthread_barrier_wait(&w.next);
+	}
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(th[i], NULL);
+	if (line)
+		opq_line_release(&w.wline, &w.held, 0);
+	int rc = opq_line_destroy(&w.wline);
+	pthread_barrier_destroy(&w.next);
+	pthread_barrier_destroy(&w.woke);
+	pthread_cond_destroy(&w.cv);
+	pthread_mutex_destroy(&w.mu);
+	qsort(us, WAKE_ROUNDS, sizeof(double), cmp_double);
+	return rc ? -1 : us[WAKE_ROUNDS / 2];
 }
 
 static int run_line(void)
@@ -1410,20 +1482,23 @@ static int run_line(void)
 	if (opq_line_destroy(&line))
 		return 1;
 	static const unsigned counts[] = { 1, 8, 64 };
+	printf("\nrelease to the last waiter running, us, median of %d rounds with the same threads\n",
+	       WAKE_ROUNDS);
+	printf("%-8s %14s %17s %12s\n", "waiters", "opqueue line", "plain condvar", "line/plain");
 	for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) {
-		double us = line_wakeup_us(counts[i]);
-		if (us < 0)
+		double l = wakeup_us(true, counts[i]), p = wakeup_us(false, counts[i]);
+		if (l < 0 || p < 0)
 			return 1;
-		printf("release to last of %2u waiters %8.1f us\n", counts[i], us);
+		printf("%-8u %14.1f %17.1f %11.2fx\n", counts[i], l, p, l / p);
 	}
 	return 0;
 }
 
 /* ---- main ---------------------------------------------------------------- */
 
-static void usage(void)
+static void usage(FILE *f)
 {
-	fprintf(stderr,
+	fprintf(f,
 		"usage: opqueue-bench [burst|latency|bounded|line] [-p LIST] [-r RUNNERS]\n"
 		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES]\n"
 		"         [-c CAPACITY] [-V intrusive,fn,glib,libuv,plain,ceiling] [-F]\n"
@@ -1481,17 +1556,36 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			break;
-		default: usage(); return 2;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
 		}
 	}
-	bool bad = np == 0 || nw == 0 || R < 1 || R > 256 || M < 1 || K < 1 || L < 1000 ||
-		   CAP < 1 || optind != argc;
-	for (size_t i = 0; i < np; i++)
-		bad |= plist[i] < 1 || plist[i] > 256;
-	for (size_t i = 0; i < nw; i++)
-		bad |= wlist[i] < 0;
+	const char *bad = NULL;
+	if (optind != argc)
+		bad = "unexpected argument";
+	else if (np == 0)
+		bad = "-p takes a comma-separated list of producer counts";
+	else if (nw == 0)
+		bad = "-w takes a comma-separated list of nanoseconds";
+	else if (R < 1 || R > 256)
+		bad = "-r takes 1 to 256 runners";
+	else if (M < 1)
+		bad = "-m takes at least 1";
+	else if (K < 1)
+		bad = "-k takes at least 1";
+	else if (L < 1000)
+		bad = "-n takes at least 1000 samples";
+	else if (CAP < 1)
+		bad = "-c takes a capacity of at least 1";
+	for (size_t i = 0; i < np && !bad; i++)
+		if (plist[i] < 1 || plist[i] > 256)
+			bad = "-p takes 1 to 256 producers";
+	for (size_t i = 0; i < nw && !bad; i++)
+		if (wlist[i] < 0)
+			bad = "-w takes no negative times";
 	if (bad) {
-		usage();
+		fprintf(stderr, "opqueue-bench: %s\n", bad);
+		usage(stderr);
 		return 2;
 	}
 	if (no_fork)
@@ -1507,6 +1601,7 @@ int main(int argc, char **argv)
 		return run_bounded();
 	if (!strcmp(mode, "line"))
 		return run_line();
-	usage();
+	fprintf(stderr, "opqueue-bench: unknown workload %s\n", mode);
+	usage(stderr);
 	return 2;
 }
