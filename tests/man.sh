@@ -1,7 +1,9 @@
 #!/bin/sh
 # Man pages: every page lints clean with mandoc -Tlint -Wstyle, every
 # exported opq_ function is named in the NAME section of an installed page,
-# and every page in man/ is installed (listed in dist_man_MANS).
+# every page in man/ is installed (listed in dist_man_MANS), and every
+# installed program (bin_PROGRAMS, in BIN_PROGRAMS) has its page
+# man/<program>.1 installed.
 set -u
 fail=0
 [ "${MANDOC:-no}" != no ] || { echo "mandoc not found: skipped"; exit 77; }
@@ -39,5 +41,12 @@ for page in "$top_srcdir"/man/*.[0-9]; do
 	*) echo "page not installed (not in dist_man_MANS): $base"; fail=1 ;;
 	esac
 done
-[ $fail = 0 ] && echo "$(echo $MAN_PAGES | wc -w) pages lint clean; every exported function has one"
+for prog in $BIN_PROGRAMS; do
+	base=$(basename "$prog" .exe)
+	case " $MAN_PAGES " in
+	*" man/$base.1 "*) ;;
+	*) echo "program without a man page (man/$base.1 not in dist_man_MANS): $base"; fail=1 ;;
+	esac
+done
+[ $fail = 0 ] && echo "$(echo $MAN_PAGES | wc -w) pages lint clean; every exported function and every program has one"
 exit $fail

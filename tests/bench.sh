@@ -1,0 +1,54 @@
+#!/bin/sh
+# The benchmark program, small: every workload runs, every operation of
+# every variant ran exactly once (opqueue-bench checks that and exits
+# non-zero otherwise), and each table has the rows it should. Speed is
+# measured by bench/run, not here. In a sanitizer build the peers are left
+# out: GLib and libuv are not instrumented (GLib's mutexes are bare futexes
+# that ThreadSanitizer cannot see).
+set -u
+tool="${top_builddir:-.}/tools/opqueue-bench"
+[ -x "$tool" ] || { echo "$tool not built"; exit 99; }
+variants=
+[ -n "${SAN_CFLAGS:-}" ] && variants="-V intrusive,fn,plain,ceiling"
+out=$(mktemp "${TMPDIR:-/tmp}/opq-bench.XXXXXX") || exit 99
+trap 'rm -f "$out"' EXIT
+fail=0
+
+# run NAME ARGS...: run the tool, fail on a non-zero exit.
+run() {
+	name=$1
+	shift
+	if ! "$tool" "$@" >"$out" 2>&1; then
+		echo "opqueue-bench $*: failed"
+		cat "$out"
+		fail=1
+		return 1
+	fi
+}
+
+# expect TEXT: the last run printed a line starting with TEXT.
+expect() {
+	grep -q "^$1" "$out" || { echo "$name: no line starting with '$1'"; cat "$out"; fail=1; }
+}
+
+if run burst burst $variants -p 1,2 -w 0,1000 -r 2 -m 2000 -k 1; then
+	[ "$(grep -c '^burst:' "$out")" = 4 ] || { echo "burst: not 4 tables"; cat "$out"; fail=1; }
+	expect "opqueue intrusive"
+	expect "opqueue fn"
+	expect "plain mutex/condvar"
+	expect "no queue (ceiling)"
+fi
+if run latency latency $variants -r 2 -n 1000 -k 1; then
+	expect "opqueue intrusive"
+	expect "opqueue fn"
+fi
+if run bounded bounded -p 2 -r 2 -w 1000 -m 2000 -c 64 -k 1; then
+	expect "opqueue intrusive, bounded"
+	expect "opqueue fn, bounded"
+fi
+if run line line -m 1000 -k 1; then
+	expect "acquire + release"
+	for n in 1 8 64; do expect "$n "; done
+fi
+[ $fail = 0 ] && echo "every workload ran; every operation exactly once"
+exit $fail
