@@ -167,7 +167,9 @@ static void record(struct lmod *m, unsigned w, unsigned n, uint64_t token, int64
 		c->end = end;
 		if (token > ln->max_token)
 			ln->max_token = token;
-	} else if (end > c->end) {
+	} else if (end > start && end > c->end) {
+		/* Only a belief extends it: a grant that came back already
+		 * expired (empty) must not stretch the old one to its return. */
 		c->end = end;
 	}
 	check_against_all(m, n, c);
