@@ -557,7 +557,8 @@ OPQ_EXPORT int opq_lease_remaining(opq_lease *lease, const struct timespec *now,
 	if (lease->held) {
 		int64_t end = sat_add(opq__ts_to_ns(&lease->grant.acquired),
 				      lease->grant.lease_ns - lease->margin_ns);
-		left = end > t ? end - t : 0;
+		/* Saturating: a caller's `now` may be far in the past. */
+		left = end <= t ? 0 : t < 0 && end > INT64_MAX + t ? INT64_MAX : end - t;
 	}
 	opq__unlock(&lease->mu);
 	*ns = left;

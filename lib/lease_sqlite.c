@@ -124,8 +124,9 @@ static int sq_errno(int src)
 static int sq_fail(struct sq_store *s, int src, const char *what, char *errbuf, size_t errlen)
 {
 	if (errbuf && errlen)
-		snprintf(errbuf, errlen, "sqlite lease store %s: %s: %s", s->path, what,
-			 s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(src));
+		/* The reason before the path, which may be long. */
+		snprintf(errbuf, errlen, "sqlite lease store: %s: %s (%s)", what,
+			 s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(src), s->path);
 	return sq_errno(src);
 }
 

@@ -296,6 +296,13 @@ START_TEST(test_remaining)
 	ck_assert_int_eq(opq_lease_remaining(l, NULL, &ns), 0);
 	ck_assert_int_gt(ns, 0);
 	ck_assert_int_le(ns, 2000 * MS - 17 * MS);
+	/* Instants out of nanosecond range saturate (UBSan: no overflow). */
+	struct timespec past = { (time_t)(INT64_MIN / 1000000000), 0 };
+	ck_assert_int_eq(opq_lease_remaining(l, &past, &ns), 0);
+	ck_assert_int_eq(ns, INT64_MAX);
+	struct timespec future = { (time_t)INT64_MAX, 0 };
+	ck_assert_int_eq(opq_lease_remaining(l, &future, &ns), 0);
+	ck_assert_int_eq(ns, 0);
 	ck_assert_int_eq(opq_lease_release(l), 0);
 	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
 	ck_assert_int_eq(ns, 0);
