@@ -1159,7 +1159,13 @@ static int run_burst(void)
 				struct result res;
 				int rc = run_one(variants[v].burst, true, false, &res);
 				M = saved;
-				per_op[v] = rc ? -1 : (double)res.allocs / (double)nops;
+				if (rc) {
+					progress_done();
+					fprintf(stderr, "opqueue-bench: %s (counting allocations) failed: %s\n",
+						variants[v].label, strerror(rc));
+					return 1;
+				}
+				per_op[v] = (double)res.allocs / (double)nops;
 				nops = (long)P * M;
 			}
 			progress_done();
@@ -1571,8 +1577,8 @@ int main(int argc, char **argv)
 		bad = "-r takes 1 to 256 runners";
 	else if (M < 1)
 		bad = "-m takes at least 1";
-	else if (K < 1)
-		bad = "-k takes at least 1";
+	else if (K < 1 || K > 1000)
+		bad = "-k takes 1 to 1000 repeats";
 	else if (L < 1000)
 		bad = "-n takes at least 1000 samples";
 	else if (CAP < 1)

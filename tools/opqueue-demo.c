@@ -97,6 +97,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "opqueue-demo: every argument must be positive\n");
 		return 2;
 	}
+	if (runners > 256) {
+		fprintf(stderr, "opqueue-demo: -r takes 1 to 256 runners\n");
+		return 2;
+	}
 	size_t nchunks = (size_t)((limit + chunk - 1) / chunk);
 	struct chunk *chunks = calloc(nchunks, sizeof(*chunks));
 	if (!chunks)

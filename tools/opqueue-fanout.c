@@ -26,6 +26,10 @@ int main(int argc, char **argv)
 			break;
 		case 'r':
 			runners = (unsigned)atoi(optarg);
+			if (runners < 1 || runners > 256) {
+				fprintf(stderr, "%s: -r takes 1 to 256 runners\n", argv[0]);
+				return 2;
+			}
 			break;
 		case 'd':
 			deadline_ms = atoll(optarg);
@@ -44,7 +48,7 @@ int main(int argc, char **argv)
 	printf("request: fan out to %d backends, policy %s%s\n", FANOUT_BACKENDS,
 	       collect ? "collect" : "first error cancels the siblings",
 	       deadline_ms > 0 ? ", with a deadline" : "");
-	int rc = fanout_run(runners ? runners : 1, !collect, deadline_ms, b, &res);
+	int rc = fanout_run(runners, !collect, deadline_ms, b, &res);
 	if (rc) {
 		fprintf(stderr, "fanout: %s\n", strerror(rc));
 		return 1;

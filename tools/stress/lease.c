@@ -554,13 +554,15 @@ static int setup_sqlite(void **statep, unsigned threads, uint64_t seed)
 		return e;
 	}
 	close(fd); /* an empty file is an empty database */
-	char err[256];
+	char err[PATH_MAX + 256];
 	int rc = opq_lease_provider_sqlite(&m->prov, m->path, err, sizeof(err));
-	if (rc)
-		fprintf(stderr, "lease_sqlite: %s\n", err);
-	else
-		rc = setup_on(m, threads, seed);
 	if (rc) {
+		fprintf(stderr, "lease_sqlite: %s\n", err);
+		remove_db(m);
+		free(m);
+		return rc;
+	}
+	if ((rc = setup_on(m, threads, seed))) {
 		/* The process exits on a failed setup: only the file must go. */
 		remove_db(m);
 		return rc;
