@@ -24,9 +24,10 @@
  *          (the same threads over 21 rounds), against a plain mutex/condvar
  *          broadcast to as many waiters.
  *
- * Every run of every variant happens in a child process of its own (peak
- * RSS is per variant), after an untimed warm-up run of the same workload in
- * that process (--cold: none), and checks that each operation ran exactly once
+ * In burst, latency and bounded, every run of every variant happens in a
+ * child process of its own (peak RSS is per variant), after an untimed
+ * warm-up run of the same workload in that process (not for latency;
+ * --cold: none), and checks that each operation ran exactly once
  * (each thread logs what it performed; the log is counted afterwards).
  * Tables show medians over -k runs; burst tables also show the process's CPU
  * time (every thread) over the timed window per operation, which a noisy
@@ -1352,7 +1353,6 @@ enum { WAKE_ROUNDS = 21 };
 
 struct wake_run {
 	bool line;		/* the line, else the plain condvar */
-	unsigned n;
 	opq_line wline;
 	opq_line_ticket held;
 	pthread_mutex_t mu;	/* the plain peer: */
@@ -1430,7 +1430,7 @@ static void wake_release(struct wake_run *w)
 /* Median over WAKE_ROUNDS rounds, in microseconds; < 0 on failure. */
 static double wakeup_us(bool line, unsigned n)
 {
-	struct wake_run w = { .line = line, .n = n };
+	struct wake_run w = { .line = line };
 	double us[WAKE_ROUNDS];
 	pthread_t th[n];
 	if (opq_line_init(&w.wline) || pthread_mutex_init(&w.mu, NULL) ||
