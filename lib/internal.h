@@ -28,9 +28,9 @@
 OPQ_INTERNAL void *opq__malloc(size_t size);
 OPQ_INTERNAL void *opq__calloc(size_t n, size_t size);
 OPQ_INTERNAL void opq__free(void *p);
-/* Slabs of function-pointer boxes: size, a power of two, aligned to size (jemalloc when configured). */
-OPQ_INTERNAL void *opq__slab_alloc(size_t size);
-OPQ_INTERNAL void opq__slab_free(void *p, size_t size);
+/* Slabs of function-pointer boxes: align a power of two, size a multiple of it (jemalloc when configured). */
+OPQ_INTERNAL void *opq__slab_alloc(size_t size, size_t align);
+OPQ_INTERNAL void opq__slab_free(void *p, size_t size, size_t align);
 
 /*
  * Test-only fault injector: opq__fault_set(n) makes the nth allocation from
@@ -102,6 +102,11 @@ OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
 #ifndef OPQ__BATCH_MAX
 #define OPQ__BATCH_MAX 1024
 #endif
+
+/* queue.c: function-pointer boxes (an opq_op, a function, an argument) per
+ * chunk of a slab, after the chunk's header line (tests count slabs by it). */
+#define OPQ__CHUNK_SIZE 16384
+#define OPQ__CHUNK_BOXES ((OPQ__CHUNK_SIZE - 64) / (sizeof(opq_op) + 2 * sizeof(void *)))
 
 /* pthread calls that cannot fail on a correct program: checked in debug builds. */
 #ifdef OPQ_DEBUG

@@ -190,34 +190,62 @@ struct box {
 };
 
 /*
- * Boxes are carved, in order, from slabs that a thread allocates for itself:
- * SLAB_SIZE bytes aligned to SLAB_SIZE, a header line and then the boxes, so
- * that a box finds its slab by masking its address. `live` counts the boxes
- * of a slab not yet released, plus those not yet carved; the last release
- * frees the slab.
+ * Boxes are carved, in order, from slabs that a thread allocates for itself.
+ * A slab is 1 to SLAB_CHUNKS_MAX chunks of CHUNK_SIZE bytes, aligned to
+ * CHUNK_SIZE. Each chunk is a header line and then CHUNK_BOXES boxes: a box
+ * finds its chunk by masking its address, and the chunk's header names the
+ * slab's first chunk, whose header holds `live`, the boxes of the slab not
+ * yet released plus those not yet carved; the last release frees the slab.
+ *
+ * A thread's slabs grow: one that carved its last slab at more than a box
+ * per SLAB_GROW_NS / CHUNK_BOXES gets one twice as large next (up to
+ * SLAB_CHUNKS_MAX chunks), others get one chunk. A burst of enqueues then
+ * costs one allocation per SLAB_CHUNKS_MAX chunks, where allocating and
+ * freeing a chunk at a time cost the burst of bench/RESULTS.md several ns
+ * per operation; a thread that enqueues now and then holds one chunk.
  */
-#define SLAB_SIZE 16384
-#define SLAB_HEADER 64
-#define SLAB_BOXES ((SLAB_SIZE - SLAB_HEADER) / sizeof(struct box))
-struct slab {
+#define CHUNK_SIZE OPQ__CHUNK_SIZE
+#define CHUNK_HEADER 64
+#define CHUNK_BOXES ((CHUNK_SIZE - CHUNK_HEADER) / sizeof(struct box))
+_Static_assert(CHUNK_BOXES == OPQ__CHUNK_BOXES, "internal.h counts boxes as queue.c does");
+#define SLAB_CHUNKS_MAX 16
+#define SLAB_GROW_NS 1000000
+struct chunk {
 	union {
-		atomic_uint live;
-		char line_[SLAB_HEADER];
-	} h;
-	struct box boxes[SLAB_BOXES];
+		struct {
+			struct chunk *slab; /* the slab's first chunk */
+			atomic_uint live;   /* in the first chunk only */
+			unsigned chunks;    /* in the first chunk only: the slab's size */
+		} h;
+		char line_[CHUNK_HEADER];
+	};
+	struct box boxes[CHUNK_BOXES];
 };
-_Static_assert(sizeof(struct slab) <= SLAB_SIZE, "a slab fits its alignment");
+_Static_assert(sizeof(struct chunk) <= CHUNK_SIZE, "a chunk fits its alignment");
 
-static struct slab *box_slab(struct box *b)
+/* The first chunk of the slab that holds b. */
+static struct chunk *box_slab(struct box *b)
 {
-	return (struct slab *)(void *)((uintptr_t)b & ~(uintptr_t)(SLAB_SIZE - 1));
+	return ((struct chunk *)(void *)((uintptr_t)b & ~(uintptr_t)(CHUNK_SIZE - 1)))->h.slab;
 }
 
 /* Release n boxes (or boxes not carved) of slab s: the last release frees it. */
-static void slab_release(struct slab *s, unsigned n)
+static void slab_release(struct chunk *s, unsigned n)
 {
 	if (atomic_fetch_sub_explicit(&s->h.live, n, memory_order_acq_rel) == n)
-		opq__slab_free(s, SLAB_SIZE);
+		opq__slab_free(s, (size_t)s->h.chunks * CHUNK_SIZE, CHUNK_SIZE);
+}
+
+/* A slab of `chunks` chunks whose first chunk's header is written; NULL without memory. */
+static struct chunk *slab_new(unsigned chunks)
+{
+	struct chunk *s = opq__slab_alloc((size_t)chunks * CHUNK_SIZE, CHUNK_SIZE);
+	if (s) {
+		s->h.slab = s;
+		atomic_init(&s->h.live, (unsigned)(chunks * CHUNK_BOXES));
+		s->h.chunks = chunks;
+	}
+	return s;
 }
 
 static void box_release(struct box *b)
@@ -717,7 +745,7 @@ static bool spin(opq_queue *q)
 static void free_boxes(opq_op *op)
 {
 	while (op) {
-		struct slab *s = box_slab(OPQ_CONTAINER_OF(op, struct box, op));
+		struct chunk *s = box_slab(OPQ_CONTAINER_OF(op, struct box, op));
 		unsigned n = 0;
 		do {
 			op = op->opq__next;
@@ -1429,8 +1457,13 @@ static void box_discard(opq_op *op)
 static _Thread_local opq_op *tls_boxes TLS_FAST;
 static _Thread_local unsigned tls_nboxes TLS_FAST;
 static _Thread_local bool tls_boxes_registered TLS_FAST;
-static _Thread_local struct slab *tls_slab TLS_FAST; /* boxes [tls_carved, SLAB_BOXES) not carved */
+/* The slab being carved: its chunk tls_chunk, from box tls_carved on, and the chunks after. */
+static _Thread_local struct chunk *tls_slab TLS_FAST;
+static _Thread_local unsigned tls_chunk TLS_FAST;
 static _Thread_local unsigned tls_carved TLS_FAST;
+/* The size of this thread's last slab, and when it was allocated (see SLAB_GROW_NS). */
+static _Thread_local unsigned tls_slab_chunks TLS_FAST;
+static _Thread_local uint64_t tls_slab_at TLS_FAST;
 static _Thread_local bool tls_boxes_exited TLS_FAST; /* the cache's destructor ran */
 static pthread_key_t boxes_key;
 static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
@@ -1443,10 +1476,10 @@ static void tls_boxes_free(void *unused)
 	tls_boxes = NULL;
 	tls_nboxes = 0;
 	tls_boxes_registered = false;
-	struct slab *s = tls_slab;
+	struct chunk *s = tls_slab;
 	tls_slab = NULL;
 	if (s)
-		slab_release(s, (unsigned)(SLAB_BOXES - tls_carved));
+		slab_release(s, (unsigned)((s->h.chunks - tls_chunk) * CHUNK_BOXES - tls_carved));
 	/* The thread is exiting: a cache made again by a later destructor's
 	 * enqueue might never be freed (its last destructor round may be over). */
 	tls_boxes_exited = true;
@@ -1487,10 +1520,10 @@ static struct box *box_get(opq_queue *q)
 {
 	if (tls_boxes_exited) {
 		/* No cache on an exiting thread: a slab for this box alone. */
-		struct slab *s = opq__slab_alloc(SLAB_SIZE);
+		struct chunk *s = slab_new(1);
 		if (!s)
 			return NULL;
-		atomic_init(&s->h.live, 1);
+		atomic_store_explicit(&s->h.live, 1, memory_order_relaxed);
 		return &s->boxes[0];
 	}
 	if (!tls_boxes && __atomic_load_n(&q->spare, __ATOMIC_RELAXED)) {
@@ -1509,17 +1542,29 @@ static struct box *box_get(opq_queue *q)
 		return OPQ_CONTAINER_OF(op, struct box, op);
 	}
 	/* Carve one from this thread's slab, or from a new slab. */
-	if (!tls_slab || tls_carved == SLAB_BOXES) {
-		struct slab *s;
-		if (!tls_boxes_register() || !(s = opq__slab_alloc(SLAB_SIZE)))
+	if (!tls_slab) {
+		uint64_t now = mono_ns();
+		unsigned chunks = 1;
+		if (tls_slab_chunks && now - tls_slab_at < tls_slab_chunks * (uint64_t)SLAB_GROW_NS)
+			chunks = tls_slab_chunks < SLAB_CHUNKS_MAX ? 2 * tls_slab_chunks : SLAB_CHUNKS_MAX;
+		struct chunk *s;
+		if (!tls_boxes_register() || !(s = slab_new(chunks)))
 			return NULL;
-		atomic_init(&s->h.live, SLAB_BOXES);
 		tls_slab = s;
+		tls_chunk = 0;
 		tls_carved = 0;
+		tls_slab_chunks = chunks;
+		tls_slab_at = now;
 	}
-	struct box *b = &tls_slab->boxes[tls_carved++];
-	if (tls_carved == SLAB_BOXES)
-		tls_slab = NULL; /* all carved: its boxes free it */
+	struct chunk *c = (struct chunk *)(void *)((char *)tls_slab + (size_t)tls_chunk * CHUNK_SIZE);
+	if (tls_carved == 0)
+		c->h.slab = tls_slab;
+	struct box *b = &c->boxes[tls_carved];
+	if (++tls_carved == CHUNK_BOXES) {
+		tls_carved = 0;
+		if (++tls_chunk == tls_slab->h.chunks)
+			tls_slab = NULL; /* all carved: its boxes free it */
+	}
 	return b;
 }
 

@@ -16,7 +16,7 @@ void *mallocx(size_t size, int flags);
 void dallocx(void *ptr, int flags);
 void sdallocx(void *ptr, size_t size, int flags);
 /* jemalloc's MALLOCX_LG_ALIGN(lg): the flags for alignment 2^lg. */
-#define LG_ALIGN(size) ((int)__builtin_ctzl(size))
+#define LG_ALIGN(align) ((int)__builtin_ctzl(align))
 #endif
 
 /* Fault injector: the allocation whose number equals fault_at fails. */
@@ -57,23 +57,24 @@ void opq__free(void *p)
 	free(p);
 }
 
-void *opq__slab_alloc(size_t size)
+void *opq__slab_alloc(size_t size, size_t align)
 {
 	if (fault_now())
 		return NULL;
 #ifdef OPQ_HAVE_JEMALLOC
-	return mallocx(size, LG_ALIGN(size));
+	return mallocx(size, LG_ALIGN(align));
 #else
-	return aligned_alloc(size, size);
+	return aligned_alloc(align, size);
 #endif
 }
 
-void opq__slab_free(void *p, size_t size)
+void opq__slab_free(void *p, size_t size, size_t align)
 {
 #ifdef OPQ_HAVE_JEMALLOC
-	sdallocx(p, size, LG_ALIGN(size));
+	sdallocx(p, size, LG_ALIGN(align));
 #else
 	(void)size;
+	(void)align;
 	free(p);
 #endif
 }

@@ -428,6 +428,97 @@ START_TEST(test_fn_boxes_reused)
 }
 END_TEST
 
+/*
+ * Slabs of boxes grow for a thread that carves them fast, and stay one chunk
+ * for one that does not. The queue is not started, so every box is carved
+ * (none comes back for reuse); each burst runs on a thread of its own, whose
+ * slab sizes start afresh. Allocations are counted by the fault injector.
+ */
+struct carve {
+	opq_queue *q;
+	long ops;		/* enqueued in one go */
+	int rounds;		/* bursts, with SLOW_GAP_NS between them */
+	atomic_long *performed;
+	long allocs;		/* result */
+	int64_t burst_ns;	/* result: the longest burst */
+};
+
+#define SLOW_GAP_NS 3000000	 /* longer than SLAB_GROW_NS per chunk */
+
+static int64_t mono_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void *carve_thread(void *arg)
+{
+	struct carve *c = arg;
+	opq__fault_set(LONG_MAX); /* count, never fail */
+	for (int r = 0; r < c->rounds; r++) {
+		if (r) {
+			/* Time passing, not a wait for another thread. */
+			struct timespec gap = { 0, SLOW_GAP_NS };
+			nanosleep(&gap, NULL);
+		}
+		int64_t t0 = mono_now();
+		for (long i = 0; i < c->ops; i++)
+			ck_assert_int_eq(opq_queue_enqueue_fn(c->q, count_fn, NULL, c->performed), 0);
+		int64_t dt = mono_now() - t0;
+		if (dt > c->burst_ns)
+			c->burst_ns = dt;
+	}
+	c->allocs = opq__fault_count();
+	opq__fault_set(0);
+	return NULL;
+}
+
+static struct carve carve(long ops, int rounds)
+{
+	opq_queue *q;
+	atomic_long performed = 0;
+	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+	struct carve c = { q, ops, rounds, &performed, 0, 0 };
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, carve_thread, &c), 0);
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(atomic_load(&performed), ops * rounds);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	return c;
+}
+
+START_TEST(test_fn_slabs_grow_in_a_burst)
+{
+	/* 80 chunks' worth: one allocation per chunk without growth, 8 with
+	 * it (1 + 2 + 4 + 8 + 16 + 16 + 16 + 16 chunks). */
+	const long ops = 80 * (long)OPQ__CHUNK_BOXES;
+	struct carve c = carve(ops, 1);
+	/* Growth needs a chunk carved in under 1 ms; a burst at more than
+	 * half that on average (a sanitizer build on a loaded machine)
+	 * proves nothing. */
+	if (c.burst_ns > 80 * 500000LL) {
+		fprintf(stderr, "test_fn_slabs_grow_in_a_burst: burst took %lld ns, not checked\n",
+			(long long)c.burst_ns);
+		return;
+	}
+	ck_assert_msg(c.allocs <= 20, "%ld allocations for %ld boxes carved in %lld ns", c.allocs,
+		      ops, (long long)c.burst_ns);
+}
+END_TEST
+
+START_TEST(test_fn_slabs_stay_small_when_slow)
+{
+	/* Three chunks' worth, a chunk at a time with gaps: three slabs of
+	 * one chunk. (Had the second grown, it would hold the third's boxes:
+	 * two allocations.) */
+	struct carve c = carve((long)OPQ__CHUNK_BOXES, 3);
+	ck_assert_int_eq(c.allocs, 3);
+}
+END_TEST
+
 /* ---- stress: producers, runners and a canceller at once -------------------- */
 
 #define S_PRODUCERS 4
@@ -665,6 +756,8 @@ int main(void)
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
+	tcase_add_test(tc, test_fn_slabs_grow_in_a_burst);
+	tcase_add_test(tc, test_fn_slabs_stay_small_when_slow);
 #if !OPQ_TEST_TSAN
 	/* ThreadSanitizer finishes a thread in the last destructor round, before
 	 * the destructors of later keys: instrumented code run there (this
