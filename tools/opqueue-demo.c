@@ -80,7 +80,7 @@ int main(int argc, char **argv)
 	long cores = sysconf(_SC_NPROCESSORS_ONLN);
 	unsigned runners = cores > 0 ? (unsigned)cores : 2;
 	int opt;
-	while ((opt = getopt(argc, argv, "n:r:c:q:k:")) != -1) {
+	while ((opt = getopt(argc, argv, "n:r:c:q:k:h")) != -1) {
 		switch (opt) {
 		case 'n': limit = strtoull(optarg, NULL, 10); break;
 		case 'r': runners = (unsigned)strtoul(optarg, NULL, 10); break;
@@ -88,9 +88,9 @@ int main(int argc, char **argv)
 		case 'q': requests = (unsigned)strtoul(optarg, NULL, 10); break;
 		case 'k': expire_after = (unsigned)strtoul(optarg, NULL, 10); break;
 		default:
-			fprintf(stderr, "usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK] "
-					"[-q REQUESTS] [-k EXPIRE_AFTER]\n");
-			return 2;
+			fprintf(opt == 'h' ? stdout : stderr, "usage: opqueue-demo [-n LIMIT] [-r RUNNERS] "
+							      "[-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]\n");
+			return opt == 'h' ? 0 : 2;
 		}
 	}
 	if (chunk == 0 || runners == 0 || limit == 0 || requests == 0 || expire_after == 0) {

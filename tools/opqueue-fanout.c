@@ -19,7 +19,7 @@ int main(int argc, char **argv)
 	int collect = 0, opt;
 	unsigned runners = 4;
 	int64_t deadline_ms = 0;
-	while ((opt = getopt(argc, argv, "cr:d:")) != -1) {
+	while ((opt = getopt(argc, argv, "cr:d:h")) != -1) {
 		switch (opt) {
 		case 'c':
 			collect = 1;
@@ -35,8 +35,9 @@ int main(int argc, char **argv)
 			deadline_ms = atoll(optarg);
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-c] [-r runners] [-d deadline_ms]\n", argv[0]);
-			return 2;
+			fprintf(opt == 'h' ? stdout : stderr, "usage: %s [-c] [-r runners] [-d deadline_ms]\n",
+				argv[0]);
+			return opt == 'h' ? 0 : 2;
 		}
 	}
 	struct fanout_backend b[FANOUT_BACKENDS] = {

@@ -260,7 +260,7 @@ static void *worker_main(void *arg)
 int main(int argc, char **argv)
 {
 	int c;
-	while ((c = getopt(argc, argv, "Nt:n:")) != -1) {
+	while ((c = getopt(argc, argv, "Nt:n:h")) != -1) {
 		switch (c) {
 		case 'N':
 			naive = 1;
@@ -272,8 +272,9 @@ int main(int argc, char **argv)
 			rounds = atol(optarg);
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-N] [-t THREADS] [-n ROUNDS]\n", argv[0]);
-			return 2;
+			fprintf(c == 'h' ? stdout : stderr, "usage: %s [-N] [-t THREADS] [-n ROUNDS]\n",
+				argv[0]);
+			return c == 'h' ? 0 : 2;
 		}
 	}
 	if (nthreads < 1 || nthreads > MAX_THREADS || rounds < 1) {
