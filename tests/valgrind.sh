@@ -47,8 +47,8 @@ run() {
 	[ "$rc" = 0 ] && [ "${errors:-1}" = 0 ] || { fail=1; echo "  see $log"; }
 }
 
-tests="check_queue check_line check_stage check_fault check_badinput check_authdemo
-	check_lease check_scope check_fanout"
+tests="check_queue check_queue_batch check_line check_stage check_fault check_badinput
+	check_authdemo check_lease check_scope check_fanout"
 case $what in memcheck | all)
 	for t in $tests; do
 		run memcheck "$t" --leak-check=full --show-leak-kinds=all \
