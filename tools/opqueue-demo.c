@@ -11,7 +11,7 @@
  * 401s either with a line (exactly one re-authentication per expiry) or
  * naively (one per 401). See authdemo.h.
  *
- * usage: opqueue-demo [-n LIMIT] [-r RUNNERS] [-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]
+ * usage: opqueue-demo [-h] [-n LIMIT] [-r RUNNERS] [-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]
  */
 #include <errno.h>
 #include <stdatomic.h>
@@ -88,7 +88,7 @@ int main(int argc, char **argv)
 		case 'q': requests = (unsigned)strtoul(optarg, NULL, 10); break;
 		case 'k': expire_after = (unsigned)strtoul(optarg, NULL, 10); break;
 		default:
-			fprintf(opt == 'h' ? stdout : stderr, "usage: opqueue-demo [-n LIMIT] [-r RUNNERS] "
+			fprintf(opt == 'h' ? stdout : stderr, "usage: opqueue-demo [-h] [-n LIMIT] [-r RUNNERS] "
 							      "[-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]\n");
 			return opt == 'h' ? 0 : 2;
 		}

@@ -35,7 +35,7 @@ int main(int argc, char **argv)
 			deadline_ms = atoll(optarg);
 			break;
 		default:
-			fprintf(opt == 'h' ? stdout : stderr, "usage: %s [-c] [-r runners] [-d deadline_ms]\n",
+			fprintf(opt == 'h' ? stdout : stderr, "usage: %s [-ch] [-r runners] [-d deadline_ms]\n",
 				argv[0]);
 			return opt == 'h' ? 0 : 2;
 		}

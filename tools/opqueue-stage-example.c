@@ -10,7 +10,7 @@
  * worker polls and reads the shared socket itself and re-queues what is not
  * its own into the owner's mailbox, which the owner checks between reads.
  *
- * usage: opqueue-stage-example [-N] [-t THREADS] [-n ROUNDS]
+ * usage: opqueue-stage-example [-hN] [-t THREADS] [-n ROUNDS]
  */
 #define _GNU_SOURCE 1
 #include <arpa/inet.h>
@@ -272,7 +272,7 @@ int main(int argc, char **argv)
 			rounds = atol(optarg);
 			break;
 		default:
-			fprintf(c == 'h' ? stdout : stderr, "usage: %s [-N] [-t THREADS] [-n ROUNDS]\n",
+			fprintf(c == 'h' ? stdout : stderr, "usage: %s [-hN] [-t THREADS] [-n ROUNDS]\n",
 				argv[0]);
 			return c == 'h' ? 0 : 2;
 		}
