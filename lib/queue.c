@@ -1294,14 +1294,19 @@ static void pushers_wait(opq_queue *q)
  * The lock-free enqueue of an unbounded queue (see the inbox above). The
  * caller made sure the queue is unbounded. Returns EAGAIN when the operation
  * looks queued already, or when this thread has no producer record, so that
- * the locked path decides under the lock.
+ * the locked path decides under the lock. A caller's operation is marked
+ * INBOX by a compare-and-swap, so that of two threads enqueueing it at once
+ * one gets EBUSY; a box (`boxed`) was made for this call and no other thread
+ * has it, so a plain store does.
  */
-static int enqueue_inbox(opq_queue *q, opq_op *op)
+static int enqueue_inbox(opq_queue *q, opq_op *op, bool boxed)
 {
 	uintptr_t st = OP_STATE(op);
-	if (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX ||
-	    !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false, __ATOMIC_ACQUIRE,
-					 __ATOMIC_RELAXED))
+	if (boxed)
+		OP_SET_STATE(op, OP_INBOX); /* made for this call: no other thread has it */
+	else if (st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX ||
+		 !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false,
+					      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return EAGAIN;
 	struct pusher *self = pusher_self();
 	if (!self) {
@@ -1403,10 +1408,11 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 }
 
 /* The lock-free path when the queue is unbounded, else (or in doubt) the locked one. */
-static int enqueue_op(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
+static int enqueue_op(opq_queue *q, opq_op *op, bool boxed, enum wait_kind kind,
+		      const struct timespec *deadline)
 {
 	if (q->capacity_ro == 0) {
-		int rc = enqueue_inbox(q, op);
+		int rc = enqueue_inbox(q, op, boxed);
 		if (rc != EAGAIN)
 			return rc;
 	}
@@ -1417,21 +1423,21 @@ OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue_op(q, op, WAIT_BLOCK, NULL);
+	return enqueue_op(q, op, false, WAIT_BLOCK, NULL);
 }
 
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op)
 {
 	if (!q || !op || !op->perform)
 		return EINVAL;
-	return enqueue_op(q, op, WAIT_TRY, NULL);
+	return enqueue_op(q, op, false, WAIT_TRY, NULL);
 }
 
 OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct timespec *deadline)
 {
 	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
-	return enqueue_op(q, op, WAIT_BLOCK, deadline);
+	return enqueue_op(q, op, false, WAIT_BLOCK, deadline);
 }
 
 static void box_perform(opq_op *op)
@@ -1593,7 +1599,7 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
 	b->arg = arg;
-	int rc = enqueue_op(q, &b->op, kind, deadline);
+	int rc = enqueue_op(q, &b->op, true, kind, deadline);
 	if (rc)
 		box_put(b);
 	return rc;
