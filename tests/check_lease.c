@@ -15,13 +15,6 @@
 
 #define MS 1000000LL
 
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static int64_t ts_ns(const struct timespec *ts)
 {
 	return (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
@@ -277,9 +270,9 @@ START_TEST(test_remaining)
 	ck_assert_int_eq(opq_lease_create(&l, p, "r", at), 0);
 	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
 	opq_lease_grant g;
-	int64_t before = now_ns();
+	int64_t before = t_now_ns();
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
-	int64_t after = now_ns();
+	int64_t after = t_now_ns();
 	/* the instant is taken before the request */
 	ck_assert_int_ge(ts_ns(&g.acquired), before);
 	ck_assert_int_le(ts_ns(&g.acquired), after);
@@ -322,16 +315,16 @@ START_TEST(test_takeover_at_expiry)
 		opq_lease *b = mk(p, "t", "B", L);
 		opq_lease_grant ga, gb;
 		ck_assert_int_eq(opq_lease_try_acquire(a, &ga), 0);
-		int64_t a_after = now_ns();
-		int64_t last_fail = 0, t0 = now_ns();
+		int64_t a_after = t_now_ns();
+		int64_t last_fail = 0, t0 = t_now_ns();
 		int rc;
 		while ((rc = opq_lease_try_acquire(b, &gb)) == EBUSY) {
 			last_fail = t0; /* sent before the store's expiry */
 			ck_assert_int_lt(last_fail - a_after, T_WAIT_NS);
 			sched_yield();
-			t0 = now_ns();
+			t0 = t_now_ns();
 		}
-		int64_t won = now_ns();
+		int64_t won = t_now_ns();
 		ck_assert_int_eq(rc, 0);
 		ck_assert_uint_gt(gb.token, ga.token);
 		/* not before A's lease ran out from A's own instant */
@@ -362,7 +355,7 @@ static void *release_later(void *arg)
 {
 	struct releaser *r = arg;
 	pass_ns(r->after_ns);
-	r->released_at = now_ns();
+	r->released_at = t_now_ns();
 	ck_assert_int_eq(opq_lease_release(r->l), 0);
 	return NULL;
 }
@@ -378,7 +371,7 @@ START_TEST(test_blocking_acquire)
 	/* deadline passes while A holds: ETIMEDOUT, at the deadline, not much after */
 	struct timespec dl = t_deadline(80 * MS);
 	ck_assert_int_eq(opq_lease_acquire(b, &dl, &gb), ETIMEDOUT);
-	int64_t late = now_ns() - ts_ns(&dl);
+	int64_t late = t_now_ns() - ts_ns(&dl);
 	ck_assert_int_ge(late, 0);
 	ck_assert_int_lt(late, 2000 * MS);
 	/* a deadline in the past still tries once */
@@ -394,7 +387,7 @@ START_TEST(test_blocking_acquire)
 	ck_assert_int_eq(pthread_create(&th, NULL, release_later, &r), 0);
 	dl = t_deadline(T_WAIT_NS);
 	ck_assert_int_eq(opq_lease_acquire(b, &dl, &gb), 0);
-	int64_t got = now_ns();
+	int64_t got = t_now_ns();
 	ck_assert_int_eq(pthread_join(th, NULL), 0);
 	ck_assert_int_ge(got, r.released_at);
 	ck_assert_int_lt(got - r.released_at, 1000 * MS); /* poll max is 20 ms */
@@ -484,7 +477,6 @@ START_TEST(test_mutual_exclusion)
 END_TEST
 
 /* ---- allocation failures ------------------------------------------------------ */
-
 
 START_TEST(test_fault_sweep)
 {
@@ -656,7 +648,7 @@ static int tp_acquire(void *store, const opq_lease_request *req, uint64_t *token
 	struct tp *s = store;
 	pthread_mutex_lock(&s->mu);
 	int rc = 0;
-	int64_t now = now_ns();
+	int64_t now = t_now_ns();
 	if (s->mode == TP_FAIL) {
 		snprintf(req->errbuf, req->errlen, "test store: down");
 		rc = EIO;
@@ -686,7 +678,7 @@ static int tp_refresh(void *store, const opq_lease_request *req)
 		s->hanging--;
 	}
 	int rc = 0;
-	int64_t now = now_ns();
+	int64_t now = t_now_ns();
 	if (s->mode == TP_FAIL) {
 		snprintf(req->errbuf, req->errlen, "test store: down");
 		rc = EIO;
@@ -753,7 +745,7 @@ static void tp_steal(struct tp *s)
 	pthread_mutex_lock(&s->mu);
 	snprintf(s->owner, sizeof(s->owner), "thief");
 	s->token++;
-	s->expiry = now_ns() + 10000 * MS;
+	s->expiry = t_now_ns() + 10000 * MS;
 	pthread_mutex_unlock(&s->mu);
 }
 
@@ -775,7 +767,7 @@ struct lost_rec {
 static void on_lost(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
 {
 	struct lost_rec *r = arg;
-	long long t = now_ns();
+	long long t = t_now_ns();
 	/* calls that would wait for this callback refuse */
 	r->rc_stop = opq_lease_keepalive_stop(l);
 	r->rc_destroy = opq_lease_destroy(l);
@@ -817,8 +809,8 @@ START_TEST(test_keepalive_keeps)
 	ck_assert_int_eq(opq_lease_keepalive_start(b, q, 0, on_lost, &r), ENOLCK);
 	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 100 * MS, on_lost, &r), EBUSY);
 	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 400 * MS, on_lost, &r), EINVAL);
-	int64_t end = now_ns() + 2000 * MS;
-	while (now_ns() < end) {
+	int64_t end = t_now_ns() + 2000 * MS;
+	while (t_now_ns() < end) {
 		ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
 		int64_t left;
 		ck_assert_int_eq(opq_lease_remaining(a, NULL, &left), 0);
@@ -866,7 +858,7 @@ START_TEST(test_keepalive_taken)
 	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 3);
 	ck_assert_int_eq(atomic_load(&r.calls), 0);
 	tp_steal(&s);
-	int64_t stolen = now_ns();
+	int64_t stolen = t_now_ns();
 	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
 	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_TAKEN);
 	ck_assert_int_lt(atomic_load(&r.at) - stolen, 2000 * MS);
@@ -1061,12 +1053,12 @@ START_TEST(test_round_trips)
 	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
 	opq_lease *l = mk(p, "rt", "A", 10000 * MS);
 	long n = t_scale(200000);
-	int64_t t0 = now_ns();
+	int64_t t0 = t_now_ns();
 	for (long i = 0; i < n; i++) {
 		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
 		ck_assert_int_eq(opq_lease_release(l), 0);
 	}
-	double s = (double)(now_ns() - t0) / 1e9;
+	double s = (double)(t_now_ns() - t0) / 1e9;
 	fprintf(stderr, "check_lease: memory provider %.0f acquire+release round trips/s\n",
 		(double)n / s);
 	opq_lease_grant g;

@@ -34,13 +34,6 @@ static const char *conninfo(void)
 	return c;
 }
 
-static int64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * SEC + ts.tv_nsec;
-}
-
 static int64_t ts_ns(const struct timespec *ts)
 {
 	return (int64_t)ts->tv_sec * SEC + ts->tv_nsec;
@@ -128,13 +121,13 @@ static int db_write(PGconn *c, const char *sql, int n, const char *const *values
 /* Wait for a child with a bound; kill it if it overruns. Its exit status. */
 static int child_wait(pid_t pid, int64_t timeout_ns)
 {
-	int64_t end = mono_ns() + timeout_ns;
+	int64_t end = t_now_ns() + timeout_ns;
 	int st = 0;
 	for (;;) {
 		pid_t r = waitpid(pid, &st, WNOHANG);
 		if (r == pid)
 			break;
-		if (mono_ns() > end) {
+		if (t_now_ns() > end) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &st, 0);
 			return -1;
@@ -147,10 +140,10 @@ static int child_wait(pid_t pid, int64_t timeout_ns)
 /* Read exactly len bytes from fd within the bound; false otherwise. */
 static bool read_full(int fd, void *buf, size_t len, int64_t timeout_ns)
 {
-	int64_t end = mono_ns() + timeout_ns;
+	int64_t end = t_now_ns() + timeout_ns;
 	size_t got = 0;
 	while (got < len) {
-		int64_t left = end - mono_ns();
+		int64_t left = end - t_now_ns();
 		if (left <= 0)
 			return false;
 		struct pollfd p = {.fd = fd, .events = POLLIN};
@@ -209,14 +202,14 @@ static void excl_child(int who, int m, const char *log)
 		opq_deadline_after(&dl, 60 * SEC);
 		if (opq_lease_acquire(l, &dl, &g) != 0)
 			_exit(23);
-		int64_t start = mono_ns();
+		int64_t start = t_now_ns();
 		int64_t left = 0;
 		if (opq_lease_remaining(l, NULL, &left) != 0 || left <= 0)
 			_exit(24);
 		/* The work while holding: a short spin, so intervals have length. */
-		while (mono_ns() - start < 300000)
+		while (t_now_ns() - start < 300000)
 			;
-		int64_t end = mono_ns();
+		int64_t end = t_now_ns();
 		struct timespec e = {.tv_sec = end / SEC, .tv_nsec = end % SEC};
 		if (opq_lease_remaining(l, &e, &left) != 0 || left <= 0)
 			_exit(25); /* the interval would not be covered by the lease */
@@ -305,7 +298,7 @@ START_TEST(test_crash_takeover)
 		opq_lease_grant g;
 		if (l == NULL || opq_lease_try_acquire(l, &g) != 0)
 			_exit(22);
-		struct victim_report r = {g.token, ts_ns(&g.acquired), mono_ns()};
+		struct victim_report r = {g.token, ts_ns(&g.acquired), t_now_ns()};
 		if (write(fds[1], &r, sizeof r) != (ssize_t)sizeof r)
 			_exit(23);
 		for (;;)
@@ -326,13 +319,13 @@ START_TEST(test_crash_takeover)
 	/* Poll every 2 ms: refused while the dead holder's lease runs, then ours. */
 	opq_lease_grant g;
 	int busy = 0, rc;
-	int64_t end = mono_ns() + 30 * SEC;
+	int64_t end = t_now_ns() + 30 * SEC;
 	while ((rc = opq_lease_try_acquire(l, &g)) == EBUSY) {
 		busy++;
-		ck_assert_msg(mono_ns() < end, "never taken over");
+		ck_assert_msg(t_now_ns() < end, "never taken over");
 		nap_ns(2 * MS);
 	}
-	int64_t got = mono_ns();
+	int64_t got = t_now_ns();
 	ck_assert_int_eq(rc, 0);
 	ck_assert_uint_eq(g.token, v.token + 1);
 	int64_t expiry = v.acquired + lease_ns; /* the store's expiry is no earlier */
@@ -431,7 +424,7 @@ START_TEST(test_fenced_resource)
 	uint64_t ta = 0;
 	ck_assert(read_full(up[0], &ta, sizeof ta, 30 * SEC));
 	ck_assert_int_eq(kill(pid, SIGSTOP), 0);
-	int64_t stopped = mono_ns();
+	int64_t stopped = t_now_ns();
 
 	/* B takes over once A's lease has run out by the server's clock. */
 	opq_lease_provider *p = provider_new();
@@ -455,7 +448,7 @@ START_TEST(test_fenced_resource)
 	close(down[1]);
 	printf("fence: A (token %" PRIu64 ") paused %.0f ms, B took token %" PRIu64
 	       "; A's late writes refused\n",
-	       ta, (mono_ns() - stopped) / 1e6, g.token);
+	       ta, (t_now_ns() - stopped) / 1e6, g.token);
 
 	ck_assert_int_eq(db_value(c, "SELECT last_token FROM opq_fenced WHERE id = 1"),
 			 (long long)g.token);
@@ -535,7 +528,7 @@ static void on_lost(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
 {
 	(void)l;
 	struct lost_state *s = arg;
-	atomic_store(&s->at, mono_ns());
+	atomic_store(&s->at, t_now_ns());
 	atomic_store(&s->why, (int)why);
 	atomic_fetch_add(&s->calls, 1);
 }
@@ -558,7 +551,7 @@ START_TEST(test_store_down)
 	ck_assert_uint_eq(g.token, g0.token);
 
 	ck_assert_int_eq(run_sh("OPQ_PG_STOP"), 0);
-	int64_t down = mono_ns();
+	int64_t down = t_now_ns();
 	ck_assert_int_eq(opq_lease_grant_get(l, &g), 0); /* the last confirmed grant */
 	T_WAIT_UNTIL(atomic_load(&st.calls) > 0);
 	int64_t at = atomic_load(&st.at);
@@ -572,10 +565,10 @@ START_TEST(test_store_down)
 	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
 	ck_assert_int_eq(atomic_load(&st.calls), 1);
 	/* Down: a bounded error with words, no hang. */
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	int rc = opq_lease_try_acquire(l, NULL);
 	ck_assert_msg(rc == ECONNREFUSED, "acquire with the server down: %d", rc);
-	ck_assert_int_lt(mono_ns() - t0, 6 * SEC);
+	ck_assert_int_lt(t_now_ns() - t0, 6 * SEC);
 	char words[256];
 	ck_assert_int_eq(opq_lease_error(l, words, sizeof words), 0);
 	ck_assert_msg(strstr(words, "PostgreSQL") != NULL, "%s", words);
@@ -614,7 +607,7 @@ START_TEST(test_keepalive_taken)
 	struct lost_state st = {0};
 	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 100 * MS, on_lost, &st), 0);
 	PGconn *c = db_open();
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	db_exec(c, "UPDATE opq_lease SET owner = 'intruder', token = token + 1"
 		   " WHERE name = 'taken'");
 	T_WAIT_UNTIL(atomic_load(&st.calls) > 0);
@@ -861,12 +854,12 @@ START_TEST(test_threads_share_provider)
 	opq_lease *l = lease_new(s.p, "speed", NULL, 5 * SEC);
 	ck_assert_ptr_nonnull(l);
 	int n = (int)t_scale(300);
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	for (int i = 0; i < n; i++) {
 		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
 		ck_assert_int_eq(opq_lease_release(l), 0);
 	}
-	double secs = (mono_ns() - t0) / 1e9;
+	double secs = (t_now_ns() - t0) / 1e9;
 	printf("speed: %.0f acquire+release pairs per second (%d in %.2f s)\n", n / secs, n, secs);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
 	ck_assert_int_eq(opq_lease_provider_destroy(s.p), 0);
@@ -913,12 +906,12 @@ START_TEST(test_hung_server)
 		kill(pids[i], SIGSTOP);
 	/* Record first, assert after SIGCONT: a failed assert must not leave
 	 * the server stopped for the other tests. */
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	int rc_pooled = opq_lease_refresh(l, NULL);
-	int64_t t1 = mono_ns();
+	int64_t t1 = t_now_ns();
 	/* The pooled connection timed out and was closed: this one connects. */
 	int rc_fresh = opq_lease_try_acquire(l2, NULL);
-	int64_t t2 = mono_ns();
+	int64_t t2 = t_now_ns();
 	for (int i = n - 1; i >= 0; i--)
 		kill(pids[i], SIGCONT);
 	char words[256];

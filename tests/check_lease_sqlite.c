@@ -24,13 +24,6 @@
 static char dir[256];
 static char db_path[300];
 
-static int64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static int64_t ts_ns(const struct timespec *ts)
 {
 	return (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
@@ -230,10 +223,10 @@ static int contender(int id, long iters, const char *log_path)
 			fprintf(stderr, "proc %d: acquire %d %s\n", id, rc, err);
 			return 14;
 		}
-		int64_t start = mono_ns();
+		int64_t start = t_now_ns();
 		struct timespec nap = {0, 200000}; /* hold it a little */
 		nanosleep(&nap, NULL);
-		int64_t end = mono_ns();
+		int64_t end = t_now_ns();
 		char line[128];
 		int n = snprintf(line, sizeof(line), "%llu %lld %lld %d\n",
 				 (unsigned long long)g.token, (long long)start, (long long)end, id);
@@ -333,7 +326,7 @@ START_TEST(test_crash_takeover)
 		opq_lease_grant g;
 		if (opq_lease_try_acquire(l, &g))
 			_exit(3);
-		int64_t times[2] = {ts_ns(&g.acquired), mono_ns()};
+		int64_t times[2] = {ts_ns(&g.acquired), t_now_ns()};
 		if (write(fds[1], times, sizeof(times)) != (ssize_t)sizeof(times))
 			_exit(4);
 		for (;;)
@@ -353,7 +346,7 @@ START_TEST(test_crash_takeover)
 	struct timespec dl = t_deadline(T_WAIT_NS);
 	opq_lease_grant g;
 	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
-	int64_t won = mono_ns();
+	int64_t won = t_now_ns();
 	ck_assert_uint_eq(g.token, 2);
 	/* not before the victim's lease ran out (from its instant before sending) */
 	ck_assert_int_ge(won, times[0] + L);
@@ -531,7 +524,7 @@ static void *locker_main(void *arg)
 	struct timespec until = t_deadline(k->hold_ns);
 	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
 		;
-	k->unlocked_at = mono_ns();
+	k->unlocked_at = t_now_ns();
 	ck_assert_int_eq(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
 	sqlite3_close(db);
 	return NULL;
@@ -548,11 +541,11 @@ START_TEST(test_locked_database)
 	pthread_t th;
 	ck_assert_int_eq(pthread_create(&th, NULL, locker_main, &k), 0);
 	ck_assert(t_gate_wait(&k.locked));
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
-	int64_t waited = mono_ns() - t0;
+	int64_t waited = t_now_ns() - t0;
 	ck_assert_int_eq(pthread_join(th, NULL), 0);
-	ck_assert_int_ge(mono_ns(), k.unlocked_at);
+	ck_assert_int_ge(t_now_ns(), k.unlocked_at);
 	ck_assert_int_gt(waited, 200 * MS);
 	t_gate_destroy(&k.locked);
 	/* locked for longer than the store waits (5 s): a store error with words */
@@ -560,9 +553,9 @@ START_TEST(test_locked_database)
 	t_gate_init(&k2.locked);
 	ck_assert_int_eq(pthread_create(&th, NULL, locker_main, &k2), 0);
 	ck_assert(t_gate_wait(&k2.locked));
-	t0 = mono_ns();
+	t0 = t_now_ns();
 	int rc = opq_lease_refresh(l, NULL);
-	waited = mono_ns() - t0;
+	waited = t_now_ns() - t0;
 	ck_assert_int_eq(rc, EAGAIN);
 	ck_assert_int_ge(waited, 4900 * MS);
 	char words[256];
@@ -621,8 +614,8 @@ START_TEST(test_keepalive_sqlite)
 		if (opq_lease_attr_create(&at) || opq_lease_attr_set_owner(at, "B") ||
 		    opq_lease_attr_set_duration(at, L) || opq_lease_create(&b, cp, "ka", at))
 			_exit(2);
-		int64_t end = mono_ns() + 3 * L;
-		while (mono_ns() < end) {
+		int64_t end = t_now_ns() + 3 * L;
+		while (t_now_ns() < end) {
 			int rc = opq_lease_try_acquire(b, NULL);
 			if (rc != EBUSY) {
 				fprintf(stderr, "child: try_acquire %d\n", rc);
@@ -665,7 +658,7 @@ START_TEST(test_round_trips)
 	opq_lease_provider *p = open_store();
 	opq_lease *l = mk(p, "rt", "A", 10000 * MS, 10 * MS);
 	long n = t_scale(300);
-	int64_t t0 = mono_ns();
+	int64_t t0 = t_now_ns();
 	uint64_t last = 0;
 	for (long i = 0; i < n; i++) {
 		opq_lease_grant g;
@@ -674,7 +667,7 @@ START_TEST(test_round_trips)
 		last = g.token;
 		ck_assert_int_eq(opq_lease_release(l), 0);
 	}
-	double s = (double)(mono_ns() - t0) / 1e9;
+	double s = (double)(t_now_ns() - t0) / 1e9;
 	fprintf(stderr, "check_lease_sqlite: %.0f acquire+release round trips/s (%ld in %.2f s)\n",
 		(double)n / s, n, s);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);

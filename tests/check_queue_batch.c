@@ -446,13 +446,6 @@ struct carve {
 
 #define SLOW_GAP_NS 3000000	 /* longer than SLAB_GROW_NS per chunk */
 
-static int64_t mono_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void *carve_thread(void *arg)
 {
 	struct carve *c = arg;
@@ -463,10 +456,10 @@ static void *carve_thread(void *arg)
 			struct timespec gap = { 0, SLOW_GAP_NS };
 			nanosleep(&gap, NULL);
 		}
-		int64_t t0 = mono_now();
+		int64_t t0 = t_now_ns();
 		for (long i = 0; i < c->ops && !c->rc; i++)
 			c->rc = opq_queue_enqueue_fn(c->q, count_fn, NULL, c->performed);
-		int64_t dt = mono_now() - t0;
+		int64_t dt = t_now_ns() - t0;
 		if (dt > c->burst_ns)
 			c->burst_ns = dt;
 	}

@@ -32,13 +32,6 @@ static void rmqueue(opq_queue *q)
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
 }
 
-static int64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static struct timespec t_forever(void)
 {
 	return t_deadline(T_WAIT_NS);
@@ -272,7 +265,7 @@ static int blocker_fn(opq_scope *s, void *arg)
 		rc = opq_lease_acquire(b->lease, &far, NULL);
 		break;
 	}
-	atomic_store(&b->returned_at, now_ns());
+	atomic_store(&b->returned_at, t_now_ns());
 	b->rc = rc;
 	return rc;
 }
@@ -342,7 +335,7 @@ START_TEST(test_blocking_calls_cancelled)
 			opq_task *t;
 			ck_assert_int_eq(opq_scope_spawn(root, NULL, blocker_fn, &b, NULL, NULL, &t), 0);
 			T_WAIT_UNTIL(blocked(&b));
-			int64_t t0 = now_ns();
+			int64_t t0 = t_now_ns();
 			ck_assert_int_eq(opq_task_cancel(t), 0);
 			ck_assert_int_eq(wait_task(t), ECANCELED);
 			ck_assert_int_eq(b.rc, ECANCELED);
@@ -482,13 +475,13 @@ START_TEST(test_scope_deadline)
 		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
 		opq_scope *root;
 		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
-		int64_t t0 = now_ns();
+		int64_t t0 = t_now_ns();
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
 		/* The root's deadline cancels its tasks; the waiter learns ETIMEDOUT. */
 		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
 		ck_assert(t_passed(&dl)); /* not before its deadline */
-		ck_assert_int_lt(now_ns() - t0, 20 * MS + PROMPT_NS);
+		ck_assert_int_lt(t_now_ns() - t0, 20 * MS + PROMPT_NS);
 		ck_assert_int_eq(opq_scope_cancelled(root), 1);
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
 				 ECANCELED);
@@ -543,7 +536,7 @@ static atomic_int fire_seq;
 static void tt_fire(struct opq__timer *t)
 {
 	struct ttimer *x = OPQ_CONTAINER_OF(t, struct ttimer, t);
-	x->fired_at = now_ns();
+	x->fired_at = t_now_ns();
 	x->order = atomic_fetch_add(&fire_seq, 1);
 	atomic_fetch_add(&x->fired, 1);
 }
@@ -580,14 +573,14 @@ START_TEST(test_timer_heap)
 	atomic_store(&fire_seq, 0);
 	ck_assert_int_eq(opq__timer_ref(), 0);
 	unsigned seed = 12345;
-	int64_t base = now_ns() + 300 * MS; /* arming all of them takes less */
+	int64_t base = t_now_ns() + 300 * MS; /* arming all of them takes less */
 	for (int i = 0; i < N; i++)
 		tt_arm(&x[i], base + (int64_t)(rand_r(&seed) % 1000) * MS / 10);
 	for (int i = 0; i < N; i += 3) /* later or sooner than before */
 		tt_arm(&x[i], base + (int64_t)(rand_r(&seed) % 1000) * MS / 10);
 	for (int i = 1; i < N; i += 10) {
 		opq__timer_cancel(&x[i].t);
-		x[i].cancelled_at = now_ns();
+		x[i].cancelled_at = t_now_ns();
 	}
 	T_WAIT_UNTIL(tt_all_fired(x, N));
 	int n = 0;
@@ -643,12 +636,12 @@ START_TEST(test_timer_far_future)
 		struct ttimer far = { 0 }, near = { 0 };
 		t_gate_init(&near_gate);
 		opq__timer_arm(&far.t, &w[i], tt_fire);
-		int64_t cpu0 = cpu_ns(), t0 = now_ns();
+		int64_t cpu0 = cpu_ns(), t0 = t_now_ns();
 		near.when = t0 + 200 * MS;
 		struct timespec ts = opq__ns_to_ts(near.when);
 		opq__timer_arm(&near.t, &ts, near_fire);
 		ck_assert(t_gate_wait(&near_gate));
-		int64_t cpu = cpu_ns() - cpu0, wall = now_ns() - t0;
+		int64_t cpu = cpu_ns() - cpu0, wall = t_now_ns() - t0;
 		/* Once this returns, the thread has looked at the far timer
 		 * under its lock: it sleeps, or it has started firing it. */
 		opq__timer_cancel(&near.t);
@@ -757,11 +750,11 @@ START_TEST(test_policy_first_error)
 		struct backend b[3] = { { .ms = 5, .fail = EIO }, { .ms = 30000 }, { .ms = 30000 } };
 		opq_scope *root;
 		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
-		int64_t t0 = now_ns();
+		int64_t t0 = t_now_ns();
 		for (int k = 0; k < 3; k++)
 			ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
 		ck_assert_int_eq(wait_scope(root), EIO);
-		ck_assert_int_lt(now_ns() - t0, 5 * PROMPT_NS);
+		ck_assert_int_lt(t_now_ns() - t0, 5 * PROMPT_NS);
 		ck_assert_int_eq(b[0].finished, 1);
 		/* Cancelled while sleeping, or while still queued (then never ran). */
 		ck_assert_int_eq(b[1].finished, 0);
@@ -1076,7 +1069,6 @@ START_TEST(test_drop_handles)
 END_TEST
 
 /* ---- allocation failure ------------------------------------------------- */
-
 
 static int spawn_sweep(opq_scope *s, void *arg)
 {

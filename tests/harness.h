@@ -28,6 +28,14 @@ static inline struct timespec t_deadline(int64_t ns)
 	return ts;
 }
 
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline int64_t t_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static inline bool t_passed(const struct timespec *deadline)
 {
 	struct timespec now;
