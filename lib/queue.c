@@ -126,6 +126,10 @@ struct runner {
 	/* Under q->mu: slots before steal_pos are claimed too; batches taken,
 	 * and what the last look at this runner saw (see take_over_stuck). */
 	unsigned steal_pos, batches, seen_batches, seen_pos;
+	/* Under q->mu: the CPU it took its last batch on (-1: none yet), and
+	 * when it may step aside next (see step_aside). */
+	int cpu;
+	uint64_t aside_at;
 	struct slot slots[BATCH_MAX];
 };
 
@@ -156,7 +160,7 @@ struct opq_queue {
 	bool timer_ref;		 /* holds a timer thread reference (opq__queue_timer_ref) */
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
-	uint64_t completed, discarded, cancelled, high_water;
+	uint64_t completed, discarded, cancelled, high_water, asides;
 	struct opq_queue_attr attr;
 
 	/*
@@ -536,6 +540,7 @@ static unsigned batch_first(struct runner *r)
 /* r's slots 0..n-1 are its new batch. Under q->mu. */
 static void batch_begin(struct runner *r, unsigned n)
 {
+	r->cpu = sched_getcpu(); /* for the others' look (see take_over_stuck) */
 	r->nslots = n;
 	atomic_store_explicit(&r->pos, 0, memory_order_relaxed);
 	r->steal_pos = 0;
@@ -683,13 +688,87 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 }
 
 /*
+ * Stepping aside. With no more runners than CPUs, two runners should not
+ * share a CPU while another CPU idles, but the kernel leaves them so for a
+ * while: a runner woken while every CPU was busy (say, with the producer)
+ * lands next to another runner, and when the producer goes to sleep its CPU
+ * stays idle until a load balance moves one of them: on the 2-CPU machines
+ * measured, up to 28 ms later. A runner that slept a moment to be placed
+ * anew was mostly put back on its busy CPU (bench/RESULTS.md). So a
+ * runner that finds another runner stuck on its own CPU with work waiting
+ * in its batch (it has not moved since the last look: preempted by this
+ * one, or blocked) moves itself to a CPU where no runner works, by
+ * narrowing its CPU affinity to those CPUs and at once restoring the mask
+ * it had. It looks again no sooner than ASIDE_WAIT later.
+ */
+#define ASIDE_WAIT 1000000
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The CPUs this thread may run on (1 if that cannot be told). */
+static unsigned cpus_allowed(void)
+{
+	cpu_set_t set;
+	if (sched_getaffinity(0, sizeof(set), &set))
+		return 1;
+	return (unsigned)CPU_COUNT(&set);
+}
+
+/*
+ * Should self, about to take a batch, step aside for `stuck` (see above)?
+ * Work waits in stuck's batch if the slot it is at, or the next one, is
+ * PENDING. Under q->mu.
+ */
+static bool should_step_aside(opq_queue *q, struct runner *self, struct runner *stuck)
+{
+	unsigned i = batch_first(stuck);
+	bool waiting = false;
+	for (unsigned k = i; k < stuck->nslots && k < i + 2 && !waiting; k++)
+		waiting = atomic_load_explicit(&stuck->slots[k].state, memory_order_relaxed) ==
+			  SLOT_PENDING;
+	int cpu = sched_getcpu();
+	return waiting && cpu >= 0 && cpu == stuck->cpu && mono_ns() >= self->aside_at &&
+	       cpus_allowed() >= q->alive;
+}
+
+/* Move to a CPU where no runner of q works (see above). Under q->mu. */
+static void step_aside(opq_queue *q, struct runner *self)
+{
+	cpu_set_t mine, there;
+	if (sched_getaffinity(0, sizeof(mine), &mine))
+		return;
+	there = mine;
+	for (struct runner *r = q->runners; r; r = r->next)
+		if (r->nslots && r->cpu >= 0 && r->cpu < CPU_SETSIZE)
+			CPU_CLR(r->cpu, &there);
+	int cpu = sched_getcpu();
+	if (cpu >= 0 && cpu < CPU_SETSIZE)
+		CPU_CLR(cpu, &there);
+	self->aside_at = mono_ns() + ASIDE_WAIT;
+	if (!CPU_COUNT(&there))
+		return;
+	q->asides++;
+	opq__unlock(&q->mu);
+	if (!sched_setaffinity(0, sizeof(there), &there))
+		(void)sched_setaffinity(0, sizeof(mine), &mine);
+	opq__lock(&q->mu);
+}
+
+/*
  * For a runner about to take a batch from the FIFO: if another runner has
  * not moved since the last look at it (by any runner), it is blocked in one
  * operation (or preempted), and what waits behind it in its batch is older
  * than anything in the FIFO. Take half of that over as this runner's batch
- * (the operations stay counted as running). True if it took any. Under q->mu.
+ * (the operations stay counted as running): TOOK. Or, if that runner is
+ * stuck on this one's CPU, step aside first (see above): ASIDE. Under q->mu.
  */
-static bool take_over_stuck(opq_queue *q, struct runner *self)
+enum take_over { TOOK_NONE, TOOK, ASIDE };
+static enum take_over take_over_stuck(opq_queue *q, struct runner *self)
 {
 	for (struct runner *r = q->runners; r; r = r->next) {
 		if (r == self)
@@ -701,6 +780,8 @@ static bool take_over_stuck(opq_queue *q, struct runner *self)
 		unsigned i = batch_first(r);
 		if (!still || i >= r->nslots)
 			continue;
+		if (should_step_aside(q, self, r))
+			return ASIDE;
 		unsigned want = (r->nslots - i + 1) / 2, n = 0;
 		for (; i < r->nslots && n < want; i++)
 			if (slot_steal(&r->slots[i]))
@@ -708,20 +789,13 @@ static bool take_over_stuck(opq_queue *q, struct runner *self)
 		r->steal_pos = i;
 		if (n) {
 			batch_begin(self, n);
-			return true;
+			return TOOK;
 		}
 	}
-	return false;
+	return TOOK_NONE;
 }
 
 /* Look at the FIFO for a while without the lock: true if it has work. */
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static bool spin(opq_queue *q)
 {
 	uint64_t end = mono_ns() + OPQ_SPIN_NS;
@@ -808,7 +882,12 @@ static void *runner_main(void *arg)
 			break;
 		inbox_drain(q); /* every time: see the inbox above */
 		if (q->head) {
-			if (!take_over_stuck(q, r))
+			enum take_over t = take_over_stuck(q, r);
+			if (t == ASIDE) {
+				step_aside(q, r);
+				continue;
+			}
+			if (t == TOOK_NONE)
 				take_batch(q, r);
 			/* Work left behind: a producer that saw a runner spinning
 			 * (this one) woke nobody, so wake the next runner here
@@ -933,6 +1012,7 @@ static int spawn(opq_queue *q, unsigned count)
 			break;
 		}
 		r->q = q;
+		r->cpu = -1;
 		opq__lock(&q->mu);
 		r->index = q->next_index++;
 		q->alive++;
@@ -1708,6 +1788,7 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 	stats->discarded = q->discarded;
 	stats->cancelled = q->cancelled;
 	stats->high_water = q->high_water;
+	stats->asides = q->asides;
 	stats->runners = q->alive;
 	stats->blocked = q->space_waiters;
 	opq__unlock(&q->mu);

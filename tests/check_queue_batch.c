@@ -7,6 +7,7 @@
  * boxes are reused. Links the convenience library for the allocation
  * counter.
  */
+#define _GNU_SOURCE 1 /* sched_getcpu, CPU_* */
 #include "harness.h"
 #include "internal.h"
 
@@ -271,6 +272,150 @@ START_TEST(test_blocked_runner_batch_taken_over_first)
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
 	t_gate_destroy(&hold);
 	free(b);
+}
+END_TEST
+
+/*
+ * Stepping aside. The start hook pins each runner to one CPU, aside_cpu.
+ * `blocked` runners each take AS_N operations as a batch and block in the
+ * first, the rest waiting in their slots, on that CPU. One more runner
+ * starts there too, but its hook then gives it back every CPU of the process
+ * (it stays where it runs), and it performs operations from the FIFO. At a
+ * batch it finds a runner stuck on its own CPU: with no more runners than CPUs it
+ * steps aside onto another CPU, with its mask whole again; with more runners
+ * than CPUs it never does. Either way it takes over the operations waiting
+ * behind the blocked ones. The test's thread blocks meanwhile, so that
+ * nothing else makes the kernel move that runner.
+ */
+#define AS_N 64
+#define AS_FILL 4000
+static int aside_cpu;
+static cpu_set_t aside_all;
+static unsigned aside_blocked;
+static atomic_int aside_pin_failed, aside_bad_mask, aside_off_cpu;
+static struct t_gate aside_filled;
+
+static void aside_pin(void *arg, unsigned index)
+{
+	(void)arg;
+	cpu_set_t one;
+	CPU_ZERO(&one);
+	CPU_SET(aside_cpu, &one);
+	if (sched_setaffinity(0, sizeof(one), &one) ||
+	    (index >= aside_blocked && sched_setaffinity(0, sizeof(aside_all), &aside_all)))
+		atomic_fetch_add(&aside_pin_failed, 1);
+}
+
+static void aside_fill(void *arg)
+{
+	(void)arg;
+	cpu_set_t now;
+	if (sched_getaffinity(0, sizeof(now), &now) || !CPU_EQUAL(&now, &aside_all))
+		atomic_fetch_add(&aside_bad_mask, 1);
+	if (sched_getcpu() != aside_cpu)
+		atomic_store(&aside_off_cpu, 1);
+	if (atomic_fetch_add(&fill_done, 1) + 1 == AS_FILL)
+		t_gate_open(&aside_filled);
+}
+
+/* Run the scenario above; returns the queue's statistics after the stop. */
+static opq_queue_stats aside_run(unsigned blocked)
+{
+	struct t_gate hold;
+	long n = (long)blocked * AS_N;
+	struct bop *b = calloc((size_t)n, sizeof(*b));
+	atomic_int *started = calloc(blocked, sizeof(*started));
+	opq_queue *q;
+	opq_queue_attr *a;
+	ck_assert_ptr_nonnull(b);
+	ck_assert_ptr_nonnull(started);
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(aside_all), &aside_all), 0);
+	for (aside_cpu = 0; !CPU_ISSET(aside_cpu, &aside_all); aside_cpu++)
+		;
+	aside_blocked = blocked;
+	atomic_store(&aside_pin_failed, 0);
+	atomic_store(&aside_bad_mask, 0);
+	atomic_store(&aside_off_cpu, 0);
+	atomic_store(&fill_done, 0);
+	t_gate_init(&hold);
+	t_gate_init(&aside_filled);
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, aside_pin, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a);
+	for (unsigned k = 0; k < blocked; k++) {
+		for (long i = k * AS_N; i < (k + 1) * AS_N; i++) {
+			bop_init(&b[i]);
+			if (i == k * AS_N) {
+				b[i].hold = &hold;
+				b[i].started = &started[k];
+			}
+			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+		}
+		if (k == 0)
+			ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		else
+			ck_assert_int_eq(opq_queue_set_runners(q, k + 1), 0);
+		T_WAIT_UNTIL(atomic_load(&started[k]));
+	}
+	for (int i = 0; i < AS_FILL; i++)
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, aside_fill, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_set_runners(q, blocked + 1), 0);
+	ck_assert(t_gate_wait(&aside_filled));
+	for (long i = 0; i < n; i++) {
+		if (i % AS_N)
+			T_WAIT_UNTIL(atomic_load(&b[i].performed));
+		else
+			ck_assert_int_eq(b[i].performed, 0);
+	}
+	t_gate_open(&hold);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	for (long i = 0; i < n; i++) {
+		ck_assert_int_eq(b[i].performed, 1);
+		ck_assert_int_eq(b[i].discarded, 0);
+	}
+	int pin_failed = atomic_load(&aside_pin_failed), bad_mask = atomic_load(&aside_bad_mask);
+	ck_assert_int_eq(pin_failed, 0);
+	ck_assert_msg(bad_mask == 0, "%d operations ran with a CPU mask other than the process's",
+		      bad_mask);
+	opq_queue_stats st = stats_of(q);
+	ck_assert_uint_eq(st.completed, (uint64_t)n + AS_FILL);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	t_gate_destroy(&hold);
+	t_gate_destroy(&aside_filled);
+	free(started);
+	free(b);
+	return st;
+}
+
+START_TEST(test_runner_steps_aside_off_a_shared_cpu)
+{
+	cpu_set_t mine;
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(mine), &mine), 0);
+	if (CPU_COUNT(&mine) < 2) {
+		printf("test_runner_steps_aside_off_a_shared_cpu: one CPU, nothing to check\n");
+		return;
+	}
+	/* The kernel may move the second runner first (say, when it wakes the
+	 * test's thread on that CPU): then the scenario is tried again. */
+	opq_queue_stats st;
+	for (int attempt = 0; attempt < 5; attempt++) {
+		st = aside_run(1);
+		if (st.asides)
+			break;
+	}
+	ck_assert_uint_ge(st.asides, 1);
+	int off_cpu = atomic_load(&aside_off_cpu);
+	ck_assert_msg(off_cpu, "the second runner never left the first one's CPU");
+}
+END_TEST
+
+START_TEST(test_no_aside_with_more_runners_than_cpus)
+{
+	cpu_set_t mine;
+	ck_assert_int_eq(sched_getaffinity(0, sizeof(mine), &mine), 0);
+	opq_queue_stats st = aside_run((unsigned)CPU_COUNT(&mine));
+	ck_assert_uint_eq(st.asides, 0);
 }
 END_TEST
 
@@ -749,6 +894,8 @@ int main(void)
 	tcase_add_test(tc, test_idle_runner_takes_over);
 	tcase_add_test(tc, test_idle_runner_takes_over_long_batch);
 	tcase_add_test(tc, test_blocked_runner_batch_taken_over_first);
+	tcase_add_test(tc, test_runner_steps_aside_off_a_shared_cpu);
+	tcase_add_test(tc, test_no_aside_with_more_runners_than_cpus);
 	tcase_add_test(tc, test_stop_discards_batch);
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);

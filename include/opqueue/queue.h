@@ -74,7 +74,8 @@ typedef struct opq_queue_stats {
 	uint64_t high_water;	/* most operations ever queued at once */
 	uint64_t runners;	/* runner threads alive now */
 	uint64_t blocked;	/* enqueue calls waiting for room now */
-	uint64_t opq__reserved[8];
+	uint64_t asides;	/* times a runner stepped aside for another on its CPU, since create */
+	uint64_t opq__reserved[7];
 } opq_queue_stats;
 
 /* Prepare an operation header: perform is required, discard may be NULL. */
