@@ -59,6 +59,17 @@ static opq_queue_stats stats_of(opq_queue *q)
 	return st;
 }
 
+/* Open `hold`, stop q draining, and check that b[0..n-1] were each performed once. */
+static void release_and_drain(opq_queue *q, struct t_gate *hold, struct bop *b, long n)
+{
+	t_gate_open(hold);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	for (long i = 0; i < n; i++) {
+		ck_assert_int_eq(b[i].performed, 1);
+		ck_assert_int_eq(b[i].discarded, 0);
+	}
+}
+
 /*
  * A queue holding b[0..3], queued before start, with `runners` runners: the
  * first to run, b[0], blocks on `hold` (opened by the caller); returns once
@@ -136,12 +147,7 @@ START_TEST(test_idle_runner_takes_over)
 		/* Everything but the blocked one runs while it blocks. */
 		T_WAIT_UNTIL(b[1].performed + b[2].performed + b[3].performed == 3);
 		ck_assert_int_eq(b[0].performed, 0);
-		t_gate_open(&hold);
-		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-		for (int i = 0; i < 4; i++) {
-			ck_assert_int_eq(b[i].performed, 1);
-			ck_assert_int_eq(b[i].discarded, 0);
-		}
+		release_and_drain(q, &hold, b, 4);
 		ck_assert_uint_eq(stats_of(q).completed, 4);
 		ck_assert_int_eq(opq_queue_destroy(q), 0);
 		t_gate_destroy(&hold);
@@ -186,12 +192,7 @@ START_TEST(test_idle_runner_takes_over_long_batch)
 		for (long i = LONG_HELD + 1; i < LONG_N; i++)
 			T_WAIT_UNTIL(atomic_load(&b[i].performed));
 		ck_assert_int_eq(b[LONG_HELD].performed, 0);
-		t_gate_open(&hold);
-		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-		for (long i = 0; i < LONG_N; i++) {
-			ck_assert_int_eq(b[i].performed, 1);
-			ck_assert_int_eq(b[i].discarded, 0);
-		}
+		release_and_drain(q, &hold, b, LONG_N);
 		ck_assert_int_eq(atomic_load(&disorder), 0);
 		ck_assert_uint_eq(stats_of(q).completed, LONG_N);
 		ck_assert_int_eq(opq_queue_destroy(q), 0);
@@ -260,12 +261,7 @@ START_TEST(test_blocked_runner_batch_taken_over_first)
 	for (long i = 1; i < STUCK_N; i++)
 		ck_assert_msg(fill_at[i] < STUCK_FILL / 2,
 			      "operation %ld waited for %ld of the FIFO's operations", i, fill_at[i]);
-	t_gate_open(&hold);
-	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-	for (long i = 0; i < STUCK_N; i++) {
-		ck_assert_int_eq(b[i].performed, 1);
-		ck_assert_int_eq(b[i].discarded, 0);
-	}
+	release_and_drain(q, &hold, b, STUCK_N);
 	ck_assert_int_eq(atomic_load(&disorder), 0);
 	ck_assert_int_eq(atomic_load(&fill_done), STUCK_FILL);
 	ck_assert_uint_eq(stats_of(q).completed, STUCK_N + STUCK_FILL);
@@ -368,12 +364,7 @@ static opq_queue_stats aside_run(unsigned blocked)
 		else
 			ck_assert_int_eq(b[i].performed, 0);
 	}
-	t_gate_open(&hold);
-	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-	for (long i = 0; i < n; i++) {
-		ck_assert_int_eq(b[i].performed, 1);
-		ck_assert_int_eq(b[i].discarded, 0);
-	}
+	release_and_drain(q, &hold, b, n);
 	int pin_failed = atomic_load(&aside_pin_failed), bad_mask = atomic_load(&aside_bad_mask);
 	ck_assert_int_eq(pin_failed, 0);
 	ck_assert_msg(bad_mask == 0, "%d operations ran with a CPU mask other than the process's",
