@@ -58,12 +58,15 @@
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 
@@ -127,9 +130,11 @@ struct runner {
 	 * and what the last look at this runner saw (see take_over_stuck). */
 	unsigned steal_pos, batches, seen_batches, seen_pos;
 	/* Under q->mu: the CPU it took its last batch on (-1: none yet), and
-	 * when it may step aside next (see step_aside). */
+	 * when it may look at stepping aside next (see step_aside); its
+	 * thread id, set before it first takes q->mu. */
 	int cpu;
 	uint64_t aside_at;
+	pid_t tid;
 	struct slot slots[BATCH_MAX];
 };
 
@@ -520,6 +525,65 @@ static void wake_all(opq_queue *q)
 	OPQ_CHECK(pthread_cond_broadcast(&q->work));
 }
 
+/*
+ * Where runners run, for stepping aside (see should_step_aside): where the
+ * system lacks the calls, runners never step aside.
+ */
+#if HAVE_DECL_SCHED_GETCPU && HAVE_DECL_SCHED_GETAFFINITY && HAVE_DECL_SCHED_SETAFFINITY
+#define CAN_STEP_ASIDE 1
+
+static int this_cpu(void)
+{
+	return sched_getcpu();
+}
+
+static pid_t this_tid(void)
+{
+	return (pid_t)syscall(SYS_gettid);
+}
+
+/*
+ * Is thread `tid` of this process runnable and queued on `cpu`? From its
+ * /proc stat line: the state after the parenthesized name, and field 39,
+ * the CPU it is on. False when that cannot be read.
+ */
+static bool runnable_on(pid_t tid, int cpu)
+{
+	char path[64], buf[1024];
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	char *p = strrchr(buf, ')');
+	if (!p || p[1] != ' ' || p[2] != 'R')
+		return false;
+	/* p + 2 is field 3; skip to field 39. */
+	p += 2;
+	for (int field = 3; field < 39 && p; field++) {
+		p = strchr(p, ' ');
+		if (p)
+			p++;
+	}
+	return p && atoi(p) == cpu;
+}
+#else
+#define CAN_STEP_ASIDE 0
+static int this_cpu(void)
+{
+	return -1;
+}
+
+static pid_t this_tid(void)
+{
+	return 0;
+}
+#endif
+
 /* Put op into slot i of r's next batch. Under q->mu. */
 static void batch_add(struct runner *r, unsigned i, opq_op *op)
 {
@@ -540,7 +604,7 @@ static unsigned batch_first(struct runner *r)
 /* r's slots 0..n-1 are its new batch. Under q->mu. */
 static void batch_begin(struct runner *r, unsigned n)
 {
-	r->cpu = sched_getcpu(); /* for the others' look (see take_over_stuck) */
+	r->cpu = this_cpu(); /* for the others' look (see should_step_aside) */
 	r->nslots = n;
 	atomic_store_explicit(&r->pos, 0, memory_order_relaxed);
 	r->steal_pos = 0;
@@ -687,22 +751,6 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 	return NULL;
 }
 
-/*
- * Stepping aside. With no more runners than CPUs, two runners should not
- * share a CPU while another CPU idles, but the kernel leaves them so for a
- * while: a runner woken while every CPU was busy (say, with the producer)
- * lands next to another runner, and when the producer goes to sleep its CPU
- * stays idle until a load balance moves one of them: on the 2-CPU machines
- * measured, up to 28 ms later. A runner that slept a moment to be placed
- * anew was mostly put back on its busy CPU (bench/RESULTS.md). So a
- * runner that finds another runner stuck on its own CPU with work waiting
- * in its batch (it has not moved since the last look: preempted by this
- * one, or blocked) moves itself to a CPU where no runner works, by
- * narrowing its CPU affinity to those CPUs and at once restoring the mask
- * it had. It looks again no sooner than ASIDE_WAIT later.
- */
-#define ASIDE_WAIT 1000000
-
 static uint64_t mono_ns(void)
 {
 	struct timespec ts;
@@ -710,53 +758,77 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* The CPUs this thread may run on (1 if that cannot be told). */
-static unsigned cpus_allowed(void)
-{
-	cpu_set_t set;
-	if (sched_getaffinity(0, sizeof(set), &set))
-		return 1;
-	return (unsigned)CPU_COUNT(&set);
-}
+/*
+ * Stepping aside. With no more runners than CPUs, two runners should not
+ * share a CPU while another CPU idles, but the kernel leaves them so for a
+ * while: a runner woken while every CPU was busy (say, with the producer)
+ * lands next to another runner, and when the producer goes to sleep its CPU
+ * stays idle until a load balance moves one of them: on the 2-CPU machines
+ * measured, up to 28 ms later. A runner that slept a moment to be placed
+ * anew was mostly put back on its busy CPU (bench/RESULTS.md). So a runner
+ * about to take a batch that finds another runner stuck (not moved since
+ * the last look, with work waiting in its batch) that took its batch on
+ * this runner's CPU, and that the kernel shows runnable on this CPU (so
+ * preempted by this one, not asleep in an operation), moves itself to a CPU
+ * where no runner of the queue works: it narrows its CPU affinity to those
+ * CPUs and at once restores the mask it had. It looks into this at most once
+ * every ASIDE_WAIT: the look makes system calls.
+ */
+#define ASIDE_WAIT 1000000
 
 /*
- * Should self, about to take a batch, step aside for `stuck` (see above)?
- * Work waits in stuck's batch if the slot it is at, or the next one, is
- * PENDING. Under q->mu.
+ * Should self, about to take a batch, look into stepping aside for `stuck`
+ * (see above)? The checks that need no system call. Under q->mu.
  */
-static bool should_step_aside(opq_queue *q, struct runner *self, struct runner *stuck)
+static bool should_step_aside(struct runner *self, struct runner *stuck)
 {
+	/* Work waits in stuck's batch if the slot it is at, or the next, is PENDING. */
 	unsigned i = batch_first(stuck);
 	bool waiting = false;
 	for (unsigned k = i; k < stuck->nslots && k < i + 2 && !waiting; k++)
 		waiting = atomic_load_explicit(&stuck->slots[k].state, memory_order_relaxed) ==
 			  SLOT_PENDING;
-	int cpu = sched_getcpu();
-	return waiting && cpu >= 0 && cpu == stuck->cpu && mono_ns() >= self->aside_at &&
-	       cpus_allowed() >= q->alive;
+	if (!waiting || stuck->cpu < 0 || this_cpu() != stuck->cpu)
+		return false;
+	uint64_t now = mono_ns();
+	if (now < self->aside_at)
+		return false;
+	self->aside_at = now + ASIDE_WAIT;
+	return true;
 }
 
-/* Move to a CPU where no runner of q works (see above). Under q->mu. */
-static void step_aside(opq_queue *q, struct runner *self)
+/*
+ * The rest of the look, and the move (see above). Called under q->mu;
+ * drops it meanwhile.
+ */
+static void step_aside(opq_queue *q, struct runner *stuck)
 {
-	cpu_set_t mine, there;
-	if (sched_getaffinity(0, sizeof(mine), &mine))
-		return;
-	there = mine;
+#if CAN_STEP_ASIDE
+	cpu_set_t busy, mine;
+	CPU_ZERO(&busy);
 	for (struct runner *r = q->runners; r; r = r->next)
 		if (r->nslots && r->cpu >= 0 && r->cpu < CPU_SETSIZE)
-			CPU_CLR(r->cpu, &there);
-	int cpu = sched_getcpu();
-	if (cpu >= 0 && cpu < CPU_SETSIZE)
-		CPU_CLR(cpu, &there);
-	self->aside_at = mono_ns() + ASIDE_WAIT;
-	if (!CPU_COUNT(&there))
-		return;
-	q->asides++;
+			CPU_SET(r->cpu, &busy);
+	unsigned alive = q->alive;
+	pid_t tid = stuck->tid;
+	int cpu = stuck->cpu;
+	bool moved = false;
 	opq__unlock(&q->mu);
-	if (!sched_setaffinity(0, sizeof(there), &there))
-		(void)sched_setaffinity(0, sizeof(mine), &mine);
+	if (!sched_getaffinity(0, sizeof(mine), &mine) && (unsigned)CPU_COUNT(&mine) >= alive &&
+	    runnable_on(tid, cpu)) {
+		cpu_set_t there;
+		CPU_XOR(&there, &mine, &busy);
+		CPU_AND(&there, &there, &mine); /* mine less busy: cpu is in busy */
+		moved = CPU_COUNT(&there) && !sched_setaffinity(0, sizeof(there), &there);
+		if (moved) /* fails only if the cpuset changed meanwhile */
+			(void)sched_setaffinity(0, sizeof(mine), &mine);
+	}
 	opq__lock(&q->mu);
+	q->asides += moved;
+#else
+	(void)q;
+	(void)stuck;
+#endif
 }
 
 /*
@@ -765,7 +837,8 @@ static void step_aside(opq_queue *q, struct runner *self)
  * operation (or preempted), and what waits behind it in its batch is older
  * than anything in the FIFO. Take half of that over as this runner's batch
  * (the operations stay counted as running): TOOK. Or, if that runner is
- * stuck on this one's CPU, step aside first (see above): ASIDE. Under q->mu.
+ * stuck on this one's CPU, look into stepping aside first (see above):
+ * ASIDE, and q->mu was dropped meanwhile. Under q->mu.
  */
 enum take_over { TOOK_NONE, TOOK, ASIDE };
 static enum take_over take_over_stuck(opq_queue *q, struct runner *self)
@@ -780,8 +853,10 @@ static enum take_over take_over_stuck(opq_queue *q, struct runner *self)
 		unsigned i = batch_first(r);
 		if (!still || i >= r->nslots)
 			continue;
-		if (should_step_aside(q, self, r))
+		if (should_step_aside(self, r)) {
+			step_aside(q, r);
 			return ASIDE;
+		}
 		unsigned want = (r->nslots - i + 1) / 2, n = 0;
 		for (; i < r->nslots && n < want; i++)
 			if (slot_steal(&r->slots[i]))
@@ -867,6 +942,7 @@ static void *runner_main(void *arg)
 	bool spun = false;
 
 	tls_queue = q;
+	r->tid = this_tid();
 	runner_name(q, r->index);
 	if (q->attr.on_start) {
 		tls_in_start_hook = true;
@@ -883,10 +959,8 @@ static void *runner_main(void *arg)
 		inbox_drain(q); /* every time: see the inbox above */
 		if (q->head) {
 			enum take_over t = take_over_stuck(q, r);
-			if (t == ASIDE) {
-				step_aside(q, r);
+			if (t == ASIDE)
 				continue;
-			}
 			if (t == TOOK_NONE)
 				take_batch(q, r);
 			/* Work left behind: a producer that saw a runner spinning

@@ -6,7 +6,8 @@
 # (Not check_scope: helgrind takes its C11 atomics, the scopes' cancel
 # flags, for races, and the test calls ck_assert from runner threads, which
 # Check's nofork messaging does not survive under helgrind's scheduling.)
-# Stress sizes are divided by OPQ_TEST_DIVISOR (10 unless set); memcheck
+# Stress sizes are divided by OPQ_TEST_DIVISOR (10 unless set), tests that
+# need threads running at once see OPQ_TEST_VALGRIND; memcheck
 # also runs opqueue-stress for OPQ_VALGRIND_STRESS_SECONDS (5).
 # Prints one line per run; exits 1 if any run reports an error.
 # Usage: tests/valgrind.sh [memcheck|helgrind|drd|all] (from the build dir).
@@ -16,7 +17,7 @@ what=${1:-all}
 top_builddir=${top_builddir:-.}
 libtool=${LIBTOOL:-$top_builddir/libtool}
 command -v valgrind >/dev/null 2>&1 || { echo "valgrind not installed: skipped"; exit 77; }
-export CK_FORK=no OPQ_TEST_DIVISOR=${OPQ_TEST_DIVISOR:-10}
+export CK_FORK=no OPQ_TEST_DIVISOR=${OPQ_TEST_DIVISOR:-10} OPQ_TEST_VALGRIND=1
 logs=$top_builddir/tests/valgrind
 mkdir -p "$logs"
 fail=0
