@@ -133,7 +133,7 @@ struct runner {
 	 * when it may look at stepping aside next (see step_aside); its
 	 * thread id, set before it first takes q->mu. */
 	int cpu;
-	uint64_t aside_at;
+	int64_t aside_at;
 	pid_t tid;
 	struct slot slots[BATCH_MAX];
 };
@@ -751,13 +751,6 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 	return NULL;
 }
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /*
  * Stepping aside. With no more runners than CPUs, two runners should not
  * share a CPU while another CPU idles, but the kernel leaves them so for a
@@ -790,7 +783,7 @@ static bool should_step_aside(struct runner *self, struct runner *stuck)
 			  SLOT_PENDING;
 	if (!waiting || stuck->cpu < 0 || this_cpu() != stuck->cpu)
 		return false;
-	uint64_t now = mono_ns();
+	int64_t now = opq__mono_ns();
 	if (now < self->aside_at)
 		return false;
 	self->aside_at = now + ASIDE_WAIT;
@@ -873,9 +866,9 @@ static enum take_over take_over_stuck(opq_queue *q, struct runner *self)
 /* Look at the FIFO for a while without the lock: true if it has work. */
 static bool spin(opq_queue *q)
 {
-	uint64_t end = mono_ns() + OPQ_SPIN_NS;
+	int64_t end = opq__mono_ns() + OPQ_SPIN_NS;
 	for (unsigned i = 1;; i++) {
-		if (i % 32 == 0 && mono_ns() >= end)
+		if (i % 32 == 0 && opq__mono_ns() >= end)
 			return false;
 		if (__atomic_load_n(&q->head, __ATOMIC_RELAXED))
 			return true;
@@ -1623,7 +1616,7 @@ static _Thread_local unsigned tls_chunk TLS_FAST;
 static _Thread_local unsigned tls_carved TLS_FAST;
 /* The size of this thread's last slab, and when it was allocated (see SLAB_GROW_NS). */
 static _Thread_local unsigned tls_slab_chunks TLS_FAST;
-static _Thread_local uint64_t tls_slab_at TLS_FAST;
+static _Thread_local int64_t tls_slab_at TLS_FAST;
 static _Thread_local bool tls_boxes_exited TLS_FAST; /* the cache's destructor ran */
 static pthread_key_t boxes_key;
 static pthread_once_t boxes_once = PTHREAD_ONCE_INIT;
@@ -1714,9 +1707,9 @@ static struct box *box_get(opq_queue *q)
 	}
 	/* Carve one from this thread's slab, or from a new slab. */
 	if (!tls_slab) {
-		uint64_t now = mono_ns();
+		int64_t now = opq__mono_ns();
 		unsigned chunks = 1;
-		if (tls_slab_chunks && now - tls_slab_at < tls_slab_chunks * (uint64_t)SLAB_GROW_NS)
+		if (tls_slab_chunks && now - tls_slab_at < tls_slab_chunks * (int64_t)SLAB_GROW_NS)
 			chunks = tls_slab_chunks < SLAB_CHUNKS_MAX ? 2 * tls_slab_chunks : SLAB_CHUNKS_MAX;
 		struct chunk *s;
 		if (!tls_boxes_register() || !(s = slab_new(chunks)))
