@@ -25,14 +25,16 @@
  *          broadcast to as many waiters.
  *
  * In burst, latency and bounded, every run of every variant happens in a
- * child process of its own (peak RSS is per variant), after an untimed
- * warm-up run of the same workload in that process (not for latency;
- * --cold: none), and checks that each operation ran exactly once
- * (each thread logs what it performed; the log is counted afterwards).
- * Tables show medians over -k runs; burst tables also show the process's CPU
- * time (every thread) over the timed window per operation, which a noisy
- * machine disturbs less, and the part of it spent by the producer threads
- * ("enq ns/op": enqueueing; for libuv also the loop's completions). A separate
+ * child process of its own (peak RSS is per variant), after untimed
+ * warm-up runs of the same workload in that process until the allocator
+ * has stopped faulting in fresh memory (not for latency; --cold: none), and
+ * checks that each operation ran exactly once (each thread logs what it
+ * performed; the log is counted afterwards). Tables show medians over -k
+ * runs; burst tables also show the minor page faults in the timed window
+ * per operation ("flt/op"), the process's CPU time (every thread) over the
+ * timed window per operation, which a noisy machine disturbs less, and the
+ * part of it spent by the producer threads ("enq ns/op": enqueueing; for
+ * libuv also the loop's completions). A separate
  * run per variant counts allocations (a malloc wrapper in this program; it
  * also sees jemalloc's mallocx) per operation.
  *
@@ -92,6 +94,7 @@ static int cold; /* --cold: no untimed warm-up run before each timed burst run *
 static long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
 static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
+static long flt_start, flt_end;	    /* the process's minor page faults then */
 static atomic_ullong producers_cpu; /* CPU time of the producer threads of a run */
 
 static uint64_t now_ns(void)
@@ -108,6 +111,13 @@ static uint64_t cpu_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+static long minor_faults(void)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	return ru.ru_minflt;
+}
+
 /* A producer thread, at its end: its CPU time counts as enqueueing. */
 static void producer_done(void)
 {
@@ -121,6 +131,7 @@ static void producer_done(void)
 static void clock_start(void)
 {
 	atomic_store(&producers_cpu, 0);
+	flt_start = minor_faults();
 	cpu_start = cpu_ns();
 	t_start = now_ns();
 }
@@ -129,6 +140,7 @@ static void clock_stop(void)
 {
 	t_end = now_ns();
 	cpu_end = cpu_ns();
+	flt_end = minor_faults();
 }
 
 static void cpu_relax(void)
@@ -811,6 +823,7 @@ struct result {
 	long rss_kb;
 	double cpu_per_op;	/* CPU ns per operation over the timed window */
 	double enq_per_op;	/* of which the producer threads', per operation */
+	double flt_per_op;	/* minor page faults in the timed window, per operation */
 };
 
 static int cmp_double(const void *a, const void *b)
@@ -867,6 +880,9 @@ static int logs_check(void)
 	return rc;
 }
 
+#define WARM_MAX 8
+#define WARM_FAULTS 10000
+
 /* Run fn here and check that every operation ran exactly once. */
 static void run_here(int (*fn)(void), bool count, bool latency, struct result *res)
 {
@@ -877,15 +893,25 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 	perform_cb = work;
 	if (!latency && !cold) {
 		/*
-		 * Warm up: the same run once, untimed, in this process, so that
-		 * every variant meets memory its allocator has touched before, as
-		 * in a daemon that has been running for a while.
+		 * Warm up: the same run, untimed, in this process, so that every
+		 * variant meets memory its allocator has touched before, as in a
+		 * daemon that has been running for a while. Once is not always
+		 * enough: a run that met fewer page faults enqueues faster, so
+		 * more operations wait at once, and their boxes or nodes need
+		 * memory the run before did not touch. Repeat until a run takes
+		 * at most one fault per WARM_FAULTS operations (a fault cost 5 to
+		 * 14 us on the test machines), WARM_MAX runs at most.
 		 */
-		logs_reset();
-		res->rc = fn();
-		if (res->rc) {
-			logs_destroy();
-			return;
+		for (int i = 0; i < WARM_MAX; i++) {
+			long f = minor_faults();
+			logs_reset();
+			res->rc = fn();
+			if (res->rc) {
+				logs_destroy();
+				return;
+			}
+			if (minor_faults() - f <= nops / WARM_FAULTS)
+				break;
 		}
 	}
 	logs_reset();
@@ -900,6 +926,7 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 		res->rate = (double)nops / ((double)(t_end - t_start) / 1e9);
 		res->cpu_per_op = (double)(cpu_end - cpu_start) / (double)nops;
 		res->enq_per_op = (double)atomic_load(&producers_cpu) / (double)nops;
+		res->flt_per_op = (double)(flt_end - flt_start) / (double)nops;
 	}
 	if (!res->rc && latency) {
 		uint64_t *d = lat_t0; /* reuse: latencies in ns */
@@ -1105,20 +1132,22 @@ static int run_burst(void)
 			rows[row] = rowname[row];
 			printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n",
 			       P, M, R, what, K);
-			printf("%-22s %12s %9s %9s %10s %10s %10s %10s\n", "variant", "ops/s",
-			       "intr/this", "fn/this", "allocs/op", "RSS kB", "CPU ns/op", "enq ns/op");
-			double med[NV], per_op[NV], cpu_med[NV], enq_med[NV];
+			printf("%-22s %12s %9s %9s %10s %9s %10s %10s %10s\n", "variant", "ops/s",
+			       "intr/this", "fn/this", "allocs/op", "flt/op", "RSS kB", "CPU ns/op",
+			       "enq ns/op");
+			double med[NV], per_op[NV], cpu_med[NV], enq_med[NV], flt_med[NV];
 			long rss[NV];
 			/*
 			 * Round k runs every variant once, so that each variant's runs
 			 * spread over the same stretch of time: on a machine whose load
 			 * changes, the ratios stay fair.
 			 */
-			double rates[NV][K], cpus[NV][K], enqs[NV][K];
+			double rates[NV][K], cpus[NV][K], enqs[NV][K], flts[NV][K];
 			for (size_t v = 0; v < NV; v++) {
 				med[v] = 0;
 				cpu_med[v] = 0;
 				enq_med[v] = 0;
+				flt_med[v] = 0;
 				rss[v] = 0;
 				table[row][v] = 0;
 			}
@@ -1138,6 +1167,7 @@ static int run_burst(void)
 					rates[v][k] = res.rate;
 					cpus[v][k] = res.cpu_per_op;
 					enqs[v][k] = res.enq_per_op;
+					flts[v][k] = res.flt_per_op;
 					if (res.rss_kb > rss[v])
 						rss[v] = res.rss_kb;
 				}
@@ -1150,6 +1180,8 @@ static int run_burst(void)
 				cpu_med[v] = cpus[v][K / 2];
 				qsort(enqs[v], K, sizeof(double), cmp_double);
 				enq_med[v] = enqs[v][K / 2];
+				qsort(flts[v], K, sizeof(double), cmp_double);
+				flt_med[v] = flts[v][K / 2];
 				table[row][v] = med[v] / 1e6;
 				/* One more run, smaller, counting allocations. */
 				long saved = M;
@@ -1182,8 +1214,9 @@ static int run_burst(void)
 #ifndef NO_MALLOC_HOOK
 				snprintf(al, sizeof(al), "%.3f", per_op[v]);
 #endif
-				printf("%-22s %12.0f %9s %9s %10s %10ld %10.1f %10.1f\n", variants[v].label,
-				       med[v], ri, rf, al, rss[v], cpu_med[v], enq_med[v]);
+				printf("%-22s %12.0f %9s %9s %10s %9.4f %10ld %10.1f %10.1f\n",
+				       variants[v].label, med[v], ri, rf, al, flt_med[v], rss[v],
+				       cpu_med[v], enq_med[v]);
 			}
 			fflush(stdout);
 		}
