@@ -11,16 +11,17 @@ tool="${top_builddir:-.}/tools/opqueue-bench"
 variants=
 [ -n "${SAN_CFLAGS:-}" ] && variants="-V intrusive,fn,plain,ceiling"
 out=$(mktemp "${TMPDIR:-/tmp}/opq-bench.XXXXXX") || exit 99
-trap 'rm -f "$out"' EXIT
+err=$(mktemp "${TMPDIR:-/tmp}/opq-bench.XXXXXX") || exit 99
+trap 'rm -f "$out" "$err"' EXIT
 fail=0
 
 # run NAME ARGS...: run the tool, fail on a non-zero exit.
 run() {
 	name=$1
 	shift
-	if ! "$tool" "$@" >"$out" 2>&1; then
+	if ! "$tool" "$@" >"$out" 2>"$err"; then
 		echo "opqueue-bench $*: failed"
-		cat "$out"
+		cat "$out" "$err"
 		fail=1
 		return 1
 	fi

@@ -897,6 +897,7 @@ static int logs_check(void)
 
 #define WARM_MAX 8
 #define WARM_FAULTS 2000
+#define WARM_FLOOR 16
 
 /* Run fn here and check that every operation ran exactly once. */
 static void run_here(int (*fn)(void), bool count, bool latency, struct result *res)
@@ -915,9 +916,9 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 		 * more operations wait at once, and their boxes or nodes need
 		 * memory the run before did not touch. Repeat until a run takes
 		 * at most one fault per WARM_FAULTS operations in its timed
-		 * window (a fault cost 5 to 14 us on the test machines; what a
-		 * variant's setup touches before the clock does not count),
-		 * WARM_MAX runs at most.
+		 * window, or WARM_FLOOR in a small run (a fault cost 5 to 14 us
+		 * on the test machines; what a variant's setup touches before
+		 * the clock does not count), WARM_MAX runs at most.
 		 */
 		for (int i = 0; i < WARM_MAX; i++) {
 			logs_reset();
@@ -926,7 +927,8 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 				logs_destroy();
 				return;
 			}
-			if (flt_end - flt_start <= nops / WARM_FAULTS)
+			long limit = nops / WARM_FAULTS;
+			if (flt_end - flt_start <= (limit > WARM_FLOOR ? limit : WARM_FLOOR))
 				break;
 		}
 	}
@@ -1000,9 +1002,13 @@ static int run_one(int (*fn)(void), bool count, bool latency, struct result *res
 static uint64_t progress_t0;
 static bool progress_shown;
 
+/* On a terminal only: redirected, \r and the erase sequence would end up in the file. */
 static void progress(const char *fmt, ...)
 {
-	if (now_ns() - progress_t0 < 1000000000u)
+	static int tty = -1;
+	if (tty < 0)
+		tty = isatty(STDERR_FILENO);
+	if (!tty || now_ns() - progress_t0 < 1000000000u)
 		return;
 	va_list ap;
 	va_start(ap, fmt);
