@@ -847,6 +847,13 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* The median of a[0..n-1] (the upper one for even n); sorts a. */
+static double median(double *a, size_t n)
+{
+	qsort(a, n, sizeof(*a), cmp_double);
+	return a[n / 2];
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -1196,14 +1203,10 @@ static int run_burst(void)
 			for (size_t v = 0; v < NV; v++) {
 				if (!selected[v] || !variants[v].burst)
 					continue;
-				qsort(rates[v], K, sizeof(double), cmp_double);
-				med[v] = rates[v][K / 2];
-				qsort(cpus[v], K, sizeof(double), cmp_double);
-				cpu_med[v] = cpus[v][K / 2];
-				qsort(enqs[v], K, sizeof(double), cmp_double);
-				enq_med[v] = enqs[v][K / 2];
-				qsort(flts[v], K, sizeof(double), cmp_double);
-				flt_med[v] = flts[v][K / 2];
+				med[v] = median(rates[v], K);
+				cpu_med[v] = median(cpus[v], K);
+				enq_med[v] = median(enqs[v], K);
+				flt_med[v] = median(flts[v], K);
 				table[row][v] = med[v] / 1e6;
 				/* One more run, smaller, counting allocations. */
 				long saved = M;
@@ -1320,10 +1323,7 @@ static int run_latency(void)
 	for (size_t v = 0; v < NV; v++) {
 		if (!selected[v] || !variants[v].latency)
 			continue;
-		qsort(p50[v], K, sizeof(double), cmp_double);
-		qsort(p99[v], K, sizeof(double), cmp_double);
-		qsort(p999[v], K, sizeof(double), cmp_double);
-		double a = p50[v][K / 2], b = p99[v][K / 2], c = p999[v][K / 2];
+		double a = median(p50[v], K), b = median(p99[v], K), c = median(p999[v], K);
 		if (nr == 0)
 			base = a;
 		printf("%-22s %9.2f %9.2f %9.2f %11.2fx\n", variants[v].label, a, b, c, a / base);
@@ -1384,10 +1384,8 @@ static int run_bounded(void)
 			rates[v][k] = res.rate;
 		}
 	progress_done();
-	for (size_t v = 0; v < 4; v++) {
-		qsort(rates[v], K, sizeof(double), cmp_double);
-		med[v] = rates[v][K / 2];
-	}
+	for (size_t v = 0; v < 4; v++)
+		med[v] = median(rates[v], K);
 	for (size_t v = 0; v < 3; v++)
 		printf("%-30s %12.0f %13.1f%%\n", b[v].label, med[v], 100 * med[v] / med[3]);
 	progress_done();
@@ -1516,8 +1514,7 @@ static double wakeup_us(bool line, unsigned n)
 	pthread_barrier_destroy(&w.woke);
 	pthread_cond_destroy(&w.cv);
 	pthread_mutex_destroy(&w.mu);
-	qsort(us, WAKE_ROUNDS, sizeof(double), cmp_double);
-	return rc ? -1 : us[WAKE_ROUNDS / 2];
+	return rc ? -1 : median(us, WAKE_ROUNDS);
 }
 
 static int run_line(void)
@@ -1538,8 +1535,7 @@ static int run_line(void)
 		}
 		ns[k] = (double)(now_ns() - t0) / (double)M;
 	}
-	qsort(ns, K, sizeof(double), cmp_double);
-	printf("%-22s %10.1f ns\n", "acquire + release", ns[K / 2]);
+	printf("%-22s %10.1f ns\n", "acquire + release", median(ns, K));
 	if (opq_line_destroy(&line))
 		return 1;
 	static const unsigned counts[] = { 1, 8, 64 };
