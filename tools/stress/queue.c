@@ -1,5 +1,9 @@
 /*
- * The queue under stress. Two bounded queues; every worker enqueues
+ * The queue under stress. Two queues: one bounded (its runners take one
+ * operation at a time, producers block for room), one unbounded (lock-free
+ * enqueues through the inbox, runners take batches that idle runners and
+ * cancels take operations out of, and operations that now and then spin a
+ * while so that batches stall and get taken over). Every worker enqueues
  * caller-boxed and function-pointer operations (blocking, try, timed),
  * cancels its own, stops (drain or discard) and restarts the queues while
  * others enqueue, resizes them and waits for idle; operations enqueue
@@ -27,6 +31,10 @@
 #define WORKER_SLOTS 32
 #define CHILD_SLOTS  1024
 #define CAPACITY     48
+#define SPIN_NS_MAX  20000
+
+/* Queue 0 is bounded, queue 1 unbounded. */
+static const unsigned capacity[NQUEUES] = {CAPACITY, 0};
 
 enum { FREE = 0, IN_FLIGHT = 1 };
 
@@ -98,6 +106,12 @@ static void perform_body(struct slot *s)
 	}
 	if (s->depth < 2 && stress_pct(&r, 30))
 		enqueue_child(m, s, &r);
+	if (stress_pct(&r, 5)) {
+		/* Hold this runner a while: its batch stalls, others take it over. */
+		int64_t end = stress_now() + (int64_t)stress_below(&r, SPIN_NS_MAX);
+		while (stress_now() < end)
+			;
+	}
 	resolve(s, "performed"); /* the last touch: the slot may be reused from here */
 }
 
@@ -183,9 +197,11 @@ static void enqueue_slot(struct qmod *m, struct slot *s, struct stress_rng *r, b
 		else
 			rc = opq_queue_timedenqueue(q, &s->op, &dl);
 	}
-	/* A runner waiting for room in its own full queue may get EDEADLK. */
-	enqueued(m, s, qi, rc, variant == 1, variant == 2,
-	         variant == 2 && opq_queue_current() == q);
+	/* Only a bounded queue is ever full: try may then give EAGAIN, timed
+	 * ETIMEDOUT, and a runner waiting for room in its own queue EDEADLK. */
+	bool bounded = capacity[qi] != 0;
+	enqueued(m, s, qi, rc, bounded && variant == 1, bounded && variant == 2,
+	         bounded && variant == 2 && opq_queue_current() == q);
 }
 
 static void enqueue_child(struct qmod *m, struct slot *parent, struct stress_rng *r)
@@ -220,13 +236,15 @@ static int setup(void **statep, unsigned threads, uint64_t seed)
 	int rc = opq_queue_attr_create(&a);
 	if (rc)
 		return rc;
-	opq_queue_attr_set_capacity(a, CAPACITY);
 	opq_queue_attr_set_name(a, "stress");
 	for (unsigned i = 0; i < NQUEUES; i++) {
+		opq_queue_attr_set_capacity(a, capacity[i]);
 		if ((rc = opq_queue_create(&m->q[i], a)) || (rc = opq_queue_start(m->q[i], 2 + i)))
-			return rc;
+			break;
 	}
 	opq_queue_attr_destroy(a);
+	if (rc)
+		return rc;
 	*statep = m;
 	return 0;
 }
@@ -307,9 +325,9 @@ static void step(void *state, struct stress_worker *w)
 		CALL(m);
 		if ((rc = opq_queue_stats_get(q, &st)) != 0)
 			stress_fail("queue", "stats_get returned %d", rc);
-		else if (CAPACITY && st.queued > CAPACITY)
-			stress_fail("queue", "%" PRIu64 " queued in a queue of capacity %d",
-			            st.queued, CAPACITY);
+		else if (capacity[qi] && st.queued > capacity[qi])
+			stress_fail("queue", "%" PRIu64 " queued in a queue of capacity %u",
+			            st.queued, capacity[qi]);
 	}
 }
 
@@ -317,12 +335,16 @@ static void check(void *state)
 {
 	struct qmod *m = state;
 	for (unsigned i = 0; i < NQUEUES; i++) {
+		/* The queue counts an operation completed after its perform
+		 * callback returns, and discarded before it calls the discard
+		 * callback (under its lock, then the callbacks without it): read
+		 * each pair in the order in which the earlier count cannot have
+		 * moved past the later one. */
+		uint64_t discarded = atomic_load(&m->c[i].discarded);
 		opq_queue_stats st;
 		opq_queue_stats_get(m->q[i], &st);
-		/* The callback counts before the queue does: it can only be ahead. */
 		uint64_t performed = atomic_load(&m->c[i].performed);
-		uint64_t discarded = atomic_load(&m->c[i].discarded);
-		if (st.completed > performed || st.discarded > discarded)
+		if (st.completed > performed || st.discarded < discarded)
 			stress_fail("queue",
 			            "queue %u counts %" PRIu64 " performed, %" PRIu64
 			            " discarded, its callbacks saw %" PRIu64 " and %" PRIu64,
