@@ -1000,6 +1000,91 @@ START_TEST(test_schema_race)
 }
 END_TEST
 
+/* ---- the pool keeps what ran at once; a timeout closes its connection only ---- */
+
+struct pool_call {
+	opq_lease *l;
+	int rc;
+};
+
+static void *pool_thread(void *arg)
+{
+	struct pool_call *c = arg;
+	c->rc = opq_lease_try_acquire(c->l, NULL);
+	return NULL;
+}
+
+/* Server processes of the test's provider (application_name opq_pool); `locked`: those waiting for a lock. */
+static long long pool_backends(PGconn *c, bool locked)
+{
+	return db_value(c, locked ? "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+				    "'opq_pool' AND wait_event_type = 'Lock'"
+				  : "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+				    "'opq_pool'");
+}
+
+START_TEST(test_pool)
+{
+	enum { T = 8 };
+	char ci[1024], err[256], name[32];
+	snprintf(ci, sizeof ci, "%s application_name=opq_pool", conninfo());
+	opq_lease_provider *p = NULL;
+	ck_assert_msg(opq_lease_provider_pg(&p, ci, err, sizeof err) == 0, "%s", err);
+	struct pool_call calls[T];
+	for (int i = 0; i < T; i++) {
+		snprintf(name, sizeof name, "pool-%d", i);
+		calls[i].l = lease_new(p, name, NULL, 60 * SEC);
+		ck_assert_ptr_nonnull(calls[i].l);
+		/* The row exists from here on, for the test to lock. */
+		ck_assert_int_eq(opq_lease_try_acquire(calls[i].l, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(calls[i].l), 0);
+	}
+
+	/* T calls at once: each waits inside its statement for a row the test
+	 * locked (with connection c; q looks, outside c's transaction, whose
+	 * view of pg_stat_activity would stay as it was at its first look). */
+	PGconn *c = db_open(), *q = db_open();
+	db_exec(c, "BEGIN");
+	db_exec(c, "SELECT 1 FROM opq_lease WHERE name LIKE 'pool-%' FOR UPDATE");
+	pthread_t th[T];
+	for (int i = 0; i < T; i++)
+		ck_assert_int_eq(pthread_create(&th[i], NULL, pool_thread, &calls[i]), 0);
+	T_WAIT_UNTIL(pool_backends(q, true) == T);
+	db_exec(c, "COMMIT");
+	for (int i = 0; i < T; i++) {
+		ck_assert_int_eq(pthread_join(th[i], NULL), 0);
+		ck_assert_int_eq(calls[i].rc, 0);
+	}
+	/* Every connection those calls used is kept for the next ones. */
+	ck_assert_int_eq(pool_backends(q, false), T);
+
+	/* A call that runs out of time (its statement waits for a locked row)
+	 * closes its own connection, and only that one: the server is slow,
+	 * not gone. The bound of a 300 ms lease is 200 ms. */
+	opq_lease *other = lease_new(p, "pool-0", "pool-other", 300 * MS);
+	ck_assert_ptr_nonnull(other);
+	db_exec(c, "BEGIN");
+	db_exec(c, "SELECT 1 FROM opq_lease WHERE name = 'pool-0' FOR UPDATE");
+	int rc = opq_lease_try_acquire(other, NULL);
+	db_exec(c, "COMMIT");
+	ck_assert_int_eq(rc, ETIMEDOUT);
+	/* Its server process ends once it finds its client gone. */
+	T_WAIT_UNTIL(pool_backends(q, false) <= T - 1);
+	ck_assert_int_eq(pool_backends(q, false), T - 1);
+	ck_assert_int_eq(opq_lease_try_acquire(other, NULL), EBUSY); /* pool-0 is still held */
+
+	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	for (int i = 0; i < T; i++) {
+		ck_assert_int_eq(opq_lease_release(calls[i].l), 0);
+		ck_assert_int_eq(opq_lease_destroy(calls[i].l), 0);
+	}
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	T_WAIT_UNTIL(pool_backends(q, false) == 0); /* destroy closed them all */
+	PQfinish(c);
+	PQfinish(q);
+}
+END_TEST
+
 int main(void)
 {
 	if (getenv("OPQ_PG_CONNINFO") == NULL) {
@@ -1013,6 +1098,7 @@ int main(void)
 	tcase_add_test(t_tcase(s, "schema_race", 60), test_schema_race);
 	tcase_add_test(t_tcase(s, "exclusion", 120), test_mutual_exclusion);
 	tcase_add_test(t_tcase(s, "threads", 120), test_threads_share_provider);
+	tcase_add_test(t_tcase(s, "pool", 60), test_pool);
 	tcase_add_test(t_tcase(s, "crash", 60), test_crash_takeover);
 	tcase_add_test(t_tcase(s, "fence", 60), test_fenced_resource);
 	tcase_add_test(t_tcase(s, "guard", 60), test_guard_holds_takeover);
