@@ -1,7 +1,9 @@
 /*
- * The lease under stress, on the memory provider ("lease") and on the SQLite
+ * The lease under stress, on the memory provider ("lease"), on the SQLite
  * provider with a database file of its own ("lease_sqlite", when the build
- * has it): every worker has its own
+ * has it) and on the PostgreSQL provider on the server that OPQ_PG_CONNINFO
+ * names ("lease_pg", when the build has it; only when -m names it, as
+ * tests/stress_pg.sh does with a server of its own): every worker has its own
  * handle (its own owner) on each of a few lock names, with short leases
  * (2..20 ms), and makes random try_acquire / acquire with short deadlines /
  * refresh / release / remaining / grant_get / keepalive start and stop
@@ -37,6 +39,9 @@
 #include "stress.h"
 #ifdef HAVE_SQLITE3
 #include <opqueue/lease_sqlite.h>
+#endif
+#ifdef HAVE_LIBPQ
+#include <opqueue/lease_pg.h>
 #endif
 
 #define NNAMES 3
@@ -75,6 +80,7 @@ struct lh {
 
 struct lmod {
 	const char *name; /* the module's */
+	bool remote; /* the store is a server: its failures are results, not violations */
 	char path[PATH_MAX]; /* the SQLite database, or "" */
 	opq_lease_provider *prov;
 	opq_queue *q;
@@ -83,13 +89,28 @@ struct lmod {
 	struct lh *h; /* threads * NNAMES */
 	_Atomic uint64_t calls, grants, busy, timeouts, refreshes, enolck, releases;
 	_Atomic uint64_t observations, ka_starts, ka_stops, lost_unreach, lost_taken;
-	_Atomic uint64_t overlaps_checked;
+	_Atomic uint64_t overlaps_checked, store_errors;
 };
 
 #define CALL(m) atomic_fetch_add_explicit(&(m)->calls, 1, memory_order_relaxed)
 #define INC(x)  atomic_fetch_add_explicit(&(x), 1, memory_order_relaxed)
 
 static const char *const lock_names[NNAMES] = {"stress-a", "stress-b", "stress-c"};
+
+/*
+ * A failure of the store itself (a timeout, a lost connection: EIO,
+ * ETIMEDOUT, ECONNREFUSED...), which try_acquire, refresh and release may
+ * return from a store on a server (opq_lease_acquire(3)): counted there,
+ * a violation anywhere else.
+ */
+static bool store_failed(struct lmod *m, int rc)
+{
+	bool failed = m->remote && rc != 0 && rc != EBUSY && rc != ENOLCK && rc != EINVAL &&
+	              rc != EDEADLK;
+	if (failed)
+		atomic_fetch_add_explicit(&m->store_errors, 1, memory_order_relaxed);
+	return failed;
+}
 
 static bool nonempty(const struct ival *v)
 {
@@ -368,6 +389,19 @@ static void release(struct lmod *m, struct lh *h, struct stress_rng *r)
 	CALL(m);
 	int rc = opq_lease_release(h->lease);
 	INC(m->releases);
+	/* After a failed release the lease may still be held at the store and
+	 * the handle keeps its grant: try again while it has time left. */
+	int64_t left = -1;
+	while (store_failed(m, rc)) {
+		opq_lease_remaining(h->lease, NULL, &left);
+		if (left == 0) {
+			ka_done(h->ka);
+			h->ka = NULL;
+			return; /* it has run out: nobody acts on it any more */
+		}
+		CALL(m);
+		rc = opq_lease_release(h->lease);
+	}
 	if (rc)
 		stress_fail(m->name, "release returned %d", rc);
 	/* Release stopped the keepalive. */
@@ -378,7 +412,6 @@ static void release(struct lmod *m, struct lh *h, struct stress_rng *r)
 		if ((rc = opq_lease_release(h->lease)) != 0)
 			stress_fail(m->name, "a second release returned %d", rc);
 	}
-	int64_t left = -1;
 	CALL(m);
 	opq_lease_remaining(h->lease, NULL, &left);
 	CALL(m);
@@ -386,7 +419,7 @@ static void release(struct lmod *m, struct lh *h, struct stress_rng *r)
 		stress_fail(m->name, "after release: remaining %" PRId64 ", still a grant", left);
 	if (stress_pct(r, 30)) {
 		CALL(m);
-		if ((rc = opq_lease_refresh(h->lease, NULL)) != ENOLCK)
+		if ((rc = opq_lease_refresh(h->lease, NULL)) != ENOLCK && !store_failed(m, rc))
 			stress_fail(m->name, "refresh after release returned %d, not ENOLCK", rc);
 		INC(m->enolck);
 	}
@@ -407,7 +440,7 @@ static void step(void *state, struct stress_worker *w)
 			granted(m, h, &g);
 		else if (rc == EBUSY)
 			INC(m->busy);
-		else
+		else if (!store_failed(m, rc))
 			stress_fail(m->name, "try_acquire returned %d", rc);
 	} else if (action < 45) {
 		struct timespec dl = stress_after((int64_t)stress_below(r, 3000000));
@@ -434,7 +467,7 @@ static void step(void *state, struct stress_worker *w)
 				            before.token, g.token);
 		} else if (rc == ENOLCK) {
 			INC(m->enolck);
-		} else {
+		} else if (!store_failed(m, rc)) {
 			stress_fail(m->name, "refresh returned %d", rc);
 		}
 	} else if (action < 72) {
@@ -503,11 +536,12 @@ static void teardown(void *state, FILE *out)
 	        " refreshes (%" PRIu64 " ENOLCK), %" PRIu64 " releases, %" PRIu64
 	        " observations, %" PRIu64 " interval pairs checked, %" PRIu64
 	        " keepalive starts, %" PRIu64 " stops, lost %" PRIu64 " unreachable + %" PRIu64
-	        " taken\n",
+	        " taken, %" PRIu64 " store failures\n",
 	        m->name, (uint64_t)m->grants, (uint64_t)m->busy, (uint64_t)m->timeouts,
 	        (uint64_t)m->refreshes, (uint64_t)m->enolck, (uint64_t)m->releases,
 	        (uint64_t)m->observations, (uint64_t)m->overlaps_checked, (uint64_t)m->ka_starts,
-	        (uint64_t)m->ka_stops, (uint64_t)m->lost_unreach, (uint64_t)m->lost_taken);
+	        (uint64_t)m->ka_stops, (uint64_t)m->lost_unreach, (uint64_t)m->lost_taken,
+	        (uint64_t)m->store_errors);
 	for (unsigned n = 0; n < NNAMES; n++) {
 		pthread_mutex_destroy(&m->names[n].mu);
 		free(m->names[n].cur);
@@ -578,5 +612,61 @@ const struct stress_module stress_lease_sqlite = {
     .check = check,
     .teardown = teardown,
     .calls = calls,
+};
+#endif
+
+#ifdef HAVE_LIBPQ
+/*
+ * The same on the PostgreSQL provider. Setup makes one round trip first, so
+ * that a server that is not there fails the setup, not the first call of a
+ * worker (which would read as a violation).
+ */
+static int setup_pg(void **statep, unsigned threads, uint64_t seed)
+{
+	const char *conninfo = getenv("OPQ_PG_CONNINFO");
+	if (!conninfo || !*conninfo) {
+		fprintf(stderr, "lease_pg: set OPQ_PG_CONNINFO to a libpq connection string "
+		                "(tests/pgserver.sh starts a server and sets it)\n");
+		return EINVAL;
+	}
+	struct lmod *m = calloc(1, sizeof(*m));
+	if (!m)
+		return ENOMEM;
+	m->name = "lease_pg";
+	m->remote = true;
+	char err[512];
+	int rc = opq_lease_provider_pg(&m->prov, conninfo, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "lease_pg: %s\n", err);
+		free(m);
+		return rc;
+	}
+	opq_lease *probe;
+	opq_lease_grant g;
+	if ((rc = opq_lease_create(&probe, m->prov, "stress-probe", NULL)))
+		return rc;
+	rc = opq_lease_try_acquire(probe, &g);
+	if (rc == 0)
+		rc = opq_lease_release(probe);
+	opq_lease_destroy(probe);
+	if (rc) {
+		fprintf(stderr, "lease_pg: the server that OPQ_PG_CONNINFO names: %s\n",
+		        strerror(rc));
+		return rc;
+	}
+	if ((rc = setup_on(m, threads, seed)))
+		return rc;
+	*statep = m;
+	return 0;
+}
+
+const struct stress_module stress_lease_pg = {
+    .name = "lease_pg",
+    .setup = setup_pg,
+    .step = step,
+    .check = check,
+    .teardown = teardown,
+    .calls = calls,
+    .named_only = true,
 };
 #endif

@@ -30,6 +30,9 @@ static const struct stress_module *const modules[] = {
 #ifdef HAVE_SQLITE3
     &stress_lease_sqlite,
 #endif
+#ifdef HAVE_LIBPQ
+    &stress_lease_pg,
+#endif
     &stress_scope,
 };
 #define NMODULES (sizeof(modules) / sizeof(modules[0]))
@@ -141,7 +144,7 @@ static void usage(FILE *out)
 	fprintf(out, "usage: opqueue-stress [-q] [-d SECONDS | -n ITERATIONS] [-s SEED] "
 	             "[-t THREADS] [-m MODULE,...] [-w SECONDS]\nmodules:");
 	for (unsigned m = 0; m < NMODULES; m++)
-		fprintf(out, " %s", modules[m]->name);
+		fprintf(out, " %s%s", modules[m]->name, modules[m]->named_only ? " (by name only)" : "");
 	fprintf(out, "\n");
 }
 
@@ -155,7 +158,8 @@ static int select_modules(const char *list)
 	     tok = strtok_r(NULL, ",", &save)) {
 		unsigned m;
 		for (m = 0; m < NMODULES; m++)
-			if (strcmp(tok, modules[m]->name) == 0 || strcmp(tok, "all") == 0)
+			if (strcmp(tok, modules[m]->name) == 0 ||
+			    (strcmp(tok, "all") == 0 && !modules[m]->named_only))
 				selected[m] = true;
 		for (m = 0; m < NMODULES && strcmp(tok, modules[m]->name) != 0; m++)
 			;
@@ -253,7 +257,7 @@ int main(int argc, char **argv)
 		           ((uint64_t)getpid() << 32));
 	}
 	for (unsigned m = 0; m < NMODULES; m++)
-		if (!have_modules || selected[m])
+		if (have_modules ? selected[m] : !modules[m]->named_only)
 			active[nactive++] = m;
 
 	printf("opqueue-stress %s: seed %" PRIu64 ", %u threads, ", opq_version(), seed, nthreads);

@@ -64,6 +64,8 @@ struct stress_module {
 	void (*teardown)(void *state, FILE *out);
 	/* Library calls made so far (for the progress line). */
 	uint64_t (*calls)(void *state);
+	/* Run only when -m names it (it needs a server from outside). */
+	bool named_only;
 };
 
 /*
@@ -99,6 +101,9 @@ extern const struct stress_module stress_stage;
 extern const struct stress_module stress_lease;
 #ifdef HAVE_SQLITE3
 extern const struct stress_module stress_lease_sqlite;
+#endif
+#ifdef HAVE_LIBPQ
+extern const struct stress_module stress_lease_pg;
 #endif
 extern const struct stress_module stress_scope;
 
