@@ -392,21 +392,22 @@ static void release(struct lmod *m, struct lh *h, struct stress_rng *r)
 	/* After a failed release the lease may still be held at the store and
 	 * the handle keeps its grant: try again while it has time left. */
 	int64_t left = -1;
-	while (store_failed(m, rc)) {
+	bool ran_out = false;
+	while (!ran_out && store_failed(m, rc)) {
 		opq_lease_remaining(h->lease, NULL, &left);
-		if (left == 0) {
-			ka_done(h->ka);
-			h->ka = NULL;
-			return; /* it has run out: nobody acts on it any more */
+		ran_out = left == 0;
+		if (!ran_out) {
+			CALL(m);
+			rc = opq_lease_release(h->lease);
 		}
-		CALL(m);
-		rc = opq_lease_release(h->lease);
 	}
-	if (rc)
-		stress_fail(m->name, "release returned %d", rc);
-	/* Release stopped the keepalive. */
+	/* Release stopped the keepalive, also when it failed. */
 	ka_done(h->ka);
 	h->ka = NULL;
+	if (ran_out)
+		return; /* nobody acts on it any more */
+	if (rc)
+		stress_fail(m->name, "release returned %d", rc);
 	if (stress_pct(r, 30)) {
 		CALL(m);
 		if ((rc = opq_lease_release(h->lease)) != 0)
