@@ -1027,7 +1027,9 @@ START_TEST(test_pool)
 {
 	enum { T = 8 };
 	char ci[1024], err[256], name[32];
-	snprintf(ci, sizeof ci, "%s application_name=opq_pool", conninfo());
+	/* connect_timeout: the 8 calls' bound (half their lease, at most this)
+	 * leaves time for 8 new connections on a slow machine. */
+	snprintf(ci, sizeof ci, "%s application_name=opq_pool connect_timeout=30", conninfo());
 	opq_lease_provider *p = NULL;
 	ck_assert_msg(opq_lease_provider_pg(&p, ci, err, sizeof err) == 0, "%s", err);
 	struct pool_call calls[T];
