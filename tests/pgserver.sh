@@ -1,8 +1,11 @@
 #!/bin/sh
 # pgserver.sh [COMMAND [ARG...]]: run COMMAND (default: the PostgreSQL lease
-# tests, $top_builddir/tests/check_lease_pg) against a private PostgreSQL
-# server, and stop the server afterwards, also when the command fails or the
-# script is interrupted.
+# tests, $top_builddir/tests/check_lease_pg and then OPQ_STRESS_SECONDS (10)
+# of opqueue-stress's lease_pg module) against a private PostgreSQL server,
+# and stop the server afterwards, also when the command fails or the script
+# is interrupted. The stress runs after the tests, not as a test of its own
+# that make -j2 would run next to them: it loads the server and the machine,
+# and check_lease_pg times takeovers (its 300 ms bound failed so).
 #
 # The server lives in a mktemp -d directory: initdb there, listening on no
 # TCP address, only on a Unix socket in that directory, fsync off. As root it
@@ -65,7 +68,9 @@ OPQ_PG_DIR=$dir
 export OPQ_PG_CONNINFO OPQ_PG_STOP OPQ_PG_START OPQ_PG_DIR
 
 if [ $# -eq 0 ]; then
-	set -- "${top_builddir:-.}/tests/check_lease_pg"
+	# shellcheck disable=SC2016
+	set -- sh -c '"$1/tests/check_lease_pg" && "$1/tools/opqueue-stress" -q -m lease_pg \
+		-d "${OPQ_STRESS_SECONDS:-10}" -t "${OPQ_STRESS_THREADS:-8}"' sh "${top_builddir:-.}"
 fi
 "$@"
 rc=$?

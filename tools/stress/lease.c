@@ -3,7 +3,7 @@
  * provider with a database file of its own ("lease_sqlite", when the build
  * has it) and on the PostgreSQL provider on the server that OPQ_PG_CONNINFO
  * names ("lease_pg", when the build has it; only when -m names it, as
- * tests/stress_pg.sh does with a server of its own): every worker has its own
+ * tests/pgserver.sh does with a server of its own): every worker has its own
  * handle (its own owner) on each of a few lock names, with short leases
  * (2..20 ms), and makes random try_acquire / acquire with short deadlines /
  * refresh / release / remaining / grant_get / keepalive start and stop
