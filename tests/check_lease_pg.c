@@ -1014,7 +1014,8 @@ static void *pool_thread(void *arg)
 	return NULL;
 }
 
-/* Server processes of the test's provider (application_name opq_pool); `locked`: those waiting for a lock. */
+/* Server processes of the test's provider (application_name opq_pool);
+ * `locked`: only those waiting for a lock. */
 static long long pool_backends(PGconn *c, bool locked)
 {
 	return db_value(c, locked ? "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
