@@ -34,7 +34,12 @@
  * are all dead), and a call whose pooled connection turned out dead retries
  * once on a new one: all three statements are idempotent for the same owner
  * and token, so the retry cannot mint a second token. One that timed out is
- * closed alone.
+ * closed alone. Idle connections are a stack: the one given back last is
+ * taken first, so those at the bottom are the ones no call has needed for
+ * the longest; once one has been idle for IDLE_MS (OPQ_PG_IDLE_MS in the
+ * environment overrides it), the next connection given back closes it. So
+ * the pool shrinks back to what the calls use after a burst (a fleet's
+ * hosts would otherwise each keep their peak until they stop).
  */
 #include "config.h"
 
@@ -54,6 +59,7 @@
 #include "opqueue/lease_pg.h"
 
 #define POOL_MAX 16
+#define IDLE_MS 30000
 #define DEFAULT_BOUND_S 5
 /* A statement bound never below this, however short the lease. */
 #define MIN_BOUND_NS (200LL * 1000000LL)
@@ -139,8 +145,10 @@ struct pg_store {
 	char **vals;
 	int64_t bound_ns;
 	bool schema_ok; /* under mu */
-	int nidle;	/* under mu */
+	int64_t idle_max_ns;
+	int nidle; /* under mu, with the two arrays: a stack, the top at nidle - 1 */
 	PGconn *idle[POOL_MAX];
+	int64_t idle_since[POOL_MAX]; /* when each was given back (monotonic ns) */
 };
 
 static void set_err(char *buf, size_t len, const char *what, const char *msg)
@@ -179,6 +187,12 @@ static struct timespec add_ns(struct timespec t, int64_t ns)
 		t.tv_nsec -= NS_PER_S;
 	}
 	return t;
+}
+
+static int64_t mono_ns(void)
+{
+	struct timespec now = mono_now();
+	return (int64_t)now.tv_sec * NS_PER_S + now.tv_nsec;
 }
 
 static int64_t ns_until(const struct timespec *dl)
@@ -454,14 +468,27 @@ static int pg_take(struct pg_store *s, const struct timespec *dl, PGconn **c, bo
 static void pg_give(struct pg_store *s, PGconn *c, bool broken, bool dead)
 {
 	if (!broken && PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE) {
+		/* Keep c on top; close those at the bottom idle for too long. */
+		PGconn *old[POOL_MAX];
+		int64_t now = mono_ns();
+		int n = 0;
 		pthread_mutex_lock(&s->mu);
+		while (n < s->nidle && now - s->idle_since[n] > s->idle_max_ns)
+			n++;
+		memcpy(old, s->idle, sizeof(PGconn *) * (size_t)n);
+		s->nidle -= n;
+		memmove(s->idle, s->idle + n, sizeof(PGconn *) * (size_t)s->nidle);
+		memmove(s->idle_since, s->idle_since + n, sizeof(int64_t) * (size_t)s->nidle);
 		bool kept = s->nidle < POOL_MAX;
-		if (kept)
-			s->idle[s->nidle++] = c;
+		if (kept) {
+			s->idle[s->nidle] = c;
+			s->idle_since[s->nidle++] = now;
+		}
 		pthread_mutex_unlock(&s->mu);
-		if (kept)
-			return;
-		PQfinish(c);
+		for (int i = 0; i < n; i++)
+			PQfinish(old[i]);
+		if (!kept)
+			PQfinish(c);
 		return;
 	}
 	PQfinish(c);
@@ -707,6 +734,15 @@ int opq_lease_provider_pg(opq_lease_provider **provider, const char *conninfo, c
 		return ENOMEM;
 	}
 	s->bound_ns = DEFAULT_BOUND_S * NS_PER_S;
+	s->idle_max_ns = IDLE_MS * 1000000LL;
+	const char *idle = getenv("OPQ_PG_IDLE_MS");
+	if (idle != NULL) {
+		char *end;
+		errno = 0;
+		long long ms = strtoll(idle, &end, 10);
+		if (errno == 0 && end != idle && *end == '\0' && ms >= 0 && ms <= 86400000LL)
+			s->idle_max_ns = ms * 1000000LL;
+	}
 	int rc = parse_conninfo(s, conninfo, errbuf, errlen);
 	if (rc != 0) {
 		pg_destroy(s);

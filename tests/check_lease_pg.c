@@ -1024,17 +1024,22 @@ static long long pool_backends(PGconn *c, bool locked)
 				    "'opq_pool'");
 }
 
-START_TEST(test_pool)
+/*
+ * A provider (application_name opq_pool) whose pool holds n connections:
+ * n leases pool-0.. whose rows exist, then n calls at once, each waiting
+ * inside its statement for a row the test locked (with connection c; q
+ * looks, outside c's transaction, whose view of pg_stat_activity would
+ * stay as it was at its first look).
+ */
+static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, PGconn *q)
 {
-	enum { T = 8 };
 	char ci[1024], err[256], name[32];
-	/* connect_timeout: the 8 calls' bound (half their lease, at most this)
-	 * leaves time for 8 new connections on a slow machine. */
+	/* connect_timeout: the calls' bound (half their lease, at most this)
+	 * leaves time for n new connections on a slow machine. */
 	snprintf(ci, sizeof ci, "%s application_name=opq_pool connect_timeout=30", conninfo());
 	opq_lease_provider *p = NULL;
 	ck_assert_msg(opq_lease_provider_pg(&p, ci, err, sizeof err) == 0, "%s", err);
-	struct pool_call calls[T];
-	for (int i = 0; i < T; i++) {
+	for (int i = 0; i < n; i++) {
 		snprintf(name, sizeof name, "pool-%d", i);
 		calls[i].l = lease_new(p, name, NULL, 60 * SEC);
 		ck_assert_ptr_nonnull(calls[i].l);
@@ -1042,22 +1047,38 @@ START_TEST(test_pool)
 		ck_assert_int_eq(opq_lease_try_acquire(calls[i].l, NULL), 0);
 		ck_assert_int_eq(opq_lease_release(calls[i].l), 0);
 	}
-
-	/* T calls at once: each waits inside its statement for a row the test
-	 * locked (with connection c; q looks, outside c's transaction, whose
-	 * view of pg_stat_activity would stay as it was at its first look). */
-	PGconn *c = db_open(), *q = db_open();
 	db_exec(c, "BEGIN");
 	db_exec(c, "SELECT 1 FROM opq_lease WHERE name LIKE 'pool-%' FOR UPDATE");
-	pthread_t th[T];
-	for (int i = 0; i < T; i++)
+	pthread_t th[n];
+	for (int i = 0; i < n; i++)
 		ck_assert_int_eq(pthread_create(&th[i], NULL, pool_thread, &calls[i]), 0);
-	T_WAIT_UNTIL(pool_backends(q, true) == T);
+	T_WAIT_UNTIL(pool_backends(q, true) == n);
 	db_exec(c, "COMMIT");
-	for (int i = 0; i < T; i++) {
+	for (int i = 0; i < n; i++) {
 		ck_assert_int_eq(pthread_join(th[i], NULL), 0);
 		ck_assert_int_eq(calls[i].rc, 0);
 	}
+	return p;
+}
+
+/* Release and destroy the leases of pool_fill, then the provider, which
+ * closes every connection. */
+static void pool_empty(opq_lease_provider *p, struct pool_call *calls, int n, PGconn *q)
+{
+	for (int i = 0; i < n; i++) {
+		ck_assert_int_eq(opq_lease_release(calls[i].l), 0);
+		ck_assert_int_eq(opq_lease_destroy(calls[i].l), 0);
+	}
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	T_WAIT_UNTIL(pool_backends(q, false) == 0);
+}
+
+START_TEST(test_pool)
+{
+	enum { T = 8 };
+	PGconn *c = db_open(), *q = db_open();
+	struct pool_call calls[T];
+	opq_lease_provider *p = pool_fill(calls, T, c, q);
 	/* Every connection those calls used is kept for the next ones. */
 	ck_assert_int_eq(pool_backends(q, false), T);
 
@@ -1077,12 +1098,38 @@ START_TEST(test_pool)
 	ck_assert_int_eq(opq_lease_try_acquire(other, NULL), EBUSY); /* pool-0 is still held */
 
 	ck_assert_int_eq(opq_lease_destroy(other), 0);
-	for (int i = 0; i < T; i++) {
-		ck_assert_int_eq(opq_lease_release(calls[i].l), 0);
-		ck_assert_int_eq(opq_lease_destroy(calls[i].l), 0);
-	}
-	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
-	T_WAIT_UNTIL(pool_backends(q, false) == 0); /* destroy closed them all */
+	pool_empty(p, calls, T, q);
+	PQfinish(c);
+	PQfinish(q);
+}
+END_TEST
+
+/*
+ * After a burst the pool shrinks back to what the calls use: a connection
+ * idle for OPQ_PG_IDLE_MS (here 300 ms) is closed when the next one is
+ * given back. One call at a time reuses the connection on top of the
+ * stack, so the others age; until they have, all are kept.
+ */
+START_TEST(test_pool_idle)
+{
+	enum { T = 4 };
+	ck_assert_int_eq(setenv("OPQ_PG_IDLE_MS", "300", 1), 0);
+	PGconn *c = db_open(), *q = db_open();
+	struct pool_call calls[T];
+	opq_lease_provider *p = pool_fill(calls, T, c, q);
+	ck_assert_int_eq(unsetenv("OPQ_PG_IDLE_MS"), 0);
+	/* The calls gave their connections back before pool_fill returned:
+	 * a call within 150 ms of that finds none idle for 300 ms. */
+	struct timespec young = t_deadline(150 * MS);
+	ck_assert_int_eq(opq_lease_release(calls[0].l), 0);
+	if (!t_passed(&young))
+		ck_assert_int_eq(pool_backends(q, false), T);
+	T_WAIT_UNTIL(opq_lease_try_acquire(calls[0].l, NULL) == 0 &&
+		     opq_lease_release(calls[0].l) == 0 && pool_backends(q, false) == 1);
+	/* The one in use stays, and serves the calls. */
+	ck_assert_int_eq(opq_lease_try_acquire(calls[0].l, NULL), 0);
+	ck_assert_int_eq(pool_backends(q, false), 1);
+	pool_empty(p, calls, T, q);
 	PQfinish(c);
 	PQfinish(q);
 }
@@ -1102,6 +1149,7 @@ int main(void)
 	tcase_add_test(t_tcase(s, "exclusion", 120), test_mutual_exclusion);
 	tcase_add_test(t_tcase(s, "threads", 120), test_threads_share_provider);
 	tcase_add_test(t_tcase(s, "pool", 60), test_pool);
+	tcase_add_test(t_tcase(s, "pool_idle", 60), test_pool_idle);
 	tcase_add_test(t_tcase(s, "crash", 60), test_crash_takeover);
 	tcase_add_test(t_tcase(s, "fence", 60), test_fenced_resource);
 	tcase_add_test(t_tcase(s, "guard", 60), test_guard_holds_takeover);
