@@ -1438,8 +1438,8 @@ struct wake_run {
 	unsigned gen, blocked;
 	pthread_barrier_t woke, next;
 	atomic_uint_fast64_t last;
-	pid_t *tids; /* the waiters' thread ids, ntids of them so far */
-	atomic_uint ntids;
+	pid_t *tids; /* the waiters' thread ids: slots taken, ntids of them written */
+	atomic_uint tid_slots, ntids;
 };
 
 /* Is thread tid of this process asleep? Taken as asleep where /proc cannot tell. */
@@ -1467,7 +1467,8 @@ static void wake_note(struct wake_run *w)
 static void *wake_waiter(void *arg)
 {
 	struct wake_run *w = arg;
-	w->tids[atomic_fetch_add(&w->ntids, 1)] = (pid_t)syscall(SYS_gettid);
+	w->tids[atomic_fetch_add(&w->tid_slots, 1)] = (pid_t)syscall(SYS_gettid);
+	atomic_fetch_add(&w->ntids, 1); /* after the write: wake_wait_blocked reads it then */
 	for (int r = 0; r < WAKE_ROUNDS; r++) {
 		if (w->line) {
 			opq_line_ticket t = OPQ_LINE_TICKET_INITIALIZER;
