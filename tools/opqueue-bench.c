@@ -2,7 +2,7 @@
  * opqueue-bench: opqueue against the thread pools a C daemon author would
  * otherwise pick, on the same workload, in the same run.
  *
- * usage: opqueue-bench [burst|latency|bounded|line] [options]
+ * usage: opqueue-bench [burst|latency|bounded|line|push] [options]
  *
  * burst    P producers enqueue M operations each into R runners; each
  *          operation is empty or spins W ns. Variants: opqueue intrusive
@@ -23,6 +23,10 @@
  *          release to the last of 1, 8 and 64 blocked waiters running again
  *          (the same threads over 21 rounds), against a plain mutex/condvar
  *          broadcast to as many waiters.
+ * push     the floor under a lock-free enqueue: P threads each push M
+ *          64-byte nodes (written before the clock starts) onto one stack
+ *          with a compare-and-swap, as opqueue's inbox does, and nothing
+ *          else; ns per push, median of -k runs, for each P of -p.
  *
  * In burst, latency and bounded, every run of every variant happens in a
  * child process of its own (peak RSS is per variant), after untimed
@@ -1614,7 +1618,7 @@ static int run_line(void)
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: opqueue-bench [burst|latency|bounded|line] [-p LIST] [-r RUNNERS]\n"
+		"usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r RUNNERS]\n"
 		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES]\n"
 		"         [-c CAPACITY] [-V intrusive,fn,glib,libuv,plain,ceiling] [-F]\n"
 		"         [--plot FILE.svg] [--cold]\n"
@@ -1635,6 +1639,62 @@ static bool select_variants(const char *list)
 		selected[v] = true;
 	}
 	return true;
+}
+
+/* ---- push: one compare-and-swap push per node onto one shared stack ----- */
+
+struct push_node {
+	struct push_node *next;
+	char pad[56];
+};
+static struct push_node *push_nodes;
+static struct push_node *_Atomic push_top;
+static pthread_barrier_t push_go;
+
+static void *push_thread(void *arg)
+{
+	long base = (long)(intptr_t)arg * M;
+	pthread_barrier_wait(&push_go);
+	for (long i = base; i < base + M; i++) {
+		struct push_node *n = &push_nodes[i], *top = atomic_load_explicit(&push_top, memory_order_relaxed);
+		do
+			n->next = top;
+		while (!atomic_compare_exchange_weak(&push_top, &top, n));
+	}
+	return NULL;
+}
+
+static int run_push(void)
+{
+	printf("\npush: P threads each push %ld nodes onto one stack (a compare-and-swap each),\n"
+	       "ns per push (the wall time of each thread's pushes), median of %u runs\n", M, K);
+	printf("%-12s %12s\n", "threads", "ns/push");
+	for (size_t pi = 0; pi < np; pi++) {
+		unsigned p = (unsigned)plist[pi];
+		double ns[K];
+		push_nodes = calloc((size_t)p * (size_t)M, sizeof(*push_nodes));
+		if (!push_nodes)
+			return 1;
+		for (unsigned k = 0; k < K; k++) {
+			memset(push_nodes, 0, (size_t)p * (size_t)M * sizeof(*push_nodes));
+			atomic_store(&push_top, NULL);
+			pthread_t th[p];
+			if (pthread_barrier_init(&push_go, NULL, p + 1))
+				return 1;
+			for (unsigned i = 0; i < p; i++)
+				if (pthread_create(&th[i], NULL, push_thread, (void *)(intptr_t)i))
+					return 1;
+			uint64_t t0 = now_ns();
+			pthread_barrier_wait(&push_go);
+			for (unsigned i = 0; i < p; i++)
+				pthread_join(th[i], NULL);
+			ns[k] = (double)(now_ns() - t0) / (double)M;
+			pthread_barrier_destroy(&push_go);
+		}
+		printf("%-12u %12.1f\n", p, median(ns, K));
+		free(push_nodes);
+	}
+	return 0;
 }
 
 int main(int argc, char **argv)
@@ -1716,6 +1776,8 @@ int main(int argc, char **argv)
 		return run_bounded();
 	if (!strcmp(mode, "line"))
 		return run_line();
+	if (!strcmp(mode, "push"))
+		return run_push();
 	fprintf(stderr, "opqueue-bench: unknown workload %s\n", mode);
 	usage(stderr);
 	return 2;
