@@ -51,5 +51,9 @@ if run line line -m 1000 -k 1; then
 	expect "acquire + release"
 	for n in 1 8 64; do expect "$n "; done
 fi
+if run push push -p 1,2 -m 1000 -k 1; then
+	expect "1 "
+	expect "2 "
+fi
 [ $fail = 0 ] && echo "every workload ran; every operation exactly once"
 exit $fail

@@ -1690,6 +1690,14 @@ static int run_push(void)
 				pthread_join(th[i], NULL);
 			ns[k] = (double)(now_ns() - t0) / (double)M;
 			pthread_barrier_destroy(&push_go);
+			long n = 0; /* every push is on the stack once */
+			for (struct push_node *e = atomic_load(&push_top); e && n <= (long)p * M; e = e->next)
+				n++;
+			if (n != (long)p * M) {
+				fprintf(stderr, "opqueue-bench: push: %ld nodes on the stack, not %ld\n", n,
+					(long)p * M);
+				return 1;
+			}
 		}
 		printf("%-12u %12.1f\n", p, median(ns, K));
 		free(push_nodes);
