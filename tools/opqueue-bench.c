@@ -1656,7 +1656,8 @@ static void *push_thread(void *arg)
 	long base = (long)(intptr_t)arg * M;
 	pthread_barrier_wait(&push_go);
 	for (long i = base; i < base + M; i++) {
-		struct push_node *n = &push_nodes[i], *top = atomic_load_explicit(&push_top, memory_order_relaxed);
+		struct push_node *n = &push_nodes[i];
+		struct push_node *top = atomic_load_explicit(&push_top, memory_order_relaxed);
 		do
 			n->next = top;
 		while (!atomic_compare_exchange_weak(&push_top, &top, n));
@@ -1690,12 +1691,12 @@ static int run_push(void)
 				pthread_join(th[i], NULL);
 			ns[k] = (double)(now_ns() - t0) / (double)M;
 			pthread_barrier_destroy(&push_go);
-			long n = 0; /* every push is on the stack once */
-			for (struct push_node *e = atomic_load(&push_top); e && n <= (long)p * M; e = e->next)
+			long n = 0, want = (long)p * M; /* every push is on the stack once */
+			for (struct push_node *e = atomic_load(&push_top); e && n <= want; e = e->next)
 				n++;
-			if (n != (long)p * M) {
-				fprintf(stderr, "opqueue-bench: push: %ld nodes on the stack, not %ld\n", n,
-					(long)p * M);
+			if (n != want) {
+				fprintf(stderr, "opqueue-bench: push: %ld nodes on the stack, not %ld\n",
+					n, want);
 				return 1;
 			}
 		}
