@@ -98,15 +98,24 @@ static const char SCHEMA_PRESENT_SQL[] =
 	"SELECT to_regclass('opq_lease') IS NOT NULL"
 	" AND to_regprocedure('opq_lease_held(text,bigint)') IS NOT NULL";
 
+/*
+ * The expiry of a lease of $N microseconds from now. A timestamp ends in the
+ * year 294276: a lease of 100 years or more never expires in the store
+ * ('infinity'; the holder's own count runs out first).
+ */
+#define EXPIRES(n)                                                                  \
+	"(CASE WHEN " n " >= 3155760000000000 THEN 'infinity'::timestamptz"         \
+	" ELSE clock_timestamp() + " n " * interval '1 microsecond' END)"
+
 /* $1 name, $2 owner, $3 lease in microseconds, $4 data. */
 static const char ACQUIRE_SQL[] =
 	"INSERT INTO opq_lease AS l (name, owner, token, expires, data)"
-	" VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond', $4)"
+	" VALUES ($1, $2, 1, " EXPIRES("$3") ", $4)"
 	" ON CONFLICT (name) DO UPDATE SET"
 	"  token = CASE WHEN l.owner = excluded.owner AND l.expires > clock_timestamp()"
 	"          THEN l.token ELSE l.token + 1 END,"
 	"  owner = excluded.owner,"
-	"  expires = clock_timestamp() + $3 * interval '1 microsecond',"
+	"  expires = " EXPIRES("$3") ","
 	"  data = excluded.data"
 	" WHERE l.owner IS NULL OR l.expires IS NULL OR l.expires <= clock_timestamp()"
 	"  OR l.owner = excluded.owner"
@@ -114,7 +123,7 @@ static const char ACQUIRE_SQL[] =
 
 /* $1 name, $2 owner, $3 token, $4 lease in microseconds, $5 data. */
 static const char REFRESH_SQL[] =
-	"UPDATE opq_lease SET expires = clock_timestamp() + $4 * interval '1 microsecond',"
+	"UPDATE opq_lease SET expires = " EXPIRES("$4") ","
 	" data = $5"
 	" WHERE name = $1 AND owner = $2 AND token = $3 AND expires > clock_timestamp()"
 	" RETURNING token";
@@ -371,12 +380,17 @@ static int pg_open(struct pg_store *s, const struct timespec *dl, PGconn **out, 
 		return EIO;
 	}
 
-	/* The server stops a statement of ours that overruns the bound too. */
+	/* The server stops a statement of ours that overruns the bound too.
+	 * And a grant is on disk before it is returned, whatever the server's
+	 * default: with synchronous_commit off, a server crash loses the last
+	 * commits, and the next acquire is handed a token again. */
 	char ms[32];
 	snprintf(ms, sizeof ms, "%lld", (long long)(s->bound_ns / 1000000));
 	const char *v[1] = {ms};
-	if (!PQsendQueryParams(c, "SELECT set_config('statement_timeout', $1, false)", 1, NULL,
-			       v, NULL, NULL, 0)) {
+	if (!PQsendQueryParams(c,
+			       "SELECT set_config('statement_timeout', $1, false), "
+			       "set_config('synchronous_commit', 'on', false)",
+			       1, NULL, v, NULL, NULL, 0)) {
 		rc = ECONNRESET;
 		set_err(errbuf, errlen, "sending failed", PQerrorMessage(c));
 	} else {
@@ -552,7 +566,7 @@ static int check_req(const opq_lease_request *req)
 static void lease_us(char *buf, size_t len, int64_t lease_ns)
 {
 	/* Rounded up: the store's lease is never shorter than the holder's. */
-	snprintf(buf, len, "%lld", (long long)((lease_ns + 999) / 1000));
+	snprintf(buf, len, "%lld", (long long)(lease_ns / 1000 + (lease_ns % 1000 != 0)));
 }
 
 static int parse_token(PGresult *r, uint64_t *token, char *errbuf, size_t errlen)

@@ -655,6 +655,63 @@ START_TEST(test_restart_tokens)
 }
 END_TEST
 
+/*
+ * A server crash right after a grant: the grant's commit was on disk before
+ * it was returned, so the next acquire gets a greater token. The test
+ * server runs with synchronous_commit off (tests/pgserver.sh), as a tuned
+ * server may: the provider turns it on for its own sessions.
+ */
+START_TEST(test_crash_tokens)
+{
+	opq_lease_provider *p = provider_new();
+	opq_lease *a = lease_new(p, "crash-tokens", "a", 5 * SEC);
+	opq_lease *b = lease_new(p, "crash-tokens", "b", 5 * SEC);
+	ck_assert_ptr_nonnull(a);
+	ck_assert_ptr_nonnull(b);
+	for (int round = 0; round < 3; round++) {
+		opq_lease_grant g1, g2;
+		ck_assert_int_eq(opq_lease_try_acquire(a, &g1), 0);
+		ck_assert_int_eq(opq_lease_release(a), 0);
+		ck_assert_int_eq(run_sh("OPQ_PG_CRASH"), 0);
+		ck_assert_int_eq(run_sh("OPQ_PG_START"), 0);
+		ck_assert_int_eq(opq_lease_try_acquire(b, &g2), 0);
+		ck_assert_msg(g2.token > g1.token, "round %d: token %llu granted again after a crash",
+			      round, (unsigned long long)g1.token);
+		ck_assert_int_eq(opq_lease_release(b), 0);
+	}
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* The longest lease: the store's expiry cannot hold it (a timestamp ends
+ * in the year 294276), so it never expires there; nothing overflows. */
+START_TEST(test_longest_lease)
+{
+	opq_lease_provider *p = provider_new();
+	opq_lease *a = lease_new(p, "longest", "a", INT64_MAX);
+	opq_lease *b = lease_new(p, "longest", "b", 300 * MS);
+	ck_assert_ptr_nonnull(a);
+	ck_assert_ptr_nonnull(b);
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g), 0);
+	ck_assert_int_eq(opq_lease_refresh(a, &g), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+	PGconn *c = db_open();
+	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease WHERE name = 'longest'"
+				     " AND expires = 'infinity'"),
+			 1);
+	PQfinish(c);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(b), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
 /* ---- bad input ---- */
 
 START_TEST(test_bad_input)
@@ -1154,6 +1211,8 @@ int main(void)
 	tcase_add_test(t_tcase(s, "fence", 60), test_fenced_resource);
 	tcase_add_test(t_tcase(s, "guard", 60), test_guard_holds_takeover);
 	tcase_add_test(t_tcase(s, "restart", 60), test_restart_tokens);
+	tcase_add_test(t_tcase(s, "crash_tokens", 90), test_crash_tokens);
+	tcase_add_test(t_tcase(s, "longest", 60), test_longest_lease);
 	tcase_add_test(t_tcase(s, "taken", 60), test_keepalive_taken);
 	tcase_add_test(t_tcase(s, "hung", 60), test_hung_server);
 	tcase_add_test(t_tcase(s, "store_down", 90), test_store_down);

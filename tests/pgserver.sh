@@ -14,6 +14,8 @@
 #   OPQ_PG_CONNINFO  a libpq connection string for the server's superuser
 #   OPQ_PG_STOP      a shell command that stops the server (waits)
 #   OPQ_PG_START     a shell command that starts it again (waits)
+#   OPQ_PG_CRASH     a shell command that stops it as a crash would
+#                    (immediate mode: no checkpoint; recovery from the WAL)
 #   OPQ_PG_DIR       the directory (data in $OPQ_PG_DIR/data)
 # Exits 77 (skipped) only when the PostgreSQL server programs are absent.
 set -u
@@ -64,8 +66,9 @@ sh -c "$ctl start" >"$dir/start.log" 2>&1 ||
 OPQ_PG_CONNINFO="host=$dir port=5432 dbname=postgres user=opq"
 OPQ_PG_STOP="$ctl -m fast stop >/dev/null"
 OPQ_PG_START="$ctl start >/dev/null"
+OPQ_PG_CRASH="$ctl -m immediate stop >/dev/null"
 OPQ_PG_DIR=$dir
-export OPQ_PG_CONNINFO OPQ_PG_STOP OPQ_PG_START OPQ_PG_DIR
+export OPQ_PG_CONNINFO OPQ_PG_STOP OPQ_PG_START OPQ_PG_CRASH OPQ_PG_DIR
 
 if [ $# -eq 0 ]; then
 	# shellcheck disable=SC2016
