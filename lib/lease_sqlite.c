@@ -127,6 +127,13 @@ static int sq_fail(struct sq_store *s, int src, const char *what, char *errbuf, 
 		/* The reason before the path, which may be long. */
 		snprintf(errbuf, errlen, "sqlite lease store: %s: %s (%s)", what,
 			 s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(src), s->path);
+	/* A file that cannot be opened: the system's reason tells a missing
+	 * directory from one the process may not write in. */
+	int sys = s->db && (src & 0xff) == SQLITE_CANTOPEN ? sqlite3_system_errno(s->db) : 0;
+	if (sys == EACCES || sys == EPERM)
+		return EACCES;
+	if (sys == EROFS)
+		return EROFS;
 	return sq_errno(src);
 }
 

@@ -84,6 +84,24 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(rc, ENOENT);
 	ck_assert_ptr_null(p);
 	ck_assert_msg(strstr(err, path) && strstr(err, "open"), "words: %s", err);
+	/* a directory the process may not write in: EACCES, not ENOENT (as
+	 * root, which may write anywhere, a child that is nobody tries) */
+	snprintf(path, sizeof(path), "%s/locked", dir);
+	ck_assert_int_eq(mkdir(path, 0500), 0);
+	snprintf(path, sizeof(path), "%s/locked/x.db", dir);
+	pid_t pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		if (geteuid() == 0 && setuid(65534) != 0)
+			_exit(3);
+		_exit(opq_lease_provider_sqlite(&p, path, err, sizeof(err)) == EACCES &&
+				      p == NULL && strstr(err, "open")
+			      ? 0
+			      : 4);
+	}
+	int status;
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d", status);
 	/* a file that is not a database */
 	snprintf(path, sizeof(path), "%s/junk", dir);
 	FILE *f = fopen(path, "w");
