@@ -159,5 +159,13 @@ OPQ_INTERNAL int64_t opq__mono_ns(void);
 OPQ_INTERNAL struct timespec opq__ns_to_ts(int64_t ns);
 /* opq__ts_to_ns saturates at INT64_MAX / INT64_MIN for times out of range. */
 OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
+/*
+ * How long the system has been suspended since boot, in ns: CLOCK_MONOTONIC
+ * stops during a suspend, CLOCK_BOOTTIME does not (0 without a boot clock).
+ * Only differences of two readings mean anything. Tests simulate a suspend
+ * by adding to it with opq__suspend_pretend.
+ */
+OPQ_INTERNAL int64_t opq__suspended_ns(void);
+OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
 #endif /* OPQ_INTERNAL_H */

@@ -77,10 +77,15 @@ struct opq_lease {
 	pthread_cond_t cv; /* keepalive: op_busy or in_lost went false */
 	bool held;
 	opq_lease_grant grant;
+	int64_t grant_suspended; /* opq__suspended_ns() at grant.acquired */
 	uint64_t rng;
 	char err[ERR_MAX];
 	struct keepalive ka;
 };
+
+/* A suspend of the system shorter than this is taken as no suspend (see
+ * opq_lease_remaining); the margin covers it. */
+#define SUSPEND_MIN_NS 1000000
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -381,7 +386,7 @@ enum call { CALL_ACQUIRE, CALL_REFRESH, CALL_RELEASE };
  * made EIO; store failures leave their words in the handle.
  */
 static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *out,
-		      struct timespec *before)
+		      struct timespec *before, int64_t *suspended)
 {
 	char words[ERR_MAX];
 	words[0] = '\0';
@@ -398,6 +403,7 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
 	clock_gettime(CLOCK_MONOTONIC, before);
+	*suspended = opq__suspended_ns();
 	int rc;
 	switch (what) {
 	case CALL_ACQUIRE:
@@ -433,12 +439,14 @@ OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
 	opq__lock(&lease->io);
 	uint64_t token;
 	struct timespec before;
-	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before);
+	int64_t suspended;
+	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before, &suspended);
 	opq__lock(&lease->mu);
 	if (rc == 0) {
 		lease->held = true;
 		lease->grant.token = token;
 		lease->grant.acquired = before;
+		lease->grant_suspended = suspended;
 		lease->grant.lease_ns = lease->a.lease_ns;
 		if (grant)
 			*grant = lease->grant;
@@ -494,10 +502,12 @@ static int do_refresh(opq_lease *lease, opq_lease_grant *grant)
 	int rc = ENOLCK;
 	if (held) {
 		struct timespec before;
-		rc = store_call(lease, CALL_REFRESH, token, NULL, &before);
+		int64_t suspended;
+		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended);
 		opq__lock(&lease->mu);
 		if (rc == 0) {
 			lease->grant.acquired = before;
+			lease->grant_suspended = suspended;
 			lease->grant.lease_ns = lease->a.lease_ns;
 			if (grant)
 				*grant = lease->grant;
@@ -536,7 +546,8 @@ OPQ_EXPORT int opq_lease_release(opq_lease *lease)
 	int rc = 0;
 	if (held) {
 		struct timespec before;
-		rc = store_call(lease, CALL_RELEASE, token, NULL, &before);
+		int64_t suspended;
+		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, &suspended);
 		if (rc == 0) {
 			opq__lock(&lease->mu);
 			lease->held = false;
@@ -552,6 +563,7 @@ OPQ_EXPORT int opq_lease_remaining(opq_lease *lease, const struct timespec *now,
 	if (!lease || !ns || (now && (now->tv_nsec < 0 || now->tv_nsec >= NS_PER_S)))
 		return EINVAL;
 	int64_t t = now ? opq__ts_to_ns(now) : opq__mono_ns();
+	int64_t suspended = opq__suspended_ns();
 	opq__lock(&lease->mu);
 	int64_t left = 0;
 	if (lease->held) {
@@ -559,6 +571,12 @@ OPQ_EXPORT int opq_lease_remaining(opq_lease *lease, const struct timespec *now,
 				      lease->grant.lease_ns - lease->margin_ns);
 		/* Saturating: a caller's `now` may be far in the past. */
 		left = end <= t ? 0 : t < 0 && end > INT64_MAX + t ? INT64_MAX : end - t;
+		/* The monotonic clock stood still while the system was
+		 * suspended; the store's clock did not. Less than
+		 * SUSPEND_MIN_NS is the clocks' reading error, not a suspend. */
+		int64_t asleep = suspended - lease->grant_suspended;
+		if (asleep >= SUSPEND_MIN_NS)
+			left = left > asleep ? left - asleep : 0;
 	}
 	opq__unlock(&lease->mu);
 	*ns = left;

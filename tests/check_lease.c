@@ -14,6 +14,7 @@
 #include <string.h>
 
 #define MS 1000000LL
+#define SEC 1000000000LL
 
 static int64_t ts_ns(const struct timespec *ts)
 {
@@ -253,6 +254,48 @@ START_TEST(test_tokens)
 	ck_assert_int_eq(opq_lease_destroy(a), 0);
 	ck_assert_int_eq(opq_lease_destroy(b), 0);
 	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/*
+ * A suspend of the system: CLOCK_MONOTONIC, on which grants are taken,
+ * stands still, while the store's clock (the SQLite provider's boot clock,
+ * a PostgreSQL server elsewhere) runs on. remaining() takes off the time
+ * the system was suspended since the grant (simulated here), but not a
+ * suspend before it.
+ */
+START_TEST(test_suspend)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	opq_lease_attr *at;
+	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(at, 10 * SEC), 0);
+	ck_assert_int_eq(opq_lease_attr_set_margin(at, 0, 10 * MS), 0);
+	opq_lease *l;
+	ck_assert_int_eq(opq_lease_create(&l, p, "suspend", at), 0);
+	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq__suspend_pretend(3600 * SEC); /* before the grant: not counted */
+	opq_lease_grant g;
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t ns;
+	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
+	ck_assert_int_eq(ns, 10 * SEC - 10 * MS);
+	opq__suspend_pretend(4 * SEC);
+	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
+	ck_assert_int_le(ns, 6 * SEC - 10 * MS);
+	ck_assert_int_gt(ns, 6 * SEC - 10 * MS - 1 * MS);
+	opq__suspend_pretend(60 * SEC);
+	ck_assert_int_eq(opq_lease_remaining(l, NULL, &ns), 0);
+	ck_assert_int_eq(ns, 0);
+	/* A refresh starts the count again. */
+	ck_assert_int_eq(opq_lease_refresh(l, &g), 0);
+	ck_assert_int_eq(opq_lease_remaining(l, &g.acquired, &ns), 0);
+	ck_assert_int_eq(ns, 10 * SEC - 10 * MS);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	opq__suspend_pretend(-3664 * SEC);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
 }
 END_TEST
@@ -1112,6 +1155,7 @@ int main(void)
 	tcase_add_test(tc, test_default_owner_and_errors);
 	tcase_add_test(tc, test_tokens);
 	tcase_add_test(tc, test_remaining);
+	tcase_add_test(tc, test_suspend);
 	tcase_add_test(tc, test_takeover_at_expiry);
 	tcase_add_test(tc, test_blocking_acquire);
 	tcase_add_test(tc, test_mutual_exclusion);

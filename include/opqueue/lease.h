@@ -124,7 +124,9 @@ OPQ_EXPORT int opq_lease_release(opq_lease *lease);
 /*
  * How long the holder may still act, in ns, from the local monotonic clock
  * at `now` (NULL: the current instant): acquired + lease - margin - now,
- * or 0 when that has passed or the lease is not held: stop mutating now.
+ * less the time the system was suspended since `acquired` (the monotonic
+ * clock stands still then, the store's does not), or 0 when that has passed
+ * or the lease is not held: stop mutating now.
  */
 OPQ_EXPORT int opq_lease_remaining(opq_lease *lease, const struct timespec *now, int64_t *ns);
 /* The current grant (ENOLCK if not held). */
