@@ -163,6 +163,7 @@ struct opq_queue {
 	unsigned next_index;
 	int state;
 	bool timer_ref;		 /* holds a timer thread reference (opq__queue_timer_ref) */
+	pthread_t stop_leader;	 /* the thread leading the stop in progress (ST_STOPPING) */
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
 	uint64_t completed, discarded, cancelled, high_water, asides;
@@ -1263,7 +1264,9 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
 	if (tls_in_start_hook && tls_queue == q)
 		return EDEADLK; /* spawn would wait for this very runner to start */
 	opq__lock(&q->mu);
-	if (q->state != ST_RUNNING) {
+	/* target 0: a failed start is letting its runners go (it waits for
+	 * them with q->mu dropped); new ones would keep it waiting. */
+	if (q->state != ST_RUNNING || q->target == 0) {
 		opq__unlock(&q->mu);
 		return ESRCH;
 	}
@@ -1292,8 +1295,16 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 		opq__unlock(&q->mu);
 		return 0;
 	}
+	/* A discard callback of this thread's own stop: that stop cannot end
+	 * before the callback returns. */
+	if (q->state == ST_STOPPING && pthread_equal(q->stop_leader, pthread_self())) {
+		opq__unlock(&q->mu);
+		return EDEADLK;
+	}
 	q->callers++;
 	bool leader = q->state != ST_STOPPING;
+	if (leader)
+		q->stop_leader = pthread_self();
 	int prev = q->state;
 	uint64_t stops = q->stops;
 	q->state = ST_STOPPING;
@@ -1490,7 +1501,9 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 {
 	opq__lock(&q->mu);
 	uintptr_t st = OP_STATE(op);
-	if ((st == OP_QUEUED || st == OP_BATCHED || st == OP_INBOX) && op->opq__owner == q) {
+	/* INBOX: another thread is pushing it onto an inbox right now, and
+	 * may not have named the queue in it yet (enqueue_inbox). */
+	if (st == OP_INBOX || ((st == OP_QUEUED || st == OP_BATCHED) && op->opq__owner == q)) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}

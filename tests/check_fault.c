@@ -54,6 +54,74 @@ START_TEST(test_start_and_resize)
 }
 END_TEST
 
+/*
+ * opq_queue_set_runners while a failed start lets the runners it made go:
+ * ESRCH, and the start returns ENOMEM with no runner left (new runners, or
+ * a raised target, would keep it waiting for ever). The exit hook of the
+ * runner let go holds it back until the other call has returned, so the
+ * call lands inside the start's wait.
+ */
+static opq_queue *rb_q;
+static atomic_int rb_exits, rb_go, rb_resized, rb_started;
+static int rb_resize_rc, rb_start_rc;
+
+static void rb_on_exit(void *arg, unsigned index)
+{
+	(void)arg;
+	(void)index;
+	if (atomic_fetch_add(&rb_exits, 1) != 0)
+		return;
+	atomic_store(&rb_go, 1);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	while (!atomic_load(&rb_resized) && !t_passed(&dl))
+		sched_yield();
+}
+
+static void *rb_resizer(void *arg)
+{
+	(void)arg;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	while (!atomic_load(&rb_go) && !t_passed(&dl))
+		sched_yield();
+	rb_resize_rc = opq_queue_set_runners(rb_q, 1);
+	atomic_store(&rb_resized, 1);
+	return NULL;
+}
+
+static void *rb_starter(void *arg)
+{
+	(void)arg;
+	opq__fault_set(2); /* the first runner is made, the second is not */
+	rb_start_rc = opq_queue_start(rb_q, 2);
+	opq__fault_set(0);
+	atomic_store(&rb_started, 1);
+	return NULL;
+}
+
+START_TEST(test_resize_during_failed_start)
+{
+	opq_queue_attr *a;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, NULL, rb_on_exit, NULL), 0);
+	ck_assert_int_eq(opq_queue_create(&rb_q, a), 0);
+	opq_queue_attr_destroy(a);
+	pthread_t rs, st;
+	ck_assert_int_eq(pthread_create(&rs, NULL, rb_resizer, NULL), 0);
+	ck_assert_int_eq(pthread_create(&st, NULL, rb_starter, NULL), 0);
+	T_WAIT_UNTIL(atomic_load(&rb_started));
+	ck_assert_int_eq(pthread_join(st, NULL), 0);
+	ck_assert_int_eq(pthread_join(rs, NULL), 0);
+	ck_assert_int_eq(rb_start_rc, ENOMEM);
+	ck_assert_int_eq(rb_resize_rc, ESRCH);
+	opq_queue_stats stats;
+	ck_assert_int_eq(opq_queue_stats_get(rb_q, &stats), 0);
+	ck_assert_uint_eq(stats.runners, 0);
+	ck_assert_int_eq(opq_queue_start(rb_q, 2), 0); /* usable */
+	ck_assert_int_eq(opq_queue_stop(rb_q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(rb_q), 0);
+}
+END_TEST
+
 START_TEST(test_enqueue_fn)
 {
 	atomic_long n = 0;
@@ -323,6 +391,7 @@ int main(void)
 	TCase *tc = t_tcase(s, "enomem", 120);
 	tcase_add_test(tc, test_attr_and_create);
 	tcase_add_test(tc, test_start_and_resize);
+	tcase_add_test(tc, test_resize_during_failed_start);
 	tcase_add_test(tc, test_enqueue_fn);
 	tcase_add_test(tc, test_intrusive_allocates_nothing);
 	tcase_add_test(tc, test_stage);

@@ -538,6 +538,116 @@ START_TEST(test_stop_discard_while_running)
 }
 END_TEST
 
+/*
+ * A discard callback that stops the queue again, run by a DISCARD stop on
+ * its own thread, gets EDEADLK: that stop cannot end before the callback
+ * returns. On a never-started queue, and on a running one whose runner is
+ * busy; either way the outer stop returns.
+ */
+static opq_queue *_Atomic again_q;
+static atomic_int again_rc;
+
+static void stop_again(opq_op *op)
+{
+	(void)op;
+	atomic_store(&again_rc, opq_queue_stop(again_q, OPQ_STOP_DRAIN));
+}
+
+static void *stop_thread_done(void *arg)
+{
+	stop_thread(arg);
+	atomic_store(&again_q, NULL); /* the outer stop returned */
+	return NULL;
+}
+
+START_TEST(test_stop_from_discard)
+{
+	for (int started = 0; started < 2; started++) {
+		struct t_gate hold;
+		t_gate_init(&hold);
+		atomic_int running = 0;
+		struct cop blocker, c;
+		cop_init(&blocker);
+		blocker.hold = &hold;
+		blocker.started = &running;
+		cop_init(&c);
+		c.op.discard = stop_again;
+		opq_queue *q = make_queue(0);
+		if (started) {
+			ck_assert_int_eq(opq_queue_start(q, 1), 0);
+			ck_assert_int_eq(opq_queue_enqueue(q, &blocker.op), 0);
+			T_WAIT_UNTIL(atomic_load(&running));
+		}
+		ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
+		atomic_store(&again_rc, -1);
+		atomic_store(&again_q, q);
+		struct stopper st = { q, OPQ_STOP_DISCARD, -1 };
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, stop_thread_done, &st), 0);
+		T_WAIT_UNTIL(atomic_load(&again_rc) != -1);
+		ck_assert_int_eq(atomic_load(&again_rc), EDEADLK);
+		t_gate_open(&hold);
+		T_WAIT_UNTIL(atomic_load(&again_q) == NULL);
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_int_eq(st.rc, 0);
+		ck_assert_int_eq(c.performed, 0);
+		ck_assert_uint_eq(stats_of(q).discarded, 1);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		t_gate_destroy(&hold);
+	}
+}
+END_TEST
+
+/*
+ * Two threads enqueue the same operation at once: one gets EBUSY, and the
+ * operation is queued once. Fresh threads each round: a thread's first
+ * lock-free enqueue is its slowest (it registers the thread), which is when
+ * the other could take the locked path past it.
+ */
+struct twin {
+	opq_queue *q;
+	opq_op *op;
+	atomic_int *ready, *go;
+	int rc;
+};
+
+static void *twin_enqueue(void *arg)
+{
+	struct twin *t = arg;
+	atomic_fetch_add(t->ready, 1);
+	while (!atomic_load(t->go))
+		sched_yield();
+	t->rc = opq_queue_enqueue(t->q, t->op);
+	return NULL;
+}
+
+START_TEST(test_enqueue_same_op_at_once)
+{
+	long rounds = t_scale(3000);
+	for (long i = 0; i < rounds; i++) {
+		struct cop c;
+		cop_init(&c);
+		opq_queue *q = make_queue(0);
+		atomic_int ready = 0, go = 0;
+		struct twin t[2] = { { q, &c.op, &ready, &go, -1 }, { q, &c.op, &ready, &go, -1 } };
+		pthread_t th[2];
+		for (int k = 0; k < 2; k++)
+			ck_assert_int_eq(pthread_create(&th[k], NULL, twin_enqueue, &t[k]), 0);
+		T_WAIT_UNTIL(atomic_load(&ready) == 2);
+		atomic_store(&go, 1);
+		for (int k = 0; k < 2; k++)
+			ck_assert_int_eq(pthread_join(th[k], NULL), 0);
+		ck_assert_msg((t[0].rc == 0 && t[1].rc == EBUSY) || (t[0].rc == EBUSY && t[1].rc == 0),
+			      "round %ld: %d and %d", i, t[0].rc, t[1].rc);
+		ck_assert_uint_eq(stats_of(q).queued, 1);
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(c.performed, 1);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+}
+END_TEST
+
 /* Several threads stop at once: all return 0, and only after the runners are gone. */
 START_TEST(test_concurrent_stops)
 {
@@ -1109,6 +1219,7 @@ int main(void)
 	tcase_add_test(tc, test_bounded_room_above_half);
 	tcase_add_test(tc, test_stop_modes);
 	tcase_add_test(tc, test_stop_discard_while_running);
+	tcase_add_test(tc, test_stop_from_discard);
 	tcase_add_test(tc, test_calls_from_inside);
 	tcase_add_test(tc, test_enqueue_chain);
 	tcase_add_test(tc, test_enqueue_full_from_runner);
@@ -1121,6 +1232,7 @@ int main(void)
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_bounded_backpressure);
 	tcase_add_test(tc, test_concurrent_stops);
+	tcase_add_test(tc, test_enqueue_same_op_at_once);
 	tcase_add_test(tc, test_stress_exactly_once);
 	tcase_add_test(tc, test_stress_enqueue_races_stop);
 	tcase_add_test(tc, test_stress_resize_races_stop);
