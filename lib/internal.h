@@ -166,6 +166,13 @@ OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
  * by adding to it with opq__suspend_pretend.
  */
 OPQ_INTERNAL int64_t opq__suspended_ns(void);
+
+/*
+ * Tests: called by a canceller of a scope after it has pinned the records
+ * of the calls blocked in it and dropped the tree's mutex, before it wakes
+ * them (scope.c), so that a test can hold it there.
+ */
+OPQ_INTERNAL extern void (*opq__scope_wake_hook)(void);
 OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
 #endif /* OPQ_INTERNAL_H */

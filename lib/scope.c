@@ -195,10 +195,14 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	}
 }
 
+void (*opq__scope_wake_hook)(void);
+
 /* Drop tr->mu and wake the blocked calls on the wake list. */
 static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
 {
 	opq__unlock(&tr->mu);
+	if (wake && opq__scope_wake_hook)
+		opq__scope_wake_hook();
 	while (wake) {
 		struct opq__cancel_reg *r = wake;
 		wake = r->wnext;
@@ -408,9 +412,21 @@ static int tree_timer_ref(struct tree *tr)
 	return rc;
 }
 
-/* Under tr->mu, after tree_timer_ref: arm s's deadline. */
+/*
+ * Under tr->mu, after tree_timer_ref: arm s's deadline. One that has passed
+ * already cancels s at once (s is new: nothing runs or waits in it yet),
+ * not when the timer thread gets to it: a task must not start meanwhile.
+ */
 static void dl_arm(struct tree *tr, opq_scope *s)
 {
+	if (ts_passed(&s->deadline)) {
+		struct opq__cancel_reg *wake = NULL;
+		s->timed_out = true;
+		if (!s->first_error)
+			s->first_error = ETIMEDOUT;
+		mark_cancelled(s, &wake);
+		return;
+	}
 	opq_scope *prev = NULL, *cur = tr->dl_first;
 	while (cur && !opq__ts_before(&s->deadline, &cur->deadline)) {
 		prev = cur;
@@ -759,18 +775,21 @@ bool opq__cancel_end(struct opq__cancel_reg *r)
 		return false;
 	struct tree *tr = s->tr;
 	opq__lock(&tr->mu);
+	/* A canceller holds a pin: it will lock mu and broadcast cv; wait for
+	 * it. The record stays listed meanwhile, so that the scope still
+	 * counts as in use (opq_scope_destroy is EBUSY): the canceller will
+	 * lock the tree's mutex once more. */
+	while (r->pinned) {
+		opq__unlock(&tr->mu);
+		OPQ_CHECK(pthread_cond_wait(r->cv, r->mu));
+		opq__lock(&tr->mu);
+	}
 	if (r->prev)
 		r->prev->next = r->next;
 	else
 		s->regs = r->next;
 	if (r->next)
 		r->next->prev = r->prev;
-	/* A canceller holds a pin: it will lock mu and broadcast cv; wait for it. */
-	while (r->pinned) {
-		opq__unlock(&tr->mu);
-		OPQ_CHECK(pthread_cond_wait(r->cv, r->mu));
-		opq__lock(&tr->mu);
-	}
 	bool cancelled = atomic_load_explicit(&s->cancelled, memory_order_relaxed);
 	opq__unlock(&tr->mu);
 	r->scope = NULL;

@@ -431,6 +431,13 @@ static int child_ok_fn(opq_scope *s, void *arg)
 	return 0;
 }
 
+static int count_run(opq_scope *s, void *arg)
+{
+	(void)s;
+	atomic_fetch_add((atomic_int *)arg, 1);
+	return 0;
+}
+
 static int sleep_forever(opq_scope *s, void *arg)
 {
 	(void)arg;
@@ -502,20 +509,118 @@ START_TEST(test_scope_deadline)
 		ck_assert_int_eq(opq_task_release(u), 0);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
 
-		/* A deadline already passed at spawn: the task is cancelled at once. */
+		/* A deadline already passed at spawn: the task is cancelled at
+		 * once, and its function never runs (the timer thread is not
+		 * waited for). */
 		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 		dl = t_deadline(-MS);
 		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
 		ck_assert_int_eq(opq_scope_spawn(root, a, sleep_forever, NULL, NULL, NULL, &t), 0);
 		ck_assert_int_eq(wait_task(t), ETIMEDOUT);
 		ck_assert_int_eq(opq_task_release(t), 0);
+		atomic_int ran = 0;
+		for (int k = 0; k < 10; k++) {
+			ck_assert_int_eq(opq_scope_spawn(root, a, count_run, &ran, NULL, NULL, &t), 0);
+			ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+			ck_assert_int_eq(opq_task_release(t), 0);
+		}
+		ck_assert_int_eq(atomic_load(&ran), 0);
 		ck_assert_int_eq(opq_scope_attr_set_deadline(a, NULL), 0);
 		ck_assert_int_eq(opq_scope_spawn(root, a, child_ok_fn, NULL, NULL, NULL, &t), 0);
 		ck_assert_int_eq(wait_task(t), 0);
 		ck_assert_int_eq(opq_task_release(t), 0);
 		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
+
+		/* A root made with a passed deadline is cancelled from the start. */
+		dl = t_deadline(-MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+		ck_assert_int_eq(opq_scope_cancelled(root), 1);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, count_run, &ran, NULL, NULL, NULL),
+				 ECANCELED);
+		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		ck_assert_int_eq(atomic_load(&ran), 0);
 		opq_scope_attr_destroy(a);
+	}
+	rmqueue(q);
+}
+END_TEST
+
+/*
+ * A sleep whose deadline passes while a canceller that has pinned it is
+ * held (between dropping the tree's lock and waking it) waits for that
+ * canceller, and meanwhile the scope is still in use: opq_scope_destroy is
+ * EBUSY, not 0 (which freed the tree under the canceller).
+ */
+static struct t_gate held_gate;
+static atomic_int held_in;
+
+static void hold_canceller(void)
+{
+	atomic_store(&held_in, 1);
+	ck_assert(t_gate_wait(&held_gate));
+}
+
+struct sleeper {
+	opq_scope *s;
+	struct timespec dl;
+	atomic_int started, rc;
+};
+
+static void *sleeper_thread(void *arg)
+{
+	struct sleeper *z = arg;
+	atomic_store(&z->started, 1);
+	atomic_store(&z->rc, opq_scope_sleep(z->s, &z->dl));
+	return NULL;
+}
+
+static void *cancel_thread(void *arg)
+{
+	ck_assert_int_eq(opq_scope_cancel(arg), 0);
+	return NULL;
+}
+
+START_TEST(test_destroy_while_woken)
+{
+	opq_queue *q = mkqueue(1, 0);
+	/* Rounds where the cancel came before the sleep had registered (and
+	 * so had nothing to pin) do not count. */
+	for (int held = 0, tries = 0; held < 3; tries++) {
+		ck_assert_int_lt(tries, 1000);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		t_gate_init(&held_gate);
+		atomic_store(&held_in, 0);
+		opq__scope_wake_hook = hold_canceller;
+		struct sleeper z = { root, t_deadline(100 * MS), 0, -1 };
+		pthread_t st, ct;
+		ck_assert_int_eq(pthread_create(&st, NULL, sleeper_thread, &z), 0);
+		T_WAIT_UNTIL(atomic_load(&z.started));
+		ck_assert_int_eq(pthread_create(&ct, NULL, cancel_thread, root), 0);
+		T_WAIT_UNTIL(atomic_load(&held_in) || atomic_load(&z.rc) != -1);
+		if (atomic_load(&held_in)) {
+			/* The sleep's deadline passes; it ends, its record pinned. */
+			struct timespec after = z.dl;
+			after.tv_nsec += 50 * MS;
+			if (after.tv_nsec >= 1000000000) {
+				after.tv_sec++;
+				after.tv_nsec -= 1000000000;
+			}
+			while (!t_passed(&after))
+				ck_assert_int_eq(opq_scope_destroy(root), EBUSY);
+			ck_assert_int_eq(atomic_load(&z.rc), -1);
+			held++;
+		}
+		t_gate_open(&held_gate);
+		ck_assert_int_eq(pthread_join(ct, NULL), 0);
+		ck_assert_int_eq(pthread_join(st, NULL), 0);
+		ck_assert_int_eq(atomic_load(&z.rc), ECANCELED);
+		opq__scope_wake_hook = NULL;
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		t_gate_destroy(&held_gate);
 	}
 	rmqueue(q);
 }
@@ -1373,6 +1478,7 @@ int main(void)
 	tc = t_tcase(s, "wait", 120);
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
+	tcase_add_test(tc, test_destroy_while_woken);
 	tcase_add_test(tc, test_timer_heap);
 	tcase_add_test(tc, test_timer_far_future);
 	tcase_add_test(tc, test_deadline_trees_share_timer);
