@@ -1088,7 +1088,8 @@ static long long pool_backends(PGconn *c, bool locked)
  * looks, outside c's transaction, whose view of pg_stat_activity would
  * stay as it was at its first look).
  */
-static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, PGconn *q)
+static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, PGconn *q,
+				     struct timespec *released)
 {
 	char ci[1024], err[256], name[32];
 	/* connect_timeout: the calls' bound (half their lease, at most this)
@@ -1110,6 +1111,8 @@ static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, 
 	for (int i = 0; i < n; i++)
 		ck_assert_int_eq(pthread_create(&th[i], NULL, pool_thread, &calls[i]), 0);
 	T_WAIT_UNTIL(pool_backends(q, true) == n);
+	if (released) /* before the calls can end and give their connections back */
+		clock_gettime(CLOCK_MONOTONIC, released);
 	db_exec(c, "COMMIT");
 	for (int i = 0; i < n; i++) {
 		ck_assert_int_eq(pthread_join(th[i], NULL), 0);
@@ -1135,7 +1138,7 @@ START_TEST(test_pool)
 	enum { T = 8 };
 	PGconn *c = db_open(), *q = db_open();
 	struct pool_call calls[T];
-	opq_lease_provider *p = pool_fill(calls, T, c, q);
+	opq_lease_provider *p = pool_fill(calls, T, c, q, NULL);
 	/* Every connection those calls used is kept for the next ones. */
 	ck_assert_int_eq(pool_backends(q, false), T);
 
@@ -1173,11 +1176,16 @@ START_TEST(test_pool_idle)
 	ck_assert_int_eq(setenv("OPQ_PG_IDLE_MS", "300", 1), 0);
 	PGconn *c = db_open(), *q = db_open();
 	struct pool_call calls[T];
-	opq_lease_provider *p = pool_fill(calls, T, c, q);
+	struct timespec young;
+	opq_lease_provider *p = pool_fill(calls, T, c, q, &young);
 	ck_assert_int_eq(unsetenv("OPQ_PG_IDLE_MS"), 0);
-	/* The calls gave their connections back before pool_fill returned:
-	 * a call within 150 ms of that finds none idle for 300 ms. */
-	struct timespec young = t_deadline(150 * MS);
+	/* The calls gave their connections back after `young`: a call that
+	 * ends within 300 ms of it finds none idle for 300 ms. */
+	young.tv_nsec += 300 * MS;
+	if (young.tv_nsec >= SEC) {
+		young.tv_sec++;
+		young.tv_nsec -= SEC;
+	}
 	ck_assert_int_eq(opq_lease_release(calls[0].l), 0);
 	if (!t_passed(&young))
 		ck_assert_int_eq(pool_backends(q, false), T);
