@@ -88,6 +88,7 @@ struct tree {
 };
 
 static _Thread_local opq_scope *tls_scope;
+static _Thread_local opq_task *tls_done_task; /* whose done callback this thread runs */
 
 /* ---- attributes ---------------------------------------------------------- */
 
@@ -294,8 +295,11 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 		wake = NULL;
 		if (t->done) {
 			opq_scope *outer = tls_scope;
+			opq_task *outer_done = tls_done_task;
 			tls_scope = NULL;
+			tls_done_task = t;
 			t->done(t->done_arg, t->result);
+			tls_done_task = outer_done;
 			tls_scope = outer;
 		}
 		opq__lock(&tr->mu);
@@ -636,6 +640,19 @@ static bool inside(const opq_scope *s)
 	return false;
 }
 
+/*
+ * In a done callback (of task d): would waiting for s (a scope, or with
+ * `task` the scope of a task) wait for d or one of its ancestors, which
+ * cannot terminate before the callback returns?
+ */
+static bool in_done_of(const opq_scope *s, bool task)
+{
+	for (opq_task *d = tls_done_task; d; d = d->pscope->owner)
+		if (d->pscope == s || (task && &d->scope == s))
+			return true;
+	return false;
+}
+
 /* Under tr->mu: a queued task in the subtree under s (or t itself), pinned; or NULL. */
 static opq_task *find_queued(opq_scope *s, opq_task *self)
 {
@@ -694,7 +711,7 @@ OPQ_EXPORT int opq_scope_wait(opq_scope *s, const struct timespec *deadline, int
 {
 	if (!s || !opq__deadline_ok(deadline))
 		return EINVAL;
-	if (inside(s))
+	if (inside(s) || in_done_of(s, false))
 		return EDEADLK;
 	struct tree *tr = s->tr;
 	opq__lock(&tr->mu);
@@ -709,7 +726,7 @@ OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *
 {
 	if (!t || !opq__deadline_ok(deadline))
 		return EINVAL;
-	if (tls_scope == &t->scope || inside(&t->scope))
+	if (tls_scope == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
 		return EDEADLK;
 	struct tree *tr = t->scope.tr;
 	opq__lock(&tr->mu);

@@ -628,6 +628,75 @@ START_TEST(test_destroy_while_woken)
 }
 END_TEST
 
+/*
+ * A done callback that waits for its own task, for an ancestor task, or for
+ * a scope those are in gets EDEADLK (they cannot terminate before it
+ * returns), not a wait until its deadline.
+ */
+struct done_waits {
+	struct t_gate go;	/* the handles are stored */
+	opq_scope *root;
+	opq_task *parent;
+	int rc_self, rc_parent, rc_root;
+	atomic_int done;
+};
+
+static void done_waits_cb(void *arg, int result)
+{
+	struct done_waits *w = arg;
+	(void)result;
+	struct timespec dl = t_deadline(2000 * MS);
+	w->rc_parent = opq_task_wait(w->parent, &dl, NULL);
+	w->rc_root = opq_scope_wait(w->root, &dl, NULL);
+	atomic_store(&w->done, 1);
+}
+
+static int done_waits_child(opq_scope *s, void *arg)
+{
+	(void)s;
+	(void)arg;
+	return 0;
+}
+
+static void done_waits_self_cb(void *arg, int result)
+{
+	struct done_waits *w = arg;
+	(void)result;
+	struct timespec dl = t_deadline(2000 * MS);
+	w->rc_self = opq_task_wait(w->parent, &dl, NULL);
+}
+
+static int done_waits_parent(opq_scope *s, void *arg)
+{
+	struct done_waits *w = arg;
+	if (!t_gate_wait(&w->go))
+		return EIO;
+	return opq_scope_spawn(s, NULL, done_waits_child, NULL, done_waits_cb, w, NULL);
+}
+
+START_TEST(test_done_waits_deadlock)
+{
+	opq_queue *q = mkqueue(2, 0);
+	struct done_waits w = { .rc_self = -1, .rc_parent = -1, .rc_root = -1 };
+	t_gate_init(&w.go);
+	ck_assert_int_eq(opq_scope_create(&w.root, q, NULL), 0);
+	ck_assert_int_eq(opq_scope_spawn(w.root, NULL, done_waits_parent, &w, done_waits_self_cb,
+					 &w, &w.parent),
+			 0);
+	t_gate_open(&w.go);
+	T_WAIT_UNTIL(atomic_load(&w.done));
+	ck_assert_int_eq(wait_task(w.parent), 0);
+	ck_assert_int_eq(w.rc_parent, EDEADLK);
+	ck_assert_int_eq(w.rc_root, EDEADLK);
+	ck_assert_int_eq(w.rc_self, EDEADLK);
+	ck_assert_int_eq(opq_task_release(w.parent), 0);
+	ck_assert_int_eq(wait_scope(w.root), 0);
+	ck_assert_int_eq(opq_scope_destroy(w.root), 0);
+	t_gate_destroy(&w.go);
+	rmqueue(q);
+}
+END_TEST
+
 /* ---- the library's timer (timer.c), which runs the deadlines ----------- */
 
 struct ttimer {
@@ -1481,6 +1550,7 @@ int main(void)
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
 	tcase_add_test(tc, test_destroy_while_woken);
+	tcase_add_test(tc, test_done_waits_deadlock);
 	tcase_add_test(tc, test_timer_heap);
 	tcase_add_test(tc, test_timer_far_future);
 	tcase_add_test(tc, test_deadline_trees_share_timer);

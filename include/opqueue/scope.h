@@ -32,8 +32,9 @@
  * completed the task's termination: the runner that ran the function, the
  * runner of the last child to terminate, or the thread that stopped the
  * queue with OPQ_STOP_DISCARD. It runs with no lock held and may call any
- * opqueue function except waits on the task's ancestors or their scopes
- * (they cannot terminate before it returns); it should be short.
+ * opqueue function; a wait on the task itself, its ancestors or their
+ * scopes (which cannot terminate before it returns) is EDEADLK. It should
+ * be short.
  */
 #ifndef OPQUEUE_SCOPE_H
 #define OPQUEUE_SCOPE_H
