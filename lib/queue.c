@@ -163,6 +163,7 @@ struct opq_queue {
 	unsigned next_index;
 	int state;
 	bool timer_ref;		 /* holds a timer thread reference (opq__queue_timer_ref) */
+	bool destroying;	 /* opq_queue_destroy is discarding what was queued */
 	pthread_t stop_leader;	 /* the thread leading the stop in progress (ST_STOPPING) */
 	uint64_t stops;		 /* completed stops: concurrent stoppers wait for it to move */
 	struct runner *runners;	 /* every runner not yet joined */
@@ -266,6 +267,7 @@ static void box_release(struct box *b)
 static _Thread_local opq_queue *tls_queue;
 /* Set while a runner runs its start hook: start and resize wait for it. */
 static _Thread_local bool tls_in_start_hook;
+static _Thread_local bool tls_in_exit_hook; /* out of `alive`: performs nothing more */
 
 /* ---- attributes ---------------------------------------------------------- */
 
@@ -1013,8 +1015,11 @@ static void *runner_main(void *arg)
 	q->alive--;
 	opq__unlock(&q->mu);
 
-	if (q->attr.on_exit)
+	if (q->attr.on_exit) {
+		tls_in_exit_hook = true;
 		q->attr.on_exit(q->attr.hook_arg, r->index);
+		tls_in_exit_hook = false;
+	}
 
 	opq__lock(&q->mu);
 	r->finished = true;
@@ -1190,10 +1195,14 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 		return 0;
 	opq__lock(&q->mu);
 	if (q->state == ST_RUNNING || q->state == ST_STOPPING || q->callers || q->threads ||
-	    q->spawning || q->reaping) {
+	    q->spawning || q->reaping || q->destroying) {
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
+	/* The discard callbacks below run without the lock and may call q:
+	 * it takes nothing more (enqueue ESHUTDOWN, start and destroy EBUSY). */
+	q->destroying = true;
+	q->state = ST_STOPPED;
 	inbox_close(q);
 	opq__unlock(&q->mu);
 	pushers_wait(q); /* producers that pushed before the close may still look at q */
@@ -1231,7 +1240,7 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 	if (!q || runners == 0)
 		return EINVAL;
 	opq__lock(&q->mu);
-	if (q->state == ST_RUNNING || q->state == ST_STOPPING) {
+	if (q->state == ST_RUNNING || q->state == ST_STOPPING || q->destroying) {
 		int rc = q->state == ST_RUNNING ? EALREADY : EBUSY;
 		opq__unlock(&q->mu);
 		return rc;
@@ -1507,8 +1516,11 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 		opq__unlock(&q->mu);
 		return EBUSY;
 	}
+	/* A stop that begins while this call waits for room fails it, even
+	 * if the queue is started again before this thread looks. */
+	uint64_t stops = q->stops;
 	for (;;) {
-		if (q->state == ST_STOPPING || q->state == ST_STOPPED) {
+		if (q->state == ST_STOPPING || q->state == ST_STOPPED || q->stops != stops) {
 			opq__unlock(&q->mu);
 			return ESHUTDOWN;
 		}
@@ -1519,9 +1531,12 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 			return EAGAIN;
 		}
 		/* A runner of q that would wait while every other runner waits too
-		 * would wait forever: nobody is left to make room. */
-		bool runner = tls_queue == q;
-		if (runner && q->stuck_runners + 1 >= q->alive) {
+		 * would wait forever: nobody is left to make room. One in its
+		 * exit hook has left the runners: it waits forever only if every
+		 * runner left waits too (or none is left), and is not counted. */
+		bool runner = tls_queue == q && !tls_in_exit_hook;
+		if ((runner && q->stuck_runners + 1 >= q->alive) ||
+		    (tls_queue == q && tls_in_exit_hook && q->stuck_runners >= q->alive)) {
 			opq__unlock(&q->mu);
 			return EDEADLK;
 		}

@@ -648,6 +648,169 @@ START_TEST(test_enqueue_same_op_at_once)
 }
 END_TEST
 
+/*
+ * Calls on a queue from a discard callback run by its destroy: the queue
+ * takes nothing more (enqueue ESHUTDOWN: the caller keeps the operation;
+ * start and destroy EBUSY), so nothing is lost and destroy returns.
+ */
+static struct {
+	opq_queue *q;
+	struct cop *b;
+	int rc_enqueue, rc_start, rc_destroy;
+} from_destroy;
+
+static void discard_calls_queue(opq_op *op)
+{
+	(void)op;
+	from_destroy.rc_enqueue = opq_queue_enqueue(from_destroy.q, &from_destroy.b->op);
+	from_destroy.rc_start = opq_queue_start(from_destroy.q, 1);
+	from_destroy.rc_destroy = opq_queue_destroy(from_destroy.q);
+}
+
+struct destroyer {
+	opq_queue *q;
+	int rc;
+	atomic_int done;
+};
+
+static void *destroy_thread(void *arg)
+{
+	struct destroyer *d = arg;
+	d->rc = opq_queue_destroy(d->q);
+	atomic_store(&d->done, 1);
+	return NULL;
+}
+
+START_TEST(test_calls_from_destroy_discard)
+{
+	for (size_t capacity = 0; capacity <= 4; capacity += 4) {
+		struct cop a, b;
+		cop_init(&a);
+		cop_init(&b);
+		a.op.discard = discard_calls_queue;
+		opq_queue *q = make_queue(capacity);
+		from_destroy.q = q;
+		from_destroy.b = &b;
+		from_destroy.rc_enqueue = from_destroy.rc_start = from_destroy.rc_destroy = -1;
+		ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
+		struct destroyer d = { q, -1, 0 };
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, destroy_thread, &d), 0);
+		T_WAIT_UNTIL(atomic_load(&d.done));
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_int_eq(d.rc, 0);
+		ck_assert_int_eq(from_destroy.rc_enqueue, ESHUTDOWN);
+		ck_assert_int_eq(from_destroy.rc_start, EBUSY);
+		ck_assert_int_eq(from_destroy.rc_destroy, EBUSY);
+		ck_assert_int_eq(b.performed + b.discarded, 0); /* refused: still the caller's */
+		ck_assert_int_eq(opq_op_init(&b.op, cop_perform, cop_discard), 0);
+	}
+}
+END_TEST
+
+/*
+ * A producer blocked on a full queue when a stop begins gets ESHUTDOWN,
+ * even when the queue is started again before it looks.
+ */
+struct blocked_producer {
+	opq_queue *q;
+	opq_op *op;
+	int rc;
+};
+
+static void *blocked_enqueue(void *arg)
+{
+	struct blocked_producer *p = arg;
+	p->rc = opq_queue_enqueue(p->q, p->op);
+	return NULL;
+}
+
+START_TEST(test_blocked_producer_restart)
+{
+	for (int i = 0; i < 50; i++) {
+		struct cop a, b;
+		cop_init(&a);
+		cop_init(&b);
+		opq_queue *q = make_queue(1);
+		ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
+		struct blocked_producer p = { q, &b.op, -1 };
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, blocked_enqueue, &p), 0);
+		T_WAIT_UNTIL(stats_of(q).blocked == 1);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_msg(p.rc == ESHUTDOWN, "run %d: %d", i, p.rc);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(b.performed + b.discarded, 0);
+		ck_assert_int_eq(a.discarded, 1);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+	}
+}
+END_TEST
+
+/*
+ * A runner leaving (the queue shrinks) whose exit hook enqueues into the
+ * full queue waits for the runner that stays to make room: it has left the
+ * runners, so it is not one that would wait for itself (EDEADLK before).
+ */
+static struct {
+	opq_queue *q;
+	struct cop fill[4], extra;
+	atomic_int once, done;
+	int rc;
+} leaving;
+
+static void leaving_hook(void *arg, unsigned index)
+{
+	(void)arg;
+	(void)index;
+	if (atomic_fetch_add(&leaving.once, 1) != 0)
+		return;
+	for (int i = 0; i < 4 && opq_queue_tryenqueue(leaving.q, &leaving.fill[i].op) == 0; i++)
+		;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	leaving.rc = opq_queue_timedenqueue(leaving.q, &leaving.extra.op, &dl);
+	atomic_store(&leaving.done, 1);
+}
+
+START_TEST(test_exit_hook_enqueue_full)
+{
+	struct t_gate hold;
+	t_gate_init(&hold);
+	atomic_int started = 0;
+	struct cop blocker;
+	cop_init(&blocker);
+	blocker.hold = &hold;
+	blocker.started = &started;
+	for (int i = 0; i < 4; i++)
+		cop_init(&leaving.fill[i]);
+	cop_init(&leaving.extra);
+	leaving.rc = -1;
+	opq_queue_attr *a;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(a, 2), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, NULL, leaving_hook, NULL), 0);
+	ck_assert_int_eq(opq_queue_create(&leaving.q, a), 0);
+	opq_queue_attr_destroy(a);
+	ck_assert_int_eq(opq_queue_start(leaving.q, 2), 0);
+	ck_assert_int_eq(opq_queue_enqueue(leaving.q, &blocker.op), 0);
+	T_WAIT_UNTIL(atomic_load(&started));
+	ck_assert_int_eq(opq_queue_set_runners(leaving.q, 1), 0); /* the idle one leaves */
+	/* Its hook fills the queue and waits for room; then the one that
+	 * stays goes on. */
+	T_WAIT_UNTIL(stats_of(leaving.q).blocked == 1 || atomic_load(&leaving.done));
+	t_gate_open(&hold);
+	T_WAIT_UNTIL(atomic_load(&leaving.done));
+	ck_assert_int_eq(leaving.rc, 0);
+	ck_assert_int_eq(opq_queue_stop(leaving.q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(leaving.extra.performed, 1);
+	ck_assert_int_eq(blocker.performed, 1);
+	ck_assert_int_eq(opq_queue_destroy(leaving.q), 0);
+	t_gate_destroy(&hold);
+}
+END_TEST
+
 /* Several threads stop at once: all return 0, and only after the runners are gone. */
 START_TEST(test_concurrent_stops)
 {
@@ -1220,6 +1383,9 @@ int main(void)
 	tcase_add_test(tc, test_stop_modes);
 	tcase_add_test(tc, test_stop_discard_while_running);
 	tcase_add_test(tc, test_stop_from_discard);
+	tcase_add_test(tc, test_calls_from_destroy_discard);
+	tcase_add_test(tc, test_blocked_producer_restart);
+	tcase_add_test(tc, test_exit_hook_enqueue_full);
 	tcase_add_test(tc, test_calls_from_inside);
 	tcase_add_test(tc, test_enqueue_chain);
 	tcase_add_test(tc, test_enqueue_full_from_runner);
