@@ -403,7 +403,8 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
 	clock_gettime(CLOCK_MONOTONIC, before);
-	*suspended = opq__suspended_ns();
+	if (suspended) /* for a grant: see opq_lease_remaining */
+		*suspended = opq__suspended_ns();
 	int rc;
 	switch (what) {
 	case CALL_ACQUIRE:
@@ -546,8 +547,7 @@ OPQ_EXPORT int opq_lease_release(opq_lease *lease)
 	int rc = 0;
 	if (held) {
 		struct timespec before;
-		int64_t suspended;
-		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, &suspended);
+		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, NULL);
 		if (rc == 0) {
 			opq__lock(&lease->mu);
 			lease->held = false;

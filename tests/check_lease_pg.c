@@ -1181,11 +1181,7 @@ START_TEST(test_pool_idle)
 	ck_assert_int_eq(unsetenv("OPQ_PG_IDLE_MS"), 0);
 	/* The calls gave their connections back after `young`: a call that
 	 * ends within 300 ms of it finds none idle for 300 ms. */
-	young.tv_nsec += 300 * MS;
-	if (young.tv_nsec >= SEC) {
-		young.tv_sec++;
-		young.tv_nsec -= SEC;
-	}
+	young = t_plus(young, 300 * MS);
 	ck_assert_int_eq(opq_lease_release(calls[0].l), 0);
 	if (!t_passed(&young))
 		ck_assert_int_eq(pool_backends(q, false), T);

@@ -712,37 +712,24 @@ END_TEST
  * A producer blocked on a full queue when a stop begins gets ESHUTDOWN,
  * even when the queue is started again before it looks.
  */
-struct blocked_producer {
-	opq_queue *q;
-	opq_op *op;
-	int rc;
-};
-
-static void *blocked_enqueue(void *arg)
-{
-	struct blocked_producer *p = arg;
-	p->rc = opq_queue_enqueue(p->q, p->op);
-	return NULL;
-}
-
 START_TEST(test_blocked_producer_restart)
 {
 	for (int i = 0; i < 50; i++) {
-		struct cop a, b;
+		struct cop a;
 		cop_init(&a);
-		cop_init(&b);
 		opq_queue *q = make_queue(1);
 		ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
-		struct blocked_producer p = { q, &b.op, -1 };
+		struct blocked_enqueuer p = { .q = q, .rc = -1 };
+		cop_init(&p.c);
 		pthread_t th;
-		ck_assert_int_eq(pthread_create(&th, NULL, blocked_enqueue, &p), 0);
+		ck_assert_int_eq(pthread_create(&th, NULL, enqueue_blocking, &p), 0);
 		T_WAIT_UNTIL(stats_of(q).blocked == 1);
 		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
 		ck_assert_int_eq(opq_queue_start(q, 1), 0);
 		ck_assert_int_eq(pthread_join(th, NULL), 0);
 		ck_assert_msg(p.rc == ESHUTDOWN, "run %d: %d", i, p.rc);
 		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-		ck_assert_int_eq(b.performed + b.discarded, 0);
+		ck_assert_int_eq(p.c.performed + p.c.discarded, 0);
 		ck_assert_int_eq(a.discarded, 1);
 		ck_assert_int_eq(opq_queue_destroy(q), 0);
 	}

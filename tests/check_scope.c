@@ -603,12 +603,7 @@ START_TEST(test_destroy_while_woken)
 		T_WAIT_UNTIL(atomic_load(&held_in) || atomic_load(&z.rc) != -1);
 		if (atomic_load(&held_in)) {
 			/* The sleep's deadline passes; it ends, its record pinned. */
-			struct timespec after = z.dl;
-			after.tv_nsec += 50 * MS;
-			if (after.tv_nsec >= 1000000000) {
-				after.tv_sec++;
-				after.tv_nsec -= 1000000000;
-			}
+			struct timespec after = t_plus(z.dl, 50 * MS);
 			while (!t_passed(&after))
 				ck_assert_int_eq(opq_scope_destroy(root), EBUSY);
 			ck_assert_int_eq(atomic_load(&z.rc), -1);

@@ -28,6 +28,17 @@ static inline struct timespec t_deadline(int64_t ns)
 	return ts;
 }
 
+/* The instant ns (>= 0, < 1 s) after t. */
+static inline struct timespec t_plus(struct timespec t, long ns)
+{
+	t.tv_nsec += ns;
+	if (t.tv_nsec >= 1000000000L) {
+		t.tv_sec++;
+		t.tv_nsec -= 1000000000L;
+	}
+	return t;
+}
+
 /* CLOCK_MONOTONIC in nanoseconds. */
 static inline int64_t t_now_ns(void)
 {
