@@ -23,6 +23,15 @@
 extern "C" {
 #endif
 
+/*
+ * A link in one of the library's intrusive lists, embedded in public
+ * structs that the library keeps on lists (opq_op). Its fields are the
+ * library's: never read or write them.
+ */
+struct opq__link {
+	struct opq__link *opq__next, *opq__prev;
+};
+
 /* The version of the headers; opq_version() gives the library's. */
 #define OPQ_VERSION_MAJOR 0
 #define OPQ_VERSION_MINOR 1
