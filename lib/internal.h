@@ -28,9 +28,9 @@
 OPQ_INTERNAL void *opq__malloc(size_t size);
 OPQ_INTERNAL void *opq__calloc(size_t n, size_t size);
 OPQ_INTERNAL void opq__free(void *p);
-/* Slabs of function-pointer boxes: align a power of two, size a multiple of it (jemalloc when configured). */
-OPQ_INTERNAL void *opq__slab_alloc(size_t size, size_t align);
-OPQ_INTERNAL void opq__slab_free(void *p, size_t size, size_t align);
+/* Boxes of function-pointer operations (jemalloc when configured). */
+OPQ_INTERNAL void *opq__box_alloc(size_t size);
+OPQ_INTERNAL void opq__box_free(void *p, size_t size);
 
 /*
  * Test-only fault injector: opq__fault_set(n) makes the nth allocation from
@@ -92,21 +92,12 @@ OPQ_INTERNAL bool opq__cancel_end(struct opq__cancel_reg *r);
 OPQ_INTERNAL int opq__cancel_sleep_until(const struct timespec *deadline);
 
 /*
- * queue.c: if op is still queued in q, take it out of the FIFO and perform
- * it on the calling thread (counted as running, then completed) and return
- * true; else false. Lets a runner that waits for tasks help run them.
+ * enqueue.c: if op is still waiting in q (in the FIFO or a runner's batch),
+ * take it out and perform it on the calling thread (counted as running,
+ * then completed) and return true; else false. Lets a runner that waits
+ * for tasks help run them.
  */
 OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
-
-/* queue.c: the most operations a runner takes at once (tests size batches by it). */
-#ifndef OPQ__BATCH_MAX
-#define OPQ__BATCH_MAX 1024
-#endif
-
-/* queue.c: function-pointer boxes (an opq_op, a function, an argument) per
- * chunk of a slab, after the chunk's header line (tests count slabs by it). */
-#define OPQ__CHUNK_SIZE 16384
-#define OPQ__CHUNK_BOXES ((OPQ__CHUNK_SIZE - 64) / (sizeof(opq_op) + 2 * sizeof(void *)))
 
 /* pthread calls that cannot fail on a correct program: checked in debug builds. */
 #ifdef OPQ_DEBUG

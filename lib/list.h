@@ -68,15 +68,18 @@ static inline struct opq__link *opq__list_pop(struct opq__link *head)
 }
 
 /*
- * Move the elements from `first` to the end of list `from` (first must be
- * on it) to the tail of list `to`, keeping their order.
+ * Move the first n elements of list `from` (it has at least n) to the tail
+ * of list `to`, keeping their order.
  */
-static inline void opq__list_move_tail(struct opq__link *from, struct opq__link *first,
-				       struct opq__link *to)
+static inline void opq__list_cut(struct opq__link *from, size_t n, struct opq__link *to)
 {
-	struct opq__link *last = from->opq__prev;
-	first->opq__prev->opq__next = from;
-	from->opq__prev = first->opq__prev;
+	if (n == 0)
+		return;
+	struct opq__link *first = from->opq__next, *last = first;
+	while (--n)
+		last = last->opq__next;
+	from->opq__next = last->opq__next;
+	last->opq__next->opq__prev = from;
 	first->opq__prev = to->opq__prev;
 	to->opq__prev->opq__next = first;
 	last->opq__next = to;

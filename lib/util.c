@@ -13,10 +13,7 @@
  * keeps its own malloc (the C library's comes first in symbol lookup).
  */
 void *mallocx(size_t size, int flags);
-void dallocx(void *ptr, int flags);
 void sdallocx(void *ptr, size_t size, int flags);
-/* jemalloc's MALLOCX_LG_ALIGN(lg): the flags for alignment 2^lg. */
-#define LG_ALIGN(align) ((int)__builtin_ctzl(align))
 #endif
 
 /* Fault injector: the allocation whose number equals fault_at fails. */
@@ -57,24 +54,23 @@ void opq__free(void *p)
 	free(p);
 }
 
-void *opq__slab_alloc(size_t size, size_t align)
+void *opq__box_alloc(size_t size)
 {
 	if (fault_now())
 		return NULL;
 #ifdef OPQ_HAVE_JEMALLOC
-	return mallocx(size, LG_ALIGN(align));
+	return mallocx(size, 0);
 #else
-	return aligned_alloc(align, size);
+	return malloc(size);
 #endif
 }
 
-void opq__slab_free(void *p, size_t size, size_t align)
+void opq__box_free(void *p, size_t size)
 {
 #ifdef OPQ_HAVE_JEMALLOC
-	sdallocx(p, size, LG_ALIGN(align));
+	sdallocx(p, size, 0);
 #else
 	(void)size;
-	(void)align;
 	free(p);
 #endif
 }

@@ -387,10 +387,10 @@ START_TEST(test_blocked_enqueue_stop)
 END_TEST
 
 /*
- * Blocked producers are woken when the FIFO has drained to half its capacity;
- * a place freed above half is not lost either: they look again in a while.
+ * Each place made in a full queue goes to one blocked producer at once, and
+ * no more producers are woken than there are places.
  */
-START_TEST(test_bounded_room_above_half)
+START_TEST(test_bounded_room_each_place)
 {
 	enum { CAP = 8, B = 3 };
 	opq_queue *q = make_queue(CAP);
@@ -407,11 +407,11 @@ START_TEST(test_bounded_room_above_half)
 		pthread_create(&th[i], NULL, enqueue_blocking, &b[i]);
 	}
 	T_WAIT_UNTIL(stats_of(q).blocked == B);
-	/* One place, above half: one producer gets it. */
+	/* One place: one producer gets it. */
 	ck_assert_int_eq(opq_queue_cancel(q, &c[0].op), 0);
 	T_WAIT_UNTIL(stats_of(q).blocked == B - 1);
 	ck_assert_uint_eq(stats_of(q).queued, CAP);
-	/* Down to half: the other two get in. */
+	/* Four more places: the other two get in. */
 	for (int i = 1; i <= CAP / 2; i++)
 		ck_assert_int_eq(opq_queue_cancel(q, &c[i].op), 0);
 	T_WAIT_UNTIL(stats_of(q).blocked == 0);
@@ -429,6 +429,77 @@ START_TEST(test_bounded_room_above_half)
 	ck_assert_uint_eq(st.cancelled, CAP / 2 + 1);
 	ck_assert_uint_eq(st.discarded, CAP + B);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/*
+ * A producer never waits while there is room: a full queue whose one runner
+ * takes an operation and then blocks in it has one place free, and the
+ * producer blocked on it gets in at once, without any further take. The
+ * time from start (which makes the runner take) to the producer's return is
+ * a wakeup, not a poll: the median over the rounds must stay far below the
+ * 10 ms a producer once waited between looks for room.
+ */
+struct timed_enqueuer {
+	struct blocked_enqueuer b;
+	int64_t returned_ns;
+};
+
+static void *enqueue_blocking_timed(void *arg)
+{
+	struct timed_enqueuer *t = arg;
+	t->b.rc = opq_queue_enqueue(t->b.q, &t->b.c.op);
+	t->returned_ns = t_now_ns();
+	return NULL;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+START_TEST(test_bounded_no_wait_while_room)
+{
+	enum { CAP = 8, ROUNDS = 21 };
+	int64_t took[ROUNDS];
+	for (int round = 0; round < ROUNDS; round++) {
+		opq_queue *q = make_queue(CAP);
+		struct cop c[CAP];
+		struct t_gate hold;
+		atomic_int started = 0;
+		t_gate_init(&hold);
+		for (int i = 0; i < CAP; i++) {
+			cop_init(&c[i]);
+			ck_assert_int_eq(opq_queue_enqueue(q, &c[i].op), 0);
+		}
+		c[0].hold = &hold;
+		c[0].started = &started;
+		struct timed_enqueuer t = { .b = { .q = q } };
+		cop_init(&t.b.c);
+		pthread_t th;
+		ck_assert_int_eq(pthread_create(&th, NULL, enqueue_blocking_timed, &t), 0);
+		T_WAIT_UNTIL(stats_of(q).blocked == 1);
+		int64_t t0 = t_now_ns();
+		ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		ck_assert_int_eq(pthread_join(th, NULL), 0); /* the runner stays blocked in c[0] */
+		ck_assert_int_eq(t.b.rc, 0);
+		ck_assert_int_eq(atomic_load(&started), 1);
+		opq_queue_stats st = stats_of(q);
+		ck_assert_uint_eq(st.queued, CAP);
+		ck_assert_uint_eq(st.running, 1);
+		took[round] = t.returned_ns - t0;
+		t_gate_open(&hold);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		for (int i = 0; i < CAP; i++)
+			ck_assert_int_eq(c[i].performed, 1);
+		ck_assert_int_eq(t.b.c.performed, 1);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		t_gate_destroy(&hold);
+	}
+	qsort(took, ROUNDS, sizeof(took[0]), cmp_i64);
+	ck_assert_msg(took[ROUNDS / 2] < 5000000, "the producer waited %lld ns (median) with room",
+		      (long long)took[ROUNDS / 2]);
 }
 END_TEST
 
@@ -1366,7 +1437,8 @@ int main(void)
 	tcase_add_test(tc, test_fn_path);
 	tcase_add_test(tc, test_bounded_try_and_timed);
 	tcase_add_test(tc, test_blocked_enqueue_stop);
-	tcase_add_test(tc, test_bounded_room_above_half);
+	tcase_add_test(tc, test_bounded_room_each_place);
+	tcase_add_test(tc, test_bounded_no_wait_while_room);
 	tcase_add_test(tc, test_stop_modes);
 	tcase_add_test(tc, test_stop_discard_while_running);
 	tcase_add_test(tc, test_stop_from_discard);

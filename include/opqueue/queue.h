@@ -43,8 +43,7 @@ typedef void opq_runner_hook(void *arg, unsigned index);
 struct opq_op {
 	opq_op_fn *perform;	/* required */
 	opq_op_fn *discard;	/* optional: called instead of perform when dropped */
-	opq_op *opq__next;
-	opq_op *opq__prev;
+	struct opq__link opq__link;
 	void *opq__owner;
 	uintptr_t opq__state;
 };
@@ -74,8 +73,7 @@ typedef struct opq_queue_stats {
 	uint64_t high_water;	/* most operations ever queued at once */
 	uint64_t runners;	/* runner threads alive now */
 	uint64_t blocked;	/* enqueue calls waiting for room now */
-	uint64_t asides;	/* times a runner stepped aside for another on its CPU, since create */
-	uint64_t opq__reserved[7];
+	uint64_t opq__reserved[8];
 } opq_queue_stats;
 
 /* Prepare an operation header: perform is required, discard may be NULL. */
