@@ -184,7 +184,7 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 			 int *status)
 {
 	if (gen == line->opq_gen && line->opq_held) {
-		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		/* Inside a task: a cancel of the task ends the wait (cancel.c). */
 		struct opq__cancel_reg creg;
 		if (opq__cancel_begin(&creg, &line->opq_mu, &line->opq_cv))
 			return ECANCELED;

@@ -2,7 +2,8 @@
  * scope.c: structured concurrency on the operation queue.
  *
  * One lock per tree (tr->mu) guards every scope and task of the tree: the
- * child lists, states, counts, first errors and the cancel records.
+ * child lists, states, counts, first errors, and each scope's cancel
+ * context (cancel.c), whose lock it is.
  * Termination never blocks a runner: when a task's function returns, its
  * children are cancelled and, if none is left, it finishes at once;
  * otherwise the last child to terminate finishes it ("settle" walks up).
@@ -22,14 +23,17 @@
  *   temporary pins (spawn, helpers, waiters); the task is freed at 0.
  *   tr->refs counts the root scope plus every task not yet freed.
  *
+ * The thread's current cancel context is the scope of the task it runs
+ * (task_run sets it; a done callback runs with none): every context ever
+ * made current is a scope's, so the current scope is the one around it.
+ *
  * Lock order: object mutex (queue, line, stage) -> tr->mu. Nothing takes
  * an object mutex while holding tr->mu; cancellers wake blocked calls
- * after dropping it (see internal.h, struct opq__cancel_reg).
+ * after dropping it (opq__cancel_wake, see cancel.c).
  */
 #include "internal.h"
 
 #include <sched.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,26 +49,25 @@ struct tree;
 
 struct opq_scope {
 	struct tree *tr;
-	opq_task *owner;	/* NULL for the root scope */
-	opq_task *children;	/* live children, oldest first (helpers go in FIFO order) */
+	opq_task *owner;    /* NULL for the root scope */
+	opq_task *children; /* live children, oldest first (helpers go in FIFO order) */
 	opq_task *ctail;
 	size_t nchildren;
-	atomic_bool cancelled;
-	bool closing;		/* no more spawns */
-	bool timed_out;		/* its deadline fired */
+	struct opq__cancel_ctx cx; /* cancelled?, and the calls blocked in it */
+	bool closing;              /* no more spawns */
+	bool timed_out;            /* its deadline fired */
 	int policy;
 	int first_error;
 	bool has_deadline;
 	struct timespec deadline;
 	opq_scope *dl_next, *dl_prev; /* the tree's deadline list, soonest first */
 	bool in_dl;
-	struct opq__cancel_reg *regs; /* blocked calls made with this scope */
 };
 
 struct opq_task {
 	opq_op op;
-	opq_scope scope;	/* the task's own child scope */
-	opq_scope *pscope;	/* the scope it was spawned in */
+	opq_scope scope;   /* the task's own child scope */
+	opq_scope *pscope; /* the scope it was spawned in */
 	opq_task *sib_next, *sib_prev;
 	opq_task_fn *fn;
 	void *arg;
@@ -77,17 +80,16 @@ struct opq_task {
 
 struct tree {
 	pthread_mutex_t mu;
-	pthread_cond_t cv;	/* a task terminated, or one was queued: waiters look */
+	pthread_cond_t cv; /* a task terminated, or one was queued: waiters look */
 	opq_queue *q;
 	unsigned refs;
-	unsigned waiters;	/* threads in opq_scope_wait / opq_task_wait */
+	unsigned waiters; /* threads in opq_scope_wait / opq_task_wait */
 	opq_scope *dl_first;
 	struct opq__timer timer; /* on the library's timer thread: dl_first's deadline */
-	atomic_bool timer_ref;	 /* q holds a timer thread reference for the tree */
+	atomic_bool timer_ref;   /* q holds a timer thread reference for the tree */
 	opq_scope root;
 };
 
-static _Thread_local opq_scope *tls_scope;
 static _Thread_local opq_task *tls_done_task; /* whose done callback this thread runs */
 
 /* ---- attributes ---------------------------------------------------------- */
@@ -136,15 +138,27 @@ static bool ts_passed(const struct timespec *dl)
 	return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
 }
 
+/* The scope of the task the calling thread runs, or NULL. */
+static opq_scope *current_scope(void)
+{
+	struct opq__cancel_ctx *c = opq__cancel_current();
+	return c ? OPQ_CONTAINER_OF(c, opq_scope, cx) : NULL;
+}
+
+static bool scope_cancelled(const opq_scope *s)
+{
+	return opq__cancel_ctx_cancelled(&s->cx);
+}
+
 static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
 {
 	s->tr = tr;
+	opq__cancel_ctx_init(&s->cx, &tr->mu);
 	s->owner = owner;
 	s->policy = attr ? attr->policy : OPQ_SCOPE_COLLECT;
 	s->has_deadline = attr && attr->has_deadline;
 	if (s->has_deadline)
 		s->deadline = attr->deadline;
-	atomic_init(&s->cancelled, false);
 }
 
 /* The next task of a depth-first walk of the subtree under `top`, after t. */
@@ -161,22 +175,11 @@ static opq_task *walk_next(opq_scope *top, opq_task *t, bool descend)
 	}
 }
 
-/*
- * Under tr->mu: mark s cancelled; pin its blocked calls' records onto *wake
- * (a record already pinned is being woken by another canceller, after the
- * flag was set: it needs nothing more).
- */
+/* Under tr->mu: mark s cancelled; the records of its blocked calls go onto *wake. */
 static void mark_cancelled(opq_scope *s, struct opq__cancel_reg **wake)
 {
-	atomic_store_explicit(&s->cancelled, true, memory_order_release);
+	opq__cancel_ctx_cancel(&s->cx, wake);
 	s->closing = true;
-	for (struct opq__cancel_reg *r = s->regs; r; r = r->next) {
-		if (r->pinned)
-			continue;
-		r->pinned = true;
-		r->wnext = *wake;
-		*wake = r;
-	}
 }
 
 /* Under tr->mu: cancel s itself (if self) and every task below it. */
@@ -188,7 +191,7 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	opq_task *t = s->children;
 	while (t) {
 		bool descend = false;
-		if (!atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed)) {
+		if (!scope_cancelled(&t->scope)) {
 			mark_cancelled(&t->scope, wake);
 			descend = true;
 		}
@@ -196,25 +199,11 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	}
 }
 
-void (*opq__scope_wake_hook)(void);
-
 /* Drop tr->mu and wake the blocked calls on the wake list. */
 static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
 {
 	opq__unlock(&tr->mu);
-	if (wake && opq__scope_wake_hook)
-		opq__scope_wake_hook();
-	while (wake) {
-		struct opq__cancel_reg *r = wake;
-		wake = r->wnext;
-		pthread_mutex_t *mu = r->mu;
-		opq__lock(mu);
-		OPQ_CHECK(pthread_cond_broadcast(r->cv));
-		opq__lock(&tr->mu);
-		r->pinned = false; /* r may vanish once we drop mu */
-		opq__unlock(&tr->mu);
-		opq__unlock(mu);
-	}
+	opq__cancel_wake(wake);
 }
 
 static void tree_free(struct tree *tr)
@@ -269,7 +258,7 @@ static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg *
 	if (rc == 0)
 		return;
 	/* ECANCELED from a cancelled child is the effect of a cancel, not a cause. */
-	if (rc == ECANCELED && atomic_load_explicit(&child->scope.cancelled, memory_order_relaxed))
+	if (rc == ECANCELED && scope_cancelled(&child->scope))
 		return;
 	if (s->first_error)
 		return;
@@ -294,13 +283,12 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 		unlock_and_wake(tr, wake);
 		wake = NULL;
 		if (t->done) {
-			opq_scope *outer = tls_scope;
+			struct opq__cancel_ctx *outer = opq__cancel_set_current(NULL);
 			opq_task *outer_done = tls_done_task;
-			tls_scope = NULL;
 			tls_done_task = t;
 			t->done(t->done_arg, t->result);
 			tls_done_task = outer_done;
-			tls_scope = outer;
+			opq__cancel_set_current(outer);
 		}
 		opq__lock(&tr->mu);
 		t->state = T_DONE;
@@ -314,7 +302,7 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 			up->refs++; /* pin the parent while we look at it */
 		if (t != pinned)
 			free_tree |= task_unref(t); /* the pin taken when we walked up */
-		free_tree |= task_unref(t);	    /* the tree's link */
+		free_tree |= task_unref(t);         /* the tree's link */
 		t = up;
 	}
 	if (t && t != pinned)
@@ -333,19 +321,18 @@ static void task_run(opq_task *t, bool discarded)
 	struct tree *tr = t->scope.tr;
 	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
-	if (discarded && !atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed))
+	if (discarded && !scope_cancelled(&t->scope))
 		cancel_tree(&t->scope, true, &wake); /* dropped by a stopping queue: cancelled */
-	bool skip = atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed);
+	bool skip = scope_cancelled(&t->scope);
 	t->state = T_RUNNING;
 	t->refs++; /* our pin */
 	opq__unlock(&tr->mu);
 
 	int rc = ECANCELED;
 	if (!skip) {
-		opq_scope *outer = tls_scope;
-		tls_scope = &t->scope;
+		struct opq__cancel_ctx *outer = opq__cancel_set_current(&t->scope.cx);
 		rc = t->fn(&t->scope, t->arg);
-		tls_scope = outer;
+		opq__cancel_set_current(outer);
 	}
 
 	opq__lock(&tr->mu);
@@ -386,7 +373,7 @@ static void dl_fire(struct opq__timer *timer)
 	while ((s = tr->dl_first) && ts_passed(&s->deadline)) {
 		dl_remove(tr, s);
 		struct opq__cancel_reg *wake = NULL;
-		if (!atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+		if (!scope_cancelled(s)) {
 			s->timed_out = true;
 			if (!s->first_error)
 				s->first_error = ETIMEDOUT;
@@ -493,7 +480,7 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 	if (s != &tr->root)
 		return EINVAL;
 	opq__lock(&tr->mu);
-	if (s->nchildren || tr->waiters || s->regs) {
+	if (s->nchildren || tr->waiters || opq__cancel_ctx_busy(&s->cx)) {
 		opq__unlock(&tr->mu);
 		return EBUSY;
 	}
@@ -513,13 +500,12 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 
 /* ---- spawn --------------------------------------------------------------- */
 
-OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn,
-			       void *arg, opq_task_done_fn *done, void *done_arg,
-			       opq_task **taskp)
+OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn, void *arg,
+                               opq_task_done_fn *done, void *done_arg, opq_task **taskp)
 {
 	if (!s || !fn)
 		return EINVAL;
-	if (s->owner && tls_scope != s)
+	if (s->owner && current_scope() != s)
 		return EPERM; /* only a task spawns in its own scope */
 	struct tree *tr = s->tr;
 	opq_task *t = opq__calloc(1, sizeof(*t));
@@ -542,7 +528,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	}
 
 	opq__lock(&tr->mu);
-	if (s->closing || atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+	if (s->closing || scope_cancelled(s)) {
 		opq__unlock(&tr->mu);
 		opq__free(t);
 		return ECANCELED;
@@ -594,7 +580,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 
 OPQ_EXPORT opq_scope *opq_scope_current(void)
 {
-	return tls_scope;
+	return current_scope();
 }
 
 /* ---- cancel -------------------------------------------------------------- */
@@ -621,12 +607,12 @@ OPQ_EXPORT int opq_task_cancel(opq_task *t)
 
 OPQ_EXPORT int opq_scope_cancelled(const opq_scope *s)
 {
-	return s && atomic_load_explicit(&s->cancelled, memory_order_acquire);
+	return s && scope_cancelled(s);
 }
 
 OPQ_EXPORT int opq_task_cancelled(const opq_task *t)
 {
-	return t && atomic_load_explicit(&t->scope.cancelled, memory_order_acquire);
+	return t && scope_cancelled(&t->scope);
 }
 
 /* ---- waiting ------------------------------------------------------------- */
@@ -634,7 +620,7 @@ OPQ_EXPORT int opq_task_cancelled(const opq_task *t)
 /* Is the calling thread's task inside scope s (s is an ancestor scope of it)? */
 static bool inside(const opq_scope *s)
 {
-	for (opq_scope *c = tls_scope; c && c->owner; c = c->owner->pscope)
+	for (opq_scope *c = current_scope(); c && c->owner; c = c->owner->pscope)
 		if (c->owner->pscope == s)
 			return true;
 	return false;
@@ -726,7 +712,7 @@ OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *
 {
 	if (!t || !opq__deadline_ok(deadline))
 		return EINVAL;
-	if (tls_scope == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
+	if (current_scope() == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
 		return EDEADLK;
 	struct tree *tr = t->scope.tr;
 	opq__lock(&tr->mu);
@@ -750,109 +736,12 @@ OPQ_EXPORT int opq_task_release(opq_task *t)
 	return 0;
 }
 
-/* ---- cancellable waits --------------------------------------------------- */
-
-static int reg_begin(struct opq__cancel_reg *r, opq_scope *s, pthread_mutex_t *mu,
-		     pthread_cond_t *cv)
-{
-	memset(r, 0, sizeof(*r));
-	if (!s)
-		return 0;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	if (atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
-		opq__unlock(&tr->mu);
-		return ECANCELED;
-	}
-	r->mu = mu;
-	r->cv = cv;
-	r->scope = s;
-	r->next = s->regs;
-	if (s->regs)
-		s->regs->prev = r;
-	s->regs = r;
-	opq__unlock(&tr->mu);
-	return 0;
-}
-
-int opq__cancel_begin(struct opq__cancel_reg *r, pthread_mutex_t *mu, pthread_cond_t *cv)
-{
-	return reg_begin(r, tls_scope, mu, cv);
-}
-
-bool opq__cancel_pending(const struct opq__cancel_reg *r)
-{
-	return r->scope && atomic_load_explicit(&r->scope->cancelled, memory_order_acquire);
-}
-
-bool opq__cancel_end(struct opq__cancel_reg *r)
-{
-	opq_scope *s = r->scope;
-	if (!s)
-		return false;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	/* A canceller holds a pin: it will lock mu and broadcast cv; wait for
-	 * it. The record stays listed meanwhile, so that the scope still
-	 * counts as in use (opq_scope_destroy is EBUSY): the canceller will
-	 * lock the tree's mutex once more. */
-	while (r->pinned) {
-		opq__unlock(&tr->mu);
-		OPQ_CHECK(pthread_cond_wait(r->cv, r->mu));
-		opq__lock(&tr->mu);
-	}
-	if (r->prev)
-		r->prev->next = r->next;
-	else
-		s->regs = r->next;
-	if (r->next)
-		r->next->prev = r->prev;
-	bool cancelled = atomic_load_explicit(&s->cancelled, memory_order_relaxed);
-	opq__unlock(&tr->mu);
-	r->scope = NULL;
-	return cancelled;
-}
-
-static int sleep_in(opq_scope *s, const struct timespec *deadline)
-{
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	int rc = opq__mutex_init(&mu);
-	if (rc)
-		return rc;
-	if ((rc = opq__cond_init(&cv))) {
-		pthread_mutex_destroy(&mu);
-		return rc;
-	}
-	struct opq__cancel_reg r;
-	opq__lock(&mu);
-	rc = reg_begin(&r, s, &mu, &cv);
-	while (rc == 0) {
-		if (opq__cancel_pending(&r))
-			rc = ECANCELED;
-		else if (opq__cond_wait(&cv, &mu, deadline) == ETIMEDOUT)
-			rc = opq__cancel_pending(&r) ? ECANCELED : ETIMEDOUT;
-	}
-	opq__cancel_end(&r);
-	opq__unlock(&mu);
-	pthread_cond_destroy(&cv);
-	pthread_mutex_destroy(&mu);
-	return rc;
-}
-
-int opq__cancel_sleep_until(const struct timespec *deadline)
-{
-	if (!opq__deadline_ok(deadline))
-		return EINVAL;
-	if (!deadline && !tls_scope)
-		return EDEADLK;
-	return sleep_in(tls_scope, deadline);
-}
+/* ---- sleeping ----------------------------------------------------------- */
 
 OPQ_EXPORT int opq_scope_sleep(opq_scope *s, const struct timespec *deadline)
 {
 	if (!s || !opq__deadline_ok(deadline))
 		return EINVAL;
-	int rc = sleep_in(s, deadline);
+	int rc = opq__cancel_sleep(&s->cx, deadline);
 	return rc == ETIMEDOUT ? 0 : rc;
 }

@@ -256,7 +256,7 @@ OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct 
 		st->head = t;
 		rc = OPQ_STAGE_HEAD;
 	} else {
-		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		/* Inside a task: a cancel of the task ends the wait (cancel.c). */
 		struct opq__cancel_reg creg;
 		if (opq__cancel_begin(&creg, &st->mu, &t->cv)) {
 			opq__unlock(&st->mu);
