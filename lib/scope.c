@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "list.h"
+
 enum { T_NEW, T_QUEUED, T_RUNNING, T_RETURNED, T_FINISHING, T_DONE };
 
 struct opq_scope_attr {
@@ -49,9 +51,8 @@ struct tree;
 
 struct opq_scope {
 	struct tree *tr;
-	opq_task *owner;    /* NULL for the root scope */
-	opq_task *children; /* live children, oldest first (helpers go in FIFO order) */
-	opq_task *ctail;
+	opq_task *owner;           /* NULL for the root scope */
+	struct opq__link children; /* live children, oldest first (helpers go in FIFO order) */
 	size_t nchildren;
 	struct opq__cancel_ctx cx; /* cancelled?, and the calls blocked in it */
 	bool closing;              /* no more spawns */
@@ -60,15 +61,14 @@ struct opq_scope {
 	int first_error;
 	bool has_deadline;
 	struct timespec deadline;
-	opq_scope *dl_next, *dl_prev; /* the tree's deadline list, soonest first */
-	bool in_dl;
+	struct opq__link dl; /* in the tree's deadline list, or unlinked */
 };
 
 struct opq_task {
 	opq_op op;
-	opq_scope scope;   /* the task's own child scope */
-	opq_scope *pscope; /* the scope it was spawned in */
-	opq_task *sib_next, *sib_prev;
+	opq_scope scope;      /* the task's own child scope */
+	opq_scope *pscope;    /* the scope it was spawned in */
+	struct opq__link sib; /* in pscope's children */
 	opq_task_fn *fn;
 	void *arg;
 	opq_task_done_fn *done;
@@ -83,9 +83,9 @@ struct tree {
 	pthread_cond_t cv; /* a task terminated, or one was queued: waiters look */
 	opq_queue *q;
 	unsigned refs;
-	unsigned waiters; /* threads in opq_scope_wait / opq_task_wait */
-	opq_scope *dl_first;
-	struct opq__timer timer; /* on the library's timer thread: dl_first's deadline */
+	unsigned waiters;        /* threads in opq_scope_wait / opq_task_wait */
+	struct opq__link dl;     /* scopes whose deadline has not fired, soonest first */
+	struct opq__timer timer; /* on the library's timer thread: the first one's deadline */
 	atomic_bool timer_ref;   /* q holds a timer thread reference for the tree */
 	opq_scope root;
 };
@@ -153,6 +153,7 @@ static bool scope_cancelled(const opq_scope *s)
 static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
 {
 	s->tr = tr;
+	opq__list_init(&s->children);
 	opq__cancel_ctx_init(&s->cx, &tr->mu);
 	s->owner = owner;
 	s->policy = attr ? attr->policy : OPQ_SCOPE_COLLECT;
@@ -161,14 +162,20 @@ static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq
 		s->deadline = attr->deadline;
 }
 
+static opq_task *first_child(const opq_scope *s)
+{
+	struct opq__link *l = opq__list_first(&s->children);
+	return l ? OPQ_CONTAINER_OF(l, opq_task, sib) : NULL;
+}
+
 /* The next task of a depth-first walk of the subtree under `top`, after t. */
 static opq_task *walk_next(opq_scope *top, opq_task *t, bool descend)
 {
-	if (descend && t->scope.children)
-		return t->scope.children;
+	if (descend && !opq__list_empty(&t->scope.children))
+		return first_child(&t->scope);
 	for (;;) {
-		if (t->sib_next)
-			return t->sib_next;
+		if (t->sib.opq__next != &t->pscope->children)
+			return OPQ_CONTAINER_OF(t->sib.opq__next, opq_task, sib);
 		if (t->pscope == top)
 			return NULL;
 		t = t->pscope->owner;
@@ -188,7 +195,7 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	if (self)
 		mark_cancelled(s, wake);
 	s->closing = true;
-	opq_task *t = s->children;
+	opq_task *t = first_child(s);
 	while (t) {
 		bool descend = false;
 		if (!scope_cancelled(&t->scope)) {
@@ -223,31 +230,15 @@ static bool task_unref(opq_task *t)
 	return --tr->refs == 0;
 }
 
-static void dl_remove(struct tree *tr, opq_scope *s)
+static void dl_remove(opq_scope *s)
 {
-	if (!s->in_dl)
-		return;
-	if (s->dl_prev)
-		s->dl_prev->dl_next = s->dl_next;
-	else
-		tr->dl_first = s->dl_next;
-	if (s->dl_next)
-		s->dl_next->dl_prev = s->dl_prev;
-	s->dl_next = s->dl_prev = NULL;
-	s->in_dl = false;
+	if (opq__list_linked(&s->dl))
+		opq__list_remove(&s->dl);
 }
 
 static void child_unlink(opq_scope *p, opq_task *t)
 {
-	if (t->sib_prev)
-		t->sib_prev->sib_next = t->sib_next;
-	else
-		p->children = t->sib_next;
-	if (t->sib_next)
-		t->sib_next->sib_prev = t->sib_prev;
-	else
-		p->ctail = t->sib_prev;
-	t->sib_next = t->sib_prev = NULL;
+	opq__list_remove(&t->sib);
 	p->nchildren--;
 }
 
@@ -279,7 +270,7 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 	opq_task *pinned = t;
 	while (t && t->state == T_RETURNED && t->scope.nchildren == 0) {
 		t->state = T_FINISHING;
-		dl_remove(tr, &t->scope);
+		dl_remove(&t->scope);
 		unlock_and_wake(tr, wake);
 		wake = NULL;
 		if (t->done) {
@@ -365,13 +356,19 @@ static void task_discard(opq_op *op)
  * scope whose deadline has passed, soonest first, and arm the timer again
  * for the next one.
  */
+static opq_scope *dl_first(struct tree *tr)
+{
+	struct opq__link *l = opq__list_first(&tr->dl);
+	return l ? OPQ_CONTAINER_OF(l, opq_scope, dl) : NULL;
+}
+
 static void dl_fire(struct opq__timer *timer)
 {
 	struct tree *tr = OPQ_CONTAINER_OF(timer, struct tree, timer);
 	opq__lock(&tr->mu);
 	opq_scope *s;
-	while ((s = tr->dl_first) && ts_passed(&s->deadline)) {
-		dl_remove(tr, s);
+	while ((s = dl_first(tr)) && ts_passed(&s->deadline)) {
+		dl_remove(s);
 		struct opq__cancel_reg *wake = NULL;
 		if (!scope_cancelled(s)) {
 			s->timed_out = true;
@@ -418,21 +415,12 @@ static void dl_arm(struct tree *tr, opq_scope *s)
 		mark_cancelled(s, &wake);
 		return;
 	}
-	opq_scope *prev = NULL, *cur = tr->dl_first;
-	while (cur && !opq__ts_before(&s->deadline, &cur->deadline)) {
-		prev = cur;
-		cur = cur->dl_next;
-	}
-	s->dl_prev = prev;
-	s->dl_next = cur;
-	if (prev)
-		prev->dl_next = s;
-	else
-		tr->dl_first = s;
-	if (cur)
-		cur->dl_prev = s;
-	s->in_dl = true;
-	if (!prev)
+	struct opq__link *at = tr->dl.opq__next;
+	while (at != &tr->dl &&
+	       !opq__ts_before(&s->deadline, &OPQ_CONTAINER_OF(at, opq_scope, dl)->deadline))
+		at = at->opq__next;
+	opq__list_insert_before(at, &s->dl);
+	if (dl_first(tr) == s)
 		opq__timer_arm(&tr->timer, &s->deadline, dl_fire);
 }
 
@@ -452,6 +440,7 @@ OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scop
 		goto fail_cv;
 	tr->q = q;
 	tr->refs = 1;
+	opq__list_init(&tr->dl);
 	scope_init(&tr->root, tr, NULL, attr);
 	if (tr->root.has_deadline) {
 		if ((rc = tree_timer_ref(tr)))
@@ -485,7 +474,7 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 		return EBUSY;
 	}
 	s->closing = true;
-	dl_remove(tr, s); /* the list is empty now: nothing arms the timer again */
+	dl_remove(s); /* the list is empty now: nothing arms the timer again */
 	bool armed_once = atomic_load_explicit(&tr->timer_ref, memory_order_relaxed);
 	opq__unlock(&tr->mu);
 	if (armed_once)
@@ -537,12 +526,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		dl_arm(tr, &t->scope);
 	t->refs = 2 + (taskp != NULL); /* the tree's link, our pin, the handle */
 	tr->refs++;
-	t->sib_prev = s->ctail;
-	if (s->ctail)
-		s->ctail->sib_next = t;
-	else
-		s->children = t;
-	s->ctail = t;
+	opq__list_push(&s->children, &t->sib);
 	s->nchildren++;
 	opq__unlock(&tr->mu);
 
@@ -552,7 +536,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	bool free_tree = false;
 	if (rc) {
 		/* Not spawned: unlink it as if it had never been. */
-		dl_remove(tr, &t->scope);
+		dl_remove(&t->scope);
 		child_unlink(s, t);
 		if (tr->waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
@@ -646,7 +630,7 @@ static opq_task *find_queued(opq_scope *s, opq_task *self)
 		self->refs++;
 		return self;
 	}
-	for (opq_task *t = s->children; t; t = walk_next(s, t, true)) {
+	for (opq_task *t = first_child(s); t; t = walk_next(s, t, true)) {
 		if (t->state == T_QUEUED) {
 			t->refs++;
 			return t;
