@@ -7,11 +7,12 @@
  * Termination never blocks a runner: when a task's function returns, its
  * children are cancelled and, if none is left, it finishes at once;
  * otherwise the last child to terminate finishes it ("settle" walks up).
- * Explicit waits (opq_scope_wait, opq_task_wait) made on a runner of the
- * tree's queue help: they take a queued task of the subtree they wait for
- * out of the FIFO and perform it inline (opq__queue_help), so a queue with
- * one runner runs any tree to completion, and the helper's stack grows
- * with the tree's depth only (it helps descendants of what it waits for).
+ * Explicit waits (opq_scope_wait, opq_task_wait, in scope_wait.c) made on
+ * a runner of the tree's queue help: they take a queued task of the
+ * subtree they wait for out of the FIFO and perform it inline
+ * (opq__queue_help), so a queue with one runner runs any tree to
+ * completion, and the helper's stack grows with the tree's depth only (it
+ * helps descendants of what it waits for).
  *
  * Invariants, under tr->mu:
  * - a task is in its parent scope's child list from spawn until its done
@@ -33,13 +34,7 @@
  */
 #include "internal.h"
 
-#include <sched.h>
-#include <stdlib.h>
-#include <string.h>
-
 #include "list.h"
-
-enum { T_NEW, T_QUEUED, T_RUNNING, T_RETURNED, T_FINISHING, T_DONE };
 
 struct opq_scope_attr {
 	int policy;
@@ -47,50 +42,12 @@ struct opq_scope_attr {
 	struct timespec deadline;
 };
 
-struct tree;
-
-struct opq_scope {
-	struct tree *tr;
-	opq_task *owner;           /* NULL for the root scope */
-	struct opq__link children; /* live children, oldest first (helpers go in FIFO order) */
-	size_t nchildren;
-	struct opq__cancel_ctx cx; /* cancelled?, and the calls blocked in it */
-	bool closing;              /* no more spawns */
-	bool timed_out;            /* its deadline fired */
-	int policy;
-	int first_error;
-	bool has_deadline;
-	struct timespec deadline;
-	struct opq__link dl; /* in the tree's deadline list, or unlinked */
-};
-
-struct opq_task {
-	opq_op op;
-	opq_scope scope;      /* the task's own child scope */
-	opq_scope *pscope;    /* the scope it was spawned in */
-	struct opq__link sib; /* in pscope's children */
-	opq_task_fn *fn;
-	void *arg;
-	opq_task_done_fn *done;
-	void *done_arg;
-	int state;
-	int result;
-	unsigned refs;
-};
-
-struct tree {
-	pthread_mutex_t mu;
-	pthread_cond_t cv; /* a task terminated, or one was queued: waiters look */
-	opq_queue *q;
-	unsigned refs;
-	unsigned waiters;        /* threads in opq_scope_wait / opq_task_wait */
-	struct opq__link dl;     /* scopes whose deadline has not fired, soonest first */
-	struct opq__timer timer; /* on the library's timer thread: the first one's deadline */
-	atomic_bool timer_ref;   /* q holds a timer thread reference for the tree */
-	opq_scope root;
-};
-
 static _Thread_local opq_task *tls_done_task; /* whose done callback this thread runs */
+
+opq_task *opq__scope_done_task(void)
+{
+	return tls_done_task;
+}
 
 /* ---- attributes ---------------------------------------------------------- */
 
@@ -138,8 +95,7 @@ static bool ts_passed(const struct timespec *dl)
 	return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
 }
 
-/* The scope of the task the calling thread runs, or NULL. */
-static opq_scope *current_scope(void)
+opq_scope *opq__scope_current(void)
 {
 	struct opq__cancel_ctx *c = opq__cancel_current();
 	return c ? OPQ_CONTAINER_OF(c, opq_scope, cx) : NULL;
@@ -150,7 +106,8 @@ static bool scope_cancelled(const opq_scope *s)
 	return opq__cancel_ctx_cancelled(&s->cx);
 }
 
-static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
+static void scope_init(opq_scope *s, struct opq__tree *tr, opq_task *owner,
+                       const opq_scope_attr *attr)
 {
 	s->tr = tr;
 	opq__list_init(&s->children);
@@ -162,17 +119,16 @@ static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq
 		s->deadline = attr->deadline;
 }
 
-static opq_task *first_child(const opq_scope *s)
+opq_task *opq__scope_first_child(const opq_scope *s)
 {
 	struct opq__link *l = opq__list_first(&s->children);
 	return l ? OPQ_CONTAINER_OF(l, opq_task, sib) : NULL;
 }
 
-/* The next task of a depth-first walk of the subtree under `top`, after t. */
-static opq_task *walk_next(opq_scope *top, opq_task *t, bool descend)
+opq_task *opq__scope_walk_next(opq_scope *top, opq_task *t, bool descend)
 {
 	if (descend && !opq__list_empty(&t->scope.children))
-		return first_child(&t->scope);
+		return opq__scope_first_child(&t->scope);
 	for (;;) {
 		if (t->sib.opq__next != &t->pscope->children)
 			return OPQ_CONTAINER_OF(t->sib.opq__next, opq_task, sib);
@@ -195,35 +151,34 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	if (self)
 		mark_cancelled(s, wake);
 	s->closing = true;
-	opq_task *t = first_child(s);
+	opq_task *t = opq__scope_first_child(s);
 	while (t) {
 		bool descend = false;
 		if (!scope_cancelled(&t->scope)) {
 			mark_cancelled(&t->scope, wake);
 			descend = true;
 		}
-		t = walk_next(s, t, descend);
+		t = opq__scope_walk_next(s, t, descend);
 	}
 }
 
 /* Drop tr->mu and wake the blocked calls on the wake list. */
-static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
+static void unlock_and_wake(struct opq__tree *tr, struct opq__cancel_reg *wake)
 {
 	opq__unlock(&tr->mu);
 	opq__cancel_wake(wake);
 }
 
-static void tree_free(struct tree *tr)
+void opq__tree_free(struct opq__tree *tr)
 {
 	pthread_cond_destroy(&tr->cv);
 	pthread_mutex_destroy(&tr->mu);
 	opq__free(tr);
 }
 
-/* Under tr->mu: drop a reference to t; true if the tree must be freed (after unlocking). */
-static bool task_unref(opq_task *t)
+bool opq__task_unref(opq_task *t)
 {
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	if (--t->refs)
 		return false;
 	opq__free(t);
@@ -264,12 +219,12 @@ static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg *
  * retakes tr->mu to wake cancelled calls and to run done callbacks.
  * Returns true if the tree must be freed after unlocking.
  */
-static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
+static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 {
 	bool free_tree = false;
 	opq_task *pinned = t;
-	while (t && t->state == T_RETURNED && t->scope.nchildren == 0) {
-		t->state = T_FINISHING;
+	while (t && t->state == OPQ__T_RETURNED && t->scope.nchildren == 0) {
+		t->state = OPQ__T_FINISHING;
 		dl_remove(&t->scope);
 		unlock_and_wake(tr, wake);
 		wake = NULL;
@@ -282,7 +237,7 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 			opq__cancel_set_current(outer);
 		}
 		opq__lock(&tr->mu);
-		t->state = T_DONE;
+		t->state = OPQ__T_DONE;
 		opq_scope *p = t->pscope;
 		child_unlink(p, t);
 		child_result(p, t, &wake);
@@ -292,12 +247,12 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 		if (up)
 			up->refs++; /* pin the parent while we look at it */
 		if (t != pinned)
-			free_tree |= task_unref(t); /* the pin taken when we walked up */
-		free_tree |= task_unref(t);         /* the tree's link */
+			free_tree |= opq__task_unref(t); /* the pin taken when we walked up */
+		free_tree |= opq__task_unref(t);         /* the tree's link */
 		t = up;
 	}
 	if (t && t != pinned)
-		free_tree |= task_unref(t);
+		free_tree |= opq__task_unref(t);
 	if (wake) {
 		unlock_and_wake(tr, wake);
 		opq__lock(&tr->mu);
@@ -309,13 +264,13 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 
 static void task_run(opq_task *t, bool discarded)
 {
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
 	if (discarded && !scope_cancelled(&t->scope))
 		cancel_tree(&t->scope, true, &wake); /* dropped by a stopping queue: cancelled */
 	bool skip = scope_cancelled(&t->scope);
-	t->state = T_RUNNING;
+	t->state = OPQ__T_RUNNING;
 	t->refs++; /* our pin */
 	opq__unlock(&tr->mu);
 
@@ -330,13 +285,13 @@ static void task_run(opq_task *t, bool discarded)
 	if (rc == ECANCELED && t->scope.timed_out)
 		rc = ETIMEDOUT;
 	t->result = rc;
-	t->state = T_RETURNED;
+	t->state = OPQ__T_RETURNED;
 	cancel_tree(&t->scope, false, &wake); /* its children are sent cancel */
 	bool free_tree = settle(tr, t, wake);
-	free_tree |= task_unref(t);
+	free_tree |= opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 }
 
 static void task_perform(opq_op *op)
@@ -356,7 +311,7 @@ static void task_discard(opq_op *op)
  * scope whose deadline has passed, soonest first, and arm the timer again
  * for the next one.
  */
-static opq_scope *dl_first(struct tree *tr)
+static opq_scope *dl_first(struct opq__tree *tr)
 {
 	struct opq__link *l = opq__list_first(&tr->dl);
 	return l ? OPQ_CONTAINER_OF(l, opq_scope, dl) : NULL;
@@ -364,7 +319,7 @@ static opq_scope *dl_first(struct tree *tr)
 
 static void dl_fire(struct opq__timer *timer)
 {
-	struct tree *tr = OPQ_CONTAINER_OF(timer, struct tree, timer);
+	struct opq__tree *tr = OPQ_CONTAINER_OF(timer, struct opq__tree, timer);
 	opq__lock(&tr->mu);
 	opq_scope *s;
 	while ((s = dl_first(tr)) && ts_passed(&s->deadline)) {
@@ -390,7 +345,7 @@ static void dl_fire(struct opq__timer *timer)
  * Before arming a deadline, without tr->mu (it takes q->mu, and nothing
  * takes an object mutex under tr->mu): make sure the timer thread runs.
  */
-static int tree_timer_ref(struct tree *tr)
+static int tree_timer_ref(struct opq__tree *tr)
 {
 	if (atomic_load_explicit(&tr->timer_ref, memory_order_acquire))
 		return 0;
@@ -405,7 +360,7 @@ static int tree_timer_ref(struct tree *tr)
  * already cancels s at once (s is new: nothing runs or waits in it yet),
  * not when the timer thread gets to it: a task must not start meanwhile.
  */
-static void dl_arm(struct tree *tr, opq_scope *s)
+static void dl_arm(struct opq__tree *tr, opq_scope *s)
 {
 	if (ts_passed(&s->deadline)) {
 		struct opq__cancel_reg *wake = NULL;
@@ -430,7 +385,7 @@ OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scop
 {
 	if (!scopep || !q)
 		return EINVAL;
-	struct tree *tr = opq__calloc(1, sizeof(*tr));
+	struct opq__tree *tr = opq__calloc(1, sizeof(*tr));
 	if (!tr)
 		return ENOMEM;
 	int rc = opq__mutex_init(&tr->mu);
@@ -465,7 +420,7 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 {
 	if (!s)
 		return 0;
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	if (s != &tr->root)
 		return EINVAL;
 	opq__lock(&tr->mu);
@@ -483,7 +438,7 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 	bool free_tree = --tr->refs == 0;
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	return 0;
 }
 
@@ -494,9 +449,9 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 {
 	if (!s || !fn)
 		return EINVAL;
-	if (s->owner && current_scope() != s)
+	if (s->owner && opq__scope_current() != s)
 		return EPERM; /* only a task spawns in its own scope */
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	opq_task *t = opq__calloc(1, sizeof(*t));
 	if (!t)
 		return ENOMEM;
@@ -507,7 +462,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	t->arg = arg;
 	t->done = done;
 	t->done_arg = done_arg;
-	t->state = T_NEW;
+	t->state = OPQ__T_NEW;
 	if (t->scope.has_deadline) {
 		int rc = tree_timer_ref(tr);
 		if (rc) {
@@ -546,17 +501,17 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		free_tree = --tr->refs == 0;
 		opq__unlock(&tr->mu);
 		if (free_tree)
-			tree_free(tr);
+			opq__tree_free(tr);
 		return rc;
 	}
-	if (t->state == T_NEW)
-		t->state = T_QUEUED;
+	if (t->state == OPQ__T_NEW)
+		t->state = OPQ__T_QUEUED;
 	if (tr->waiters)
 		OPQ_CHECK(pthread_cond_broadcast(&tr->cv)); /* helpers: new work */
-	free_tree = task_unref(t);
+	free_tree = opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	if (taskp)
 		*taskp = t;
 	return 0;
@@ -564,7 +519,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 
 OPQ_EXPORT opq_scope *opq_scope_current(void)
 {
-	return current_scope();
+	return opq__scope_current();
 }
 
 /* ---- cancel -------------------------------------------------------------- */
@@ -573,10 +528,10 @@ OPQ_EXPORT int opq_scope_cancel(opq_scope *s)
 {
 	if (!s)
 		return EINVAL;
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
-	if (!s->owner || s->owner->state < T_FINISHING)
+	if (!s->owner || s->owner->state < OPQ__T_FINISHING)
 		cancel_tree(s, true, &wake);
 	unlock_and_wake(tr, wake);
 	return 0;
@@ -599,133 +554,17 @@ OPQ_EXPORT int opq_task_cancelled(const opq_task *t)
 	return t && scope_cancelled(&t->scope);
 }
 
-/* ---- waiting ------------------------------------------------------------- */
-
-/* Is the calling thread's task inside scope s (s is an ancestor scope of it)? */
-static bool inside(const opq_scope *s)
-{
-	for (opq_scope *c = current_scope(); c && c->owner; c = c->owner->pscope)
-		if (c->owner->pscope == s)
-			return true;
-	return false;
-}
-
-/*
- * In a done callback (of task d): would waiting for s (a scope, or with
- * `task` the scope of a task) wait for d or one of its ancestors, which
- * cannot terminate before the callback returns?
- */
-static bool in_done_of(const opq_scope *s, bool task)
-{
-	for (opq_task *d = tls_done_task; d; d = d->pscope->owner)
-		if (d->pscope == s || (task && &d->scope == s))
-			return true;
-	return false;
-}
-
-/* Under tr->mu: a queued task in the subtree under s (or t itself), pinned; or NULL. */
-static opq_task *find_queued(opq_scope *s, opq_task *self)
-{
-	if (self && self->state == T_QUEUED) {
-		self->refs++;
-		return self;
-	}
-	for (opq_task *t = first_child(s); t; t = walk_next(s, t, true)) {
-		if (t->state == T_QUEUED) {
-			t->refs++;
-			return t;
-		}
-	}
-	return NULL;
-}
-
-/*
- * Under tr->mu: wait until done(s, t) or the deadline; a runner of the
- * tree's queue performs queued tasks under s inline meanwhile.
- */
-static int wait_for(struct tree *tr, opq_scope *s, opq_task *self, const struct timespec *deadline)
-{
-	bool helper = opq_queue_current() == tr->q;
-	int rc = 0;
-	tr->waiters++;
-	for (;;) {
-		if (self ? self->state == T_DONE : s->nchildren == 0)
-			break;
-		opq_task *h = helper ? find_queued(s, self) : NULL;
-		if (h) {
-			opq__unlock(&tr->mu);
-			bool ran = opq__queue_help(tr->q, &h->op);
-			opq__lock(&tr->mu);
-			bool free_tree = task_unref(h);
-			assert(!free_tree); /* the waiter's scope keeps the tree */
-			(void)free_tree;
-			if (!ran) {
-				/* A runner took it first and is about to mark it running. */
-				opq__unlock(&tr->mu);
-				sched_yield();
-				opq__lock(&tr->mu);
-			}
-			continue;
-		}
-		if (opq__cond_wait(&tr->cv, &tr->mu, deadline) == ETIMEDOUT &&
-		    !(self ? self->state == T_DONE : s->nchildren == 0)) {
-			rc = ETIMEDOUT;
-			break;
-		}
-	}
-	tr->waiters--;
-	return rc;
-}
-
-OPQ_EXPORT int opq_scope_wait(opq_scope *s, const struct timespec *deadline, int *first_error)
-{
-	if (!s || !opq__deadline_ok(deadline))
-		return EINVAL;
-	if (inside(s) || in_done_of(s, false))
-		return EDEADLK;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	int rc = wait_for(tr, s, NULL, deadline);
-	if (rc == 0 && first_error)
-		*first_error = s->first_error;
-	opq__unlock(&tr->mu);
-	return rc;
-}
-
-OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *result)
-{
-	if (!t || !opq__deadline_ok(deadline))
-		return EINVAL;
-	if (current_scope() == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
-		return EDEADLK;
-	struct tree *tr = t->scope.tr;
-	opq__lock(&tr->mu);
-	int rc = wait_for(tr, &t->scope, t, deadline);
-	if (rc == 0 && result)
-		*result = t->result;
-	opq__unlock(&tr->mu);
-	return rc;
-}
+/* ---- handles ------------------------------------------------------------ */
 
 OPQ_EXPORT int opq_task_release(opq_task *t)
 {
 	if (!t)
 		return EINVAL;
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	opq__lock(&tr->mu);
-	bool free_tree = task_unref(t);
+	bool free_tree = opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	return 0;
-}
-
-/* ---- sleeping ----------------------------------------------------------- */
-
-OPQ_EXPORT int opq_scope_sleep(opq_scope *s, const struct timespec *deadline)
-{
-	if (!s || !opq__deadline_ok(deadline))
-		return EINVAL;
-	int rc = opq__cancel_sleep(&s->cx, deadline);
-	return rc == ETIMEDOUT ? 0 : rc;
 }
