@@ -70,7 +70,7 @@ OPQ_INTERNAL int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
  * load). opq__cancel_end() unregisters (mu still held; it may release and
  * retake mu while a canceller finishes waking it) and returns whether the
  * context was cancelled. With no current context these do nothing and
- * return 0/false, so calls made outside tasks behave as before.
+ * return 0/false: a call made outside any task is not cancellable.
  *
  * Lock order: the waiter's object mutex (mu), then the context's lock. A
  * canceller calls opq__cancel_ctx_cancel under the context's lock, which
