@@ -90,8 +90,7 @@ static void box_put(opq_queue *q, struct box *b)
 
 void opq__make_room(opq_queue *q)
 {
-	while (q->space_waiters > q->space_signals &&
-	       q->space_signals < q->capacity - q->queued) {
+	while (q->space_waiters > q->space_signals && q->space_signals < q->capacity - q->queued) {
 		q->space_signals++;
 		OPQ_CHECK(pthread_cond_signal(&q->space));
 	}
@@ -190,7 +189,7 @@ OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct tim
 }
 
 static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, enum wait_kind kind,
-		      const struct timespec *deadline)
+                      const struct timespec *deadline)
 {
 	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
@@ -223,7 +222,7 @@ OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard
 }
 
 OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg,
-					 const struct timespec *deadline)
+                                         const struct timespec *deadline)
 {
 	return enqueue_fn(q, fn, discard_fn, arg, WAIT_BLOCK, deadline);
 }

@@ -10,6 +10,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -17,9 +18,9 @@
 
 #include "opqueue.h"
 
-#define OPQ_INTERNAL __attribute__((visibility("hidden")))
+#define OPQ_INTERNAL    __attribute__((visibility("hidden")))
 #define OPQ_UNLIKELY(x) __builtin_expect(!!(x), 0)
-#define OPQ_LIKELY(x) __builtin_expect(!!(x), 1)
+#define OPQ_LIKELY(x)   __builtin_expect(!!(x), 1)
 
 /*
  * Allocation. Every allocation of the library goes through these, so that
@@ -50,46 +51,88 @@ OPQ_INTERNAL bool opq__deadline_ok(const struct timespec *deadline);
 OPQ_INTERNAL bool opq__ts_before(const struct timespec *a, const struct timespec *b);
 /* Wait on cond until deadline (NULL: forever): 0 or ETIMEDOUT. */
 OPQ_INTERNAL int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
-				const struct timespec *deadline);
+                                const struct timespec *deadline);
 
 /*
- * Cancellation of blocking calls (scope.c). A task's function runs with a
- * thread-local "current scope". A blocking call of queue.c, line.c or
- * stage.c that is about to wait on (mu, cv) with mu held registers a
- * record with the current scope: opq__cancel_begin() returns ECANCELED if
- * the scope is already cancelled (nothing registered), else 0. While it
- * waits, opq__cancel_pending() tells whether a cancel arrived (cheap, an
- * atomic load). opq__cancel_end() unregisters (mu still held) and returns
- * whether the scope was cancelled. Outside any task these do nothing and
- * return 0/false, so calls made outside tasks behave as before.
+ * The thread's cancellation point (cancel.c), below queue, line and stage.
+ * A cancel context is something that can be cancelled: a flag, and the
+ * records of the calls blocked in it, guarded by a lock its owner passes
+ * to opq__cancel_ctx_init. Each thread has a current context (NULL: none);
+ * scope.c makes a task's scope current while the task's function runs and
+ * cancels the contexts of cancelled scopes.
  *
- * Lock order: the waiter's object mutex, then the scope tree's lock. A
- * canceller sets the flags and pins the records under the tree lock, drops
- * it, then for each record locks mu, broadcasts cv and unpins (the tree
- * lock again, inside mu). opq__cancel_end() waits on cv while its record
- * is pinned, so a record never vanishes under a canceller.
+ * A blocking call of queue.c, line.c or stage.c that is about to wait on
+ * (mu, cv) with mu held registers a record with the current context:
+ * opq__cancel_begin() returns ECANCELED if the context is already
+ * cancelled (nothing registered), else 0. While it waits,
+ * opq__cancel_pending() tells whether a cancel arrived (cheap, an atomic
+ * load). opq__cancel_end() unregisters (mu still held; it may release and
+ * retake mu while a canceller finishes waking it) and returns whether the
+ * context was cancelled. With no current context these do nothing and
+ * return 0/false: a call made outside any task is not cancellable.
+ *
+ * Lock order: the waiter's object mutex (mu), then the context's lock. A
+ * canceller calls opq__cancel_ctx_cancel under the context's lock, which
+ * sets the flag and pins the records onto its wake list, drops the lock,
+ * then calls opq__cancel_wake: for each record it locks mu, broadcasts cv
+ * and unpins (the context's lock again, inside mu). opq__cancel_end()
+ * waits on cv while its record is pinned, so a record never vanishes under
+ * a canceller. The invariants are written out at the top of cancel.c.
  */
+struct opq__cancel_ctx {
+	pthread_mutex_t *mu;   /* the owner's lock: guards regs */
+	struct opq__link regs; /* records of the calls blocked in it */
+	atomic_bool cancelled; /* set once, under mu; read without it */
+};
 struct opq__cancel_reg {
-	struct opq__cancel_reg *next, *prev; /* in the scope's list */
-	struct opq__cancel_reg *wnext;	     /* a canceller's wake list */
+	struct opq__link link;         /* in its context's regs */
+	struct opq__cancel_reg *wnext; /* a canceller's wake list */
 	pthread_mutex_t *mu;
 	pthread_cond_t *cv;
-	struct opq_scope *scope;	     /* NULL: not registered */
+	struct opq__cancel_ctx *ctx; /* NULL: not registered */
 	bool pinned;
 };
 OPQ_INTERNAL int opq__cancel_begin(struct opq__cancel_reg *r, pthread_mutex_t *mu,
-				   pthread_cond_t *cv);
+                                   pthread_cond_t *cv);
 OPQ_INTERNAL bool opq__cancel_pending(const struct opq__cancel_reg *r);
 OPQ_INTERNAL bool opq__cancel_end(struct opq__cancel_reg *r);
 /*
  * For blocking code outside those three files (the lease's backoff): sleep
- * until the CLOCK_MONOTONIC deadline on behalf of the current task.
- * ETIMEDOUT when the deadline passed, ECANCELED when the current task is
- * (or becomes) cancelled, EINVAL for a malformed deadline, EDEADLK for a
- * NULL deadline outside any task (it would sleep forever). Outside a task
- * it is a plain sleep until the deadline.
+ * until the CLOCK_MONOTONIC deadline in the current context. ETIMEDOUT
+ * when the deadline passed, ECANCELED when the context is (or becomes)
+ * cancelled, EINVAL for a malformed deadline, EDEADLK for a NULL deadline
+ * with no current context (it would sleep forever). With no current
+ * context it is a plain sleep until the deadline.
  */
 OPQ_INTERNAL int opq__cancel_sleep_until(const struct timespec *deadline);
+/*
+ * The same in context c (NULL: a plain sleep; then deadline must not be
+ * NULL), whether or not it is the current one; or a pthread init error.
+ */
+OPQ_INTERNAL int opq__cancel_sleep(struct opq__cancel_ctx *c, const struct timespec *deadline);
+
+/* For the contexts' owner. Init: not cancelled, no record; mu guards it. */
+OPQ_INTERNAL void opq__cancel_ctx_init(struct opq__cancel_ctx *c, pthread_mutex_t *mu);
+/* The calling thread's current context, and setting it (returns the one it replaces). */
+OPQ_INTERNAL struct opq__cancel_ctx *opq__cancel_current(void);
+OPQ_INTERNAL struct opq__cancel_ctx *opq__cancel_set_current(struct opq__cancel_ctx *c);
+/* Whether c is cancelled (an acquire load; with or without c->mu). */
+OPQ_INTERNAL bool opq__cancel_ctx_cancelled(const struct opq__cancel_ctx *c);
+/* Under c->mu: whether calls are registered with c (c must not be freed then). */
+OPQ_INTERNAL bool opq__cancel_ctx_busy(const struct opq__cancel_ctx *c);
+/*
+ * Under c->mu: cancel c, pushing the records to wake onto the caller's
+ * *wake list (start it NULL; one list may gather several contexts).
+ */
+OPQ_INTERNAL void opq__cancel_ctx_cancel(struct opq__cancel_ctx *c, struct opq__cancel_reg **wake);
+/* Holding neither the contexts' locks nor any object mutex: wake the list's records. */
+OPQ_INTERNAL void opq__cancel_wake(struct opq__cancel_reg *wake);
+/*
+ * Tests: called by opq__cancel_wake, when it has records to wake, before
+ * it wakes them (the canceller has pinned them and dropped the context's
+ * lock), so that a test can hold a canceller there.
+ */
+OPQ_INTERNAL extern void (*opq__cancel_wake_hook)(void);
 
 /*
  * enqueue.c: if op is still waiting in q (in the FIFO or a runner's batch),
@@ -101,16 +144,16 @@ OPQ_INTERNAL bool opq__queue_help(opq_queue *q, opq_op *op);
 
 /* pthread calls that cannot fail on a correct program: checked in debug builds. */
 #ifdef OPQ_DEBUG
-#define OPQ_CHECK(call)                     \
-	do {                                \
-		int opq__rc = (call);       \
-		assert(opq__rc == 0);       \
-		(void)opq__rc;              \
+#define OPQ_CHECK(call)                                                                            \
+	do {                                                                                       \
+		int opq__rc = (call);                                                              \
+		assert(opq__rc == 0);                                                              \
+		(void)opq__rc;                                                                     \
 	} while (0)
 #else
 #define OPQ_CHECK(call) ((void)(call))
 #endif
-#define opq__lock(m) OPQ_CHECK(pthread_mutex_lock(m))
+#define opq__lock(m)   OPQ_CHECK(pthread_mutex_lock(m))
 #define opq__unlock(m) OPQ_CHECK(pthread_mutex_unlock(m))
 
 /*
@@ -134,7 +177,7 @@ OPQ_INTERNAL int opq__timer_ref(void);
 OPQ_INTERNAL void opq__timer_unref(void);
 /* Arm (or re-arm) t for the CLOCK_MONOTONIC instant when; needs a reference. */
 OPQ_INTERNAL void opq__timer_arm(struct opq__timer *t, const struct timespec *when,
-				 void (*fn)(struct opq__timer *t));
+                                 void (*fn)(struct opq__timer *t));
 /* Disarm t and wait until its fn is not running (never call from fn). */
 OPQ_INTERNAL void opq__timer_cancel(struct opq__timer *t);
 
@@ -144,6 +187,67 @@ OPQ_INTERNAL void opq__timer_cancel(struct opq__timer *t);
  * coming and going one at a time do not start and join the thread each.
  */
 OPQ_INTERNAL int opq__queue_timer_ref(opq_queue *q);
+
+/*
+ * The scope tree (scope.c), for the waits on it (scope_wait.c) only. The
+ * tree's mutex guards every field of the tree, its scopes and its tasks
+ * but timer_ref; the invariants are at the top of scope.c.
+ */
+enum { OPQ__T_NEW, OPQ__T_QUEUED, OPQ__T_RUNNING, OPQ__T_RETURNED, OPQ__T_FINISHING, OPQ__T_DONE };
+struct opq__tree;
+
+struct opq_scope {
+	struct opq__tree *tr;
+	opq_task *owner;           /* NULL for the root scope */
+	struct opq__link children; /* live children, oldest first (helpers go in FIFO order) */
+	size_t nchildren;
+	struct opq__cancel_ctx cx; /* cancelled?, and the calls blocked in it */
+	bool closing;              /* no more spawns */
+	bool timed_out;            /* its deadline fired */
+	int policy;
+	int first_error;
+	bool has_deadline;
+	struct timespec deadline;
+	struct opq__link dl; /* in the tree's deadline list, or unlinked */
+};
+
+struct opq_task {
+	opq_op op;
+	opq_scope scope;      /* the task's own child scope */
+	opq_scope *pscope;    /* the scope it was spawned in */
+	struct opq__link sib; /* in pscope's children */
+	opq_task_fn *fn;
+	void *arg;
+	opq_task_done_fn *done;
+	void *done_arg;
+	int state;
+	int result;
+	unsigned refs;
+};
+
+struct opq__tree {
+	pthread_mutex_t mu;
+	pthread_cond_t cv; /* a task terminated, or one was queued: waiters look */
+	opq_queue *q;
+	unsigned refs;
+	unsigned waiters;        /* threads in opq_scope_wait / opq_task_wait */
+	struct opq__link dl;     /* scopes whose deadline has not fired, soonest first */
+	struct opq__timer timer; /* on the library's timer thread: the first one's deadline */
+	atomic_bool timer_ref;   /* q holds a timer thread reference for the tree */
+	opq_scope root;
+};
+
+/* The scope of the task the calling thread runs, or NULL. */
+OPQ_INTERNAL opq_scope *opq__scope_current(void);
+/* The task whose done callback the calling thread runs, or NULL. */
+OPQ_INTERNAL opq_task *opq__scope_done_task(void);
+/* Under tr->mu: s's oldest child, or NULL. */
+OPQ_INTERNAL opq_task *opq__scope_first_child(const opq_scope *s);
+/* Under tr->mu: the next task of a depth-first walk of the subtree under top, after t. */
+OPQ_INTERNAL opq_task *opq__scope_walk_next(opq_scope *top, opq_task *t, bool descend);
+/* Under tr->mu: drop a reference to t; true if the tree must be freed (after unlocking). */
+OPQ_INTERNAL bool opq__task_unref(opq_task *t);
+OPQ_INTERNAL void opq__tree_free(struct opq__tree *tr);
 
 /* Monotonic nanoseconds and back. */
 OPQ_INTERNAL int64_t opq__mono_ns(void);
@@ -157,13 +261,6 @@ OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
  * by adding to it with opq__suspend_pretend.
  */
 OPQ_INTERNAL int64_t opq__suspended_ns(void);
-
-/*
- * Tests: called by a canceller of a scope after it has pinned the records
- * of the calls blocked in it and dropped the tree's mutex, before it wakes
- * them (scope.c), so that a test can hold it there.
- */
-OPQ_INTERNAL extern void (*opq__scope_wake_hook)(void);
 OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
 #endif /* OPQ_INTERNAL_H */

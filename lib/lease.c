@@ -484,7 +484,7 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 		if (at > end)
 			at = end;
 		struct timespec ts = opq__ns_to_ts(at);
-		/* Inside a scope task a cancel ends the wait (scope.c). */
+		/* Inside a scope task a cancel ends the wait (cancel.c). */
 		int src = opq__cancel_sleep_until(&ts);
 		if (src != ETIMEDOUT)
 			return src;

@@ -9,7 +9,10 @@
  * - opq_wq lists the wait records of the threads blocked on the current
  *   holder (they all wait for the release of generation opq_gen), and
  *   opq_waiters counts them; the release hands each its status and empties
- *   the list, so a blocked waiter gets its status however late it wakes;
+ *   the list, so a blocked waiter gets its status however late it wakes.
+ *   The public struct has room for one pointer only, so the list is a
+ *   list.h ring without a head link: opq_wq points at one of the records
+ *   (NULL: none);
  * - the condvar is broadcast only when somebody waits (uncontended acquire
  *   and release make no system call).
  * The condvar has the default clock so that OPQ_LINE_INITIALIZER works;
@@ -20,8 +23,10 @@
 #define _GNU_SOURCE 1 /* pthread_cond_clockwait */
 #include "internal.h"
 
+#include "list.h"
+
 struct wait_rec {
-	struct wait_rec *next, *prev;
+	struct opq__link link; /* in the ring at opq_wq */
 	int done;
 	int status;
 };
@@ -125,11 +130,17 @@ OPQ_EXPORT int opq_line_release(opq_line *line, opq_line_ticket *held, int statu
 	line->opq_gen++;
 	line->opq_held = 0;
 	held->held = 0;
-	struct wait_rec *w = line->opq_wq;
+	struct opq__link *first = line->opq_wq;
 	line->opq_wq = NULL;
-	for (; w; w = w->next) {
-		w->done = 1;
-		w->status = status;
+	if (first) {
+		/* A head link put into the ring makes it a list to pop. */
+		struct opq__link wq;
+		opq__list_insert_before(first, &wq);
+		for (struct opq__link *l; (l = opq__list_pop(&wq));) {
+			struct wait_rec *w = OPQ_CONTAINER_OF(l, struct wait_rec, link);
+			w->done = 1;
+			w->status = status;
+		}
 	}
 	if (line->opq_waiters > 0) {
 		line->opq_waiters = 0;
@@ -154,7 +165,7 @@ static int line_cond_wait(opq_line *line, const struct timespec *deadline)
 	clock_gettime(CLOCK_MONOTONIC, &mono);
 	clock_gettime(CLOCK_REALTIME, &real);
 	int64_t left = (int64_t)(deadline->tv_sec - mono.tv_sec) * 1000000000 +
-		       (deadline->tv_nsec - mono.tv_nsec);
+	               (deadline->tv_nsec - mono.tv_nsec);
 	if (left <= 0)
 		return ETIMEDOUT;
 	int64_t ns = real.tv_nsec + left % 1000000000;
@@ -165,14 +176,24 @@ static int line_cond_wait(opq_line *line, const struct timespec *deadline)
 	return rc == ETIMEDOUT ? ETIMEDOUT : 0;
 }
 
+static void wq_add(opq_line *line, struct wait_rec *w)
+{
+	struct opq__link *first = line->opq_wq;
+	if (first) {
+		opq__list_insert_before(first, &w->link);
+	} else {
+		opq__list_init(&w->link);
+		line->opq_wq = &w->link;
+	}
+	line->opq_waiters++;
+}
+
 static void wq_unlink(opq_line *line, struct wait_rec *w)
 {
-	if (w->prev)
-		w->prev->next = w->next;
-	else
-		line->opq_wq = w->next;
-	if (w->next)
-		w->next->prev = w->prev;
+	struct opq__link *l = &w->link;
+	if (line->opq_wq == l)
+		line->opq_wq = l->opq__next == l ? NULL : l->opq__next;
+	opq__list_remove(l);
 	line->opq_waiters--;
 }
 
@@ -180,19 +201,15 @@ static void wq_unlink(opq_line *line, struct wait_rec *w)
  * Under the mutex: wait until generation gen has been released, then give
  * its status. Blocks only while gen is the current, held generation.
  */
-static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *deadline,
-			 int *status)
+static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *deadline, int *status)
 {
 	if (gen == line->opq_gen && line->opq_held) {
-		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		/* Inside a task: a cancel of the task ends the wait (cancel.c). */
 		struct opq__cancel_reg creg;
 		if (opq__cancel_begin(&creg, &line->opq_mu, &line->opq_cv))
 			return ECANCELED;
-		struct wait_rec w = { .next = line->opq_wq, .prev = NULL, .done = 0, .status = 0 };
-		if (w.next)
-			w.next->prev = &w;
-		line->opq_wq = &w;
-		line->opq_waiters++;
+		struct wait_rec w = {.done = 0, .status = 0};
+		wq_add(line, &w);
 		bool timed_out = false;
 		while (!w.done) {
 			if (timed_out || opq__cancel_pending(&creg)) {
@@ -225,7 +242,7 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 }
 
 OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
-			     const struct timespec *deadline, int *status)
+                             const struct timespec *deadline, int *status)
 {
 	if (!line || !failed || failed->line != line || !opq__deadline_ok(deadline))
 		return EINVAL;

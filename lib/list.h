@@ -86,7 +86,7 @@ static inline void opq__list_cut(struct opq__link *from, size_t n, struct opq__l
 	to->opq__prev = last;
 }
 
-#define opq__list_for_each(pos, head) \
+#define opq__list_for_each(pos, head)                                                              \
 	for (struct opq__link *pos = (head)->opq__next; pos != (head); pos = pos->opq__next)
 
 #endif /* OPQ_LIST_H */

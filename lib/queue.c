@@ -18,7 +18,7 @@
 
 /* ---- attributes ---------------------------------------------------------- */
 
-static const struct opq_queue_attr default_attr = { .capacity = 0, .name = "opq" };
+static const struct opq_queue_attr default_attr = {.capacity = 0, .name = "opq"};
 
 OPQ_EXPORT int opq_queue_attr_create(opq_queue_attr **attrp)
 {
@@ -62,7 +62,7 @@ OPQ_EXPORT int opq_queue_attr_set_name(opq_queue_attr *attr, const char *prefix)
 }
 
 OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *on_start,
-					opq_runner_hook *on_exit, void *arg)
+                                        opq_runner_hook *on_exit, void *arg)
 {
 	if (!attr)
 		return EINVAL;
@@ -341,7 +341,8 @@ OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners)
 	return rc;
 }
 
-/* Perform what is queued on the calling thread, in FIFO order (a stop that drains a queue never started). */
+/* Perform what is queued on the calling thread, in FIFO order (a stop that drains a queue never
+ * started). */
 static void drain_here(opq_queue *q)
 {
 	opq_queue *outer = opq__tls_queue;

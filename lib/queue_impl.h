@@ -53,11 +53,11 @@
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
 enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
 
-#define OP_STATE(op) __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
+#define OP_STATE(op)         __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
-#define OP_OWNER(op) __atomic_load_n(&(op)->opq__owner, __ATOMIC_RELAXED)
-#define OP_SET_OWNER(op, o) __atomic_store_n(&(op)->opq__owner, (void *)(o), __ATOMIC_RELAXED)
-#define OP_OF(link) OPQ_CONTAINER_OF(link, opq_op, opq__link)
+#define OP_OWNER(op)         __atomic_load_n(&(op)->opq__owner, __ATOMIC_RELAXED)
+#define OP_SET_OWNER(op, o)  __atomic_store_n(&(op)->opq__owner, (void *)(o), __ATOMIC_RELAXED)
+#define OP_OF(link)          OPQ_CONTAINER_OF(link, opq_op, opq__link)
 
 /* The most operations a runner of an unbounded queue takes at once. */
 #define BATCH_MAX 32
@@ -82,7 +82,7 @@ struct runner {
 	pthread_mutex_t mu;
 	struct opq__link batch; /* operations taken, not started, in FIFO order */
 	unsigned nbatch;
-	bool running;	    /* performing an operation now */
+	bool running;       /* performing an operation now */
 	uint64_t completed; /* performed by this runner */
 	/* The runner's own: boxes it performed, given back to q at its next take. */
 	opq_op *boxes;
@@ -101,22 +101,22 @@ struct opq_queue {
 	unsigned idle_runners, work_signals;
 	unsigned space_waiters, space_signals;
 	unsigned idle_waiters;
-	unsigned busy;		/* runners holding work */
-	unsigned helping;	/* operations performed by other threads now */
-	unsigned callers;	/* threads blocked in a call on q: destroy is EBUSY */
-	unsigned target;	/* runners wanted */
-	unsigned alive;		/* runners in their loop */
-	unsigned threads;	/* runner threads not yet finished */
-	unsigned spawning;	/* calls creating runner threads now */
-	unsigned unstarted;	/* runners created that have not run their start hook */
+	unsigned busy;          /* runners holding work */
+	unsigned helping;       /* operations performed by other threads now */
+	unsigned callers;       /* threads blocked in a call on q: destroy is EBUSY */
+	unsigned target;        /* runners wanted */
+	unsigned alive;         /* runners in their loop */
+	unsigned threads;       /* runner threads not yet finished */
+	unsigned spawning;      /* calls creating runner threads now */
+	unsigned unstarted;     /* runners created that have not run their start hook */
 	unsigned stuck_runners; /* runners of q blocked in enqueue on a full FIFO */
-	unsigned reaping;	/* calls joining finished runners now */
+	unsigned reaping;       /* calls joining finished runners now */
 	unsigned next_index;
 	int state;
-	bool timer_ref;	       /* holds a timer thread reference (opq__queue_timer_ref) */
-	bool destroying;       /* opq_queue_destroy is discarding what was queued */
-	pthread_t stop_leader; /* the thread leading the stop in progress */
-	uint64_t stops;	       /* completed stops: concurrent stoppers wait for it to move */
+	bool timer_ref;           /* holds a timer thread reference (opq__queue_timer_ref) */
+	bool destroying;          /* opq_queue_destroy is discarding what was queued */
+	pthread_t stop_leader;    /* the thread leading the stop in progress */
+	uint64_t stops;           /* completed stops: concurrent stoppers wait for it to move */
 	struct opq__link runners; /* every runner not yet joined */
 	/* completed: by runners that have exited and by other threads. */
 	uint64_t completed, discarded, cancelled, high_water;

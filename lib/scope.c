@@ -2,15 +2,17 @@
  * scope.c: structured concurrency on the operation queue.
  *
  * One lock per tree (tr->mu) guards every scope and task of the tree: the
- * child lists, states, counts, first errors and the cancel records.
+ * child lists, states, counts, first errors, and each scope's cancel
+ * context (cancel.c), whose lock it is.
  * Termination never blocks a runner: when a task's function returns, its
  * children are cancelled and, if none is left, it finishes at once;
  * otherwise the last child to terminate finishes it ("settle" walks up).
- * Explicit waits (opq_scope_wait, opq_task_wait) made on a runner of the
- * tree's queue help: they take a queued task of the subtree they wait for
- * out of the FIFO and perform it inline (opq__queue_help), so a queue with
- * one runner runs any tree to completion, and the helper's stack grows
- * with the tree's depth only (it helps descendants of what it waits for).
+ * Explicit waits (opq_scope_wait, opq_task_wait, in scope_wait.c) made on
+ * a runner of the tree's queue help: they take a queued task of the
+ * subtree they wait for out of the FIFO and perform it inline
+ * (opq__queue_help), so a queue with one runner runs any tree to
+ * completion, and the helper's stack grows with the tree's depth only (it
+ * helps descendants of what it waits for).
  *
  * Invariants, under tr->mu:
  * - a task is in its parent scope's child list from spawn until its done
@@ -22,18 +24,17 @@
  *   temporary pins (spawn, helpers, waiters); the task is freed at 0.
  *   tr->refs counts the root scope plus every task not yet freed.
  *
+ * The thread's current cancel context is the scope of the task it runs
+ * (task_run sets it; a done callback runs with none): every context ever
+ * made current is a scope's, so the current scope is the one around it.
+ *
  * Lock order: object mutex (queue, line, stage) -> tr->mu. Nothing takes
  * an object mutex while holding tr->mu; cancellers wake blocked calls
- * after dropping it (see internal.h, struct opq__cancel_reg).
+ * after dropping it (opq__cancel_wake, see cancel.c).
  */
 #include "internal.h"
 
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdlib.h>
-#include <string.h>
-
-enum { T_NEW, T_QUEUED, T_RUNNING, T_RETURNED, T_FINISHING, T_DONE };
+#include "list.h"
 
 struct opq_scope_attr {
 	int policy;
@@ -41,54 +42,12 @@ struct opq_scope_attr {
 	struct timespec deadline;
 };
 
-struct tree;
-
-struct opq_scope {
-	struct tree *tr;
-	opq_task *owner;	/* NULL for the root scope */
-	opq_task *children;	/* live children, oldest first (helpers go in FIFO order) */
-	opq_task *ctail;
-	size_t nchildren;
-	atomic_bool cancelled;
-	bool closing;		/* no more spawns */
-	bool timed_out;		/* its deadline fired */
-	int policy;
-	int first_error;
-	bool has_deadline;
-	struct timespec deadline;
-	opq_scope *dl_next, *dl_prev; /* the tree's deadline list, soonest first */
-	bool in_dl;
-	struct opq__cancel_reg *regs; /* blocked calls made with this scope */
-};
-
-struct opq_task {
-	opq_op op;
-	opq_scope scope;	/* the task's own child scope */
-	opq_scope *pscope;	/* the scope it was spawned in */
-	opq_task *sib_next, *sib_prev;
-	opq_task_fn *fn;
-	void *arg;
-	opq_task_done_fn *done;
-	void *done_arg;
-	int state;
-	int result;
-	unsigned refs;
-};
-
-struct tree {
-	pthread_mutex_t mu;
-	pthread_cond_t cv;	/* a task terminated, or one was queued: waiters look */
-	opq_queue *q;
-	unsigned refs;
-	unsigned waiters;	/* threads in opq_scope_wait / opq_task_wait */
-	opq_scope *dl_first;
-	struct opq__timer timer; /* on the library's timer thread: dl_first's deadline */
-	atomic_bool timer_ref;	 /* q holds a timer thread reference for the tree */
-	opq_scope root;
-};
-
-static _Thread_local opq_scope *tls_scope;
 static _Thread_local opq_task *tls_done_task; /* whose done callback this thread runs */
+
+opq_task *opq__scope_done_task(void)
+{
+	return tls_done_task;
+}
 
 /* ---- attributes ---------------------------------------------------------- */
 
@@ -136,47 +95,54 @@ static bool ts_passed(const struct timespec *dl)
 	return now.tv_sec > dl->tv_sec || (now.tv_sec == dl->tv_sec && now.tv_nsec >= dl->tv_nsec);
 }
 
-static void scope_init(opq_scope *s, struct tree *tr, opq_task *owner, const opq_scope_attr *attr)
+opq_scope *opq__scope_current(void)
+{
+	struct opq__cancel_ctx *c = opq__cancel_current();
+	return c ? OPQ_CONTAINER_OF(c, opq_scope, cx) : NULL;
+}
+
+static bool scope_cancelled(const opq_scope *s)
+{
+	return opq__cancel_ctx_cancelled(&s->cx);
+}
+
+static void scope_init(opq_scope *s, struct opq__tree *tr, opq_task *owner,
+                       const opq_scope_attr *attr)
 {
 	s->tr = tr;
+	opq__list_init(&s->children);
+	opq__cancel_ctx_init(&s->cx, &tr->mu);
 	s->owner = owner;
 	s->policy = attr ? attr->policy : OPQ_SCOPE_COLLECT;
 	s->has_deadline = attr && attr->has_deadline;
 	if (s->has_deadline)
 		s->deadline = attr->deadline;
-	atomic_init(&s->cancelled, false);
 }
 
-/* The next task of a depth-first walk of the subtree under `top`, after t. */
-static opq_task *walk_next(opq_scope *top, opq_task *t, bool descend)
+opq_task *opq__scope_first_child(const opq_scope *s)
 {
-	if (descend && t->scope.children)
-		return t->scope.children;
+	struct opq__link *l = opq__list_first(&s->children);
+	return l ? OPQ_CONTAINER_OF(l, opq_task, sib) : NULL;
+}
+
+opq_task *opq__scope_walk_next(opq_scope *top, opq_task *t, bool descend)
+{
+	if (descend && !opq__list_empty(&t->scope.children))
+		return opq__scope_first_child(&t->scope);
 	for (;;) {
-		if (t->sib_next)
-			return t->sib_next;
+		if (t->sib.opq__next != &t->pscope->children)
+			return OPQ_CONTAINER_OF(t->sib.opq__next, opq_task, sib);
 		if (t->pscope == top)
 			return NULL;
 		t = t->pscope->owner;
 	}
 }
 
-/*
- * Under tr->mu: mark s cancelled; pin its blocked calls' records onto *wake
- * (a record already pinned is being woken by another canceller, after the
- * flag was set: it needs nothing more).
- */
+/* Under tr->mu: mark s cancelled; the records of its blocked calls go onto *wake. */
 static void mark_cancelled(opq_scope *s, struct opq__cancel_reg **wake)
 {
-	atomic_store_explicit(&s->cancelled, true, memory_order_release);
+	opq__cancel_ctx_cancel(&s->cx, wake);
 	s->closing = true;
-	for (struct opq__cancel_reg *r = s->regs; r; r = r->next) {
-		if (r->pinned)
-			continue;
-		r->pinned = true;
-		r->wnext = *wake;
-		*wake = r;
-	}
 }
 
 /* Under tr->mu: cancel s itself (if self) and every task below it. */
@@ -185,80 +151,49 @@ static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
 	if (self)
 		mark_cancelled(s, wake);
 	s->closing = true;
-	opq_task *t = s->children;
+	opq_task *t = opq__scope_first_child(s);
 	while (t) {
 		bool descend = false;
-		if (!atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed)) {
+		if (!scope_cancelled(&t->scope)) {
 			mark_cancelled(&t->scope, wake);
 			descend = true;
 		}
-		t = walk_next(s, t, descend);
+		t = opq__scope_walk_next(s, t, descend);
 	}
 }
-
-void (*opq__scope_wake_hook)(void);
 
 /* Drop tr->mu and wake the blocked calls on the wake list. */
-static void unlock_and_wake(struct tree *tr, struct opq__cancel_reg *wake)
+static void unlock_and_wake(struct opq__tree *tr, struct opq__cancel_reg *wake)
 {
 	opq__unlock(&tr->mu);
-	if (wake && opq__scope_wake_hook)
-		opq__scope_wake_hook();
-	while (wake) {
-		struct opq__cancel_reg *r = wake;
-		wake = r->wnext;
-		pthread_mutex_t *mu = r->mu;
-		opq__lock(mu);
-		OPQ_CHECK(pthread_cond_broadcast(r->cv));
-		opq__lock(&tr->mu);
-		r->pinned = false; /* r may vanish once we drop mu */
-		opq__unlock(&tr->mu);
-		opq__unlock(mu);
-	}
+	opq__cancel_wake(wake);
 }
 
-static void tree_free(struct tree *tr)
+void opq__tree_free(struct opq__tree *tr)
 {
 	pthread_cond_destroy(&tr->cv);
 	pthread_mutex_destroy(&tr->mu);
 	opq__free(tr);
 }
 
-/* Under tr->mu: drop a reference to t; true if the tree must be freed (after unlocking). */
-static bool task_unref(opq_task *t)
+bool opq__task_unref(opq_task *t)
 {
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	if (--t->refs)
 		return false;
 	opq__free(t);
 	return --tr->refs == 0;
 }
 
-static void dl_remove(struct tree *tr, opq_scope *s)
+static void dl_remove(opq_scope *s)
 {
-	if (!s->in_dl)
-		return;
-	if (s->dl_prev)
-		s->dl_prev->dl_next = s->dl_next;
-	else
-		tr->dl_first = s->dl_next;
-	if (s->dl_next)
-		s->dl_next->dl_prev = s->dl_prev;
-	s->dl_next = s->dl_prev = NULL;
-	s->in_dl = false;
+	if (opq__list_linked(&s->dl))
+		opq__list_remove(&s->dl);
 }
 
 static void child_unlink(opq_scope *p, opq_task *t)
 {
-	if (t->sib_prev)
-		t->sib_prev->sib_next = t->sib_next;
-	else
-		p->children = t->sib_next;
-	if (t->sib_next)
-		t->sib_next->sib_prev = t->sib_prev;
-	else
-		p->ctail = t->sib_prev;
-	t->sib_next = t->sib_prev = NULL;
+	opq__list_remove(&t->sib);
 	p->nchildren--;
 }
 
@@ -269,7 +204,7 @@ static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg *
 	if (rc == 0)
 		return;
 	/* ECANCELED from a cancelled child is the effect of a cancel, not a cause. */
-	if (rc == ECANCELED && atomic_load_explicit(&child->scope.cancelled, memory_order_relaxed))
+	if (rc == ECANCELED && scope_cancelled(&child->scope))
 		return;
 	if (s->first_error)
 		return;
@@ -284,26 +219,25 @@ static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg *
  * retakes tr->mu to wake cancelled calls and to run done callbacks.
  * Returns true if the tree must be freed after unlocking.
  */
-static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
+static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 {
 	bool free_tree = false;
 	opq_task *pinned = t;
-	while (t && t->state == T_RETURNED && t->scope.nchildren == 0) {
-		t->state = T_FINISHING;
-		dl_remove(tr, &t->scope);
+	while (t && t->state == OPQ__T_RETURNED && t->scope.nchildren == 0) {
+		t->state = OPQ__T_FINISHING;
+		dl_remove(&t->scope);
 		unlock_and_wake(tr, wake);
 		wake = NULL;
 		if (t->done) {
-			opq_scope *outer = tls_scope;
+			struct opq__cancel_ctx *outer = opq__cancel_set_current(NULL);
 			opq_task *outer_done = tls_done_task;
-			tls_scope = NULL;
 			tls_done_task = t;
 			t->done(t->done_arg, t->result);
 			tls_done_task = outer_done;
-			tls_scope = outer;
+			opq__cancel_set_current(outer);
 		}
 		opq__lock(&tr->mu);
-		t->state = T_DONE;
+		t->state = OPQ__T_DONE;
 		opq_scope *p = t->pscope;
 		child_unlink(p, t);
 		child_result(p, t, &wake);
@@ -313,12 +247,12 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 		if (up)
 			up->refs++; /* pin the parent while we look at it */
 		if (t != pinned)
-			free_tree |= task_unref(t); /* the pin taken when we walked up */
-		free_tree |= task_unref(t);	    /* the tree's link */
+			free_tree |= opq__task_unref(t); /* the pin taken when we walked up */
+		free_tree |= opq__task_unref(t);         /* the tree's link */
 		t = up;
 	}
 	if (t && t != pinned)
-		free_tree |= task_unref(t);
+		free_tree |= opq__task_unref(t);
 	if (wake) {
 		unlock_and_wake(tr, wake);
 		opq__lock(&tr->mu);
@@ -330,35 +264,34 @@ static bool settle(struct tree *tr, opq_task *t, struct opq__cancel_reg *wake)
 
 static void task_run(opq_task *t, bool discarded)
 {
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
-	if (discarded && !atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed))
+	if (discarded && !scope_cancelled(&t->scope))
 		cancel_tree(&t->scope, true, &wake); /* dropped by a stopping queue: cancelled */
-	bool skip = atomic_load_explicit(&t->scope.cancelled, memory_order_relaxed);
-	t->state = T_RUNNING;
+	bool skip = scope_cancelled(&t->scope);
+	t->state = OPQ__T_RUNNING;
 	t->refs++; /* our pin */
 	opq__unlock(&tr->mu);
 
 	int rc = ECANCELED;
 	if (!skip) {
-		opq_scope *outer = tls_scope;
-		tls_scope = &t->scope;
+		struct opq__cancel_ctx *outer = opq__cancel_set_current(&t->scope.cx);
 		rc = t->fn(&t->scope, t->arg);
-		tls_scope = outer;
+		opq__cancel_set_current(outer);
 	}
 
 	opq__lock(&tr->mu);
 	if (rc == ECANCELED && t->scope.timed_out)
 		rc = ETIMEDOUT;
 	t->result = rc;
-	t->state = T_RETURNED;
+	t->state = OPQ__T_RETURNED;
 	cancel_tree(&t->scope, false, &wake); /* its children are sent cancel */
 	bool free_tree = settle(tr, t, wake);
-	free_tree |= task_unref(t);
+	free_tree |= opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 }
 
 static void task_perform(opq_op *op)
@@ -378,15 +311,21 @@ static void task_discard(opq_op *op)
  * scope whose deadline has passed, soonest first, and arm the timer again
  * for the next one.
  */
+static opq_scope *dl_first(struct opq__tree *tr)
+{
+	struct opq__link *l = opq__list_first(&tr->dl);
+	return l ? OPQ_CONTAINER_OF(l, opq_scope, dl) : NULL;
+}
+
 static void dl_fire(struct opq__timer *timer)
 {
-	struct tree *tr = OPQ_CONTAINER_OF(timer, struct tree, timer);
+	struct opq__tree *tr = OPQ_CONTAINER_OF(timer, struct opq__tree, timer);
 	opq__lock(&tr->mu);
 	opq_scope *s;
-	while ((s = tr->dl_first) && ts_passed(&s->deadline)) {
-		dl_remove(tr, s);
+	while ((s = dl_first(tr)) && ts_passed(&s->deadline)) {
+		dl_remove(s);
 		struct opq__cancel_reg *wake = NULL;
-		if (!atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+		if (!scope_cancelled(s)) {
 			s->timed_out = true;
 			if (!s->first_error)
 				s->first_error = ETIMEDOUT;
@@ -406,7 +345,7 @@ static void dl_fire(struct opq__timer *timer)
  * Before arming a deadline, without tr->mu (it takes q->mu, and nothing
  * takes an object mutex under tr->mu): make sure the timer thread runs.
  */
-static int tree_timer_ref(struct tree *tr)
+static int tree_timer_ref(struct opq__tree *tr)
 {
 	if (atomic_load_explicit(&tr->timer_ref, memory_order_acquire))
 		return 0;
@@ -421,7 +360,7 @@ static int tree_timer_ref(struct tree *tr)
  * already cancels s at once (s is new: nothing runs or waits in it yet),
  * not when the timer thread gets to it: a task must not start meanwhile.
  */
-static void dl_arm(struct tree *tr, opq_scope *s)
+static void dl_arm(struct opq__tree *tr, opq_scope *s)
 {
 	if (ts_passed(&s->deadline)) {
 		struct opq__cancel_reg *wake = NULL;
@@ -431,21 +370,12 @@ static void dl_arm(struct tree *tr, opq_scope *s)
 		mark_cancelled(s, &wake);
 		return;
 	}
-	opq_scope *prev = NULL, *cur = tr->dl_first;
-	while (cur && !opq__ts_before(&s->deadline, &cur->deadline)) {
-		prev = cur;
-		cur = cur->dl_next;
-	}
-	s->dl_prev = prev;
-	s->dl_next = cur;
-	if (prev)
-		prev->dl_next = s;
-	else
-		tr->dl_first = s;
-	if (cur)
-		cur->dl_prev = s;
-	s->in_dl = true;
-	if (!prev)
+	struct opq__link *at = tr->dl.opq__next;
+	while (at != &tr->dl &&
+	       !opq__ts_before(&s->deadline, &OPQ_CONTAINER_OF(at, opq_scope, dl)->deadline))
+		at = at->opq__next;
+	opq__list_insert_before(at, &s->dl);
+	if (dl_first(tr) == s)
 		opq__timer_arm(&tr->timer, &s->deadline, dl_fire);
 }
 
@@ -455,7 +385,7 @@ OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scop
 {
 	if (!scopep || !q)
 		return EINVAL;
-	struct tree *tr = opq__calloc(1, sizeof(*tr));
+	struct opq__tree *tr = opq__calloc(1, sizeof(*tr));
 	if (!tr)
 		return ENOMEM;
 	int rc = opq__mutex_init(&tr->mu);
@@ -465,6 +395,7 @@ OPQ_EXPORT int opq_scope_create(opq_scope **scopep, opq_queue *q, const opq_scop
 		goto fail_cv;
 	tr->q = q;
 	tr->refs = 1;
+	opq__list_init(&tr->dl);
 	scope_init(&tr->root, tr, NULL, attr);
 	if (tr->root.has_deadline) {
 		if ((rc = tree_timer_ref(tr)))
@@ -489,16 +420,16 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 {
 	if (!s)
 		return 0;
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	if (s != &tr->root)
 		return EINVAL;
 	opq__lock(&tr->mu);
-	if (s->nchildren || tr->waiters || s->regs) {
+	if (s->nchildren || tr->waiters || opq__cancel_ctx_busy(&s->cx)) {
 		opq__unlock(&tr->mu);
 		return EBUSY;
 	}
 	s->closing = true;
-	dl_remove(tr, s); /* the list is empty now: nothing arms the timer again */
+	dl_remove(s); /* the list is empty now: nothing arms the timer again */
 	bool armed_once = atomic_load_explicit(&tr->timer_ref, memory_order_relaxed);
 	opq__unlock(&tr->mu);
 	if (armed_once)
@@ -507,21 +438,20 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 	bool free_tree = --tr->refs == 0;
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	return 0;
 }
 
 /* ---- spawn --------------------------------------------------------------- */
 
-OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn,
-			       void *arg, opq_task_done_fn *done, void *done_arg,
-			       opq_task **taskp)
+OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn, void *arg,
+                               opq_task_done_fn *done, void *done_arg, opq_task **taskp)
 {
 	if (!s || !fn)
 		return EINVAL;
-	if (s->owner && tls_scope != s)
+	if (s->owner && opq__scope_current() != s)
 		return EPERM; /* only a task spawns in its own scope */
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	opq_task *t = opq__calloc(1, sizeof(*t));
 	if (!t)
 		return ENOMEM;
@@ -532,7 +462,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	t->arg = arg;
 	t->done = done;
 	t->done_arg = done_arg;
-	t->state = T_NEW;
+	t->state = OPQ__T_NEW;
 	if (t->scope.has_deadline) {
 		int rc = tree_timer_ref(tr);
 		if (rc) {
@@ -542,7 +472,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	}
 
 	opq__lock(&tr->mu);
-	if (s->closing || atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
+	if (s->closing || scope_cancelled(s)) {
 		opq__unlock(&tr->mu);
 		opq__free(t);
 		return ECANCELED;
@@ -551,12 +481,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		dl_arm(tr, &t->scope);
 	t->refs = 2 + (taskp != NULL); /* the tree's link, our pin, the handle */
 	tr->refs++;
-	t->sib_prev = s->ctail;
-	if (s->ctail)
-		s->ctail->sib_next = t;
-	else
-		s->children = t;
-	s->ctail = t;
+	opq__list_push(&s->children, &t->sib);
 	s->nchildren++;
 	opq__unlock(&tr->mu);
 
@@ -566,7 +491,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	bool free_tree = false;
 	if (rc) {
 		/* Not spawned: unlink it as if it had never been. */
-		dl_remove(tr, &t->scope);
+		dl_remove(&t->scope);
 		child_unlink(s, t);
 		if (tr->waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
@@ -576,17 +501,17 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		free_tree = --tr->refs == 0;
 		opq__unlock(&tr->mu);
 		if (free_tree)
-			tree_free(tr);
+			opq__tree_free(tr);
 		return rc;
 	}
-	if (t->state == T_NEW)
-		t->state = T_QUEUED;
+	if (t->state == OPQ__T_NEW)
+		t->state = OPQ__T_QUEUED;
 	if (tr->waiters)
 		OPQ_CHECK(pthread_cond_broadcast(&tr->cv)); /* helpers: new work */
-	free_tree = task_unref(t);
+	free_tree = opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	if (taskp)
 		*taskp = t;
 	return 0;
@@ -594,7 +519,7 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 
 OPQ_EXPORT opq_scope *opq_scope_current(void)
 {
-	return tls_scope;
+	return opq__scope_current();
 }
 
 /* ---- cancel -------------------------------------------------------------- */
@@ -603,10 +528,10 @@ OPQ_EXPORT int opq_scope_cancel(opq_scope *s)
 {
 	if (!s)
 		return EINVAL;
-	struct tree *tr = s->tr;
+	struct opq__tree *tr = s->tr;
 	struct opq__cancel_reg *wake = NULL;
 	opq__lock(&tr->mu);
-	if (!s->owner || s->owner->state < T_FINISHING)
+	if (!s->owner || s->owner->state < OPQ__T_FINISHING)
 		cancel_tree(s, true, &wake);
 	unlock_and_wake(tr, wake);
 	return 0;
@@ -621,238 +546,25 @@ OPQ_EXPORT int opq_task_cancel(opq_task *t)
 
 OPQ_EXPORT int opq_scope_cancelled(const opq_scope *s)
 {
-	return s && atomic_load_explicit(&s->cancelled, memory_order_acquire);
+	return s && scope_cancelled(s);
 }
 
 OPQ_EXPORT int opq_task_cancelled(const opq_task *t)
 {
-	return t && atomic_load_explicit(&t->scope.cancelled, memory_order_acquire);
+	return t && scope_cancelled(&t->scope);
 }
 
-/* ---- waiting ------------------------------------------------------------- */
-
-/* Is the calling thread's task inside scope s (s is an ancestor scope of it)? */
-static bool inside(const opq_scope *s)
-{
-	for (opq_scope *c = tls_scope; c && c->owner; c = c->owner->pscope)
-		if (c->owner->pscope == s)
-			return true;
-	return false;
-}
-
-/*
- * In a done callback (of task d): would waiting for s (a scope, or with
- * `task` the scope of a task) wait for d or one of its ancestors, which
- * cannot terminate before the callback returns?
- */
-static bool in_done_of(const opq_scope *s, bool task)
-{
-	for (opq_task *d = tls_done_task; d; d = d->pscope->owner)
-		if (d->pscope == s || (task && &d->scope == s))
-			return true;
-	return false;
-}
-
-/* Under tr->mu: a queued task in the subtree under s (or t itself), pinned; or NULL. */
-static opq_task *find_queued(opq_scope *s, opq_task *self)
-{
-	if (self && self->state == T_QUEUED) {
-		self->refs++;
-		return self;
-	}
-	for (opq_task *t = s->children; t; t = walk_next(s, t, true)) {
-		if (t->state == T_QUEUED) {
-			t->refs++;
-			return t;
-		}
-	}
-	return NULL;
-}
-
-/*
- * Under tr->mu: wait until done(s, t) or the deadline; a runner of the
- * tree's queue performs queued tasks under s inline meanwhile.
- */
-static int wait_for(struct tree *tr, opq_scope *s, opq_task *self, const struct timespec *deadline)
-{
-	bool helper = opq_queue_current() == tr->q;
-	int rc = 0;
-	tr->waiters++;
-	for (;;) {
-		if (self ? self->state == T_DONE : s->nchildren == 0)
-			break;
-		opq_task *h = helper ? find_queued(s, self) : NULL;
-		if (h) {
-			opq__unlock(&tr->mu);
-			bool ran = opq__queue_help(tr->q, &h->op);
-			opq__lock(&tr->mu);
-			bool free_tree = task_unref(h);
-			assert(!free_tree); /* the waiter's scope keeps the tree */
-			(void)free_tree;
-			if (!ran) {
-				/* A runner took it first and is about to mark it running. */
-				opq__unlock(&tr->mu);
-				sched_yield();
-				opq__lock(&tr->mu);
-			}
-			continue;
-		}
-		if (opq__cond_wait(&tr->cv, &tr->mu, deadline) == ETIMEDOUT &&
-		    !(self ? self->state == T_DONE : s->nchildren == 0)) {
-			rc = ETIMEDOUT;
-			break;
-		}
-	}
-	tr->waiters--;
-	return rc;
-}
-
-OPQ_EXPORT int opq_scope_wait(opq_scope *s, const struct timespec *deadline, int *first_error)
-{
-	if (!s || !opq__deadline_ok(deadline))
-		return EINVAL;
-	if (inside(s) || in_done_of(s, false))
-		return EDEADLK;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	int rc = wait_for(tr, s, NULL, deadline);
-	if (rc == 0 && first_error)
-		*first_error = s->first_error;
-	opq__unlock(&tr->mu);
-	return rc;
-}
-
-OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *result)
-{
-	if (!t || !opq__deadline_ok(deadline))
-		return EINVAL;
-	if (tls_scope == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
-		return EDEADLK;
-	struct tree *tr = t->scope.tr;
-	opq__lock(&tr->mu);
-	int rc = wait_for(tr, &t->scope, t, deadline);
-	if (rc == 0 && result)
-		*result = t->result;
-	opq__unlock(&tr->mu);
-	return rc;
-}
+/* ---- handles ------------------------------------------------------------ */
 
 OPQ_EXPORT int opq_task_release(opq_task *t)
 {
 	if (!t)
 		return EINVAL;
-	struct tree *tr = t->scope.tr;
+	struct opq__tree *tr = t->scope.tr;
 	opq__lock(&tr->mu);
-	bool free_tree = task_unref(t);
+	bool free_tree = opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
-		tree_free(tr);
+		opq__tree_free(tr);
 	return 0;
-}
-
-/* ---- cancellable waits --------------------------------------------------- */
-
-static int reg_begin(struct opq__cancel_reg *r, opq_scope *s, pthread_mutex_t *mu,
-		     pthread_cond_t *cv)
-{
-	memset(r, 0, sizeof(*r));
-	if (!s)
-		return 0;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	if (atomic_load_explicit(&s->cancelled, memory_order_relaxed)) {
-		opq__unlock(&tr->mu);
-		return ECANCELED;
-	}
-	r->mu = mu;
-	r->cv = cv;
-	r->scope = s;
-	r->next = s->regs;
-	if (s->regs)
-		s->regs->prev = r;
-	s->regs = r;
-	opq__unlock(&tr->mu);
-	return 0;
-}
-
-int opq__cancel_begin(struct opq__cancel_reg *r, pthread_mutex_t *mu, pthread_cond_t *cv)
-{
-	return reg_begin(r, tls_scope, mu, cv);
-}
-
-bool opq__cancel_pending(const struct opq__cancel_reg *r)
-{
-	return r->scope && atomic_load_explicit(&r->scope->cancelled, memory_order_acquire);
-}
-
-bool opq__cancel_end(struct opq__cancel_reg *r)
-{
-	opq_scope *s = r->scope;
-	if (!s)
-		return false;
-	struct tree *tr = s->tr;
-	opq__lock(&tr->mu);
-	/* A canceller holds a pin: it will lock mu and broadcast cv; wait for
-	 * it. The record stays listed meanwhile, so that the scope still
-	 * counts as in use (opq_scope_destroy is EBUSY): the canceller will
-	 * lock the tree's mutex once more. */
-	while (r->pinned) {
-		opq__unlock(&tr->mu);
-		OPQ_CHECK(pthread_cond_wait(r->cv, r->mu));
-		opq__lock(&tr->mu);
-	}
-	if (r->prev)
-		r->prev->next = r->next;
-	else
-		s->regs = r->next;
-	if (r->next)
-		r->next->prev = r->prev;
-	bool cancelled = atomic_load_explicit(&s->cancelled, memory_order_relaxed);
-	opq__unlock(&tr->mu);
-	r->scope = NULL;
-	return cancelled;
-}
-
-static int sleep_in(opq_scope *s, const struct timespec *deadline)
-{
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	int rc = opq__mutex_init(&mu);
-	if (rc)
-		return rc;
-	if ((rc = opq__cond_init(&cv))) {
-		pthread_mutex_destroy(&mu);
-		return rc;
-	}
-	struct opq__cancel_reg r;
-	opq__lock(&mu);
-	rc = reg_begin(&r, s, &mu, &cv);
-	while (rc == 0) {
-		if (opq__cancel_pending(&r))
-			rc = ECANCELED;
-		else if (opq__cond_wait(&cv, &mu, deadline) == ETIMEDOUT)
-			rc = opq__cancel_pending(&r) ? ECANCELED : ETIMEDOUT;
-	}
-	opq__cancel_end(&r);
-	opq__unlock(&mu);
-	pthread_cond_destroy(&cv);
-	pthread_mutex_destroy(&mu);
-	return rc;
-}
-
-int opq__cancel_sleep_until(const struct timespec *deadline)
-{
-	if (!opq__deadline_ok(deadline))
-		return EINVAL;
-	if (!deadline && !tls_scope)
-		return EDEADLK;
-	return sleep_in(tls_scope, deadline);
-}
-
-OPQ_EXPORT int opq_scope_sleep(opq_scope *s, const struct timespec *deadline)
-{
-	if (!s || !opq__deadline_ok(deadline))
-		return EINVAL;
-	int rc = sleep_in(s, deadline);
-	return rc == ETIMEDOUT ? 0 : rc;
 }

@@ -21,13 +21,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "list.h"
+
 struct opq_stage_ticket {
 	opq_stage *st;
-	opq_stage_ticket *chain;       /* next in its hash bucket */
-	opq_stage_ticket *next, *prev; /* the FIFO of waiters */
+	opq_stage_ticket *chain; /* next in its hash bucket */
+	struct opq__link link;   /* in the FIFO of waiters, or unlinked */
 	pthread_cond_t cv;
 	uint64_t hash;
-	bool waiting; /* in the FIFO */
 	bool inside;  /* a thread is in enter with it */
 	bool latched; /* `event` holds a notified event */
 	void *event;
@@ -41,7 +42,7 @@ struct opq_stage {
 	size_t nbuckets; /* a power of two */
 	size_t tickets;
 	size_t waiting;
-	opq_stage_ticket *first, *last; /* the FIFO, oldest first */
+	struct opq__link fifo; /* waiting tickets, oldest first */
 	opq_stage_ticket *head;
 	int closed;
 };
@@ -97,33 +98,33 @@ static void maybe_grow(opq_stage *st)
 	st->nbuckets = n;
 }
 
+/* Whether t is in the FIFO. */
+static bool in_fifo(const opq_stage_ticket *t)
+{
+	return opq__list_linked(&t->link);
+}
+
 static void fifo_push(opq_stage *st, opq_stage_ticket *t)
 {
-	t->next = NULL;
-	t->prev = st->last;
-	if (st->last)
-		st->last->next = t;
-	else
-		st->first = t;
-	st->last = t;
-	t->waiting = true;
+	opq__list_push(&st->fifo, &t->link);
 	st->waiting++;
 }
 
 static void fifo_unlink(opq_stage *st, opq_stage_ticket *t)
 {
-	assert(t->waiting);
-	if (t->prev)
-		t->prev->next = t->next;
-	else
-		st->first = t->next;
-	if (t->next)
-		t->next->prev = t->prev;
-	else
-		st->last = t->prev;
-	t->next = t->prev = NULL;
-	t->waiting = false;
+	assert(in_fifo(t));
+	opq__list_remove(&t->link);
 	st->waiting--;
+}
+
+/* The oldest waiting ticket, unlinked; or NULL. */
+static opq_stage_ticket *fifo_pop(opq_stage *st)
+{
+	struct opq__link *l = opq__list_pop(&st->fifo);
+	if (!l)
+		return NULL;
+	st->waiting--;
+	return OPQ_CONTAINER_OF(l, opq_stage_ticket, link);
 }
 
 OPQ_EXPORT int opq_stage_create(opq_stage **stp)
@@ -139,6 +140,7 @@ OPQ_EXPORT int opq_stage_create(opq_stage **stp)
 		return ENOMEM;
 	}
 	st->nbuckets = INITIAL_BUCKETS;
+	opq__list_init(&st->fifo);
 	int rc = opq__mutex_init(&st->mu);
 	if (rc) {
 		opq__free(st->buckets);
@@ -256,7 +258,7 @@ OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct 
 		st->head = t;
 		rc = OPQ_STAGE_HEAD;
 	} else {
-		/* Inside a task: a cancel of the task ends the wait (scope.c). */
+		/* Inside a task: a cancel of the task ends the wait (cancel.c). */
 		struct opq__cancel_reg creg;
 		if (opq__cancel_begin(&creg, &st->mu, &t->cv)) {
 			opq__unlock(&st->mu);
@@ -267,7 +269,7 @@ OPQ_EXPORT int opq_stage_enter(opq_stage *st, opq_stage_ticket *t, const struct 
 		bool timed_out = false;
 		for (;;) {
 			/* Whoever gave t a result unlinked it from the FIFO. */
-			if (!t->waiting) {
+			if (!in_fifo(t)) {
 				if (st->head == t)
 					rc = OPQ_STAGE_HEAD;
 				else if (t->latched)
@@ -301,9 +303,8 @@ OPQ_EXPORT int opq_stage_leave(opq_stage *st, opq_stage_ticket *t)
 		return EPERM;
 	}
 	st->head = NULL;
-	opq_stage_ticket *next = st->first;
+	opq_stage_ticket *next = fifo_pop(st);
 	if (next) {
-		fifo_unlink(st, next);
 		st->head = next;
 		OPQ_CHECK(pthread_cond_signal(&next->cv));
 	}
@@ -326,7 +327,7 @@ OPQ_EXPORT int opq_stage_notify(opq_stage *st, const void *key, size_t keylen, v
 	} else {
 		t->latched = true;
 		t->event = event;
-		if (t->waiting) {
+		if (in_fifo(t)) {
 			fifo_unlink(st, t);
 			OPQ_CHECK(pthread_cond_signal(&t->cv));
 		}
@@ -345,11 +346,8 @@ OPQ_EXPORT int opq_stage_close(opq_stage *st, int error)
 		return EALREADY;
 	}
 	st->closed = error;
-	while (st->first) {
-		opq_stage_ticket *t = st->first;
-		fifo_unlink(st, t);
+	for (opq_stage_ticket *t; (t = fifo_pop(st));)
 		OPQ_CHECK(pthread_cond_signal(&t->cv));
-	}
 	opq__unlock(&st->mu);
 	return 0;
 }

@@ -57,12 +57,12 @@
 /* struct opq_stage */
 byte mu = NONE;			/* the mutex: owner or NONE */
 byte head = NONE;		/* st->head: the ticket heading the stage */
-byte fifo[N];			/* st->first .. st->last: waiting tickets, oldest first */
+byte fifo[N];			/* st->fifo: waiting tickets, oldest first */
 byte nwaiting = 0;		/* st->waiting */
 byte closed = 0;		/* st->closed */
 /* struct opq_stage_ticket, one per thread (ticket i belongs to thread i) */
 bool registered[N];
-bool waiting[N];		/* in the FIFO */
+bool waiting[N];		/* in the FIFO (in_fifo(t)) */
 bool inside[N];
 bool latched[N];
 byte event[N];

@@ -594,7 +594,7 @@ START_TEST(test_destroy_while_woken)
 		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 		t_gate_init(&held_gate);
 		atomic_store(&held_in, 0);
-		opq__scope_wake_hook = hold_canceller;
+		opq__cancel_wake_hook = hold_canceller;
 		struct sleeper z = { root, t_deadline(100 * MS), 0, -1 };
 		pthread_t st, ct;
 		ck_assert_int_eq(pthread_create(&st, NULL, sleeper_thread, &z), 0);
@@ -615,7 +615,7 @@ START_TEST(test_destroy_while_woken)
 		/* Cancelled, or (on a slow machine) its deadline came first. */
 		int rc = atomic_load(&z.rc);
 		ck_assert_msg(rc == ECANCELED || rc == 0, "sleep: %d", rc);
-		opq__scope_wake_hook = NULL;
+		opq__cancel_wake_hook = NULL;
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
 		t_gate_destroy(&held_gate);
 	}

@@ -1,0 +1,130 @@
+/*
+ * scope_wait.c: waiting for scopes and tasks, and sleeping in a scope, on
+ * top of the scope tree (scope.c; its invariants and lock order are there).
+ * A wait made on a runner of the tree's queue helps: it performs queued
+ * tasks of the subtree it waits for inline. A wait that could never end
+ * (the waiter's own task, or the task whose done callback it runs, is
+ * inside what it waits for) is EDEADLK.
+ */
+#include "internal.h"
+
+#include <sched.h>
+
+/* ---- waiting ------------------------------------------------------------- */
+
+/* Is the calling thread's task inside scope s (s is an ancestor scope of it)? */
+static bool inside(const opq_scope *s)
+{
+	for (opq_scope *c = opq__scope_current(); c && c->owner; c = c->owner->pscope)
+		if (c->owner->pscope == s)
+			return true;
+	return false;
+}
+
+/*
+ * In a done callback (of task d): would waiting for s (a scope, or with
+ * `task` the scope of a task) wait for d or one of its ancestors, which
+ * cannot terminate before the callback returns?
+ */
+static bool in_done_of(const opq_scope *s, bool task)
+{
+	for (opq_task *d = opq__scope_done_task(); d; d = d->pscope->owner)
+		if (d->pscope == s || (task && &d->scope == s))
+			return true;
+	return false;
+}
+
+/* Under tr->mu: a queued task in the subtree under s (or t itself), pinned; or NULL. */
+static opq_task *find_queued(opq_scope *s, opq_task *self)
+{
+	if (self && self->state == OPQ__T_QUEUED) {
+		self->refs++;
+		return self;
+	}
+	for (opq_task *t = opq__scope_first_child(s); t; t = opq__scope_walk_next(s, t, true)) {
+		if (t->state == OPQ__T_QUEUED) {
+			t->refs++;
+			return t;
+		}
+	}
+	return NULL;
+}
+
+/*
+ * Under tr->mu: wait until done(s, t) or the deadline; a runner of the
+ * tree's queue performs queued tasks under s inline meanwhile.
+ */
+static int wait_for(struct opq__tree *tr, opq_scope *s, opq_task *self,
+                    const struct timespec *deadline)
+{
+	bool helper = opq_queue_current() == tr->q;
+	int rc = 0;
+	tr->waiters++;
+	for (;;) {
+		if (self ? self->state == OPQ__T_DONE : s->nchildren == 0)
+			break;
+		opq_task *h = helper ? find_queued(s, self) : NULL;
+		if (h) {
+			opq__unlock(&tr->mu);
+			bool ran = opq__queue_help(tr->q, &h->op);
+			opq__lock(&tr->mu);
+			bool free_tree = opq__task_unref(h);
+			assert(!free_tree); /* the waiter's scope keeps the tree */
+			(void)free_tree;
+			if (!ran) {
+				/* A runner took it first and is about to mark it running. */
+				opq__unlock(&tr->mu);
+				sched_yield();
+				opq__lock(&tr->mu);
+			}
+			continue;
+		}
+		if (opq__cond_wait(&tr->cv, &tr->mu, deadline) == ETIMEDOUT &&
+		    !(self ? self->state == OPQ__T_DONE : s->nchildren == 0)) {
+			rc = ETIMEDOUT;
+			break;
+		}
+	}
+	tr->waiters--;
+	return rc;
+}
+
+OPQ_EXPORT int opq_scope_wait(opq_scope *s, const struct timespec *deadline, int *first_error)
+{
+	if (!s || !opq__deadline_ok(deadline))
+		return EINVAL;
+	if (inside(s) || in_done_of(s, false))
+		return EDEADLK;
+	struct opq__tree *tr = s->tr;
+	opq__lock(&tr->mu);
+	int rc = wait_for(tr, s, NULL, deadline);
+	if (rc == 0 && first_error)
+		*first_error = s->first_error;
+	opq__unlock(&tr->mu);
+	return rc;
+}
+
+OPQ_EXPORT int opq_task_wait(opq_task *t, const struct timespec *deadline, int *result)
+{
+	if (!t || !opq__deadline_ok(deadline))
+		return EINVAL;
+	if (opq__scope_current() == &t->scope || inside(&t->scope) || in_done_of(&t->scope, true))
+		return EDEADLK;
+	struct opq__tree *tr = t->scope.tr;
+	opq__lock(&tr->mu);
+	int rc = wait_for(tr, &t->scope, t, deadline);
+	if (rc == 0 && result)
+		*result = t->result;
+	opq__unlock(&tr->mu);
+	return rc;
+}
+
+/* ---- sleeping ----------------------------------------------------------- */
+
+OPQ_EXPORT int opq_scope_sleep(opq_scope *s, const struct timespec *deadline)
+{
+	if (!s || !opq__deadline_ok(deadline))
+		return EINVAL;
+	int rc = opq__cancel_sleep(&s->cx, deadline);
+	return rc == ETIMEDOUT ? 0 : rc;
+}
