@@ -8,12 +8,13 @@
  * operation belongs to the queue and the caller must not touch or free it;
  * inside that callback it belongs to the caller again (the callback may free
  * it). When an enqueue fails, the caller keeps the operation: nothing is
- * lost. Function-pointer operations are boxed by the queue, which frees the
- * box itself after calling fn or discard_fn; `arg` is never touched.
+ * lost. Function-pointer operations are boxed by the queue, which owns the
+ * box (it frees it or keeps it for reuse); `arg` is never touched.
  *
- * Every function is thread-safe and may be called from inside an operation
- * of any queue, including its own; a call that would wait for itself
- * returns EDEADLK. See opq_queue_create(3) and the other man pages.
+ * Every function but opq_queue_destroy is thread-safe and may be called from
+ * inside an operation of any queue, including its own; a call that would
+ * wait for itself returns EDEADLK. See opq_queue_create(3) and the other man
+ * pages.
  */
 #ifndef OPQUEUE_QUEUE_H
 #define OPQUEUE_QUEUE_H
@@ -61,16 +62,18 @@ enum opq_stop_mode {
 #define OPQ_NAME_MAX 10
 
 /*
- * Statistics, a snapshot taken under the queue's lock. The reserved words
- * let fields be added without changing the struct's size.
+ * Statistics, an exact snapshot taken under the queue's lock: completed +
+ * running + queued + discarded is the number of operations accepted since
+ * create. The reserved words (read as 0) let fields be added without
+ * changing the struct's size.
  */
 typedef struct opq_queue_stats {
-	uint64_t queued;	/* waiting now (FIFO; unbounded: also a runner's batch), <= capacity */
-	uint64_t running;	/* being performed now */
+	uint64_t queued;	/* not started: in the FIFO or a runner's batch (bounded: <= capacity) */
+	uint64_t running;	/* being performed now (see opq_queue_stats_get(3)) */
 	uint64_t completed;	/* performed, since create */
 	uint64_t discarded;	/* discarded by stop, cancel or destroy, since create */
 	uint64_t cancelled;	/* of which by opq_queue_cancel() */
-	uint64_t high_water;	/* most operations ever queued at once */
+	uint64_t high_water;	/* most operations ever in the FIFO at once */
 	uint64_t runners;	/* runner threads alive now */
 	uint64_t blocked;	/* enqueue calls waiting for room now */
 	uint64_t opq__reserved[8];
@@ -104,10 +107,13 @@ OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *o
 OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr);
 
 /*
- * Destroy a queue that is not running (never started, or stopped). Operations
- * still queued get their discard callbacks first. EBUSY while runners are
- * alive or another thread waits in a call on the queue (the queue is left
- * untouched). NULL is a no-op returning 0.
+ * Destroy a queue that is not running (never started, or stopped). As with a
+ * pthreads object, no other call on q may be in progress or still start: the
+ * caller makes sure of that (stop, join the threads that enqueue, then
+ * destroy). Operations still queued get their discard callbacks first.
+ * EBUSY while the queue is running or stopping, or while a call it can see
+ * (blocked in an enqueue, a wait, a stop) is in progress; the queue is left
+ * untouched then. NULL is a no-op returning 0.
  */
 OPQ_EXPORT int opq_queue_destroy(opq_queue *q);
 
@@ -130,18 +136,22 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners);
 OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
 
 /*
- * Enqueue a caller-boxed operation at the tail of the FIFO. On a full
- * bounded queue, opq_queue_enqueue blocks, opq_queue_tryenqueue returns
- * EAGAIN, and opq_queue_timedenqueue blocks until the absolute
+ * Enqueue a caller-boxed operation at the tail of the FIFO, under the queue's
+ * mutex; a sleeping runner is woken. On a full bounded queue,
+ * opq_queue_enqueue blocks until a place is made, opq_queue_tryenqueue
+ * returns EAGAIN, and opq_queue_timedenqueue blocks until the absolute
  * CLOCK_MONOTONIC deadline (NULL: forever), then ETIMEDOUT. ESHUTDOWN once a
  * stop has begun (also for a thread blocked in enqueue when it begins),
- * EBUSY if op is already queued in this queue, EINVAL for NULL arguments, an
- * op without perform, or a deadline whose tv_nsec is outside [0, 1e9). On any error the caller keeps op.
- * On an unbounded queue this takes no lock (a lock-free push). Runners take
- * operations in FIFO order in batches of up to 1024 (1 on a bounded queue, so
- * that the capacity counts every operation not started) and start each batch in
- * order; an idle runner takes over what another has taken but not started,
- * and so does a runner that finds another blocked in one operation.
+ * EBUSY if op waits, not started, in this queue or another, EINVAL for NULL
+ * arguments, an op without perform, or a deadline whose tv_nsec is outside
+ * [0, 1e9). On any error the caller keeps op.
+ * Runners take operations in FIFO order, each its share of the FIFO (the
+ * operations waiting divided by the runners, rounded up, at most 32; one on
+ * a bounded queue, so that the capacity counts every operation not started),
+ * and start them in order; a runner that finds the FIFO empty takes the
+ * older half of another runner's batch before it sleeps. So on an unbounded
+ * queue the rest of a batch (up to 31 operations) waits behind a runner
+ * blocked in one operation until another runner finds the FIFO empty.
  */
 OPQ_EXPORT int opq_queue_enqueue(opq_queue *q, opq_op *op);
 OPQ_EXPORT int opq_queue_tryenqueue(opq_queue *q, opq_op *op);
@@ -151,9 +161,8 @@ OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct tim
  * The same for a function pointer: the queue boxes (fn, discard_fn, arg),
  * calls fn(arg) on a runner, or discard_fn(arg) (when not NULL) if the
  * operation is dropped. ENOMEM when the box cannot be allocated; on any
- * error neither function is called. Boxes are reused (a spare stack per
- * queue, up to 65536; a cache per enqueuing thread, up to 4096, freed when
- * the thread exits): at most one allocation per call, usually none.
+ * error neither function is called. Boxes are reused through a spare list
+ * per queue: at most one allocation per call, usually none.
  */
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
 OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
@@ -164,7 +173,7 @@ OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *disca
  * Remove a caller-boxed operation that has not started (in the FIFO, or in
  * a runner's batch): its discard callback is called on the calling thread
  * before this returns 0. EBUSY when it is not waiting in q (started,
- * performed, or discarded).
+ * performed, discarded, or queued in another queue).
  */
 OPQ_EXPORT int opq_queue_cancel(opq_queue *q, opq_op *op);
 
@@ -189,7 +198,7 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode);
  */
 OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline);
 
-/* Copy a snapshot of the statistics into *stats. */
+/* Copy an exact snapshot of the statistics into *stats. */
 OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats);
 
 /*
