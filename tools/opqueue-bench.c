@@ -23,10 +23,10 @@
  *          release to the last of 1, 8 and 64 blocked waiters running again
  *          (the same threads over 21 rounds), against a plain mutex/condvar
  *          broadcast to as many waiters.
- * push     the floor under a lock-free enqueue: P threads each push M
- *          64-byte nodes (written before the clock starts) onto one stack
- *          with a compare-and-swap, as opqueue's inbox does, and nothing
- *          else; ns per push, median of -k runs, for each P of -p.
+ * push     the floor under any enqueue that keeps one FIFO order across
+ *          its producers: P threads each push M 64-byte nodes (written
+ *          before the clock starts) onto one stack with a compare-and-swap,
+ *          and nothing else; ns per push, median of -k runs, for each P of -p.
  *
  * In burst, latency and bounded, every run of every variant happens in a
  * child process of its own (peak RSS is per variant), after untimed

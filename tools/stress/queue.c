@@ -1,9 +1,9 @@
 /*
  * The queue under stress. Two queues: one bounded (its runners take one
- * operation at a time, producers block for room), one unbounded (lock-free
- * enqueues through the inbox, runners take batches that idle runners and
- * cancels take operations out of, and operations that now and then spin a
- * while so that batches stall and get taken over). Every worker enqueues
+ * operation at a time, producers block for room), one unbounded (runners
+ * take batches that other runners, once the FIFO is empty, and cancels take
+ * operations out of, and operations that now and then spin a while so that
+ * batches stall and other runners take from them). Every worker enqueues
  * caller-boxed and function-pointer operations (blocking, try, timed),
  * cancels its own, stops (drain or discard) and restarts the queues while
  * others enqueue, resizes them and waits for idle; operations enqueue
@@ -107,7 +107,7 @@ static void perform_body(struct slot *s)
 	if (s->depth < 2 && stress_pct(&r, 30))
 		enqueue_child(m, s, &r);
 	if (stress_pct(&r, 5)) {
-		/* Hold this runner a while: its batch stalls, others take it over. */
+		/* Hold this runner a while: its batch stalls, others take from it. */
 		int64_t end = stress_now() + (int64_t)stress_below(&r, SPIN_NS_MAX);
 		while (stress_now() < end)
 			;
