@@ -54,7 +54,7 @@ void opq__discard_list(opq_op *op)
 	}
 }
 
-void opq__free_boxes(opq_op *box)
+void opq__boxes_free(opq_op *box)
 {
 	while (box) {
 		opq_op *next = (opq_op *)(void *)box->opq__link.opq__next;
@@ -63,27 +63,33 @@ void opq__free_boxes(opq_op *box)
 	}
 }
 
-/* A box from q's spare list, else a new one. Called and returns with q->mu held. */
-static struct box *box_get(opq_queue *q)
+void opq__boxes_put(opq_queue *q, opq_op *first, opq_op *last, unsigned n)
 {
-	opq_op *op = q->spare;
-	if (op) {
-		q->spare = (opq_op *)(void *)op->opq__link.opq__next;
-		q->nspare--;
-		return OPQ_CONTAINER_OF(op, struct box, op);
+	if (__atomic_load_n(&q->nspare, __ATOMIC_RELAXED) >= SPARE_MAX) {
+		opq__boxes_free(first);
+		return;
 	}
-	opq__unlock(&q->mu);
-	struct box *b = opq__box_alloc(sizeof(*b));
-	opq__lock(&q->mu);
-	return b;
+	__atomic_fetch_add(&q->nspare, n, __ATOMIC_RELAXED);
+	opq_op *top = __atomic_load_n(&q->spare, __ATOMIC_RELAXED);
+	do
+		last->opq__link.opq__next = (struct opq__link *)(void *)top;
+	while (!__atomic_compare_exchange_n(&q->spare, &top, first, true, __ATOMIC_RELEASE,
+	                                    __ATOMIC_RELAXED));
 }
 
-/* Keep a box that an enqueue did not use for the next one. Under q->mu. */
-static void box_put(opq_queue *q, struct box *b)
+/* A box kept for reuse, else a new one (NULL without memory). */
+static struct box *box_get(opq_queue *q)
 {
-	b->op.opq__link.opq__next = (struct opq__link *)(void *)q->spare;
-	q->spare = &b->op;
-	q->nspare++;
+	opq__lock(&q->box_mu);
+	opq_op *op = q->boxes;
+	if (!op && __atomic_load_n(&q->spare, __ATOMIC_RELAXED))
+		op = __atomic_exchange_n(&q->spare, NULL, __ATOMIC_ACQUIRE);
+	if (op) {
+		q->boxes = (opq_op *)(void *)op->opq__link.opq__next;
+		__atomic_fetch_sub(&q->nspare, 1, __ATOMIC_RELAXED);
+	}
+	opq__unlock(&q->box_mu);
+	return op ? OPQ_CONTAINER_OF(op, struct box, op) : opq__box_alloc(sizeof(struct box));
 }
 
 /* ---- enqueue ------------------------------------------------------------- */
@@ -93,6 +99,15 @@ void opq__make_room(opq_queue *q)
 	while (q->space_waiters > q->space_signals && q->space_signals < q->capacity - q->queued) {
 		q->space_signals++;
 		OPQ_CHECK(pthread_cond_signal(&q->space));
+	}
+}
+
+/* Signal a runner if more sleep than have been signalled. Under q->mu. */
+static void wake_runner(opq_queue *q)
+{
+	if (q->idle_runners > q->work_signals) {
+		q->work_signals++;
+		OPQ_CHECK(pthread_cond_signal(&q->work));
 	}
 }
 
@@ -116,7 +131,7 @@ static bool would_deadlock(const opq_queue *q)
 static int push(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
 {
 	uintptr_t st = OP_STATE(op);
-	if (st == OP_QUEUED || st == OP_BATCHED)
+	if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED)
 		return EBUSY;
 	/* A stop that begins while this call waits for room fails it, even
 	 * if the queue is started again before this thread looks. */
@@ -151,14 +166,45 @@ static int push(opq_queue *q, opq_op *op, enum wait_kind kind, const struct time
 			rc = ECANCELED;
 		q->callers--;
 	}
+	/* Another queue's enqueue of op may have raced this one: one wins. */
+	if (!__atomic_compare_exchange_n(&op->opq__state, &st, OP_QUEUED, false, __ATOMIC_ACQUIRE,
+	                                 __ATOMIC_RELAXED))
+		return EBUSY;
 	OP_SET_OWNER(op, q);
-	OP_SET_STATE(op, OP_QUEUED);
 	opq__list_push(&q->fifo, &op->opq__link);
 	if (++q->queued > q->high_water)
 		q->high_water = q->queued;
-	if (q->idle_runners > q->work_signals) {
-		q->work_signals++;
-		OPQ_CHECK(pthread_cond_signal(&q->work));
+	wake_runner(q);
+	return 0;
+}
+
+/*
+ * Push op onto an unbounded queue's inbox (see queue_impl.h). `boxed`: op
+ * is a box made for this call, which no other thread can have.
+ */
+static int push_inbox(opq_queue *q, opq_op *op, bool boxed)
+{
+	uintptr_t st = OP_STATE(op);
+	if (boxed)
+		OP_SET_STATE(op, OP_INBOX);
+	else if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED ||
+	         !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false,
+	                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+		return EBUSY; /* two threads enqueueing it at once: one gets it */
+	struct opq__link *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
+	do {
+		if (top == INBOX_CLOSED) {
+			OP_SET_STATE(op, st);
+			return ESHUTDOWN;
+		}
+		op->opq__link.opq__next = top;
+	} while (!__atomic_compare_exchange_n(&q->inbox, &top, &op->opq__link, true,
+	                                      __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+	/* op may be performed and freed from here on. */
+	if (IDLE_RUNNERS(q)) {
+		opq__lock(&q->mu);
+		wake_runner(q);
+		opq__unlock(&q->mu);
 	}
 	return 0;
 }
@@ -167,6 +213,8 @@ static int enqueue(opq_queue *q, opq_op *op, enum wait_kind kind, const struct t
 {
 	if (!q || !op || !op->perform || !opq__deadline_ok(deadline))
 		return EINVAL;
+	if (q->capacity == 0)
+		return push_inbox(q, op, false);
 	opq__lock(&q->mu);
 	int rc = push(q, op, kind, deadline);
 	opq__unlock(&q->mu);
@@ -193,21 +241,24 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 {
 	if (!q || !fn || !opq__deadline_ok(deadline))
 		return EINVAL;
-	opq__lock(&q->mu);
 	struct box *b = box_get(q);
-	if (!b) {
-		opq__unlock(&q->mu);
+	if (!b)
 		return ENOMEM;
-	}
 	b->op.perform = opq__box_perform;
 	b->op.discard = (opq_op_fn *)discard_fn; /* see struct box */
 	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
 	b->arg = arg;
-	int rc = push(q, &b->op, kind, deadline);
+	int rc;
+	if (q->capacity == 0) {
+		rc = push_inbox(q, &b->op, true);
+	} else {
+		opq__lock(&q->mu);
+		rc = push(q, &b->op, kind, deadline);
+		opq__unlock(&q->mu);
+	}
 	if (rc)
-		box_put(q, b);
-	opq__unlock(&q->mu);
+		opq__boxes_put(q, &b->op, &b->op, 1);
 	return rc;
 }
 
@@ -235,6 +286,7 @@ OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *disca
  */
 static bool take_out(opq_queue *q, opq_op *op)
 {
+	opq__inbox_drain(q); /* an operation still in the inbox is QUEUED then */
 	uintptr_t st = OP_STATE(op);
 	void *owner = OP_OWNER(op);
 	if (st == OP_QUEUED && owner == q) {

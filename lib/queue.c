@@ -76,7 +76,6 @@ OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *o
 
 static void free_runner(struct runner *r)
 {
-	opq__free_boxes(r->boxes);
 	pthread_mutex_destroy(&r->mu);
 	opq__free(r);
 }
@@ -223,6 +222,8 @@ OPQ_EXPORT int opq_queue_create(opq_queue **qp, const opq_queue_attr *attr)
 	int rc = queue_mutex_init(&q->mu);
 	if (rc)
 		goto fail_mu;
+	if ((rc = opq__mutex_init(&q->box_mu)))
+		goto fail_box_mu;
 	if ((rc = opq__cond_init(&q->work)))
 		goto fail_work;
 	if ((rc = opq__cond_init(&q->space)))
@@ -241,6 +242,8 @@ fail_idle:
 fail_space:
 	pthread_cond_destroy(&q->work);
 fail_work:
+	pthread_mutex_destroy(&q->box_mu);
+fail_box_mu:
 	pthread_mutex_destroy(&q->mu);
 fail_mu:
 	opq__free(q);
@@ -261,12 +264,12 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	 * it takes nothing more (enqueue ESHUTDOWN, start and destroy EBUSY). */
 	q->destroying = true;
 	q->state = ST_STOPPED;
+	opq__inbox_close(q);
 	opq_op *list = opq__take_all(q);
-	opq_op *boxes = q->spare;
-	q->spare = NULL;
 	opq__unlock(&q->mu);
 	opq__discard_list(list);
-	opq__free_boxes(boxes);
+	opq__boxes_free(q->boxes);
+	opq__boxes_free(q->spare);
 	if (q->timer_ref)
 		opq__timer_unref();
 
@@ -274,6 +277,7 @@ OPQ_EXPORT int opq_queue_destroy(opq_queue *q)
 	pthread_cond_destroy(&q->idle);
 	pthread_cond_destroy(&q->space);
 	pthread_cond_destroy(&q->work);
+	pthread_mutex_destroy(&q->box_mu);
 	pthread_mutex_destroy(&q->mu);
 	opq__free(q);
 	return 0;
@@ -301,6 +305,7 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 	}
 	int prev = q->state;
 	q->state = ST_RUNNING;
+	opq__inbox_open(q); /* after a stop */
 	q->target = runners;
 	q->next_index = 0;
 	int rc = spawn(q, runners);
@@ -310,6 +315,8 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 		wake_runners(q);
 		wait_runners_gone(q);
 		q->state = prev;
+		if (prev == ST_STOPPED)
+			opq__inbox_close(q);
 	}
 	opq__unlock(&q->mu);
 	return rc;
@@ -385,6 +392,7 @@ OPQ_EXPORT int opq_queue_stop(opq_queue *q, int mode)
 	int prev = q->state;
 	uint64_t stops = q->stops;
 	q->state = ST_STOPPING;
+	opq__inbox_close(q);
 	OPQ_CHECK(pthread_cond_broadcast(&q->space)); /* blocked enqueuers: ESHUTDOWN */
 	wake_runners(q);
 

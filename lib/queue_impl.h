@@ -16,6 +16,7 @@
  *
  * Where an operation is (op->opq__state, op->opq__owner):
  * - IDLE: nowhere (after init, perform, discard or cancel); the caller's;
+ * - INBOX: pushed onto an unbounded queue's inbox (below), not yet moved;
  * - QUEUED: in q->fifo, owner q;
  * - BATCHED: in runner r's list, owner r, not started;
  * - TAKEN: a runner (or a helping thread) performs it; the queue's until
@@ -24,6 +25,18 @@
  * opq__state also under r->mu when r starts a BATCHED operation. Both are
  * relaxed atomics: a caller may enqueue an operation into one queue while
  * another thread, wrongly, looks for it in another.
+ *
+ * The inbox. An unbounded queue's enqueue takes no lock: it pushes the
+ * operation onto q->inbox, a stack with one compare-and-swap, and whoever
+ * next holds q->mu with a need to see the FIFO (a runner's take, cancel,
+ * stats, wait_idle, stop) moves the stack, reversed, to the FIFO's tail
+ * (inbox_drain). A stop swaps in INBOX_CLOSED, and later pushes fail with
+ * ESHUTDOWN. The only exchange between a pushing producer and a runner
+ * going to sleep is idle_runners: the runner counts itself in it and then
+ * looks at the inbox once more, the producer pushes and then reads it (both
+ * sequentially consistent), so one of them sees the other; a producer that
+ * sees a runner idle takes q->mu to signal it. A bounded queue needs q->mu
+ * to count its capacity: its enqueue pushes onto the FIFO under the lock.
  *
  * Sleep and wake, under q->mu (checked by the spin model lib/queue.pml):
  * - a runner sleeps on `work` only when the FIFO is empty and no runner
@@ -51,7 +64,7 @@
 #include "list.h"
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
-enum { OP_IDLE = 0, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
+enum { OP_IDLE = 0, OP_INBOX = 0x6962, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
 
 #define OP_STATE(op)         __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
@@ -84,9 +97,6 @@ struct runner {
 	unsigned nbatch;
 	bool running;       /* performing an operation now */
 	uint64_t completed; /* performed by this runner */
-	/* The runner's own: boxes it performed, given back to q at its next take. */
-	opq_op *boxes;
-	unsigned nboxes;
 };
 
 struct opq_queue {
@@ -98,7 +108,8 @@ struct opq_queue {
 	struct opq__link fifo;
 	size_t queued; /* in the FIFO */
 	size_t capacity;
-	unsigned idle_runners, work_signals;
+	unsigned idle_runners; /* read without q->mu by a producer after its push */
+	unsigned work_signals;
 	unsigned space_waiters, space_signals;
 	unsigned idle_waiters;
 	unsigned busy;          /* runners holding work */
@@ -120,10 +131,34 @@ struct opq_queue {
 	struct opq__link runners; /* every runner not yet joined */
 	/* completed: by runners that have exited and by other threads. */
 	uint64_t completed, discarded, cancelled, high_water;
-	opq_op *spare; /* boxes for reuse (by opq__link.opq__next) */
-	unsigned nspare;
 	struct opq_queue_attr attr;
+	/*
+	 * Boxes for reuse. Runners push the boxes they performed onto
+	 * `spare` (a stack, one compare-and-swap per batch); an enqueue takes
+	 * one from `boxes` under box_mu, moving the whole of `spare` there
+	 * when it is empty. Only box_mu's holder takes from `spare`, so a
+	 * box cannot leave and come back under a compare-and-swap (no ABA).
+	 */
+	pthread_mutex_t box_mu;
+	opq_op *boxes;   /* under box_mu, by opq__link.opq__next */
+	unsigned nspare; /* boxes kept, about: `spare` stops growing past SPARE_MAX */
+	char pad2_[64];
+	opq_op *spare; /* pushed without a lock */
+	/* Pushed by producers without the lock: on a cache line of its own
+	 * (q comes from calloc, not aligned to a line: padding both sides). */
+	char pad0_[64];
+	struct opq__link *inbox;
+	char pad1_[64];
 };
+
+/* The most boxes a queue keeps for reuse. */
+#define SPARE_MAX 4096
+
+#define INBOX_CLOSED ((struct opq__link *)(uintptr_t)1)
+/* Whether an inbox's top holds operations (it is neither empty nor closed). */
+#define INBOX_HOLDS(top)       ((uintptr_t)(top) > (uintptr_t)INBOX_CLOSED)
+#define IDLE_RUNNERS(q)        __atomic_load_n(&(q)->idle_runners, __ATOMIC_SEQ_CST)
+#define SET_IDLE_RUNNERS(q, n) __atomic_store_n(&(q)->idle_runners, (n), __ATOMIC_SEQ_CST)
 
 /*
  * A function-pointer operation boxed by the queue. A box is told from a
@@ -137,9 +172,6 @@ struct box {
 	void *arg;
 };
 
-/* The most spare boxes a queue keeps for reuse. */
-#define SPARE_MAX 65536
-
 /* The queue whose runner (or stop-drain, or helper) this thread is. */
 OPQ_INTERNAL extern _Thread_local opq_queue *opq__tls_queue;
 /* Set while a runner runs its start hook: start and resize wait for it. */
@@ -148,11 +180,14 @@ OPQ_INTERNAL extern _Thread_local bool opq__tls_in_start_hook;
 OPQ_INTERNAL extern _Thread_local bool opq__tls_in_exit_hook;
 
 /* enqueue.c */
+/* Keep a chain of performed boxes (first..last, n of them) for reuse, or free it. */
+OPQ_INTERNAL void opq__boxes_put(opq_queue *q, opq_op *first, opq_op *last, unsigned n);
+/* Free a chain of boxes (by opq__link.opq__next). */
+OPQ_INTERNAL void opq__boxes_free(opq_op *box);
 OPQ_INTERNAL void opq__box_perform(opq_op *op);
 OPQ_INTERNAL void opq__op_discard(opq_op *op);
 /* Call the discard callbacks of a list of operations (by opq__link.opq__next). */
 OPQ_INTERNAL void opq__discard_list(opq_op *op);
-OPQ_INTERNAL void opq__free_boxes(opq_op *box);
 /* Signal producers waiting for room, one per place not promised. Under q->mu. */
 OPQ_INTERNAL void opq__make_room(opq_queue *q);
 
@@ -163,8 +198,13 @@ OPQ_INTERNAL void *opq__runner_main(void *arg);
  * opq__discard_list, counted discarded. Under q->mu.
  */
 OPQ_INTERNAL opq_op *opq__take_all(opq_queue *q);
-/* Whether nothing is queued and nothing is running. Under q->mu. */
-OPQ_INTERNAL bool opq__is_idle(const opq_queue *q);
+/* Move what producers pushed onto the inbox to the FIFO's tail. Under q->mu. */
+OPQ_INTERNAL void opq__inbox_drain(opq_queue *q);
+/* Close the inbox (later pushes fail with ESHUTDOWN), or open it again. Under q->mu. */
+OPQ_INTERNAL void opq__inbox_close(opq_queue *q);
+OPQ_INTERNAL void opq__inbox_open(opq_queue *q);
+/* Whether nothing is queued and nothing is running (drains the inbox). Under q->mu. */
+OPQ_INTERNAL bool opq__is_idle(opq_queue *q);
 /* An operation performed by a thread that is not a runner is done. Under q->mu. */
 OPQ_INTERNAL void opq__helped_done(opq_queue *q);
 

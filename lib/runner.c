@@ -13,8 +13,47 @@ _Thread_local opq_queue *opq__tls_queue;
 _Thread_local bool opq__tls_in_start_hook;
 _Thread_local bool opq__tls_in_exit_hook;
 
-bool opq__is_idle(const opq_queue *q)
+/* Append a stack taken from the inbox (newest first) to the FIFO, oldest first. */
+static void fifo_append_stack(opq_queue *q, struct opq__link *top)
 {
+	/* Each is inserted before the one pushed after it. */
+	struct opq__link *at = &q->fifo;
+	size_t n = 0;
+	for (struct opq__link *next; top; top = next, n++) {
+		next = top->opq__next;
+		OP_SET_OWNER(OP_OF(top), q);
+		OP_SET_STATE(OP_OF(top), OP_QUEUED);
+		opq__list_insert_before(at, top);
+		at = top;
+	}
+	q->queued += n;
+	if (q->queued > q->high_water)
+		q->high_water = q->queued;
+}
+
+void opq__inbox_drain(opq_queue *q)
+{
+	if (INBOX_HOLDS(__atomic_load_n(&q->inbox, __ATOMIC_RELAXED)))
+		fifo_append_stack(q, __atomic_exchange_n(&q->inbox, NULL, __ATOMIC_ACQUIRE));
+}
+
+void opq__inbox_close(opq_queue *q)
+{
+	struct opq__link *top = __atomic_exchange_n(&q->inbox, INBOX_CLOSED, __ATOMIC_SEQ_CST);
+	if (top != INBOX_CLOSED)
+		fifo_append_stack(q, top);
+}
+
+void opq__inbox_open(opq_queue *q)
+{
+	struct opq__link *closed = INBOX_CLOSED;
+	__atomic_compare_exchange_n(&q->inbox, &closed, NULL, false, __ATOMIC_SEQ_CST,
+	                            __ATOMIC_SEQ_CST);
+}
+
+bool opq__is_idle(opq_queue *q)
+{
+	opq__inbox_drain(q);
 	return q->queued == 0 && q->busy == 0 && q->helping == 0;
 }
 
@@ -93,6 +132,7 @@ static opq_op *steal(opq_queue *q, struct runner *self)
  */
 static opq_op *take(opq_queue *q, struct runner *r)
 {
+	opq__inbox_drain(q);
 	if (q->queued == 0)
 		return steal(q, r);
 	size_t n = 1;
@@ -113,39 +153,23 @@ static opq_op *take(opq_queue *q, struct runner *r)
 	return op;
 }
 
-/* Give the boxes r performed to q's spare list, or free them. Under q->mu. */
-static opq_op *boxes_back(opq_queue *q, struct runner *r)
-{
-	opq_op *rest = NULL;
-	for (opq_op *b; (b = r->boxes);) {
-		r->boxes = (opq_op *)(void *)b->opq__link.opq__next;
-		if (q->nspare < SPARE_MAX) {
-			b->opq__link.opq__next = (struct opq__link *)(void *)q->spare;
-			q->spare = b;
-			q->nspare++;
-		} else {
-			b->opq__link.opq__next = (struct opq__link *)(void *)rest;
-			rest = b;
-		}
-	}
-	r->nboxes = 0;
-	return rest;
-}
-
 /*
  * Perform op and then the rest of r's batch, one operation at a time
- * under r->mu. A box's function is called here and the box kept for
- * reuse; any other operation may be freed by its perform.
+ * under r->mu. Any operation may be freed by its perform; a box's function
+ * is called here, and the batch's boxes are kept for reuse at its end.
  */
-static void run_batch(struct runner *r, opq_op *op)
+static void run_batch(opq_queue *q, struct runner *r, opq_op *op)
 {
+	opq_op *boxes = NULL, *last = NULL;
+	unsigned nboxes = 0;
 	for (;;) {
 		if (op->perform == opq__box_perform) {
 			struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 			b->fn(b->arg);
-			op->opq__link.opq__next = (struct opq__link *)(void *)r->boxes;
-			r->boxes = op;
-			r->nboxes++;
+			op->opq__link.opq__next = (struct opq__link *)(void *)boxes;
+			boxes = op;
+			last = last ? last : op;
+			nboxes++;
 		} else {
 			op->perform(op);
 		}
@@ -161,8 +185,10 @@ static void run_batch(struct runner *r, opq_op *op)
 		}
 		opq__unlock(&r->mu);
 		if (!l)
-			return;
+			break;
 	}
+	if (boxes)
+		opq__boxes_put(q, boxes, last, nboxes);
 }
 
 static void runner_name(opq_queue *q, unsigned index)
@@ -196,15 +222,13 @@ void *opq__runner_main(void *arg)
 		OPQ_CHECK(pthread_cond_broadcast(&q->change));
 	for (;;) {
 		opq_op *op = q->alive > q->target ? NULL : take(q, r);
-		opq_op *boxes = r->boxes ? boxes_back(q, r) : NULL;
 		if (op) {
 			if (!r->busy) {
 				r->busy = true;
 				q->busy++;
 			}
 			opq__unlock(&q->mu);
-			opq__free_boxes(boxes);
-			run_batch(r, op);
+			run_batch(q, r, op);
 			opq__lock(&q->mu);
 			continue;
 		}
@@ -213,17 +237,16 @@ void *opq__runner_main(void *arg)
 			q->busy--;
 			idle_check(q);
 		}
-		if (boxes) {
-			opq__unlock(&q->mu);
-			opq__free_boxes(boxes);
-			opq__lock(&q->mu);
-			continue;
-		}
 		if (q->alive > q->target || q->state == ST_STOPPING)
 			break;
-		q->idle_runners++;
+		/* Counted idle, then one more look (see the inbox in queue_impl.h). */
+		SET_IDLE_RUNNERS(q, q->idle_runners + 1);
+		if (INBOX_HOLDS(__atomic_load_n(&q->inbox, __ATOMIC_SEQ_CST))) {
+			SET_IDLE_RUNNERS(q, q->idle_runners - 1);
+			continue;
+		}
 		OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
-		q->idle_runners--;
+		SET_IDLE_RUNNERS(q, q->idle_runners - 1);
 		if (q->work_signals)
 			q->work_signals--;
 	}
@@ -251,6 +274,7 @@ void *opq__runner_main(void *arg)
 
 opq_op *opq__take_all(opq_queue *q)
 {
+	opq__inbox_drain(q);
 	struct opq__link all;
 	opq__list_init(&all);
 	size_t n = q->queued;
@@ -308,6 +332,7 @@ OPQ_EXPORT int opq_queue_stats_get(opq_queue *q, opq_queue_stats *stats)
 		return EINVAL;
 	memset(stats, 0, sizeof(*stats));
 	opq__lock(&q->mu);
+	opq__inbox_drain(q);
 	/* q->mu keeps every operation where it is but for a runner's own
 	 * moves inside its batch, which r->mu makes whole. */
 	stats->queued = q->queued;

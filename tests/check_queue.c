@@ -484,7 +484,7 @@ START_TEST(test_bounded_no_wait_while_room)
 		ck_assert_int_eq(opq_queue_start(q, 1), 0);
 		ck_assert_int_eq(pthread_join(th, NULL), 0); /* the runner stays blocked in c[0] */
 		ck_assert_int_eq(t.b.rc, 0);
-		ck_assert_int_eq(atomic_load(&started), 1);
+		T_WAIT_UNTIL(atomic_load(&started)); /* the room was made by its take */
 		opq_queue_stats st = stats_of(q);
 		ck_assert_uint_eq(st.queued, CAP);
 		ck_assert_uint_eq(st.running, 1);

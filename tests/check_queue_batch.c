@@ -2,7 +2,8 @@
  * check_queue_batch.c: runners take batches of operations; an operation in
  * a batch that has not started can still be cancelled, discarded by a stop,
  * or taken over by an idle runner, and is performed or discarded exactly
- * once, in each producer's FIFO order. Function-pointer boxes are reused.
+ * once, in each producer's FIFO order. A function-pointer operation
+ * allocates at most one box (boxes are reused), a caller-boxed one nothing.
  * Links the convenience library for the allocation counter and the batch
  * size.
  */
@@ -329,7 +330,7 @@ static void count_fn(void *arg)
 	atomic_fetch_add((atomic_long *)arg, 1);
 }
 
-/* Function-pointer operations reuse their boxes: far fewer allocations than operations. */
+/* Boxes of function-pointer operations are reused: far fewer allocations than operations. */
 START_TEST(test_fn_boxes_reused)
 {
 	opq_queue *q;
@@ -351,6 +352,49 @@ START_TEST(test_fn_boxes_reused)
 	ck_assert_int_eq(atomic_load(&n), ops);
 	ck_assert_msg(made <= ops / 8, "%ld allocations for %ld operations", made, ops);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
+}
+END_TEST
+
+/*
+ * Allocations: a function-pointer operation allocates at most its box (the
+ * leak checkers see that every box is freed), and a caller-boxed operation
+ * allocates nothing, in an unbounded and in a bounded queue.
+ */
+
+START_TEST(test_allocations_per_operation)
+{
+	for (size_t capacity = 0; capacity <= 64; capacity += 64) {
+		opq_queue_attr *a;
+		opq_queue *q;
+		atomic_long n = 0;
+		const long ops = 2000;
+		struct bop *b = calloc((size_t)ops, sizeof(*b));
+		ck_assert_ptr_nonnull(b);
+		ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+		ck_assert_int_eq(opq_queue_attr_set_capacity(a, capacity), 0);
+		ck_assert_int_eq(opq_queue_create(&q, a), 0);
+		opq_queue_attr_destroy(a);
+		ck_assert_int_eq(opq_queue_start(q, 2), 0);
+		opq__fault_set(LONG_MAX); /* count, never fail */
+		for (long i = 0; i < ops; i++)
+			ck_assert_int_eq(opq_queue_enqueue_fn(q, count_fn, NULL, &n), 0);
+		long made = opq__fault_count();
+		opq__fault_set(LONG_MAX);
+		for (long i = 0; i < ops; i++) {
+			bop_init(&b[i]);
+			ck_assert_int_eq(opq_queue_enqueue(q, &b[i].op), 0);
+		}
+		long made_intrusive = opq__fault_count();
+		opq__fault_set(0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(atomic_load(&n), ops);
+		for (long i = 0; i < ops; i++)
+			ck_assert_int_eq(b[i].performed, 1);
+		ck_assert_int_le(made, ops);
+		ck_assert_int_eq(made_intrusive, 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
+		free(b);
+	}
 }
 END_TEST
 
@@ -543,6 +587,7 @@ int main(void)
 	tcase_add_test(tc, test_bounded_counts_unstarted);
 	tcase_add_test(tc, test_work_left_behind_wakes_a_runner);
 	tcase_add_test(tc, test_fn_boxes_reused);
+	tcase_add_test(tc, test_allocations_per_operation);
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_stress_order_and_exactly_once);
 	tcase_add_test(tc, test_stats_exact_under_load);

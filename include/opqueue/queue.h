@@ -9,7 +9,7 @@
  * inside that callback it belongs to the caller again (the callback may free
  * it). When an enqueue fails, the caller keeps the operation: nothing is
  * lost. Function-pointer operations are boxed by the queue, which owns the
- * box (it frees it or keeps it for reuse); `arg` is never touched.
+ * box (it frees it, or keeps it for reuse); `arg` is never touched.
  *
  * Every function but opq_queue_destroy is thread-safe and may be called from
  * inside an operation of any queue, including its own; a call that would
@@ -136,8 +136,11 @@ OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners);
 OPQ_EXPORT int opq_queue_set_runners(opq_queue *q, unsigned runners);
 
 /*
- * Enqueue a caller-boxed operation at the tail of the FIFO, under the queue's
- * mutex; a sleeping runner is woken. On a full bounded queue,
+ * Enqueue a caller-boxed operation at the tail of the FIFO; a sleeping runner
+ * is woken. On an unbounded queue this takes no lock (one compare-and-swap
+ * onto the queue's inbox, moved to the FIFO by the runners in push order); a
+ * bounded queue's enqueue takes its mutex to count the capacity. On a full
+ * bounded queue,
  * opq_queue_enqueue blocks until a place is made, opq_queue_tryenqueue
  * returns EAGAIN, and opq_queue_timedenqueue blocks until the absolute
  * CLOCK_MONOTONIC deadline (NULL: forever), then ETIMEDOUT. ESHUTDOWN once a
@@ -161,8 +164,8 @@ OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct tim
  * The same for a function pointer: the queue boxes (fn, discard_fn, arg),
  * calls fn(arg) on a runner, or discard_fn(arg) (when not NULL) if the
  * operation is dropped. ENOMEM when the box cannot be allocated; on any
- * error neither function is called. Boxes are reused through a spare list
- * per queue: at most one allocation per call, usually none.
+ * error neither function is called. At most one allocation per call, usually
+ * none: the queue keeps the boxes of performed operations for reuse.
  */
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
 OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
