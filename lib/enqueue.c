@@ -106,7 +106,7 @@ void opq__make_room(opq_queue *q)
 static void wake_runner(opq_queue *q)
 {
 	if (q->idle_runners > q->work_signals) {
-		q->work_signals++;
+		SET_WORK_SIGNALS(q, q->work_signals + 1);
 		OPQ_CHECK(pthread_cond_signal(&q->work));
 	}
 }
@@ -200,8 +200,10 @@ static int push_inbox(opq_queue *q, opq_op *op, bool boxed)
 		op->opq__link.opq__next = top;
 	} while (!__atomic_compare_exchange_n(&q->inbox, &top, &op->opq__link, true,
 	                                      __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-	/* op may be performed and freed from here on. */
-	if (IDLE_RUNNERS(q)) {
+	/* op may be performed and freed from here on. Every idle runner
+	 * signalled already comes back and drains the inbox: the lock is
+	 * needed only when one is not. */
+	if (IDLE_RUNNERS(q) > WORK_SIGNALS(q)) {
 		opq__lock(&q->mu);
 		wake_runner(q);
 		opq__unlock(&q->mu);

@@ -179,7 +179,7 @@ static void wait_runners_gone(opq_queue *q)
 /* Wake every idle runner: to leave (shrink, stop), or to look again. Under q->mu. */
 static void wake_runners(opq_queue *q)
 {
-	q->work_signals = q->idle_runners;
+	SET_WORK_SIGNALS(q, q->idle_runners);
 	OPQ_CHECK(pthread_cond_broadcast(&q->work));
 }
 

@@ -35,7 +35,8 @@
  * going to sleep is idle_runners: the runner counts itself in it and then
  * looks at the inbox once more, the producer pushes and then reads it (both
  * sequentially consistent), so one of them sees the other; a producer that
- * sees a runner idle takes q->mu to signal it. A bounded queue needs q->mu
+ * sees more runners idle than signalled (work_signals, below) takes q->mu
+ * to signal one. A runner signalled already comes back and drains. A bounded queue needs q->mu
  * to count its capacity: its enqueue pushes onto the FIFO under the lock.
  *
  * Sleep and wake, under q->mu (checked by the spin model lib/queue.pml):
@@ -109,7 +110,7 @@ struct opq_queue {
 	size_t queued; /* in the FIFO */
 	size_t capacity;
 	unsigned idle_runners; /* read without q->mu by a producer after its push */
-	unsigned work_signals;
+	unsigned work_signals; /* also read without q->mu by a producer */
 	unsigned space_waiters, space_signals;
 	unsigned idle_waiters;
 	unsigned busy;          /* runners holding work */
@@ -159,6 +160,8 @@ struct opq_queue {
 #define INBOX_HOLDS(top)       ((uintptr_t)(top) > (uintptr_t)INBOX_CLOSED)
 #define IDLE_RUNNERS(q)        __atomic_load_n(&(q)->idle_runners, __ATOMIC_SEQ_CST)
 #define SET_IDLE_RUNNERS(q, n) __atomic_store_n(&(q)->idle_runners, (n), __ATOMIC_SEQ_CST)
+#define WORK_SIGNALS(q)        __atomic_load_n(&(q)->work_signals, __ATOMIC_SEQ_CST)
+#define SET_WORK_SIGNALS(q, n) __atomic_store_n(&(q)->work_signals, (n), __ATOMIC_SEQ_CST)
 
 /*
  * A function-pointer operation boxed by the queue. A box is told from a

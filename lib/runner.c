@@ -248,7 +248,7 @@ void *opq__runner_main(void *arg)
 		OPQ_CHECK(pthread_cond_wait(&q->work, &q->mu));
 		SET_IDLE_RUNNERS(q, q->idle_runners - 1);
 		if (q->work_signals)
-			q->work_signals--;
+			SET_WORK_SIGNALS(q, q->work_signals - 1);
 	}
 	q->alive--;
 	opq__lock(&r->mu);
