@@ -412,9 +412,12 @@ END_TEST
 static atomic_long sx_offered, sx_returned;
 static atomic_int sx_finished;
 
+/* A little work, so that the producers outrun the runners and batches fill. */
 static void sx_fn(void *arg)
 {
 	(void)arg;
+	for (volatile int i = 0; i < 200; i++)
+		;
 	atomic_fetch_add(&sx_returned, 1);
 }
 
