@@ -38,7 +38,10 @@ run() {
 	# COLLAPSE (for the larger stage model) compresses the state vectors
 	# without losing any state: less memory, more time.
 	case $model in stage.pml) ccflags="$ccflags -DCOLLAPSE" ;; esac
-	if ! (cd "$dir" && $cc -w -O2 $ccflags -o pan pan.c >cc.out 2>&1); then
+	# A broken variant stops at its first error: compiling it without
+	# optimisation saves more time (2s a run) than its search loses.
+	case $expect in pass) opt=-O2 ;; fail) opt=-O0 ;; esac
+	if ! (cd "$dir" && $cc -w $opt $ccflags -o pan pan.c >cc.out 2>&1); then
 		echo "FAIL $name: cannot compile pan"; cat "$dir/cc.out"; fail=1; return
 	fi
 	(cd "$dir" && ./pan -m100000 $panflags >pan.out 2>&1)
@@ -61,7 +64,7 @@ run() {
 		fi ;;
 	fail)
 		if [ -n "$errors" ] && [ "$errors" -gt 0 ]; then
-			echo "ok   $name ($mode${*:+ $*}) rejected as it must be: $what"
+			echo "ok   $name ($mode${*:+ $*}) rejected as it must be: $what ($states states stored, ${secs}s)"
 		else
 			echo "FAIL $name: the broken model passed (errors: ${errors:-?})"; fail=1
 		fi ;;
