@@ -1,6 +1,7 @@
 #!/bin/sh
 # Model checking: the Promela models next to the code they model
-# (lib/line.pml, lib/stage.pml) are checked exhaustively by spin:
+# (lib/line.pml, lib/stage.pml, lib/queue.pml) are checked exhaustively by
+# spin:
 # assertions and invalid end states (deadlocks, lost wakeups) with
 # pan -DSAFETY, and the LTL property "every thread eventually returns" as
 # acceptance cycles under weak fairness (pan -a -f). Then each deliberately
@@ -35,10 +36,18 @@ run() {
 	safety) ccflags="-DSAFETY -DNOCLAIM" panflags="" ;;
 	liveness) ccflags="" panflags="-a -f" ;;
 	esac
-	# COLLAPSE (for the larger stage model) compresses the state vectors
-	# without losing any state: less memory, more time.
-	case $model in stage.pml) ccflags="$ccflags -DCOLLAPSE" ;; esac
-	if ! (cd "$dir" && $cc -w -O2 $ccflags -o pan pan.c >cc.out 2>&1); then
+	# COLLAPSE (for the larger stage model, and the queue's safety runs)
+	# compresses the state vectors without losing any state: less memory,
+	# more time (much more for the queue's liveness runs, which are small).
+	# The queue model runs up to 9 processes: weak fairness needs NFAIR=3.
+	case $model:$mode in
+	stage.pml:*|queue.pml:safety) ccflags="$ccflags -DCOLLAPSE" ;;
+	esac
+	case $model in queue.pml) ccflags="$ccflags -DNFAIR=3" ;; esac
+	# A broken variant stops at its first error: compiling it without
+	# optimisation saves more time (2s a run) than its search loses.
+	case $expect in pass) opt=-O2 ;; fail) opt=-O0 ;; esac
+	if ! (cd "$dir" && $cc -w $opt $ccflags -o pan pan.c >cc.out 2>&1); then
 		echo "FAIL $name: cannot compile pan"; cat "$dir/cc.out"; fail=1; return
 	fi
 	(cd "$dir" && ./pan -m100000 $panflags >pan.out 2>&1)
@@ -61,7 +70,7 @@ run() {
 		fi ;;
 	fail)
 		if [ -n "$errors" ] && [ "$errors" -gt 0 ]; then
-			echo "ok   $name ($mode${*:+ $*}) rejected as it must be: $what"
+			echo "ok   $name ($mode${*:+ $*}) rejected as it must be: $what ($states states stored, ${secs}s)"
 		else
 			echo "FAIL $name: the broken model passed (errors: ${errors:-?})"; fail=1
 		fi ;;
@@ -82,4 +91,24 @@ run stage-broken-nolatch stage.pml safety fail -DBROKEN_NOLATCH
 run stage-broken-nopromote stage.pml safety fail -DBROKEN_NOPROMOTE
 run stage-broken-nopromote-live stage.pml liveness fail -DBROKEN_NOPROMOTE -DROUNDS=1
 run stage-broken-noheadcheck stage.pml safety fail -DBROKEN_NOHEADCHECK
+
+# The queue: bounded (CAP=1 by default, 2) with set_runners shrinking it,
+# or cancel; unbounded (CAP=0: batches, pending lists, steals) with
+# set_runners shrinking and growing it. Liveness with one operation per
+# producer. EXITBUSY, DISCARDIDLE and CANCELIDLE are the protocol as first
+# written, before the two fixes the model found.
+run queue-safety queue.pml safety pass -DRESIZE
+run queue-cap2-cancel queue.pml safety pass -DCAP=2 -DCANCEL
+run queue-unbounded queue.pml safety pass -DCAP=0 -DRESIZE -DGROW
+run queue-liveness queue.pml liveness pass -DRESIZE -DOPS=1
+run queue-unbounded-liveness queue.pml liveness pass -DCAP=0 -DRESIZE -DGROW -DOPS=1
+run queue-broken-noworksignal queue.pml safety fail -DBROKEN_NOWORKSIGNAL
+run queue-broken-signalcount queue.pml safety fail -DBROKEN_SIGNALCOUNT
+run queue-broken-noroom queue.pml safety fail -DBROKEN_NOROOM
+run queue-broken-noidle queue.pml safety fail -DBROKEN_NOIDLE
+run queue-broken-nostealcheck queue.pml safety fail -DCAP=0 -DBROKEN_NOSTEALCHECK
+run queue-broken-exitbusy queue.pml safety fail -DRESIZE -DBROKEN_EXITBUSY
+run queue-broken-exitbusy-live queue.pml liveness fail -DRESIZE -DOPS=1 -DBROKEN_EXITBUSY
+run queue-broken-discardidle queue.pml safety fail -DBROKEN_DISCARDIDLE
+run queue-broken-cancelidle queue.pml safety fail -DCAP=2 -DCANCEL -DOPS=1 -DBROKEN_CANCELIDLE
 exit $fail
