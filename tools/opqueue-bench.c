@@ -14,7 +14,7 @@
  *          enqueue, and the ceiling: the same operations split across R
  *          threads directly, no queue. The clock runs from the moment the
  *          pool is up until the last operation has been performed and the
- *          pool has stopped.
+ *          pool has stopped. The peers' code is in bench-peers.c.
  * latency  one operation at a time on an idle pool: the time from just
  *          before the enqueue to the start of perform; p50, p99, p99.9.
  * bounded  opqueue with a bounded FIFO (capacity -c) and producers faster
@@ -74,12 +74,7 @@
 
 #include <opqueue.h>
 
-#ifdef HAVE_GLIB
-#include <glib.h>
-#endif
-#ifdef HAVE_LIBUV
-#include <uv.h>
-#endif
+#include "bench.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define NO_MALLOC_HOOK 1
@@ -92,11 +87,13 @@
 
 #define MAXLIST 8
 
-static unsigned P = 1, R = 2, K = 5;
-static long M = 1000000, W = 0, L = 10000, CAP = 64;
+unsigned P = 1, R = 2;
+static unsigned K = 5;
+long M = 1000000, W = 0;
+static long L = 10000, CAP = 64;
 static int no_fork;
 static int cold; /* --cold: no untimed warm-up run before each timed burst run */
-static long nops;	   /* operations in this run */
+long nops;       /* operations in this run */
 static uint64_t t_start, t_end;
 static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
 static long flt_start, flt_end;	    /* the process's minor page faults then */
@@ -124,7 +121,7 @@ static long minor_faults(void)
 }
 
 /* A producer thread, at its end: its CPU time counts as enqueueing. */
-static void producer_done(void)
+void producer_done(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -133,7 +130,7 @@ static void producer_done(void)
 }
 
 /* The timed window of a run: wall clock and the CPU time of every thread. */
-static void clock_start(void)
+void clock_start(void)
 {
 	atomic_store(&producers_cpu, 0);
 	flt_start = minor_faults();
@@ -141,7 +138,7 @@ static void clock_start(void)
 	t_start = now_ns();
 }
 
-static void clock_stop(void)
+void clock_stop(void)
 {
 	t_end = now_ns();
 	cpu_end = cpu_ns();
@@ -256,7 +253,7 @@ static atomic_long log_next;	/* the next chunk to claim */
 static atomic_uint log_gen;	/* bumped before each run: threads claim chunks anew */
 static _Thread_local unsigned my_gen;
 static _Thread_local uint32_t *my_pos, *my_end;
-static bool recording = true; /* false while a pool is warmed up off the clock */
+bool recording = true; /* false while a pool is warmed up off the clock */
 
 static long log_entries(void)
 {
@@ -287,7 +284,7 @@ static void record(long i)
 	*my_pos++ = (uint32_t)i;
 }
 
-static void work(long i)
+void work(long i)
 {
 	if (W > 0) {
 		uint64_t end = now_ns() + (uint64_t)W;
@@ -309,9 +306,9 @@ static void lat_work(long i)
 	atomic_store_explicit(&lat_done, i + 1, memory_order_release);
 }
 
-static void (*perform_cb)(long) = work;
+void (*perform_cb)(long) = work;
 
-static void spawn_join(unsigned n, void *(*fn)(void *))
+void spawn_join(unsigned n, void *(*fn)(void *))
 {
 	pthread_t th[n];
 	for (unsigned i = 0; i < n; i++)
@@ -337,7 +334,7 @@ static void bop_perform(opq_op *op)
 	perform_cb(OPQ_CONTAINER_OF(op, struct bop, op)->i);
 }
 
-static void fn_perform(void *arg)
+void fn_perform(void *arg)
 {
 	perform_cb((long)(intptr_t)arg);
 }
@@ -432,240 +429,6 @@ static int burst_bounded_fn(void)
 	return burst_opq(false, (size_t)CAP);
 }
 
-/* ---- GLib's GThreadPool --------------------------------------------------- */
-
-#ifdef HAVE_GLIB
-static GThreadPool *gpool;
-
-static void glib_func(gpointer data, gpointer user)
-{
-	(void)user;
-	perform_cb((long)(intptr_t)data - 1);
-}
-
-static void *glib_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	for (long i = base; i < base + M; i++)
-		if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
-			abort();
-	producer_done();
-	return NULL;
-}
-
-static int glib_setup(void)
-{
-	gpool = g_thread_pool_new(glib_func, NULL, (gint)R, TRUE, NULL);
-	return gpool ? 0 : EAGAIN;
-}
-
-static int glib_teardown(void)
-{
-	g_thread_pool_free(gpool, FALSE, TRUE);
-	clock_stop();
-	return 0;
-}
-
-static int burst_glib(void)
-{
-	int rc = glib_setup();
-	if (rc)
-		return rc;
-	clock_start();
-	spawn_join(P, glib_producer);
-	return glib_teardown();
-}
-#endif
-
-/* ---- libuv's uv_queue_work ------------------------------------------------ */
-
-#ifdef HAVE_LIBUV
-static uv_work_t *uvreqs;
-
-static void uv_work(uv_work_t *req)
-{
-	perform_cb((long)(intptr_t)req->data);
-}
-
-static void uv_after(uv_work_t *req, int status)
-{
-	(void)req;
-	if (status)
-		abort();
-}
-
-static void uv_set_size(void)
-{
-	char n[16];
-	snprintf(n, sizeof(n), "%u", R);
-	setenv("UV_THREADPOOL_SIZE", n, 1);
-}
-
-/*
- * The requests, each written before the clock as opq_setup writes its
- * operations: calloc's fresh pages would otherwise fault in the timed
- * window (one fault per 32 requests, 5 to 14 us each on the test machines).
- */
-static int uv_reqs_create(void)
-{
-	uvreqs = calloc((size_t)nops, sizeof(*uvreqs));
-	if (!uvreqs)
-		return ENOMEM;
-	for (long i = 0; i < nops; i++)
-		uvreqs[i].data = (void *)(intptr_t)i;
-	return 0;
-}
-
-/* libuv starts its pool on first use: start it before the clock. */
-static int uv_warm(void)
-{
-	uv_set_size();
-	uv_loop_t loop;
-	uv_work_t req = { .data = NULL };
-	if (uv_loop_init(&loop))
-		return EAGAIN;
-	void (*saved)(long) = perform_cb;
-	recording = false;
-	perform_cb = work;
-	long w = W;
-	W = 0;
-	int rc = uv_queue_work(&loop, &req, uv_work, uv_after);
-	if (!rc)
-		uv_run(&loop, UV_RUN_DEFAULT);
-	W = w;
-	recording = true;
-	perform_cb = saved;
-	uv_loop_close(&loop);
-	return rc ? EAGAIN : 0;
-}
-
-static void *uv_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	uv_loop_t loop;
-	if (uv_loop_init(&loop))
-		abort();
-	for (long i = base; i < base + M; i++) {
-		uvreqs[i].data = (void *)(intptr_t)i;
-		if (uv_queue_work(&loop, &uvreqs[i], uv_work, uv_after))
-			abort();
-	}
-	uv_run(&loop, UV_RUN_DEFAULT);
-	uv_loop_close(&loop);
-	producer_done();
-	return NULL;
-}
-
-static int burst_libuv(void)
-{
-	if (uv_reqs_create() || uv_warm())
-		return ENOMEM;
-	clock_start();
-	spawn_join(P, uv_producer);
-	clock_stop();
-	free(uvreqs);
-	return 0;
-}
-#endif
-
-/* ---- a plain mutex/condvar pool that signals on every enqueue ----------- */
-
-struct plain_item {
-	struct plain_item *next;
-	void (*fn)(void *);
-	void *arg;
-};
-
-static struct {
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	struct plain_item *head, *tail;
-	int stop;
-	pthread_t th[256];
-} plain = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, { 0 } };
-
-static void *plain_runner(void *arg)
-{
-	(void)arg;
-	pthread_mutex_lock(&plain.mu);
-	for (;;) {
-		struct plain_item *it = plain.head;
-		if (!it) {
-			if (plain.stop)
-				break;
-			pthread_cond_wait(&plain.cv, &plain.mu);
-			continue;
-		}
-		plain.head = it->next;
-		if (!plain.head)
-			plain.tail = NULL;
-		pthread_mutex_unlock(&plain.mu);
-		it->fn(it->arg);
-		free(it);
-		pthread_mutex_lock(&plain.mu);
-	}
-	pthread_mutex_unlock(&plain.mu);
-	return NULL;
-}
-
-static void plain_enqueue(void (*fn)(void *), void *arg)
-{
-	struct plain_item *it = malloc(sizeof(*it));
-	if (!it)
-		abort();
-	it->next = NULL;
-	it->fn = fn;
-	it->arg = arg;
-	pthread_mutex_lock(&plain.mu);
-	if (plain.tail)
-		plain.tail->next = it;
-	else
-		plain.head = it;
-	plain.tail = it;
-	pthread_cond_signal(&plain.cv);
-	pthread_mutex_unlock(&plain.mu);
-}
-
-static void *plain_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	for (long i = base; i < base + M; i++)
-		plain_enqueue(fn_perform, (void *)(intptr_t)i);
-	producer_done();
-	return NULL;
-}
-
-static int plain_setup(void)
-{
-	plain.stop = 0;
-	for (unsigned i = 0; i < R; i++)
-		if (pthread_create(&plain.th[i], NULL, plain_runner, NULL))
-			return EAGAIN;
-	return 0;
-}
-
-static int plain_teardown(void)
-{
-	pthread_mutex_lock(&plain.mu);
-	plain.stop = 1;
-	pthread_cond_broadcast(&plain.cv);
-	pthread_mutex_unlock(&plain.mu);
-	for (unsigned i = 0; i < R; i++)
-		pthread_join(plain.th[i], NULL);
-	clock_stop();
-	return 0;
-}
-
-static int burst_plain(void)
-{
-	int rc = plain_setup();
-	if (rc)
-		return rc;
-	clock_start();
-	spawn_join(P, plain_producer);
-	return plain_teardown();
-}
-
 /* ---- the ceiling: the same operations split across R threads, no queue ---- */
 
 /*
@@ -716,7 +479,7 @@ static void lat_wait(long i)
 		cpu_relax();
 }
 
-static int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)(void))
+int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)(void))
 {
 	lat_start = calloc((size_t)nops, sizeof(*lat_start));
 	lat_t0 = calloc((size_t)nops, sizeof(*lat_t0));
@@ -768,63 +531,6 @@ static int latency_intrusive(void)
 static int latency_fn(void)
 {
 	return latency_run(lat_setup_fn, lat_submit_fn, opq_teardown);
-}
-
-#ifdef HAVE_GLIB
-static void lat_submit_glib(long i)
-{
-	if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
-		abort();
-}
-
-static int latency_glib(void)
-{
-	return latency_run(glib_setup, lat_submit_glib, glib_teardown);
-}
-#endif
-
-#ifdef HAVE_LIBUV
-static uv_loop_t lat_loop;
-
-static int lat_setup_libuv(void)
-{
-	if (uv_reqs_create() || uv_warm() || uv_loop_init(&lat_loop))
-		return ENOMEM;
-	return 0;
-}
-
-static void lat_submit_libuv(long i)
-{
-	uvreqs[i].data = (void *)(intptr_t)i;
-	if (uv_queue_work(&lat_loop, &uvreqs[i], uv_work, uv_after))
-		abort();
-	if (i % 64 == 63)
-		uv_run(&lat_loop, UV_RUN_NOWAIT); /* reap completions now and then */
-}
-
-static int lat_teardown_libuv(void)
-{
-	uv_run(&lat_loop, UV_RUN_DEFAULT);
-	uv_loop_close(&lat_loop);
-	clock_stop();
-	free(uvreqs);
-	return 0;
-}
-
-static int latency_libuv(void)
-{
-	return latency_run(lat_setup_libuv, lat_submit_libuv, lat_teardown_libuv);
-}
-#endif
-
-static void lat_submit_plain(long i)
-{
-	plain_enqueue(fn_perform, (void *)(intptr_t)i);
-}
-
-static int latency_plain(void)
-{
-	return latency_run(plain_setup, lat_submit_plain, plain_teardown);
 }
 
 /* ---- variants ------------------------------------------------------------ */
