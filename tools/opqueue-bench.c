@@ -995,7 +995,8 @@ static int label_width(void)
 {
 	int w = 22;
 	for (size_t v = 0; v < NV; v++)
-		if (selected[v] && (int)strlen(variants[v].label) > w)
+		if (selected[v] && (!variants[v].base || old_exe) &&
+		    (int)strlen(variants[v].label) > w)
 			w = (int)strlen(variants[v].label);
 	return w;
 }
