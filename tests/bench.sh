@@ -8,8 +8,9 @@
 set -u
 tool="${top_builddir:-.}/tools/opqueue-bench"
 [ -x "$tool" ] || { echo "$tool not built"; exit 99; }
-variants=
-[ -n "${SAN_CFLAGS:-}" ] && variants="-V intrusive,fn,plain,ceiling"
+variants= old_variants=
+[ -n "${SAN_CFLAGS:-}" ] && variants="-V intrusive,fn,plain,ceiling" &&
+	old_variants="-V intrusive,fn,old-intrusive,old-fn,plain,ceiling"
 out=$(mktemp "${TMPDIR:-/tmp}/opq-bench.XXXXXX") || exit 99
 err=$(mktemp "${TMPDIR:-/tmp}/opq-bench.XXXXXX") || exit 99
 trap 'rm -f "$out" "$err"' EXIT
@@ -39,13 +40,34 @@ if run burst burst $variants -p 1,2 -w 0,1000 -r 2 -m 2000 -k 1; then
 	expect "plain mutex/condvar"
 	expect "no queue (ceiling)"
 fi
-if run latency latency $variants -r 2 -n 1000 -k 1; then
+# Oversubscribed pools: -r takes a list, one table per combination.
+if run oversubscribed burst $variants -p 1,8 -r 16,64 -w 0,1000 -m 200 -k 1; then
+	[ "$(grep -c '^burst:' "$out")" = 8 ] || { echo "oversubscribed: not 8 tables"; cat "$out"; fail=1; }
+	expect "burst: 8 producer(s) x 200 ops, 64 runners, 1000 ns ops"
+	expect "opqueue intrusive"
+	expect "no queue (ceiling)"
+fi
+# Another build's rows (-O): here the same program stands in for it.
+if run other burst -O "$tool" -L self -V intrusive,fn,old-intrusive,old-fn,ceiling \
+	-p 1 -r 2 -m 2000 -k 1; then
+	expect "opqueue (self) intrusive"
+	expect "opqueue (self) fn"
+fi
+if run latency latency $old_variants -O "$tool" -r 2 -n 1000 -k 1; then
 	expect "opqueue intrusive"
 	expect "opqueue fn"
+	expect "opqueue (old) intrusive"
+	expect "opqueue (old) fn"
 fi
-if run bounded bounded -p 2 -r 2 -w 1000 -m 2000 -c 64 -k 1; then
+if run bounded bounded -O "$tool" -p 2 -r 2 -w 1000 -m 2000 -c 64 -k 1; then
 	expect "opqueue intrusive, bounded"
 	expect "opqueue fn, bounded"
+	expect "opqueue (old) intrusive, bounded"
+	expect "opqueue (old) fn, bounded"
+	expect "no queue (ceiling)"
+fi
+if run library -O "$tool" --library; then
+	[ "$(grep -c . "$out")" = 2 ] || { echo "library: not 2 lines"; cat "$out"; fail=1; }
 fi
 if run line line -m 1000 -k 1; then
 	expect "acquire + release"

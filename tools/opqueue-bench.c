@@ -14,7 +14,7 @@
  *          enqueue, and the ceiling: the same operations split across R
  *          threads directly, no queue. The clock runs from the moment the
  *          pool is up until the last operation has been performed and the
- *          pool has stopped.
+ *          pool has stopped. The peers' code is in bench-peers.c.
  * latency  one operation at a time on an idle pool: the time from just
  *          before the enqueue to the start of perform; p50, p99, p99.9.
  * bounded  opqueue with a bounded FIFO (capacity -c) and producers faster
@@ -74,12 +74,7 @@
 
 #include <opqueue.h>
 
-#ifdef HAVE_GLIB
-#include <glib.h>
-#endif
-#ifdef HAVE_LIBUV
-#include <uv.h>
-#endif
+#include "bench.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define NO_MALLOC_HOOK 1
@@ -92,11 +87,15 @@
 
 #define MAXLIST 8
 
-static unsigned P = 1, R = 2, K = 5;
-static long M = 1000000, W = 0, L = 10000, CAP = 64;
+unsigned P = 1, R = 2;
+static unsigned K = 5;
+static long plist[MAXLIST] = { 1 }, rlist[MAXLIST] = { 2 }, wlist[MAXLIST] = { 0 };
+static size_t np = 1, nr = 1, nw = 1; /* -p, -r and -w: burst runs each combination */
+long M = 1000000, W = 0;
+static long L = 10000, CAP = 64;
 static int no_fork;
 static int cold; /* --cold: no untimed warm-up run before each timed burst run */
-static long nops;	   /* operations in this run */
+long nops;	   /* operations in this run */
 static uint64_t t_start, t_end;
 static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
 static long flt_start, flt_end;	    /* the process's minor page faults then */
@@ -124,7 +123,7 @@ static long minor_faults(void)
 }
 
 /* A producer thread, at its end: its CPU time counts as enqueueing. */
-static void producer_done(void)
+void producer_done(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -133,7 +132,7 @@ static void producer_done(void)
 }
 
 /* The timed window of a run: wall clock and the CPU time of every thread. */
-static void clock_start(void)
+void clock_start(void)
 {
 	atomic_store(&producers_cpu, 0);
 	flt_start = minor_faults();
@@ -141,7 +140,7 @@ static void clock_start(void)
 	t_start = now_ns();
 }
 
-static void clock_stop(void)
+void clock_stop(void)
 {
 	t_end = now_ns();
 	cpu_end = cpu_ns();
@@ -249,18 +248,23 @@ void *mallocx(size_t size, int flags)
  * touched before the clock starts.
  */
 #define LOG_CHUNK 4096
-#define LOG_THREADS 64 /* threads that may perform operations in one run */
 #define LOG_EMPTY UINT32_MAX
 static uint32_t *logbuf;
 static atomic_long log_next;	/* the next chunk to claim */
 static atomic_uint log_gen;	/* bumped before each run: threads claim chunks anew */
 static _Thread_local unsigned my_gen;
 static _Thread_local uint32_t *my_pos, *my_end;
-static bool recording = true; /* false while a pool is warmed up off the clock */
+bool recording = true; /* false while a pool is warmed up off the clock */
+
+/* Threads that may perform operations in one run: the runners, and a margin. */
+static long log_threads(void)
+{
+	return R + 8 > 64 ? (long)R + 8 : 64;
+}
 
 static long log_entries(void)
 {
-	return nops + (long)LOG_THREADS * LOG_CHUNK;
+	return nops + log_threads() * LOG_CHUNK;
 }
 
 /* The log's size, not counted in the peak RSS reported. */
@@ -276,8 +280,8 @@ static void record(long i)
 		long at = atomic_fetch_add_explicit(&log_next, LOG_CHUNK, memory_order_relaxed);
 		if (at + LOG_CHUNK > log_entries()) {
 			fprintf(stderr, "opqueue-bench: the log is full: more operations performed "
-					"than enqueued, or more than %d threads performed them\n",
-				LOG_THREADS);
+					"than enqueued, or more than %ld threads performed them\n",
+				log_threads());
 			abort();
 		}
 		my_pos = logbuf + at;
@@ -287,7 +291,7 @@ static void record(long i)
 	*my_pos++ = (uint32_t)i;
 }
 
-static void work(long i)
+void work(long i)
 {
 	if (W > 0) {
 		uint64_t end = now_ns() + (uint64_t)W;
@@ -309,9 +313,9 @@ static void lat_work(long i)
 	atomic_store_explicit(&lat_done, i + 1, memory_order_release);
 }
 
-static void (*perform_cb)(long) = work;
+void (*perform_cb)(long) = work;
 
-static void spawn_join(unsigned n, void *(*fn)(void *))
+void spawn_join(unsigned n, void *(*fn)(void *))
 {
 	pthread_t th[n];
 	for (unsigned i = 0; i < n; i++)
@@ -337,7 +341,7 @@ static void bop_perform(opq_op *op)
 	perform_cb(OPQ_CONTAINER_OF(op, struct bop, op)->i);
 }
 
-static void fn_perform(void *arg)
+void fn_perform(void *arg)
 {
 	perform_cb((long)(intptr_t)arg);
 }
@@ -432,240 +436,6 @@ static int burst_bounded_fn(void)
 	return burst_opq(false, (size_t)CAP);
 }
 
-/* ---- GLib's GThreadPool --------------------------------------------------- */
-
-#ifdef HAVE_GLIB
-static GThreadPool *gpool;
-
-static void glib_func(gpointer data, gpointer user)
-{
-	(void)user;
-	perform_cb((long)(intptr_t)data - 1);
-}
-
-static void *glib_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	for (long i = base; i < base + M; i++)
-		if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
-			abort();
-	producer_done();
-	return NULL;
-}
-
-static int glib_setup(void)
-{
-	gpool = g_thread_pool_new(glib_func, NULL, (gint)R, TRUE, NULL);
-	return gpool ? 0 : EAGAIN;
-}
-
-static int glib_teardown(void)
-{
-	g_thread_pool_free(gpool, FALSE, TRUE);
-	clock_stop();
-	return 0;
-}
-
-static int burst_glib(void)
-{
-	int rc = glib_setup();
-	if (rc)
-		return rc;
-	clock_start();
-	spawn_join(P, glib_producer);
-	return glib_teardown();
-}
-#endif
-
-/* ---- libuv's uv_queue_work ------------------------------------------------ */
-
-#ifdef HAVE_LIBUV
-static uv_work_t *uvreqs;
-
-static void uv_work(uv_work_t *req)
-{
-	perform_cb((long)(intptr_t)req->data);
-}
-
-static void uv_after(uv_work_t *req, int status)
-{
-	(void)req;
-	if (status)
-		abort();
-}
-
-static void uv_set_size(void)
-{
-	char n[16];
-	snprintf(n, sizeof(n), "%u", R);
-	setenv("UV_THREADPOOL_SIZE", n, 1);
-}
-
-/*
- * The requests, each written before the clock as opq_setup writes its
- * operations: calloc's fresh pages would otherwise fault in the timed
- * window (one fault per 32 requests, 5 to 14 us each on the test machines).
- */
-static int uv_reqs_create(void)
-{
-	uvreqs = calloc((size_t)nops, sizeof(*uvreqs));
-	if (!uvreqs)
-		return ENOMEM;
-	for (long i = 0; i < nops; i++)
-		uvreqs[i].data = (void *)(intptr_t)i;
-	return 0;
-}
-
-/* libuv starts its pool on first use: start it before the clock. */
-static int uv_warm(void)
-{
-	uv_set_size();
-	uv_loop_t loop;
-	uv_work_t req = { .data = NULL };
-	if (uv_loop_init(&loop))
-		return EAGAIN;
-	void (*saved)(long) = perform_cb;
-	recording = false;
-	perform_cb = work;
-	long w = W;
-	W = 0;
-	int rc = uv_queue_work(&loop, &req, uv_work, uv_after);
-	if (!rc)
-		uv_run(&loop, UV_RUN_DEFAULT);
-	W = w;
-	recording = true;
-	perform_cb = saved;
-	uv_loop_close(&loop);
-	return rc ? EAGAIN : 0;
-}
-
-static void *uv_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	uv_loop_t loop;
-	if (uv_loop_init(&loop))
-		abort();
-	for (long i = base; i < base + M; i++) {
-		uvreqs[i].data = (void *)(intptr_t)i;
-		if (uv_queue_work(&loop, &uvreqs[i], uv_work, uv_after))
-			abort();
-	}
-	uv_run(&loop, UV_RUN_DEFAULT);
-	uv_loop_close(&loop);
-	producer_done();
-	return NULL;
-}
-
-static int burst_libuv(void)
-{
-	if (uv_reqs_create() || uv_warm())
-		return ENOMEM;
-	clock_start();
-	spawn_join(P, uv_producer);
-	clock_stop();
-	free(uvreqs);
-	return 0;
-}
-#endif
-
-/* ---- a plain mutex/condvar pool that signals on every enqueue ----------- */
-
-struct plain_item {
-	struct plain_item *next;
-	void (*fn)(void *);
-	void *arg;
-};
-
-static struct {
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	struct plain_item *head, *tail;
-	int stop;
-	pthread_t th[256];
-} plain = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, { 0 } };
-
-static void *plain_runner(void *arg)
-{
-	(void)arg;
-	pthread_mutex_lock(&plain.mu);
-	for (;;) {
-		struct plain_item *it = plain.head;
-		if (!it) {
-			if (plain.stop)
-				break;
-			pthread_cond_wait(&plain.cv, &plain.mu);
-			continue;
-		}
-		plain.head = it->next;
-		if (!plain.head)
-			plain.tail = NULL;
-		pthread_mutex_unlock(&plain.mu);
-		it->fn(it->arg);
-		free(it);
-		pthread_mutex_lock(&plain.mu);
-	}
-	pthread_mutex_unlock(&plain.mu);
-	return NULL;
-}
-
-static void plain_enqueue(void (*fn)(void *), void *arg)
-{
-	struct plain_item *it = malloc(sizeof(*it));
-	if (!it)
-		abort();
-	it->next = NULL;
-	it->fn = fn;
-	it->arg = arg;
-	pthread_mutex_lock(&plain.mu);
-	if (plain.tail)
-		plain.tail->next = it;
-	else
-		plain.head = it;
-	plain.tail = it;
-	pthread_cond_signal(&plain.cv);
-	pthread_mutex_unlock(&plain.mu);
-}
-
-static void *plain_producer(void *arg)
-{
-	long base = (long)(intptr_t)arg * M;
-	for (long i = base; i < base + M; i++)
-		plain_enqueue(fn_perform, (void *)(intptr_t)i);
-	producer_done();
-	return NULL;
-}
-
-static int plain_setup(void)
-{
-	plain.stop = 0;
-	for (unsigned i = 0; i < R; i++)
-		if (pthread_create(&plain.th[i], NULL, plain_runner, NULL))
-			return EAGAIN;
-	return 0;
-}
-
-static int plain_teardown(void)
-{
-	pthread_mutex_lock(&plain.mu);
-	plain.stop = 1;
-	pthread_cond_broadcast(&plain.cv);
-	pthread_mutex_unlock(&plain.mu);
-	for (unsigned i = 0; i < R; i++)
-		pthread_join(plain.th[i], NULL);
-	clock_stop();
-	return 0;
-}
-
-static int burst_plain(void)
-{
-	int rc = plain_setup();
-	if (rc)
-		return rc;
-	clock_start();
-	spawn_join(P, plain_producer);
-	return plain_teardown();
-}
-
 /* ---- the ceiling: the same operations split across R threads, no queue ---- */
 
 /*
@@ -716,7 +486,7 @@ static void lat_wait(long i)
 		cpu_relax();
 }
 
-static int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)(void))
+int latency_run(int (*setup)(void), void (*submit)(long), int (*teardown)(void))
 {
 	lat_start = calloc((size_t)nops, sizeof(*lat_start));
 	lat_t0 = calloc((size_t)nops, sizeof(*lat_t0));
@@ -770,91 +540,49 @@ static int latency_fn(void)
 	return latency_run(lat_setup_fn, lat_submit_fn, opq_teardown);
 }
 
-#ifdef HAVE_GLIB
-static void lat_submit_glib(long i)
-{
-	if (!g_thread_pool_push(gpool, (gpointer)(intptr_t)(i + 1), NULL))
-		abort();
-}
-
-static int latency_glib(void)
-{
-	return latency_run(glib_setup, lat_submit_glib, glib_teardown);
-}
-#endif
-
-#ifdef HAVE_LIBUV
-static uv_loop_t lat_loop;
-
-static int lat_setup_libuv(void)
-{
-	if (uv_reqs_create() || uv_warm() || uv_loop_init(&lat_loop))
-		return ENOMEM;
-	return 0;
-}
-
-static void lat_submit_libuv(long i)
-{
-	uvreqs[i].data = (void *)(intptr_t)i;
-	if (uv_queue_work(&lat_loop, &uvreqs[i], uv_work, uv_after))
-		abort();
-	if (i % 64 == 63)
-		uv_run(&lat_loop, UV_RUN_NOWAIT); /* reap completions now and then */
-}
-
-static int lat_teardown_libuv(void)
-{
-	uv_run(&lat_loop, UV_RUN_DEFAULT);
-	uv_loop_close(&lat_loop);
-	clock_stop();
-	free(uvreqs);
-	return 0;
-}
-
-static int latency_libuv(void)
-{
-	return latency_run(lat_setup_libuv, lat_submit_libuv, lat_teardown_libuv);
-}
-#endif
-
-static void lat_submit_plain(long i)
-{
-	plain_enqueue(fn_perform, (void *)(intptr_t)i);
-}
-
-static int latency_plain(void)
-{
-	return latency_run(plain_setup, lat_submit_plain, plain_teardown);
-}
-
 /* ---- variants ------------------------------------------------------------ */
 
+/*
+ * A variant of the other build (-O, "old"), such as old-intrusive, is its
+ * `base` variant run by that build's program: the same workload, linked
+ * against another libopqueue.
+ */
 struct variant {
 	const char *name;  /* for -V */
 	const char *label; /* for tables and plots */
 	int (*burst)(void);
 	int (*latency)(void);
 	const char *missing; /* why it is not built, or NULL */
+	const char *base;    /* of the other build (-O): its variant of this name */
 };
 
+static char old_intrusive_label[64], old_fn_label[64]; /* "opqueue (old) intrusive" */
+
 static struct variant variants[] = {
-	{ "intrusive", "opqueue intrusive", burst_intrusive, latency_intrusive, NULL },
-	{ "fn", "opqueue fn", burst_fn, latency_fn, NULL },
+	{ "intrusive", "opqueue intrusive", burst_intrusive, latency_intrusive, NULL, NULL },
+	{ "fn", "opqueue fn", burst_fn, latency_fn, NULL, NULL },
+	{ "old-intrusive", old_intrusive_label, burst_intrusive, latency_intrusive, NULL,
+	  "intrusive" },
+	{ "old-fn", old_fn_label, burst_fn, latency_fn, NULL, "fn" },
 #ifdef HAVE_GLIB
-	{ "glib", "GThreadPool", burst_glib, latency_glib, NULL },
+	{ "glib", "GThreadPool", burst_glib, latency_glib, NULL, NULL },
 #else
-	{ "glib", "GThreadPool", NULL, NULL, "built without glib-2.0 (install libglib2.0-dev)" },
+	{ "glib", "GThreadPool", NULL, NULL, "built without glib-2.0 (install libglib2.0-dev)",
+	  NULL },
 #endif
 #ifdef HAVE_LIBUV
-	{ "libuv", "libuv uv_queue_work", burst_libuv, latency_libuv, NULL },
+	{ "libuv", "libuv uv_queue_work", burst_libuv, latency_libuv, NULL, NULL },
 #else
-	{ "libuv", "libuv uv_queue_work", NULL, NULL, "built without libuv (install libuv1-dev)" },
+	{ "libuv", "libuv uv_queue_work", NULL, NULL, "built without libuv (install libuv1-dev)",
+	  NULL },
 #endif
-	{ "plain", "plain mutex/condvar", burst_plain, latency_plain, NULL },
-	{ "ceiling", "no queue (ceiling)", burst_ceiling, NULL, NULL },
+	{ "plain", "plain mutex/condvar", burst_plain, latency_plain, NULL, NULL },
+	{ "ceiling", "no queue (ceiling)", burst_ceiling, NULL, NULL, NULL },
 };
 #define NV (sizeof(variants) / sizeof(variants[0]))
 static bool selected[NV];
+static const char *old_exe;           /* -O: the program of the other build */
+static const char *old_label = "old"; /* -L: what its rows are called */
 
 struct result {
 	int rc;
@@ -993,10 +721,46 @@ static void run_here(int (*fn)(void), bool count, bool latency, struct result *r
 	logs_destroy();
 }
 
-/* One run in a child process (or here with -F); the child reports over a pipe. */
-static int run_one(int (*fn)(void), bool count, bool latency, struct result *res)
+typedef int run_fn(void);
+
+/*
+ * A run's workload, as named on the command line of a child: "burst:NAME"
+ * and "latency:NAME" for the variant NAME (not one of the other build's),
+ * "bounded:intrusive" and "bounded:fn". NULL if there is no such workload.
+ */
+static run_fn *spec_fn(const char *spec, bool *latency)
+{
+	const char *name = strchr(spec, ':');
+	if (!name)
+		return NULL;
+	size_t n = (size_t)(name - spec);
+	name++;
+	*latency = n == 7 && !strncmp(spec, "latency", 7);
+	if (n == 7 && !strncmp(spec, "bounded", 7))
+		return !strcmp(name, "intrusive") ? burst_bounded_intrusive
+		       : !strcmp(name, "fn")      ? burst_bounded_fn
+		                                  : NULL;
+	if (!*latency && !(n == 5 && !strncmp(spec, "burst", 5)))
+		return NULL;
+	for (size_t v = 0; v < NV; v++)
+		if (!variants[v].base && !strcmp(variants[v].name, name))
+			return *latency ? variants[v].latency : variants[v].burst;
+	return NULL;
+}
+
+/*
+ * One run of the workload spec (see spec_fn) with the current P, R, M, W,
+ * CAP and L. It runs in a process of its own: this program (or, with old,
+ * the other build's, -O) executed afresh with --child, which reports its
+ * result on standard output; with -F, here.
+ */
+static int run_one(const char *spec, bool old, bool count, struct result *res)
 {
 	memset(res, 0, sizeof(*res));
+	bool latency;
+	run_fn *fn = spec_fn(spec, &latency);
+	if (!fn)
+		return EINVAL;
 	if (no_fork) {
 		run_here(fn, count, latency, res);
 		struct rusage ru;
@@ -1004,6 +768,26 @@ static int run_one(int (*fn)(void), bool count, bool latency, struct result *res
 		res->rss_kb = ru.ru_maxrss - logs_kb();
 		return res->rc;
 	}
+	char a[6][24];
+	snprintf(a[0], sizeof(a[0]), "%u", P);
+	snprintf(a[1], sizeof(a[1]), "%u", R);
+	snprintf(a[2], sizeof(a[2]), "%ld", M);
+	snprintf(a[3], sizeof(a[3]), "%ld", W);
+	snprintf(a[4], sizeof(a[4]), "%ld", CAP);
+	snprintf(a[5], sizeof(a[5]), "%ld", L);
+	const char *exe = old ? old_exe : "/proc/self/exe";
+	static const char *const opts[] = {"-p", "-r", "-m", "-w", "-c", "-n"};
+	const char *argv[20] = {old ? exe : "opqueue-bench", "--child", spec};
+	size_t argc = 3;
+	for (size_t i = 0; i < 6; i++) {
+		argv[argc++] = opts[i];
+		argv[argc++] = a[i];
+	}
+	if (cold)
+		argv[argc++] = "--cold";
+	if (count)
+		argv[argc++] = "--count";
+	argv[argc] = NULL;
 	fflush(NULL);
 	int fds[2];
 	if (pipe(fds))
@@ -1013,21 +797,56 @@ static int run_one(int (*fn)(void), bool count, bool latency, struct result *res
 		return errno;
 	if (pid == 0) {
 		close(fds[0]);
-		run_here(fn, count, latency, res);
-		ssize_t w = write(fds[1], res, sizeof(*res));
-		_exit(w == (ssize_t)sizeof(*res) ? 0 : 1);
+		if (dup2(fds[1], STDOUT_FILENO) < 0)
+			_exit(127);
+		execv(exe, (char *const *)argv);
+		fprintf(stderr, "opqueue-bench: %s: %s\n", exe, strerror(errno));
+		_exit(127);
 	}
 	close(fds[1]);
-	ssize_t r = read(fds[0], res, sizeof(*res));
+	char buf[512];
+	size_t got = 0;
+	ssize_t r;
+	while (got < sizeof(buf) - 1 && (r = read(fds[0], buf + got, sizeof(buf) - 1 - got)) != 0) {
+		if (r < 0 && errno != EINTR)
+			break;
+		if (r > 0)
+			got += (size_t)r;
+	}
+	buf[got] = '\0';
 	close(fds[0]);
 	int status;
 	struct rusage ru;
 	if (wait4(pid, &status, 0, &ru) < 0)
 		return errno;
-	if (r != (ssize_t)sizeof(*res) || !WIFEXITED(status) || WEXITSTATUS(status))
-		return res->rc ? res->rc : EIO;
+	if (sscanf(buf, "result %d %la %la %la %la %ld %la %la %la", &res->rc, &res->rate,
+	           &res->p50, &res->p99, &res->p999, &res->allocs, &res->cpu_per_op,
+	           &res->enq_per_op, &res->flt_per_op) != 9)
+		res->rc = res->rc ? res->rc : EIO;
+	else if (!WIFEXITED(status) || (WEXITSTATUS(status) && !res->rc))
+		res->rc = EIO;
 	res->rss_kb = ru.ru_maxrss - logs_kb();
 	return res->rc;
+}
+
+/* --child SPEC: one run (the -p, -r and -w given are single values); the result on stdout. */
+static int run_child(const char *spec, bool count)
+{
+	bool latency;
+	run_fn *fn = spec_fn(spec, &latency);
+	if (!fn) {
+		fprintf(stderr, "opqueue-bench: no workload %s in this build\n", spec);
+		return 2;
+	}
+	P = latency ? 1 : (unsigned)plist[0];
+	W = wlist[0];
+	nops = latency ? L : (long)P * M;
+	struct result res;
+	memset(&res, 0, sizeof(res));
+	run_here(fn, count, latency, &res);
+	printf("result %d %a %a %a %a %ld %a %a %a\n", res.rc, res.rate, res.p50, res.p99, res.p999,
+	       res.allocs, res.cpu_per_op, res.enq_per_op, res.flt_per_op);
+	return fflush(stdout) || res.rc ? 1 : 0;
 }
 
 /* ---- progress ------------------------------------------------------------ */
@@ -1140,8 +959,6 @@ static int plot(const char *file, const char *title, const struct panel *panels,
 
 /* ---- modes --------------------------------------------------------------- */
 
-static long plist[MAXLIST] = { 1 }, wlist[MAXLIST] = { 0 };
-static size_t np = 1, nw = 1;
 static const char *plot_file;
 
 static size_t parse_list(const char *s, long *out)
@@ -1166,147 +983,196 @@ static void print_missing(void)
 			printf("(%s: not measured, %s)\n", variants[v].label, variants[v].missing);
 }
 
+/* Is variant v measured in this run? */
+static bool measured(size_t v, bool latency)
+{
+	return selected[v] && (latency ? variants[v].latency : variants[v].burst) &&
+	       (!variants[v].base || old_exe);
+}
+
+/* The width of the variant column: the longest label measured, at least 22. */
+static int label_width(void)
+{
+	int w = 22;
+	for (size_t v = 0; v < NV; v++)
+		if (selected[v] && (!variants[v].base || old_exe) &&
+		    (int)strlen(variants[v].label) > w)
+			w = (int)strlen(variants[v].label);
+	return w;
+}
+
+/*
+ * The variant at position i of round k. Rounds alternate the order, forward
+ * then backward, so that no variant always runs right after the same one.
+ */
+static size_t round_order(unsigned k, size_t i, size_t n)
+{
+	return k % 2 ? n - 1 - i : i;
+}
+
+/* The spec of variant v for run_one: "MODE:NAME" of this build or the other's. */
+static const char *variant_spec(size_t v, const char *mode, char *buf, size_t size)
+{
+	snprintf(buf, size, "%s:%s", mode, variants[v].base ? variants[v].base : variants[v].name);
+	return buf;
+}
+
+#define MAXROWS (MAXLIST * MAXLIST * MAXLIST)
+
 static int run_burst(void)
 {
-	size_t nrows = np * nw;
-	double table[MAXLIST * MAXLIST][NV];
-	char rowname[MAXLIST * MAXLIST][64];
-	const char *rows[MAXLIST * MAXLIST];
+	size_t nrows = np * nr * nw, ceiling = NV;
+	static double table[MAXROWS][NV];
+	static char rowname[MAXROWS][64];
+	const char *rows[MAXROWS];
+	int lw = label_width();
+	for (size_t v = 0; v < NV; v++)
+		if (variants[v].burst == burst_ceiling && measured(v, false))
+			ceiling = v;
 	progress_t0 = now_ns();
 	print_missing();
-	for (size_t pi = 0; pi < np; pi++)
-		for (size_t wi = 0; wi < nw; wi++) {
-			size_t row = pi * nw + wi;
-			P = (unsigned)plist[pi];
-			W = wlist[wi];
-			nops = (long)P * M;
-			char what[32] = "empty ops";
-			if (W)
-				snprintf(what, sizeof(what), "%ld ns ops", W);
-			snprintf(rowname[row], sizeof(rowname[row]), "P=%u R=%u %s", P, R, what);
-			rows[row] = rowname[row];
-			printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n",
-			       P, M, R, what, K);
-			printf("%-22s %12s %9s %9s %10s %9s %10s %10s %10s\n", "variant", "ops/s",
-			       "intr/this", "fn/this", "allocs/op", "flt/op", "RSS kB", "CPU ns/op",
-			       "enq ns/op");
-			double med[NV], per_op[NV], cpu_med[NV], enq_med[NV], flt_med[NV];
-			long rss[NV];
-			/*
-			 * Round k runs every variant once, so that each variant's runs
-			 * spread over the same stretch of time: on a machine whose load
-			 * changes, the ratios stay fair.
-			 */
-			double rates[NV][K], cpus[NV][K], enqs[NV][K], flts[NV][K];
-			for (size_t v = 0; v < NV; v++) {
-				med[v] = 0;
-				cpu_med[v] = 0;
-				enq_med[v] = 0;
-				flt_med[v] = 0;
-				rss[v] = 0;
-				table[row][v] = 0;
-			}
-			for (unsigned k = 0; k < K; k++)
-				for (size_t v = 0; v < NV; v++) {
-					if (!selected[v] || !variants[v].burst)
-						continue;
-					progress("%s: round %u/%u, %s", rowname[row], k + 1, K,
-						 variants[v].label);
-					struct result res;
-					int rc = run_one(variants[v].burst, false, false, &res);
-					if (rc) {
-						fprintf(stderr, "\nopqueue-bench: %s failed: %s\n",
-							variants[v].label, strerror(rc));
-						return 1;
-					}
-					rates[v][k] = res.rate;
-					cpus[v][k] = res.cpu_per_op;
-					enqs[v][k] = res.enq_per_op;
-					flts[v][k] = res.flt_per_op;
-					if (res.rss_kb > rss[v])
-						rss[v] = res.rss_kb;
-				}
-			for (size_t v = 0; v < NV; v++) {
-				if (!selected[v] || !variants[v].burst)
+	for (size_t row = 0; row < nrows; row++) {
+		P = (unsigned)plist[row / (nr * nw)];
+		R = (unsigned)rlist[row / nw % nr];
+		W = wlist[row % nw];
+		nops = (long)P * M;
+		char what[32] = "empty ops";
+		if (W)
+			snprintf(what, sizeof(what), "%ld ns ops", W);
+		snprintf(rowname[row], sizeof(rowname[row]), "P=%u R=%u %s", P, R, what);
+		rows[row] = rowname[row];
+		printf("\nburst: %u producer(s) x %ld ops, %u runners, %s, median of %u runs\n", P,
+		       M, R, what, K);
+		printf("%-*s %12s %9s %9s %9s %10s %9s %10s %10s %10s\n", lw, "variant", "ops/s",
+		       "intr/this", "fn/this", "%ceiling", "allocs/op", "flt/op", "RSS kB",
+		       "CPU ns/op", "enq ns/op");
+		double med[NV], per_op[NV], cpu_med[NV], enq_med[NV], flt_med[NV];
+		long rss[NV];
+		/*
+		 * Round k runs every variant once, so that each variant's runs
+		 * spread over the same stretch of time: on a machine whose load
+		 * changes, the ratios stay fair (the old build's too).
+		 */
+		double rates[NV][K], cpus[NV][K], enqs[NV][K], flts[NV][K];
+		for (size_t v = 0; v < NV; v++) {
+			med[v] = 0;
+			cpu_med[v] = 0;
+			enq_med[v] = 0;
+			flt_med[v] = 0;
+			rss[v] = 0;
+			table[row][v] = 0;
+		}
+		for (unsigned k = 0; k < K; k++)
+			for (size_t i = 0; i < NV; i++) {
+				size_t v = round_order(k, i, NV);
+				if (!measured(v, false))
 					continue;
-				med[v] = median(rates[v], K);
-				cpu_med[v] = median(cpus[v], K);
-				enq_med[v] = median(enqs[v], K);
-				flt_med[v] = median(flts[v], K);
-				table[row][v] = med[v] / 1e6;
-				/* One more run, smaller, counting allocations. */
-				long saved = M;
-				if (M > 100000)
-					M = 100000;
-				nops = (long)P * M;
-				progress("%s: counting allocations, %s", rowname[row], variants[v].label);
+				progress("%s: round %u/%u, %s", rowname[row], k + 1, K,
+				         variants[v].label);
 				struct result res;
-				int rc = run_one(variants[v].burst, true, false, &res);
-				M = saved;
+				char spec[64];
+				int rc = run_one(variant_spec(v, "burst", spec, sizeof(spec)),
+				                 variants[v].base != NULL, false, &res);
 				if (rc) {
 					progress_done();
-					fprintf(stderr, "opqueue-bench: %s (counting allocations) failed: %s\n",
-						variants[v].label, strerror(rc));
+					fprintf(stderr, "opqueue-bench: %s failed: %s\n",
+					        variants[v].label, strerror(rc));
 					return 1;
 				}
-				per_op[v] = (double)res.allocs / (double)nops;
-				nops = (long)P * M;
+				rates[v][k] = res.rate;
+				cpus[v][k] = res.cpu_per_op;
+				enqs[v][k] = res.enq_per_op;
+				flts[v][k] = res.flt_per_op;
+				if (res.rss_kb > rss[v])
+					rss[v] = res.rss_kb;
 			}
-			progress_done();
-			for (size_t v = 0; v < NV; v++) {
-				if (!selected[v] || !variants[v].burst)
-					continue;
-				char ri[16] = "-", rf[16] = "-";
-				if (med[0] > 0)
-					snprintf(ri, sizeof(ri), "%.2fx", med[0] / med[v]);
-				if (med[1] > 0)
-					snprintf(rf, sizeof(rf), "%.2fx", med[1] / med[v]);
-				char al[16] = "n/a"; /* no malloc wrapper under a sanitizer */
-#ifndef NO_MALLOC_HOOK
-				snprintf(al, sizeof(al), "%.3f", per_op[v]);
-#endif
-				printf("%-22s %12.0f %9s %9s %10s %9.4f %10ld %10.1f %10.1f\n",
-				       variants[v].label, med[v], ri, rf, al, flt_med[v], rss[v],
-				       cpu_med[v], enq_med[v]);
+		for (size_t v = 0; v < NV; v++) {
+			if (!measured(v, false))
+				continue;
+			med[v] = median(rates[v], K);
+			cpu_med[v] = median(cpus[v], K);
+			enq_med[v] = median(enqs[v], K);
+			flt_med[v] = median(flts[v], K);
+			table[row][v] = med[v] / 1e6;
+			/* One more run, smaller, counting allocations. */
+			long saved = M;
+			if (M > 100000)
+				M = 100000;
+			nops = (long)P * M;
+			long counted = nops;
+			progress("%s: counting allocations, %s", rowname[row], variants[v].label);
+			struct result res;
+			char spec[64];
+			int rc = run_one(variant_spec(v, "burst", spec, sizeof(spec)),
+			                 variants[v].base != NULL, true, &res);
+			M = saved;
+			nops = (long)P * M;
+			if (rc) {
+				progress_done();
+				fprintf(stderr,
+				        "opqueue-bench: %s (counting allocations) failed: %s\n",
+				        variants[v].label, strerror(rc));
+				return 1;
 			}
-			fflush(stdout);
+			per_op[v] = (double)res.allocs / (double)counted;
 		}
+		progress_done();
+		for (size_t v = 0; v < NV; v++) {
+			if (!measured(v, false))
+				continue;
+			char ri[16] = "-", rf[16] = "-", rc[16] = "-";
+			if (med[0] > 0)
+				snprintf(ri, sizeof(ri), "%.2fx", med[0] / med[v]);
+			if (med[1] > 0)
+				snprintf(rf, sizeof(rf), "%.2fx", med[1] / med[v]);
+			if (ceiling < NV && med[ceiling] > 0)
+				snprintf(rc, sizeof(rc), "%.1f%%", 100 * med[v] / med[ceiling]);
+			char al[16] = "n/a"; /* no malloc wrapper under a sanitizer */
+#ifndef NO_MALLOC_HOOK
+			snprintf(al, sizeof(al), "%.3f", per_op[v]);
+#endif
+			printf("%-*s %12.0f %9s %9s %9s %10s %9.4f %10ld %10.1f %10.1f\n", lw,
+			       variants[v].label, med[v], ri, rf, rc, al, flt_med[v], rss[v],
+			       cpu_med[v], enq_med[v]);
+		}
+		fflush(stdout);
+	}
 	progress_done();
 	if (plot_file) {
-		/* Empty operations without the ceiling (it dwarfs them), then spinning ones with it. */
+		/* Empty operations without the ceiling (it dwarfs them), then spinning ones with
+		 * it. */
 		struct panel pn[2];
-		const char *cols[2][NV], *prow[2][MAXLIST * MAXLIST];
-		double data[2][MAXLIST * MAXLIST * NV];
+		static const char *cols[2][NV], *prow[2][MAXROWS];
+		static double data[2][MAXROWS * NV];
 		size_t npn = 0;
 		for (int spin = 0; spin < 2; spin++) {
-			size_t nc = 0, nr = 0;
+			size_t nc = 0, npr = 0;
 			for (size_t v = 0; v < NV; v++)
-				if (selected[v] && variants[v].burst &&
-				    (spin || variants[v].burst != burst_ceiling))
+				if (measured(v, false) && (spin || v != ceiling))
 					cols[spin][nc++] = variants[v].label;
 			for (size_t r = 0; r < nrows; r++) {
 				if ((wlist[r % nw] > 0) != spin)
 					continue;
 				size_t c = 0;
 				for (size_t v = 0; v < NV; v++)
-					if (selected[v] && variants[v].burst &&
-					    (spin || variants[v].burst != burst_ceiling))
-						data[spin][nr * nc + c++] = table[r][v];
-				prow[spin][nr++] = rows[r];
+					if (measured(v, false) && (spin || v != ceiling))
+						data[spin][npr * nc + c++] = table[r][v];
+				prow[spin][npr++] = rows[r];
 			}
-			if (nr == 0 || nc == 0)
+			if (npr == 0 || nc == 0)
 				continue;
 			pn[npn++] = (struct panel){
 				spin ? "operations that spin (with the no-queue ceiling)"
 				     : "empty operations",
-				"workload: P producers, R runners, work per operation", "throughput (million operations per second)", false, prow[spin], nr,
+				"workload: P producers, R runners, work per operation",
+				"throughput (million operations per second)", false, prow[spin], npr,
 				cols[spin], nc, data[spin]
 			};
 		}
 		char title[128];
 		snprintf(title, sizeof(title),
-			 "opqueue-bench burst: %ld operations per producer, %u runners, median of %u runs",
-			 M, R, K);
+		         "opqueue-bench burst: %ld operations per producer, median of %u runs", M,
+		         K);
 		if (npn && plot(plot_file, title, pn, npn))
 			return 1;
 	}
@@ -1317,28 +1183,34 @@ static int run_latency(void)
 {
 	nops = L;
 	P = 1;
+	int lw = label_width();
 	progress_t0 = now_ns();
 	print_missing();
 	printf("\nlatency: enqueue to start of perform, one operation at a time, %ld samples,\n"
 	       "%u runners; microseconds, median over %u runs of each percentile\n",
 	       L, R, K);
-	printf("%-22s %9s %9s %9s %12s\n", "variant", "p50 us", "p99 us", "p99.9 us", "p50/intr");
+	printf("%-*s %9s %9s %9s %12s\n", lw, "variant", "p50 us", "p99 us", "p99.9 us",
+	       "p50/intr");
 	double data[NV * 3];
 	const char *rows[NV];
-	size_t nr = 0;
+	size_t nrow = 0;
 	double base = 0;
 	double p50[NV][K], p99[NV][K], p999[NV][K];
 	/* Round k runs every variant once (see run_burst). */
 	for (unsigned k = 0; k < K; k++)
-		for (size_t v = 0; v < NV; v++) {
-			if (!selected[v] || !variants[v].latency)
+		for (size_t i = 0; i < NV; i++) {
+			size_t v = round_order(k, i, NV);
+			if (!measured(v, true))
 				continue;
 			progress("latency: round %u/%u, %s", k + 1, K, variants[v].label);
 			struct result res;
-			int rc = run_one(variants[v].latency, false, true, &res);
+			char spec[64];
+			int rc = run_one(variant_spec(v, "latency", spec, sizeof(spec)),
+			                 variants[v].base != NULL, false, &res);
 			if (rc) {
-				fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", variants[v].label,
-					strerror(rc));
+				progress_done();
+				fprintf(stderr, "opqueue-bench: %s failed: %s\n", variants[v].label,
+				        strerror(rc));
 				return 1;
 			}
 			p50[v][k] = res.p50;
@@ -1347,20 +1219,20 @@ static int run_latency(void)
 		}
 	progress_done();
 	for (size_t v = 0; v < NV; v++) {
-		if (!selected[v] || !variants[v].latency)
+		if (!measured(v, true))
 			continue;
 		double a = median(p50[v], K), b = median(p99[v], K), c = median(p999[v], K);
-		if (nr == 0)
+		if (nrow == 0)
 			base = a;
-		printf("%-22s %9.2f %9.2f %9.2f %11.2fx\n", variants[v].label, a, b, c, a / base);
+		printf("%-*s %9.2f %9.2f %9.2f %11.2fx\n", lw, variants[v].label, a, b, c,
+		       a / base);
 		fflush(stdout);
-		rows[nr] = variants[v].label;
-		data[nr * 3] = a;
-		data[nr * 3 + 1] = b;
-		data[nr * 3 + 2] = c;
-		nr++;
+		rows[nrow] = variants[v].label;
+		data[nrow * 3] = a;
+		data[nrow * 3 + 1] = b;
+		data[nrow * 3 + 2] = c;
+		nrow++;
 	}
-	progress_done();
 	if (plot_file) {
 		static const char *const cols[] = { "p50", "p99", "p99.9" };
 		char title[128];
@@ -1369,13 +1241,17 @@ static int run_latency(void)
 			 R, L, K);
 		struct panel pn = { "p50, p99 and p99.9 of each variant", "thread pool",
 				    "enqueue to start of perform (microseconds, log scale)",
-				    true, rows, nr, cols, 3, data };
+				    true, rows, nrow, cols, 3, data };
 		if (plot(plot_file, title, &pn, 1))
 			return 1;
 	}
 	return 0;
 }
 
+/*
+ * The bounded queue against the unbounded one and the ceiling; with -O,
+ * also the other build's bounded and unbounded queue.
+ */
 static int run_bounded(void)
 {
 	P = (unsigned)plist[0];
@@ -1385,37 +1261,54 @@ static int run_bounded(void)
 	printf("\nbounded: %u producer(s) x %ld ops, %u runners, %ld ns per op, capacity %ld,\n"
 	       "median of %u runs\n",
 	       P, M, R, W, CAP, K);
-	printf("%-30s %12s %14s\n", "variant", "ops/s", "this/ceiling");
-	static const struct {
+	char lbl[6][96];
+	const struct {
 		const char *label;
-		int (*fn)(void);
-	} b[] = {
-		{ "opqueue intrusive, bounded", burst_bounded_intrusive },
-		{ "opqueue fn, bounded", burst_bounded_fn },
-		{ "opqueue intrusive, unbounded", burst_intrusive },
-		{ "no queue (ceiling)", burst_ceiling },
+		const char *spec;
+		bool old;
+	} all[] = {
+	    {"opqueue intrusive, bounded", "bounded:intrusive", false},
+	    {"opqueue fn, bounded", "bounded:fn", false},
+	    {lbl[0], "bounded:intrusive", true},
+	    {lbl[1], "bounded:fn", true},
+	    {"opqueue intrusive, unbounded", "burst:intrusive", false},
+	    {lbl[2], "burst:intrusive", true},
+	    {"no queue (ceiling)", "burst:ceiling", false},
 	};
-	double med[4], rates[4][K];
+	snprintf(lbl[0], sizeof(lbl[0]), "%s, bounded", old_intrusive_label);
+	snprintf(lbl[1], sizeof(lbl[1]), "%s, bounded", old_fn_label);
+	snprintf(lbl[2], sizeof(lbl[2]), "%s, unbounded", old_intrusive_label);
+	enum { NB = sizeof(all) / sizeof(all[0]) };
+	int lw = 30;
+	for (size_t v = 0; v < NB; v++)
+		if ((!all[v].old || old_exe) && (int)strlen(all[v].label) > lw)
+			lw = (int)strlen(all[v].label);
+	printf("%-*s %12s %14s\n", lw, "variant", "ops/s", "this/ceiling");
+	double med[NB], rates[NB][K];
 	/* Round k runs every variant once (see run_burst). */
 	for (unsigned k = 0; k < K; k++)
-		for (size_t v = 0; v < 4; v++) {
-			progress("bounded: round %u/%u, %s", k + 1, K, b[v].label);
+		for (size_t i = 0; i < NB; i++) {
+			size_t v = round_order(k, i, NB);
+			if (all[v].old && !old_exe)
+				continue;
+			progress("bounded: round %u/%u, %s", k + 1, K, all[v].label);
 			struct result res;
-			int rc = run_one(b[v].fn, false, false, &res);
+			int rc = run_one(all[v].spec, all[v].old, false, &res);
 			if (rc) {
-				fprintf(stderr, "\nopqueue-bench: %s failed: %s\n", b[v].label,
-					strerror(rc));
+				progress_done();
+				fprintf(stderr, "opqueue-bench: %s failed: %s\n", all[v].label,
+				        strerror(rc));
 				return 1;
 			}
 			rates[v][k] = res.rate;
 		}
 	progress_done();
-	for (size_t v = 0; v < 4; v++)
-		med[v] = median(rates[v], K);
-	for (size_t v = 0; v < 3; v++)
-		printf("%-30s %12.0f %13.1f%%\n", b[v].label, med[v], 100 * med[v] / med[3]);
-	progress_done();
-	printf("%-30s %12.0f %13.1f%%\n", b[3].label, med[3], 100.0);
+	for (size_t v = 0; v < NB; v++)
+		med[v] = all[v].old && !old_exe ? 0 : median(rates[v], K);
+	for (size_t v = 0; v < NB; v++)
+		if (!all[v].old || old_exe)
+			printf("%-*s %12.0f %13.1f%%\n", lw, all[v].label, med[v],
+			       100 * med[v] / med[NB - 1]);
 	return 0;
 }
 
@@ -1618,11 +1511,38 @@ static int run_line(void)
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r RUNNERS]\n"
-		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES]\n"
-		"         [-c CAPACITY] [-V intrusive,fn,glib,libuv,plain,ceiling] [-F]\n"
-		"         [--plot FILE.svg] [--cold]\n"
-		"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n");
+		"usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r LIST]\n"
+		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES] [-c CAPACITY]\n"
+		"         [-V intrusive,fn,old-intrusive,old-fn,glib,libuv,plain,ceiling]\n"
+		"         [-O OTHER_BUILD_PROGRAM [-L LABEL]] [-F] [--plot FILE.svg] [--cold]\n"
+		"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n"
+		"       opqueue-bench [-O OTHER_BUILD_PROGRAM] --library\n");
+}
+
+/* --library: the file of the libopqueue this program runs with (and the other build's). */
+static int print_library(void)
+{
+	int (*fp)(opq_queue **, const opq_queue_attr *) = opq_queue_create;
+	void *addr;
+	Dl_info info;
+	memcpy(&addr, &fp, sizeof(addr));
+	if (!dladdr(addr, &info) || !info.dli_fname)
+		return 1;
+	printf("%s\n", info.dli_fname);
+	if (!old_exe)
+		return 0;
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0) {
+		execl(old_exe, old_exe, "--library", (char *)NULL);
+		fprintf(stderr, "opqueue-bench: %s: %s\n", old_exe, strerror(errno));
+		_exit(127);
+	}
+	int status;
+	return pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+	               !WEXITSTATUS(status)
+	           ? 0
+	           : 1;
 }
 
 static bool select_variants(const char *list)
@@ -1712,11 +1632,18 @@ static int run_push(void)
 
 int main(int argc, char **argv)
 {
+	enum { OPT_CHILD = 256, OPT_COUNT, OPT_LIBRARY };
 	static const struct option longopts[] = { { "plot", required_argument, NULL, 'P' },
 						  { "help", no_argument, NULL, 'h' },
 						  { "cold", no_argument, NULL, 'C' },
+						  { "old", required_argument, NULL, 'O' },
+						  { "old-label", required_argument, NULL, 'L' },
+						  { "child", required_argument, NULL, OPT_CHILD },
+						  { "count", no_argument, NULL, OPT_COUNT },
+						  { "library", no_argument, NULL, OPT_LIBRARY },
 						  { NULL, 0, NULL, 0 } };
-	const char *mode = "burst";
+	const char *mode = "burst", *child = NULL, *vlist = NULL;
+	bool child_count = false, library = false;
 	int opt;
 	for (size_t v = 0; v < NV; v++)
 		selected[v] = true;
@@ -1725,12 +1652,12 @@ int main(int argc, char **argv)
 		argv++;
 		argc--;
 	}
-	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:V:FP:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:V:FP:O:L:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'l': mode = "line"; break;
 		case 'p': np = parse_list(optarg, plist); break;
 		case 'm': M = atol(optarg); break;
-		case 'r': R = (unsigned)atoi(optarg); break;
+		case 'r': nr = parse_list(optarg, rlist); break;
 		case 'w': nw = parse_list(optarg, wlist); break;
 		case 'k': K = (unsigned)atoi(optarg); break;
 		case 'n': L = atol(optarg); break;
@@ -1738,25 +1665,29 @@ int main(int argc, char **argv)
 		case 'F': no_fork = 1; break;
 		case 'C': cold = 1; break;
 		case 'P': plot_file = optarg; break;
-		case 'V':
-			if (!select_variants(optarg)) {
-				fprintf(stderr, "opqueue-bench: unknown variant in %s\n", optarg);
-				return 2;
-			}
-			break;
+		case 'O': old_exe = optarg; break;
+		case 'L': old_label = optarg; break;
+		case 'V': vlist = optarg; break;
+		case OPT_CHILD: child = optarg; break;
+		case OPT_COUNT: child_count = true; break;
+		case OPT_LIBRARY: library = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
+	}
+	if (vlist && !select_variants(vlist)) {
+		fprintf(stderr, "opqueue-bench: unknown variant in %s\n", vlist);
+		return 2;
 	}
 	const char *bad = NULL;
 	if (optind != argc)
 		bad = "unexpected argument";
 	else if (np == 0)
 		bad = "-p takes a comma-separated list of producer counts";
+	else if (nr == 0)
+		bad = "-r takes a comma-separated list of runner counts";
 	else if (nw == 0)
 		bad = "-w takes a comma-separated list of nanoseconds";
-	else if (R < 1 || R > 256)
-		bad = "-r takes 1 to 256 runners";
 	else if (M < 1)
 		bad = "-m takes at least 1";
 	else if (K < 1 || K > 1000)
@@ -1765,22 +1696,42 @@ int main(int argc, char **argv)
 		bad = "-n takes at least 1000 samples";
 	else if (CAP < 1)
 		bad = "-c takes a capacity of at least 1";
+	else if (no_fork && nr > 1)
+		bad = "-F takes one runner count (libuv sizes its pool once per process)";
+	else if (no_fork && old_exe)
+		bad = "-O runs the other build in processes of its own: not with -F";
+	else if (strlen(old_label) > 32)
+		bad = "-L takes a label of at most 32 characters";
 	for (size_t i = 0; i < np && !bad; i++)
 		if (plist[i] < 1 || plist[i] > 256)
 			bad = "-p takes 1 to 256 producers";
+	for (size_t i = 0; i < nr && !bad; i++)
+		if (rlist[i] < 1 || rlist[i] > 256)
+			bad = "-r takes 1 to 256 runners";
 	for (size_t i = 0; i < nw && !bad; i++)
 		if (wlist[i] < 0)
 			bad = "-w takes no negative times";
+	for (size_t v = 0; v < NV && !bad; v++)
+		if (vlist && selected[v] && variants[v].base && !old_exe)
+			bad = "-V old-intrusive and old-fn need -O";
 	if (bad) {
 		fprintf(stderr, "opqueue-bench: %s\n", bad);
 		usage(stderr);
 		return 2;
 	}
+	snprintf(old_intrusive_label, sizeof(old_intrusive_label), "opqueue (%s) intrusive",
+	         old_label);
+	snprintf(old_fn_label, sizeof(old_fn_label), "opqueue (%s) fn", old_label);
+	R = (unsigned)rlist[0]; /* burst takes each of -r in turn; the other modes the first */
 	if (no_fork)
 		K = 1;
 #ifdef HAVE_LIBUV
 	uv_set_size(); /* read by libuv once, on first use */
 #endif
+	if (library)
+		return print_library();
+	if (child)
+		return run_child(child, child_count);
 	if (!strcmp(mode, "burst"))
 		return run_burst();
 	if (!strcmp(mode, "latency"))
