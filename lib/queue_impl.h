@@ -27,17 +27,17 @@
  * another thread, wrongly, looks for it in another.
  *
  * The inbox. An unbounded queue's enqueue takes no lock: it pushes the
- * operation onto q->inbox, a stack with one compare-and-swap, and whoever
+ * operation onto q->inbox, a stack, with one compare-and-swap, and whoever
  * next holds q->mu with a need to see the FIFO (a runner's take, cancel,
  * stats, wait_idle, stop) moves the stack, reversed, to the FIFO's tail
- * (inbox_drain). A stop swaps in INBOX_CLOSED, and later pushes fail with
- * ESHUTDOWN. The only exchange between a pushing producer and a runner
- * going to sleep is idle_runners: the runner counts itself in it and then
- * looks at the inbox once more, the producer pushes and then reads it (both
- * sequentially consistent), so one of them sees the other; a producer that
- * sees more runners idle than signalled (work_signals, below) takes q->mu
- * to signal one. A runner signalled already comes back and drains. A bounded queue needs q->mu
- * to count its capacity: its enqueue pushes onto the FIFO under the lock.
+ * (opq__inbox_drain). A stop swaps in INBOX_CLOSED: later pushes fail with
+ * ESHUTDOWN. A pushing producer and a runner going to sleep meet on
+ * idle_runners: the runner counts itself in it and then looks at the inbox
+ * once more, the producer pushes and then reads it (both sequentially
+ * consistent), so one of them sees the other. A producer that sees more
+ * runners idle than signalled (work_signals, below) takes q->mu to signal
+ * one; a runner signalled already comes back and drains. A bounded queue
+ * counts its capacity under q->mu: its enqueue pushes onto the FIFO there.
  *
  * Sleep and wake, under q->mu (checked by the spin model lib/queue.pml):
  * - a runner sleeps on `work` only when the FIFO is empty and no runner
@@ -143,13 +143,15 @@ struct opq_queue {
 	pthread_mutex_t box_mu;
 	opq_op *boxes;   /* under box_mu, by opq__link.opq__next */
 	unsigned nspare; /* boxes kept, about: `spare` stops growing past SPARE_MAX */
-	char pad2_[64];
-	opq_op *spare; /* pushed without a lock */
-	/* Pushed by producers without the lock: on a cache line of its own
-	 * (q comes from calloc, not aligned to a line: padding both sides). */
+	/*
+	 * Pushed without the lock, each on a cache line of its own (q comes
+	 * from calloc, not aligned to a line: 64 bytes on each side).
+	 */
 	char pad0_[64];
-	struct opq__link *inbox;
+	opq_op *spare;
 	char pad1_[64];
+	struct opq__link *inbox;
+	char pad2_[64];
 };
 
 /* The most boxes a queue keeps for reuse. */
