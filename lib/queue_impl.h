@@ -41,8 +41,9 @@
  *
  * Sleep and wake, under q->mu (checked by the spin model lib/queue.pml):
  * - a runner sleeps on `work` only when the FIFO is empty and no runner
- *   holds operations not started (it steals half of them first), counted
- *   in idle_runners; an enqueue signals `work` when idle_runners exceeds
+ *   holds operations not started (it steals half of them first; `holders`
+ *   counts the runners that may, so that no search is made when none
+ *   does), counted in idle_runners; an enqueue signals `work` when idle_runners exceeds
  *   work_signals (signals sent and not yet consumed) and counts the signal;
  *   a runner back from the wait consumes one. So work_signals <=
  *   idle_runners, and an operation pushed while a runner sleeps unsignalled
@@ -89,7 +90,10 @@ struct runner {
 	struct opq__link link; /* in q->runners, under q->mu */
 	pthread_t thread;
 	unsigned index;
-	bool busy;     /* counted in q->busy; under q->mu */
+	bool busy; /* counted in q->busy; under q->mu */
+	/* Counted in q->holders from a take of more than one operation until
+	 * its next take: a runner with operations not started holds; under q->mu. */
+	bool holds;
 	bool finished; /* its thread is done: join it; under q->mu */
 
 	/* Under r->mu. */
@@ -114,6 +118,7 @@ struct opq_queue {
 	unsigned space_waiters, space_signals;
 	unsigned idle_waiters;
 	unsigned busy;          /* runners holding work */
+	unsigned holders;       /* runners that may hold operations not started */
 	unsigned helping;       /* operations performed by other threads now */
 	unsigned callers;       /* threads blocked in a call on q: destroy is EBUSY */
 	unsigned target;        /* runners wanted */

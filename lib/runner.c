@@ -73,10 +73,15 @@ void opq__helped_done(opq_queue *q)
 /*
  * Make the operations of list `ops` (n >= 1 of them, in FIFO order) r's:
  * start the first, returned TAKEN with r->running set, and keep the rest
- * in r's batch. Under q->mu and r->mu.
+ * in r's batch (then r counts in q->holders until its next take). Under
+ * q->mu and r->mu.
  */
-static opq_op *batch_start(struct runner *r, struct opq__link *ops, unsigned n)
+static opq_op *batch_start(opq_queue *q, struct runner *r, struct opq__link *ops, unsigned n)
 {
+	if (n > 1 && !r->holds) {
+		r->holds = true;
+		q->holders++;
+	}
 	opq__list_for_each(l, ops)
 	{
 		OP_SET_OWNER(OP_OF(l), r);
@@ -98,10 +103,12 @@ static opq_op *batch_start(struct runner *r, struct opq__link *ops, unsigned n)
  */
 static opq_op *steal(opq_queue *q, struct runner *self)
 {
+	if (q->holders == 0)
+		return NULL;
 	opq__list_for_each(l, &q->runners)
 	{
 		struct runner *v = OPQ_CONTAINER_OF(l, struct runner, link);
-		if (v == self)
+		if (v == self || !v->holds)
 			continue;
 		opq__lock(&v->mu);
 		if (v->nbatch == 0) {
@@ -117,7 +124,7 @@ static opq_op *steal(opq_queue *q, struct runner *self)
 		v->nbatch -= n;
 		opq__unlock(&v->mu);
 		opq__lock(&self->mu);
-		opq_op *op = batch_start(self, &ops, n);
+		opq_op *op = batch_start(q, self, &ops, n);
 		opq__unlock(&self->mu);
 		return op;
 	}
@@ -146,7 +153,7 @@ static opq_op *take(opq_queue *q, struct runner *r)
 	opq__list_cut(&q->fifo, n, &ops);
 	q->queued -= n;
 	opq__lock(&r->mu);
-	opq_op *op = batch_start(r, &ops, (unsigned)n);
+	opq_op *op = batch_start(q, r, &ops, (unsigned)n);
 	opq__unlock(&r->mu);
 	if (q->capacity)
 		opq__make_room(q);
@@ -221,6 +228,10 @@ void *opq__runner_main(void *arg)
 	if (--q->unstarted == 0)
 		OPQ_CHECK(pthread_cond_broadcast(&q->change));
 	for (;;) {
+		if (r->holds) { /* its batch is done: nothing of it is left to steal */
+			r->holds = false;
+			q->holders--;
+		}
 		opq_op *op = q->alive > q->target ? NULL : take(q, r);
 		if (op) {
 			if (!r->busy) {
