@@ -263,4 +263,74 @@ OPQ_INTERNAL int64_t opq__ts_to_ns(const struct timespec *ts);
 OPQ_INTERNAL int64_t opq__suspended_ns(void);
 OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
+/*
+ * Lease locks: lease.c (attributes, the provider object, the handle and
+ * its store calls), lease_keepalive.c (the keepalive), lease_memory.c (the
+ * memory provider).
+ *
+ * A handle has three locks, always taken in this order:
+ *   ka_mu  serialises keepalive start/stop (and destroy, release);
+ *   io     serialises the handle's store calls, so that a reply is applied
+ *          to the state the request was made from (a refresh of token 5
+ *          never clears a grant of token 6 made meanwhile);
+ *   mu     guards the state: held, grant, error words, keepalive fields.
+ * Store calls are made holding io but not mu, so remaining() and
+ * grant_get() never wait for the store.
+ */
+#define OPQ__LEASE_ERR_MAX 256
+
+struct opq_lease_attr {
+	char owner[OPQ_LEASE_OWNER_MAX + 1];
+	int64_t lease_ns;
+	int64_t ppm, fixed_ns;
+	int64_t poll_min, poll_max;
+	size_t data_len;
+	unsigned char data[OPQ_LEASE_DATA_MAX];
+};
+
+struct opq__lease_keepalive {
+	bool on;       /* started and not yet cleaned up (holds a timer reference) */
+	bool ended;    /* lost was called or stop began: no more refreshes */
+	bool stopping; /* a stop is cleaning up */
+	bool op_busy;  /* op is queued or being performed */
+	bool in_lost;  /* the lost callback is running on lost_thread */
+	pthread_t lost_thread;
+	opq_queue *queue;
+	int64_t interval_ns;
+	opq_lease_lost_fn *lost;
+	void *arg;
+	int64_t refresh_at; /* next refresh (monotonic ns) */
+	int64_t lost_at;    /* lost(UNREACHABLE) unless confirmed by then */
+	opq_op op;
+	struct opq__timer timer;
+};
+
+struct opq_lease {
+	opq_lease_provider *provider;
+	char name[OPQ_LEASE_NAME_MAX + 1];
+	struct opq_lease_attr a;
+	int64_t margin_ns;
+	pthread_mutex_t ka_mu, io, mu;
+	pthread_cond_t cv; /* keepalive: op_busy or in_lost went false */
+	bool held;
+	opq_lease_grant grant;
+	int64_t grant_suspended; /* opq__suspended_ns() at grant.acquired */
+	uint64_t rng;
+	char err[OPQ__LEASE_ERR_MAX];
+	struct opq__lease_keepalive ka;
+};
+
+/* lease.c: a + b for b >= 0, saturating at INT64_MAX. */
+OPQ_INTERNAL int64_t opq__lease_sat_add(int64_t a, int64_t b);
+/*
+ * lease.c: the refresh itself (io, then mu), shared by opq_lease_refresh
+ * and the keepalive: 0 (*grant, if not NULL, gets the new grant), ENOLCK
+ * when not held or no longer held, or a store error.
+ */
+OPQ_INTERNAL int opq__lease_do_refresh(opq_lease *lease, opq_lease_grant *grant);
+/* lease_keepalive.c: whether the calling thread runs l's lost callback (takes mu). */
+OPQ_INTERNAL bool opq__lease_in_own_lost(opq_lease *l);
+/* lease_keepalive.c: stop and clean up l's keepalive, if any (ka_mu held, not from lost). */
+OPQ_INTERNAL void opq__lease_ka_stop_locked(opq_lease *l);
+
 #endif /* OPQ_INTERNAL_H */
