@@ -152,8 +152,6 @@ OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr)
 
 OPQ_EXPORT int opq_lease_attr_destroy(opq_lease_attr *attr)
 {
-	if (!attr)
-		return EINVAL;
 	opq__free(attr);
 	return 0;
 }
@@ -227,7 +225,7 @@ OPQ_EXPORT int opq_lease_provider_create(opq_lease_provider **provider,
 OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider)
 {
 	if (!provider)
-		return EINVAL;
+		return 0;
 	opq__lock(&provider->mu);
 	unsigned long users = provider->users;
 	opq__unlock(&provider->mu);
@@ -295,7 +293,7 @@ fail0:
 OPQ_EXPORT int opq_lease_destroy(opq_lease *lease)
 {
 	if (!lease)
-		return EINVAL;
+		return 0;
 	if (opq__lease_in_own_lost(lease))
 		return EDEADLK;
 	opq__lock(&lease->ka_mu);

@@ -930,7 +930,7 @@ static const struct row rows[] = {
     ROW(stage_stats_null_out, EINVAL),
 
     ROW(lattr_create_null, EINVAL),
-    ROW(lattr_destroy_null, EINVAL),
+    ROW(lattr_destroy_null, 0),
     ROW(lattr_owner_null_attr, EINVAL),
     ROW(lattr_owner_null, EINVAL),
     ROW(lattr_owner_empty, EINVAL),
@@ -963,7 +963,7 @@ static const struct row rows[] = {
     ROW(lcreate_margin_gt_lease, EINVAL),
     ROW(lcreate_margin_ppm_all, EINVAL),
     ROW(lcreate_margin_just_below, 0),
-    ROW(ldestroy_null, EINVAL),
+    ROW(ldestroy_null, 0),
     ROW(ltry_null, EINVAL),
     ROW(ltry_held_by_other, EBUSY),
     ROW(ltry_holder_again, 0),
@@ -1010,7 +1010,7 @@ static const struct row rows[] = {
     ROW(lprov_no_release, EINVAL),
     ROW(lprov_no_destroy, 0),
     ROW(lprov_memory_null, EINVAL),
-    ROW(lprov_destroy_null, EINVAL),
+    ROW(lprov_destroy_null, 0),
     ROW(lprov_destroy_in_use, EBUSY),
 
     ROW(sattr_create_null, EINVAL),

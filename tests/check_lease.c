@@ -59,7 +59,7 @@ START_TEST(test_bad_input)
 	opq_lease_attr *a;
 	ck_assert_int_eq(opq_lease_attr_create(NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_attr_destroy(NULL), 0);
 	ck_assert_int_eq(opq_lease_attr_set_owner(NULL, "x"), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_set_owner(a, NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_set_owner(a, ""), EINVAL);
@@ -121,7 +121,7 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(opq_lease_error(NULL, buf, sizeof(buf)), EINVAL);
 	ck_assert_int_eq(opq_lease_error(l, NULL, 8), EINVAL);
 	ck_assert_int_eq(opq_lease_error(l, buf, 0), EINVAL);
-	ck_assert_int_eq(opq_lease_destroy(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_destroy(NULL), 0);
 	ck_assert_int_eq(opq_lease_keepalive_stop(NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
 
@@ -147,7 +147,7 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(opq_lease_provider_create(&p2, NULL, NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_provider_create(&p2, &ops, NULL), EINVAL);
 	ck_assert_ptr_null(p2);
-	ck_assert_int_eq(opq_lease_provider_destroy(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_destroy(NULL), 0);
 
 	/* still usable after all that; provider busy while the handle lives */
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);

@@ -64,6 +64,7 @@ typedef struct opq_lease_grant {
  * safety margin 1% of the lease + 10 ms, blocking acquire polls every 10 ms
  * growing to 1 s, no data. Errors: EINVAL, ENOMEM. */
 OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr);
+/* Free attributes (a handle keeps its own copy). NULL is a no-op returning 0. */
 OPQ_EXPORT int opq_lease_attr_destroy(opq_lease_attr *attr);
 /* Owner identity: 1..OPQ_LEASE_OWNER_MAX bytes, else EINVAL. */
 OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner);
@@ -90,7 +91,7 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
 				const char *name, const opq_lease_attr *attr);
 /* Destroy a handle: stops its keepalive (waiting for a refresh in flight),
  * does NOT release the lock. EDEADLK when called from the handle's own
- * lost-callback. */
+ * lost-callback. NULL is a no-op returning 0. */
 OPQ_EXPORT int opq_lease_destroy(opq_lease *lease);
 
 /*
@@ -209,7 +210,8 @@ OPQ_EXPORT int opq_lease_provider_create(opq_lease_provider **provider,
 					 const opq_lease_provider_ops *ops, void *store);
 /* The memory provider: threads of one process; tokens live as long as it. */
 OPQ_EXPORT int opq_lease_provider_memory(opq_lease_provider **provider);
-/* Destroy a provider: EBUSY while a lease handle uses it. */
+/* Destroy a provider: EBUSY while a lease handle uses it. NULL is a no-op
+ * returning 0. */
 OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider);
 
 #ifdef __cplusplus
