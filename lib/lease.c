@@ -150,10 +150,9 @@ OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr)
 	return 0;
 }
 
-OPQ_EXPORT int opq_lease_attr_destroy(opq_lease_attr *attr)
+OPQ_EXPORT void opq_lease_attr_destroy(opq_lease_attr *attr)
 {
 	opq__free(attr);
-	return 0;
 }
 
 OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner)

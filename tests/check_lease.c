@@ -40,11 +40,30 @@ static opq_lease *mk(opq_lease_provider *p, const char *name, const char *owner,
 	ck_assert_int_eq(opq_lease_attr_set_poll(a, 1 * MS, 20 * MS), 0);
 	opq_lease *l = NULL;
 	ck_assert_int_eq(opq_lease_create(&l, p, name, a), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	opq_lease_attr_destroy(a);
 	return l;
 }
 
 /* ---- input checks ----------------------------------------------------------- */
+
+/*
+ * The destroys follow the library's one convention: an attribute object's
+ * cannot fail and returns void (opq_queue_attr_destroy,
+ * opq_scope_attr_destroy); an object's can refuse (EBUSY while in use,
+ * EDEADLK from its own callback) and returns int (opq_queue_destroy,
+ * opq_stage_destroy, opq_scope_destroy).
+ */
+#define FN_TYPE_IS(fn, type) _Generic(&(fn), type : 1, default : 0)
+
+START_TEST(test_destroy_types)
+{
+	ck_assert(FN_TYPE_IS(opq_queue_attr_destroy, void (*)(opq_queue_attr *)));
+	ck_assert(FN_TYPE_IS(opq_lease_attr_destroy, void (*)(opq_lease_attr *)));
+	ck_assert(FN_TYPE_IS(opq_queue_destroy, int (*)(opq_queue *)));
+	ck_assert(FN_TYPE_IS(opq_lease_destroy, int (*)(opq_lease *)));
+	ck_assert(FN_TYPE_IS(opq_lease_provider_destroy, int (*)(opq_lease_provider *)));
+}
+END_TEST
 
 START_TEST(test_bad_input)
 {
@@ -59,7 +78,7 @@ START_TEST(test_bad_input)
 	opq_lease_attr *a;
 	ck_assert_int_eq(opq_lease_attr_create(NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(NULL), 0);
+	opq_lease_attr_destroy(NULL); /* a no-op */
 	ck_assert_int_eq(opq_lease_attr_set_owner(NULL, "x"), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_set_owner(a, NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_attr_set_owner(a, ""), EINVAL);
@@ -101,7 +120,7 @@ START_TEST(test_bad_input)
 	ck_assert_ptr_null(l);
 	ck_assert_int_eq(opq_lease_attr_set_margin(a, 0, MS / 2), 0);
 	ck_assert_int_eq(opq_lease_create(&l, p, ok_name, a), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	opq_lease_attr_destroy(a);
 
 	/* handle calls with NULLs and bad arguments */
 	opq_lease_grant g;
@@ -275,7 +294,7 @@ START_TEST(test_suspend)
 	ck_assert_int_eq(opq_lease_attr_set_margin(at, 0, 10 * MS), 0);
 	opq_lease *l;
 	ck_assert_int_eq(opq_lease_create(&l, p, "suspend", at), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_attr_destroy(at);
 	opq__suspend_pretend(3600 * SEC); /* before the grant: not counted */
 	opq_lease_grant g;
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
@@ -312,7 +331,7 @@ START_TEST(test_remaining)
 	ck_assert_int_eq(opq_lease_attr_set_margin(at, 5000, 7 * MS), 0); /* 0.5% + 7 ms */
 	opq_lease *l;
 	ck_assert_int_eq(opq_lease_create(&l, p, "r", at), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_attr_destroy(at);
 	opq_lease_grant g;
 	int64_t before = t_now_ns();
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
@@ -551,7 +570,7 @@ START_TEST(test_fault_sweep)
 	ck_assert_uint_eq(g.token, 2);
 	ck_assert_int_eq(opq_lease_release(l), 0);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	opq_lease_attr_destroy(a);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
@@ -660,7 +679,7 @@ START_TEST(test_fault_sweep_rest)
 		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
 		ck_assert_int_eq(opq_queue_destroy(q), 0);
 	}
-	ck_assert_int_eq(opq_lease_attr_destroy(a), 0);
+	opq_lease_attr_destroy(a);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
 }
 END_TEST
@@ -1127,7 +1146,7 @@ START_TEST(test_huge_lease)
 	ck_assert_int_eq(opq_lease_create(&l, p, "h", at), 0);
 	ck_assert_int_eq(opq_lease_attr_set_owner(at, "other"), 0);
 	ck_assert_int_eq(opq_lease_create(&other, p, "h", at), 0);
-	ck_assert_int_eq(opq_lease_attr_destroy(at), 0);
+	opq_lease_attr_destroy(at);
 	opq_lease_grant g;
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
 	int64_t left;
@@ -1153,6 +1172,7 @@ int main(void)
 	Suite *s = suite_create("lease");
 	TCase *tc = t_tcase(s, "memory", 120);
 	tcase_add_test(tc, test_bad_input);
+	tcase_add_test(tc, test_destroy_types);
 	tcase_add_test(tc, test_default_owner_and_errors);
 	tcase_add_test(tc, test_tokens);
 	tcase_add_test(tc, test_remaining);

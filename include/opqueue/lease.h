@@ -64,8 +64,8 @@ typedef struct opq_lease_grant {
  * safety margin 1% of the lease + 10 ms, blocking acquire polls every 10 ms
  * growing to 1 s, no data. Errors: EINVAL, ENOMEM. */
 OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr);
-/* Free attributes (a handle keeps its own copy). NULL is a no-op returning 0. */
-OPQ_EXPORT int opq_lease_attr_destroy(opq_lease_attr *attr);
+/* Free attributes (a handle keeps its own copy). Cannot fail; NULL is a no-op. */
+OPQ_EXPORT void opq_lease_attr_destroy(opq_lease_attr *attr);
 /* Owner identity: 1..OPQ_LEASE_OWNER_MAX bytes, else EINVAL. */
 OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner);
 /* Lease duration in ns, > 0 (EINVAL otherwise). */
