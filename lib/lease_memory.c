@@ -1,5 +1,5 @@
 /*
- * lease_memory.c: the memory lease provider (opq_lease_provider_memory,
+ * lease_memory.c: the memory lease provider (opq_lease_provider_memory_create,
  * see opq_lease_provider_create(3)): one process's threads share leases
  * through a hash table of lock names. Written against the provider
  * interface (opq_lease_provider_create), like the SQLite and PostgreSQL
@@ -123,7 +123,7 @@ static void mem_destroy(void *store)
 	opq__free(s);
 }
 
-OPQ_EXPORT int opq_lease_provider_memory(opq_lease_provider **provider)
+OPQ_EXPORT int opq_lease_provider_memory_create(opq_lease_provider **provider)
 {
 	if (!provider)
 		return EINVAL;

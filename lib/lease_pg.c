@@ -1,5 +1,5 @@
 /*
- * lease_pg.c: the PostgreSQL lease provider (opq_lease_provider_pg(3)):
+ * lease_pg.c: the PostgreSQL lease provider (opq_lease_provider_pg_create(3)):
  * its SQL, the three operations, the connection string and the
  * provider's creation. The connection pool that runs the statements is
  * in lease_pg_pool.c; lease_pg_impl.h has what the two files share.
@@ -304,8 +304,8 @@ static int parse_conninfo(struct pg_store *s, const char *conninfo, char *errbuf
 	return rc;
 }
 
-int opq_lease_provider_pg(opq_lease_provider **provider, const char *conninfo, char *errbuf,
-			  size_t errlen)
+int opq_lease_provider_pg_create(opq_lease_provider **provider, const char *conninfo, char *errbuf,
+                                 size_t errlen)
 {
 	if (errbuf != NULL && errlen > 0)
 		errbuf[0] = '\0';

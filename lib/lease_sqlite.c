@@ -290,8 +290,8 @@ static void sq_destroy(void *store)
 	free(s);
 }
 
-OPQ_EXPORT int opq_lease_provider_sqlite(opq_lease_provider **provider, const char *path,
-					 char *errbuf, size_t errlen)
+OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, const char *path,
+                                                char *errbuf, size_t errlen)
 {
 	if (errbuf && errlen)
 		errbuf[0] = '\0';

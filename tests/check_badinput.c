@@ -97,7 +97,7 @@ static void fx_setup(void)
 	ck_assert_int_eq(opq_stage_register(f->st, "h", 1, &f->th_st), 0);
 	ck_assert_int_eq(opq_stage_enter(f->st, f->th_st, NULL, &f->ev), OPQ_STAGE_HEAD);
 
-	ck_assert_int_eq(opq_lease_provider_memory(&f->pm), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&f->pm), 0);
 	ck_assert_int_eq(opq_lease_attr_create(&f->lattr), 0);
 	ck_assert_int_eq(opq_lease_attr_set_owner(f->lattr, "A"), 0);
 	ck_assert_int_eq(opq_lease_create(&f->la, f->pm, "x", f->lattr), 0);
@@ -605,7 +605,7 @@ R(lprov_no_destroy)
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
 	return opq_lease_provider_destroy(p);
 }
-R(lprov_memory_null) { UNUSED; return opq_lease_provider_memory(NULL); }
+R(lprov_memory_null) { UNUSED; return opq_lease_provider_memory_create(NULL); }
 R(lprov_destroy_null) { UNUSED; return opq_lease_provider_destroy(NULL); }
 R(lprov_destroy_in_use) { return opq_lease_provider_destroy(f->pm); }
 

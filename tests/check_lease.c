@@ -100,8 +100,8 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(opq_lease_attr_set_data(a, NULL, 0), 0);
 
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(NULL), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease *l = NULL;
 	ck_assert_int_eq(opq_lease_create(NULL, p, "x", NULL), EINVAL);
 	ck_assert_int_eq(opq_lease_create(&l, NULL, "x", NULL), EINVAL);
@@ -189,7 +189,7 @@ static void lost_never(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
 START_TEST(test_default_owner_and_errors)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease *a, *b;
 	/* Two default handles get different owners: they exclude each other. */
 	ck_assert_int_eq(opq_lease_create(&a, p, "job", NULL), 0);
@@ -219,7 +219,7 @@ END_TEST
 START_TEST(test_tokens)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease *a = mk(p, "res", "A", 1000 * MS);
 	opq_lease *b = mk(p, "res", "B", 1000 * MS);
 	opq_lease *other = mk(p, "other", "A", 1000 * MS);
@@ -287,7 +287,7 @@ END_TEST
 START_TEST(test_suspend)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease_attr *at;
 	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
 	ck_assert_int_eq(opq_lease_attr_set_duration(at, 10 * SEC), 0);
@@ -323,7 +323,7 @@ END_TEST
 START_TEST(test_remaining)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease_attr *at;
 	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
 	ck_assert_int_eq(opq_lease_attr_set_owner(at, "me"), 0);
@@ -371,7 +371,7 @@ END_TEST
 START_TEST(test_takeover_at_expiry)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	const int64_t L = 150 * MS;
 	for (int round = 0; round < 3; round++) {
 		opq_lease *a = mk(p, "t", "A", L);
@@ -426,7 +426,7 @@ static void *release_later(void *arg)
 START_TEST(test_blocking_acquire)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease *a = mk(p, "b", "A", 10000 * MS);
 	opq_lease *b = mk(p, "b", "B", 10000 * MS);
 	opq_lease_grant ga, gb;
@@ -520,7 +520,7 @@ START_TEST(test_mutual_exclusion)
 	memset(&m, 0, sizeof(m));
 	pthread_mutex_init(&m.mu, NULL);
 	m.iters = t_scale(300);
-	ck_assert_int_eq(opq_lease_provider_memory(&m.p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&m.p), 0);
 	pthread_t th[MX_THREADS];
 	struct mx_arg args[MX_THREADS];
 	for (int i = 0; i < MX_THREADS; i++) {
@@ -547,7 +547,7 @@ START_TEST(test_fault_sweep)
 	SWEEP(opq_lease_attr_create(&a), ck_assert_ptr_null(a));
 	ck_assert_int_eq(opq_lease_attr_set_owner(a, "me"), 0);
 	opq_lease_provider *p = NULL;
-	SWEEP(opq_lease_provider_memory(&p), ck_assert_ptr_null(p));
+	SWEEP(opq_lease_provider_memory_create(&p), ck_assert_ptr_null(p));
 	opq_lease *l = NULL;
 	SWEEP(opq_lease_create(&l, p, "f", a), ck_assert_ptr_null(l));
 	opq_lease_grant g;
@@ -621,7 +621,7 @@ START_TEST(test_fault_sweep_rest)
 	 * be made (ENOMEM, a store failure): acquire retries and gets it on
 	 * the next try; the words stay in the handle. */
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease_attr *a;
 	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
 	ck_assert_int_eq(opq_lease_attr_set_poll(a, 1000000, 1000000), 0);
@@ -858,7 +858,7 @@ static void end_queue(opq_queue *q)
 START_TEST(test_keepalive_keeps)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_queue *q = mk_queue(2);
 	opq_lease *a = mk(p, "k", "A", 400 * MS);
 	opq_lease *b = mk(p, "k", "B", 400 * MS);
@@ -1077,7 +1077,7 @@ END_TEST
 START_TEST(test_keepalive_churn)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_queue *q = mk_queue(2);
 	enum { N = 6 };
 	opq_lease *l[N];
@@ -1113,7 +1113,7 @@ END_TEST
 START_TEST(test_round_trips)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease *l = mk(p, "rt", "A", 10000 * MS);
 	long n = t_scale(200000);
 	int64_t t0 = t_now_ns();
@@ -1137,7 +1137,7 @@ END_TEST
 START_TEST(test_huge_lease)
 {
 	opq_lease_provider *p;
-	ck_assert_int_eq(opq_lease_provider_memory(&p), 0);
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_lease_attr *at;
 	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
 	ck_assert_int_eq(opq_lease_attr_set_duration(at, INT64_MAX), 0);

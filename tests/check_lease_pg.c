@@ -50,8 +50,8 @@ static opq_lease_provider *provider_new(void)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	int rc = opq_lease_provider_pg(&p, conninfo(), err, sizeof err);
-	ck_assert_msg(rc == 0, "opq_lease_provider_pg: %d %s", rc, err);
+	int rc = opq_lease_provider_pg_create(&p, conninfo(), err, sizeof err);
+	ck_assert_msg(rc == 0, "opq_lease_provider_pg_create: %d %s", rc, err);
 	return p;
 }
 
@@ -189,7 +189,7 @@ static void excl_child(int who, int m, const char *log)
 		_exit(20);
 	char err[256];
 	opq_lease_provider *p = NULL;
-	if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
 		_exit(21);
 	char owner[32];
 	snprintf(owner, sizeof owner, "excl-%d-%d", who, (int)getpid());
@@ -292,7 +292,8 @@ START_TEST(test_crash_takeover)
 		close(fds[0]);
 		char err[256];
 		opq_lease_provider *p = NULL;
-		if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+		if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) !=
+		    0)
 			_exit(21);
 		opq_lease *l = lease_new(p, "crash", "crash-victim", lease_ns);
 		opq_lease_grant g;
@@ -359,7 +360,7 @@ static void paused_child(int wfd, int rfd, int64_t lease_ns)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	if (opq_lease_provider_pg(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
 		_exit(21);
 	opq_lease *l = lease_new(p, "fence", "fence-A", lease_ns);
 	opq_lease_grant g;
@@ -718,21 +719,22 @@ START_TEST(test_bad_input)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	ck_assert_int_eq(opq_lease_provider_pg(NULL, conninfo(), err, sizeof err), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, NULL, err, sizeof err), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, conninfo(), NULL, 5), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, "nosuchkey=1", err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(NULL, conninfo(), err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, NULL, err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, conninfo(), NULL, 5), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "nosuchkey=1", err, sizeof err), EINVAL);
 	ck_assert_msg(strstr(err, "nosuchkey") != NULL, "%s", err);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, "host='unterminated", err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "host='unterminated", err, sizeof err),
+	                 EINVAL);
 	ck_assert_msg(strlen(err) > 10, "%s", err);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, "connect_timeout=soon", NULL, 0), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg(&p, "postgresql://[bad", err, 8), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "connect_timeout=soon", NULL, 0), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "postgresql://[bad", err, 8), EINVAL);
 	ck_assert_uint_le(strlen(err), 7);
 
 	/* A server that is not there: a clear error at first use, every time. */
-	ck_assert_int_eq(opq_lease_provider_pg(&p, "host=/nonexistent-opq-dir connect_timeout=2",
-					       err, sizeof err),
-			 0);
+	ck_assert_int_eq(opq_lease_provider_pg_create(
+	                     &p, "host=/nonexistent-opq-dir connect_timeout=2", err, sizeof err),
+	                 0);
 	opq_lease *l = lease_new(p, "bad", NULL, SEC);
 	ck_assert_ptr_nonnull(l);
 	for (int i = 0; i < 20; i++) {
@@ -827,7 +829,7 @@ START_TEST(test_sql_file)
 	 * provider's own DDL fails, clearly. */
 	char err[256];
 	opq_lease_provider *p = NULL;
-	ck_assert_int_eq(opq_lease_provider_pg(&p, ci, err, sizeof err), 0);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, ci, err, sizeof err), 0);
 	opq_lease *l = lease_new(p, "sqlfile", NULL, SEC);
 	ck_assert_ptr_nonnull(l);
 	int rc = opq_lease_try_acquire(l, NULL);
@@ -1024,7 +1026,7 @@ START_TEST(test_schema_race)
 		close(gate[1]);
 		char err[256], name[16];
 		opq_lease_provider *p = NULL;
-		if (opq_lease_provider_pg(&p, ci, err, sizeof err) != 0)
+		if (opq_lease_provider_pg_create(&p, ci, err, sizeof err) != 0)
 			_exit(21);
 		snprintf(name, sizeof name, "race-%d", i);
 		opq_lease *l = lease_new(p, name, NULL, 5 * SEC);
@@ -1096,7 +1098,7 @@ static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, 
 	 * leaves time for n new connections on a slow machine. */
 	snprintf(ci, sizeof ci, "%s application_name=opq_pool connect_timeout=30", conninfo());
 	opq_lease_provider *p = NULL;
-	ck_assert_msg(opq_lease_provider_pg(&p, ci, err, sizeof err) == 0, "%s", err);
+	ck_assert_msg(opq_lease_provider_pg_create(&p, ci, err, sizeof err) == 0, "%s", err);
 	for (int i = 0; i < n; i++) {
 		snprintf(name, sizeof name, "pool-%d", i);
 		calls[i].l = lease_new(p, name, NULL, 60 * SEC);

@@ -48,7 +48,7 @@ static opq_lease_provider *open_store(void)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	int rc = opq_lease_provider_sqlite(&p, db_path, err, sizeof(err));
+	int rc = opq_lease_provider_sqlite_create(&p, db_path, err, sizeof(err));
 	ck_assert_msg(rc == 0, "open %s: %d %s", db_path, rc, err);
 	return p;
 }
@@ -73,14 +73,14 @@ START_TEST(test_bad_input)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	ck_assert_int_eq(opq_lease_provider_sqlite(NULL, db_path, err, sizeof(err)), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_sqlite(&p, NULL, err, sizeof(err)), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_sqlite(&p, "", err, sizeof(err)), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_sqlite(&p, db_path, NULL, 5), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_sqlite_create(NULL, db_path, err, sizeof(err)), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_sqlite_create(&p, NULL, err, sizeof(err)), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_sqlite_create(&p, "", err, sizeof(err)), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_sqlite_create(&p, db_path, NULL, 5), EINVAL);
 	/* a directory that does not exist */
 	char path[400];
 	snprintf(path, sizeof(path), "%s/no/such/dir/x.db", dir);
-	int rc = opq_lease_provider_sqlite(&p, path, err, sizeof(err));
+	int rc = opq_lease_provider_sqlite_create(&p, path, err, sizeof(err));
 	ck_assert_int_eq(rc, ENOENT);
 	ck_assert_ptr_null(p);
 	ck_assert_msg(strstr(err, path) && strstr(err, "open"), "words: %s", err);
@@ -94,10 +94,10 @@ START_TEST(test_bad_input)
 	if (pid == 0) {
 		if (geteuid() == 0 && setuid(65534) != 0)
 			_exit(3);
-		_exit(opq_lease_provider_sqlite(&p, path, err, sizeof(err)) == EACCES &&
-				      p == NULL && strstr(err, "open")
-			      ? 0
-			      : 4);
+		_exit(opq_lease_provider_sqlite_create(&p, path, err, sizeof(err)) == EACCES &&
+		              p == NULL && strstr(err, "open")
+		          ? 0
+		          : 4);
 	}
 	int status;
 	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
@@ -109,12 +109,12 @@ START_TEST(test_bad_input)
 	for (int i = 0; i < 200; i++)
 		fputs("this is certainly not an SQLite database file\n", f);
 	fclose(f);
-	rc = opq_lease_provider_sqlite(&p, path, err, sizeof(err));
+	rc = opq_lease_provider_sqlite_create(&p, path, err, sizeof(err));
 	ck_assert_int_eq(rc, EIO);
 	ck_assert_ptr_null(p);
 	ck_assert_msg(strstr(err, "not a database"), "words: %s", err);
 	/* errbuf NULL with errlen 0 is fine; the good path still works */
-	rc = opq_lease_provider_sqlite(&p, path, NULL, 0);
+	rc = opq_lease_provider_sqlite_create(&p, path, NULL, 0);
 	ck_assert_int_eq(rc, EIO);
 	p = open_store();
 	opq_lease *l = mk(p, "x", "A", 1000 * MS, 10 * MS);
@@ -217,7 +217,7 @@ static int contender(int id, long iters, const char *log_path)
 {
 	char err[256];
 	opq_lease_provider *p;
-	if (opq_lease_provider_sqlite(&p, db_path, err, sizeof(err)) != 0)
+	if (opq_lease_provider_sqlite_create(&p, db_path, err, sizeof(err)) != 0)
 		return 10;
 	opq_lease_attr *a;
 	char owner[32];
@@ -334,7 +334,7 @@ START_TEST(test_crash_takeover)
 		close(fds[0]);
 		char err[256];
 		opq_lease_provider *p;
-		if (opq_lease_provider_sqlite(&p, db_path, err, sizeof(err)))
+		if (opq_lease_provider_sqlite_create(&p, db_path, err, sizeof(err)))
 			_exit(1);
 		opq_lease_attr *a;
 		opq_lease *l;
@@ -623,7 +623,7 @@ START_TEST(test_keepalive_sqlite)
 			_exit(5);
 		char err[256];
 		opq_lease_provider *cp;
-		if (opq_lease_provider_sqlite(&cp, db_path, err, sizeof(err))) {
+		if (opq_lease_provider_sqlite_create(&cp, db_path, err, sizeof(err))) {
 			fprintf(stderr, "child: %s\n", err);
 			_exit(1);
 		}

@@ -327,7 +327,7 @@ START_TEST(test_blocking_calls_cancelled)
 
 			opq_lease_provider *lp;
 			opq_lease *holder;
-			ck_assert_int_eq(opq_lease_provider_memory(&lp), 0);
+			ck_assert_int_eq(opq_lease_provider_memory_create(&lp), 0);
 			ck_assert_int_eq(opq_lease_create(&holder, lp, "res", NULL), 0);
 			ck_assert_int_eq(opq_lease_create(&b.lease, lp, "res", NULL), 0);
 			ck_assert_int_eq(opq_lease_try_acquire(holder, NULL), 0);

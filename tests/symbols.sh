@@ -17,6 +17,13 @@ if [ -f "$pglib" ]; then
 	bad=$(${NM:-nm} -D --defined-only "$pglib" | awk '{print $NF}' | grep -v '^opq_[a-z]' | grep -v '^$' || true)
 	[ -z "$bad" ] || { echo "libopqueue-pg exports outside opq_*:"; printf '%s\n' "$bad"; exit 1; }
 fi
+# The SQLite provider's library exports its constructor and nothing else.
+sqlib="$top_builddir/lib/.libs/libopqueue-sqlite.so"
+if [ -f "$sqlib" ]; then
+	got=$(${NM:-nm} -D --defined-only "$sqlib" | awk '$2 == "T" {print $3}')
+	[ "$got" = opq_lease_provider_sqlite_create ] ||
+		{ echo "libopqueue-sqlite exports, instead of opq_lease_provider_sqlite_create:"; printf '%s\n' "$got"; exit 1; }
+fi
 if command -v objdump >/dev/null 2>&1 && objdump -p "$lib" | grep NEEDED | grep -q libpq; then
 	echo "libopqueue needs libpq"; exit 1
 fi

@@ -209,7 +209,7 @@ typedef struct opq_lease_provider_ops {
 OPQ_EXPORT int opq_lease_provider_create(opq_lease_provider **provider,
 					 const opq_lease_provider_ops *ops, void *store);
 /* The memory provider: threads of one process; tokens live as long as it. */
-OPQ_EXPORT int opq_lease_provider_memory(opq_lease_provider **provider);
+OPQ_EXPORT int opq_lease_provider_memory_create(opq_lease_provider **provider);
 /* Destroy a provider: EBUSY while a lease handle uses it. NULL is a no-op
  * returning 0. */
 OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider);

@@ -1,5 +1,5 @@
 /*
- * opqueue/lease_pg.h: the PostgreSQL lease provider (opq_lease_provider_pg(3)).
+ * opqueue/lease_pg.h: the PostgreSQL lease provider (opq_lease_provider_pg_create(3)).
  *
  * Library: -lopqueue-pg (pkg-config opqueue-pg), which links libpq; a
  * program that does not use this header does not need either.
@@ -31,8 +31,8 @@ extern "C" {
  * string that does not parse: words in errbuf), ENOMEM. errbuf (errlen
  * bytes, may be NULL when errlen is 0) gets the words of a failure.
  */
-OPQ_EXPORT int opq_lease_provider_pg(opq_lease_provider **provider, const char *conninfo,
-				     char *errbuf, size_t errlen);
+OPQ_EXPORT int opq_lease_provider_pg_create(opq_lease_provider **provider, const char *conninfo,
+                                            char *errbuf, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,6 @@
 /*
  * opqueue/lease_sqlite.h: the SQLite lease provider (see
- * opq_lease_provider_sqlite(3)). Library -lopqueue-sqlite
+ * opq_lease_provider_sqlite_create(3)). Library -lopqueue-sqlite
  * (`pkg-config opqueue-sqlite`), which links -lopqueue and -lsqlite3; a
  * program that does not include this header does not pull SQLite in.
  *
@@ -29,8 +29,8 @@ extern "C" {
  * (cannot open: no such directory...), EACCES, EROFS, EIO (not a
  * database, corrupt), EAGAIN (the database stayed locked).
  */
-OPQ_EXPORT int opq_lease_provider_sqlite(opq_lease_provider **provider, const char *path,
-					 char *errbuf, size_t errlen);
+OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, const char *path,
+                                                char *errbuf, size_t errlen);
 
 #ifdef __cplusplus
 }

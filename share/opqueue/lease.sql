@@ -1,5 +1,5 @@
 -- lease.sql: the schema of the opqueue PostgreSQL lease provider
--- (opq_lease_provider_pg(3)). The provider creates the same objects itself
+-- (opq_lease_provider_pg_create(3)). The provider creates the same objects itself
 -- on first use when they are missing; apply this file beforehand where the
 -- lease users may not run DDL:
 --     psql -v ON_ERROR_STOP=1 -d DBNAME -f lease.sql

@@ -319,7 +319,7 @@ static int setup(void **statep, unsigned threads, uint64_t seed)
 	if (!m)
 		return ENOMEM;
 	m->name = "lease";
-	int rc = opq_lease_provider_memory(&m->prov);
+	int rc = opq_lease_provider_memory_create(&m->prov);
 	if (rc || (rc = setup_on(m, threads, seed)))
 		return rc;
 	*statep = m;
@@ -590,7 +590,7 @@ static int setup_sqlite(void **statep, unsigned threads, uint64_t seed)
 	}
 	close(fd); /* an empty file is an empty database */
 	char err[PATH_MAX + 256];
-	int rc = opq_lease_provider_sqlite(&m->prov, m->path, err, sizeof(err));
+	int rc = opq_lease_provider_sqlite_create(&m->prov, m->path, err, sizeof(err));
 	if (rc) {
 		fprintf(stderr, "lease_sqlite: %s\n", err);
 		remove_db(m);
@@ -636,7 +636,7 @@ static int setup_pg(void **statep, unsigned threads, uint64_t seed)
 	m->name = "lease_pg";
 	m->remote = true;
 	char err[512];
-	int rc = opq_lease_provider_pg(&m->prov, conninfo, err, sizeof(err));
+	int rc = opq_lease_provider_pg_create(&m->prov, conninfo, err, sizeof(err));
 	if (rc) {
 		fprintf(stderr, "lease_pg: %s\n", err);
 		free(m);
