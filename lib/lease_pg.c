@@ -304,8 +304,42 @@ static int parse_conninfo(struct pg_store *s, const char *conninfo, char *errbuf
 	return rc;
 }
 
-int opq_lease_provider_pg_create(opq_lease_provider **provider, const char *conninfo, char *errbuf,
-                                 size_t errlen)
+struct opq_lease_pg_attr {
+	int64_t idle_ns;
+};
+
+static void pg_attr_defaults(struct opq_lease_pg_attr *a)
+{
+	a->idle_ns = IDLE_MS * 1000000LL;
+}
+
+int opq_lease_pg_attr_create(opq_lease_pg_attr **attr)
+{
+	if (attr == NULL)
+		return EINVAL;
+	struct opq_lease_pg_attr *a = malloc(sizeof *a);
+	if (a == NULL)
+		return ENOMEM;
+	pg_attr_defaults(a);
+	*attr = a;
+	return 0;
+}
+
+void opq_lease_pg_attr_destroy(opq_lease_pg_attr *attr)
+{
+	free(attr);
+}
+
+int opq_lease_pg_attr_set_idle_timeout(opq_lease_pg_attr *attr, int64_t idle_ns)
+{
+	if (attr == NULL || idle_ns < 0)
+		return EINVAL;
+	attr->idle_ns = idle_ns;
+	return 0;
+}
+
+int opq_lease_provider_pg_create(opq_lease_provider **provider, const char *conninfo,
+                                 const opq_lease_pg_attr *attr, char *errbuf, size_t errlen)
 {
 	if (errbuf != NULL && errlen > 0)
 		errbuf[0] = '\0';
@@ -324,15 +358,12 @@ int opq_lease_provider_pg_create(opq_lease_provider **provider, const char *conn
 		return ENOMEM;
 	}
 	s->bound_ns = DEFAULT_BOUND_S * NS_PER_S;
-	s->idle_max_ns = IDLE_MS * 1000000LL;
-	const char *idle = getenv("OPQ_PG_IDLE_MS");
-	if (idle != NULL) {
-		char *end;
-		errno = 0;
-		long long ms = strtoll(idle, &end, 10);
-		if (errno == 0 && end != idle && *end == '\0' && ms >= 0 && ms <= 86400000LL)
-			s->idle_max_ns = ms * 1000000LL;
+	struct opq_lease_pg_attr defaults;
+	if (attr == NULL) {
+		pg_attr_defaults(&defaults);
+		attr = &defaults;
 	}
+	s->idle_max_ns = attr->idle_ns;
 	int rc = parse_conninfo(s, conninfo, errbuf, errlen);
 	if (rc != 0) {
 		pg_destroy(s);

@@ -24,10 +24,11 @@
  * and token, so the retry cannot mint a second token. One that timed out is
  * closed alone. Idle connections are a stack: the one given back last is
  * taken first, so those at the bottom are the ones no call has needed for
- * the longest; once one has been idle for IDLE_MS (OPQ_PG_IDLE_MS in the
- * environment overrides it), the next connection given back closes it. So
- * the pool shrinks back to what the calls use after a burst (a fleet's
- * hosts would otherwise each keep their peak until they stop).
+ * the longest; once one has been idle for the provider's idle timeout
+ * (opq_lease_pg_attr_set_idle_timeout, default 30 s), the next connection
+ * given back closes it. So the pool shrinks back to what the calls use
+ * after a burst (a fleet's hosts would otherwise each keep their peak
+ * until they stop).
  */
 #include "lease_pg_impl.h"
 

@@ -50,7 +50,7 @@ static opq_lease_provider *provider_new(void)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	int rc = opq_lease_provider_pg_create(&p, conninfo(), err, sizeof err);
+	int rc = opq_lease_provider_pg_create(&p, conninfo(), NULL, err, sizeof err);
 	ck_assert_msg(rc == 0, "opq_lease_provider_pg_create: %d %s", rc, err);
 	return p;
 }
@@ -189,7 +189,7 @@ static void excl_child(int who, int m, const char *log)
 		_exit(20);
 	char err[256];
 	opq_lease_provider *p = NULL;
-	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), NULL, err, sizeof err) != 0)
 		_exit(21);
 	char owner[32];
 	snprintf(owner, sizeof owner, "excl-%d-%d", who, (int)getpid());
@@ -292,8 +292,8 @@ START_TEST(test_crash_takeover)
 		close(fds[0]);
 		char err[256];
 		opq_lease_provider *p = NULL;
-		if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) !=
-		    0)
+		if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), NULL, err,
+		                                 sizeof err) != 0)
 			_exit(21);
 		opq_lease *l = lease_new(p, "crash", "crash-victim", lease_ns);
 		opq_lease_grant g;
@@ -360,7 +360,7 @@ static void paused_child(int wfd, int rfd, int64_t lease_ns)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), err, sizeof err) != 0)
+	if (opq_lease_provider_pg_create(&p, getenv("OPQ_PG_CONNINFO"), NULL, err, sizeof err) != 0)
 		_exit(21);
 	opq_lease *l = lease_new(p, "fence", "fence-A", lease_ns);
 	opq_lease_grant g;
@@ -719,21 +719,42 @@ START_TEST(test_bad_input)
 {
 	char err[256];
 	opq_lease_provider *p = NULL;
-	ck_assert_int_eq(opq_lease_provider_pg_create(NULL, conninfo(), err, sizeof err), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, NULL, err, sizeof err), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, conninfo(), NULL, 5), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "nosuchkey=1", err, sizeof err), EINVAL);
-	ck_assert_msg(strstr(err, "nosuchkey") != NULL, "%s", err);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "host='unterminated", err, sizeof err),
+	ck_assert_int_eq(opq_lease_provider_pg_create(NULL, conninfo(), NULL, err, sizeof err),
 	                 EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, NULL, NULL, err, sizeof err), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, conninfo(), NULL, NULL, 5), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "nosuchkey=1", NULL, err, sizeof err),
+	                 EINVAL);
+	ck_assert_msg(strstr(err, "nosuchkey") != NULL, "%s", err);
+	ck_assert_int_eq(
+	    opq_lease_provider_pg_create(&p, "host='unterminated", NULL, err, sizeof err), EINVAL);
 	ck_assert_msg(strlen(err) > 10, "%s", err);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "connect_timeout=soon", NULL, 0), EINVAL);
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "postgresql://[bad", err, 8), EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "connect_timeout=soon", NULL, NULL, 0),
+	                 EINVAL);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, "postgresql://[bad", NULL, err, 8),
+	                 EINVAL);
 	ck_assert_uint_le(strlen(err), 7);
 
+	/* The attributes: NULL where it is not allowed, a negative timeout. */
+	opq_lease_pg_attr *pa = NULL;
+	ck_assert_int_eq(opq_lease_pg_attr_create(NULL), EINVAL);
+	ck_assert_int_eq(opq_lease_pg_attr_create(&pa), 0);
+	ck_assert_int_eq(opq_lease_pg_attr_set_idle_timeout(NULL, SEC), EINVAL);
+	ck_assert_int_eq(opq_lease_pg_attr_set_idle_timeout(pa, -1), EINVAL);
+	ck_assert_int_eq(opq_lease_pg_attr_set_idle_timeout(pa, 0), 0);
+	ck_assert_int_eq(opq_lease_pg_attr_set_idle_timeout(pa, INT64_MAX), 0);
+	ck_assert_int_eq(opq_lease_provider_pg_create(NULL, conninfo(), pa, err, sizeof err),
+	                 EINVAL);
+	opq_lease_pg_attr_destroy(pa);
+	opq_lease_pg_attr_destroy(NULL); /* a no-op */
+	/* An attribute object's destroy cannot fail, as opq_lease_attr_destroy. */
+	ck_assert(
+	    _Generic(&opq_lease_pg_attr_destroy, void (*)(opq_lease_pg_attr *) : 1, default : 0));
+
 	/* A server that is not there: a clear error at first use, every time. */
-	ck_assert_int_eq(opq_lease_provider_pg_create(
-	                     &p, "host=/nonexistent-opq-dir connect_timeout=2", err, sizeof err),
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p,
+	                                              "host=/nonexistent-opq-dir connect_timeout=2",
+	                                              NULL, err, sizeof err),
 	                 0);
 	opq_lease *l = lease_new(p, "bad", NULL, SEC);
 	ck_assert_ptr_nonnull(l);
@@ -829,7 +850,7 @@ START_TEST(test_sql_file)
 	 * provider's own DDL fails, clearly. */
 	char err[256];
 	opq_lease_provider *p = NULL;
-	ck_assert_int_eq(opq_lease_provider_pg_create(&p, ci, err, sizeof err), 0);
+	ck_assert_int_eq(opq_lease_provider_pg_create(&p, ci, NULL, err, sizeof err), 0);
 	opq_lease *l = lease_new(p, "sqlfile", NULL, SEC);
 	ck_assert_ptr_nonnull(l);
 	int rc = opq_lease_try_acquire(l, NULL);
@@ -1026,7 +1047,7 @@ START_TEST(test_schema_race)
 		close(gate[1]);
 		char err[256], name[16];
 		opq_lease_provider *p = NULL;
-		if (opq_lease_provider_pg_create(&p, ci, err, sizeof err) != 0)
+		if (opq_lease_provider_pg_create(&p, ci, NULL, err, sizeof err) != 0)
 			_exit(21);
 		snprintf(name, sizeof name, "race-%d", i);
 		opq_lease *l = lease_new(p, name, NULL, 5 * SEC);
@@ -1091,14 +1112,14 @@ static long long pool_backends(PGconn *c, bool locked)
  * stay as it was at its first look).
  */
 static opq_lease_provider *pool_fill(struct pool_call *calls, int n, PGconn *c, PGconn *q,
-				     struct timespec *released)
+                                     const opq_lease_pg_attr *attr, struct timespec *released)
 {
 	char ci[1024], err[256], name[32];
 	/* connect_timeout: the calls' bound (half their lease, at most this)
 	 * leaves time for n new connections on a slow machine. */
 	snprintf(ci, sizeof ci, "%s application_name=opq_pool connect_timeout=30", conninfo());
 	opq_lease_provider *p = NULL;
-	ck_assert_msg(opq_lease_provider_pg_create(&p, ci, err, sizeof err) == 0, "%s", err);
+	ck_assert_msg(opq_lease_provider_pg_create(&p, ci, attr, err, sizeof err) == 0, "%s", err);
 	for (int i = 0; i < n; i++) {
 		snprintf(name, sizeof name, "pool-%d", i);
 		calls[i].l = lease_new(p, name, NULL, 60 * SEC);
@@ -1138,9 +1159,14 @@ static void pool_empty(opq_lease_provider *p, struct pool_call *calls, int n, PG
 START_TEST(test_pool)
 {
 	enum { T = 8 };
+	/* The library never reads the environment: this variable once set the
+	 * idle timeout, and 0 would close all but one of the idle connections
+	 * when they are given back. */
+	ck_assert_int_eq(setenv("OPQ_PG_IDLE_MS", "0", 1), 0);
 	PGconn *c = db_open(), *q = db_open();
 	struct pool_call calls[T];
-	opq_lease_provider *p = pool_fill(calls, T, c, q, NULL);
+	opq_lease_provider *p = pool_fill(calls, T, c, q, NULL, NULL);
+	ck_assert_int_eq(unsetenv("OPQ_PG_IDLE_MS"), 0);
 	/* Every connection those calls used is kept for the next ones. */
 	ck_assert_int_eq(pool_backends(q, false), T);
 
@@ -1168,19 +1194,21 @@ END_TEST
 
 /*
  * After a burst the pool shrinks back to what the calls use: a connection
- * idle for OPQ_PG_IDLE_MS (here 300 ms) is closed when the next one is
+ * idle for the idle timeout (here 300 ms) is closed when the next one is
  * given back. One call at a time reuses the connection on top of the
  * stack, so the others age; until they have, all are kept.
  */
 START_TEST(test_pool_idle)
 {
 	enum { T = 4 };
-	ck_assert_int_eq(setenv("OPQ_PG_IDLE_MS", "300", 1), 0);
+	opq_lease_pg_attr *a;
+	ck_assert_int_eq(opq_lease_pg_attr_create(&a), 0);
+	ck_assert_int_eq(opq_lease_pg_attr_set_idle_timeout(a, 300 * MS), 0);
 	PGconn *c = db_open(), *q = db_open();
 	struct pool_call calls[T];
 	struct timespec young;
-	opq_lease_provider *p = pool_fill(calls, T, c, q, &young);
-	ck_assert_int_eq(unsetenv("OPQ_PG_IDLE_MS"), 0);
+	opq_lease_provider *p = pool_fill(calls, T, c, q, a, &young);
+	opq_lease_pg_attr_destroy(a); /* the provider has its copy */
 	/* The calls gave their connections back after `young`: a call that
 	 * ends within 300 ms of it finds none idle for 300 ms. */
 	young = t_plus(young, 300 * MS);

@@ -24,6 +24,14 @@ if [ -f "$sqlib" ]; then
 	[ "$got" = opq_lease_provider_sqlite_create ] ||
 		{ echo "libopqueue-sqlite exports, instead of opq_lease_provider_sqlite_create:"; printf '%s\n' "$got"; exit 1; }
 fi
+# A library never reads the environment (DESIGN.md): none of ours imports
+# getenv or secure_getenv.
+for l in "$lib" "$pglib" "$sqlib"; do
+	[ -f "$l" ] || continue
+	if ${NM:-nm} -D --undefined-only "$l" | awk '{print $NF}' | grep -q -E '^(secure_)?getenv(@|$)'; then
+		echo "$(basename "$l") reads the environment (imports getenv)"; exit 1
+	fi
+done
 if command -v objdump >/dev/null 2>&1 && objdump -p "$lib" | grep NEEDED | grep -q libpq; then
 	echo "libopqueue needs libpq"; exit 1
 fi

@@ -636,7 +636,7 @@ static int setup_pg(void **statep, unsigned threads, uint64_t seed)
 	m->name = "lease_pg";
 	m->remote = true;
 	char err[512];
-	int rc = opq_lease_provider_pg_create(&m->prov, conninfo, err, sizeof(err));
+	int rc = opq_lease_provider_pg_create(&m->prov, conninfo, NULL, err, sizeof(err));
 	if (rc) {
 		fprintf(stderr, "lease_pg: %s\n", err);
 		free(m);
