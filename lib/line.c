@@ -7,14 +7,17 @@
  * - opq_status[g % OPQ_LINE_HISTORY] is the status of the release that
  *   ended generation g, for g in [opq_gen - OPQ_LINE_HISTORY, opq_gen);
  * - opq_wq lists the wait records of the threads blocked on the current
- *   holder (they all wait for the release of generation opq_gen), and
- *   opq_waiters counts them; the release hands each its status and empties
- *   the list, so a blocked waiter gets its status however late it wakes.
- *   The public struct has room for one pointer only, so the list is a
- *   list.h ring without a head link: opq_wq points at one of the records
- *   (NULL: none);
- * - the condvar is broadcast only when somebody waits (uncontended acquire
- *   and release make no system call).
+ *   holder (they all wait for the release of generation opq_gen); the
+ *   release hands each its status and empties the list, so a blocked
+ *   waiter gets its status however late it wakes. The public struct has
+ *   room for one pointer only, so the list is a list.h ring without a head
+ *   link: opq_wq points at one of the records (NULL: none);
+ * - opq_waiters counts the threads that blocked in a wait, from the moment
+ *   they join opq_wq until their call returns: a waiter the release took
+ *   off the list still has to take the mutex again (and the condvar's
+ *   internals) before it returns, so destroy must see it as busy;
+ * - the condvar is broadcast only when somebody is on opq_wq (uncontended
+ *   acquire and release make no system call).
  * The condvar has the default clock so that OPQ_LINE_INITIALIZER works;
  * deadlines on CLOCK_MONOTONIC go through pthread_cond_clockwait.
  * lib/line.pml models this protocol for the spin model checker
@@ -141,9 +144,7 @@ OPQ_EXPORT int opq_line_release(opq_line *line, opq_line_ticket *held, int statu
 			w->done = 1;
 			w->status = status;
 		}
-	}
-	if (line->opq_waiters > 0) {
-		line->opq_waiters = 0;
+		/* The waiters stay counted in opq_waiters until they return. */
 		OPQ_CHECK(pthread_cond_broadcast(&line->opq_cv));
 	}
 	opq__unlock(&line->opq_mu);
@@ -185,7 +186,6 @@ static void wq_add(opq_line *line, struct wait_rec *w)
 		opq__list_init(&w->link);
 		line->opq_wq = &w->link;
 	}
-	line->opq_waiters++;
 }
 
 static void wq_unlink(opq_line *line, struct wait_rec *w)
@@ -194,7 +194,6 @@ static void wq_unlink(opq_line *line, struct wait_rec *w)
 	if (line->opq_wq == l)
 		line->opq_wq = l->opq__next == l ? NULL : l->opq__next;
 	opq__list_remove(l);
-	line->opq_waiters--;
 }
 
 /*
@@ -210,6 +209,8 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 			return ECANCELED;
 		struct wait_rec w = {.done = 0, .status = 0};
 		wq_add(line, &w);
+		line->opq_waiters++;
+		int rc = 0;
 		bool timed_out = false;
 		while (!w.done) {
 			if (timed_out || opq__cancel_pending(&creg)) {
@@ -219,14 +220,18 @@ static int line_wait_gen(opq_line *line, uint64_t gen, const struct timespec *de
 				if (w.done)
 					break;
 				wq_unlink(line, &w);
-				return timed_out ? ETIMEDOUT : ECANCELED;
+				rc = timed_out ? ETIMEDOUT : ECANCELED;
+				break;
 			}
 			timed_out = line_cond_wait(line, deadline) == ETIMEDOUT;
 		}
 		opq__cancel_end(&creg); /* a no-op if already done */
-		if (status)
+		if (rc == 0 && status)
 			*status = w.status;
-		return 0;
+		/* Done with the condvar and the canceller: the caller's unlock of
+		 * the mutex is this call's last touch of the line. */
+		line->opq_waiters--;
+		return rc;
 	}
 	if (gen == line->opq_gen) {
 		/* Free and never held at gen: nothing to wait for. */

@@ -43,7 +43,7 @@ typedef struct opq_line {
 	pthread_cond_t opq_cv;			/* private: broadcast on release */
 	uint64_t opq_gen;			/* private: releases so far */
 	int opq_held;				/* private: the token is taken */
-	unsigned opq_waiters;			/* private: threads blocked in a wait */
+	unsigned opq_waiters;                   /* private: threads in a wait that blocked */
 	void *opq_wq;				/* private: their wait records */
 	int opq_status[OPQ_LINE_HISTORY];	/* private: status of release g at [g % N] */
 } opq_line;
@@ -75,8 +75,11 @@ OPQ_EXPORT int opq_line_init(opq_line *line);
 
 /*
  * Destroy a line. EBUSY, leaving it untouched, while the token is held or a
- * thread waits on it. NULL is a no-op returning 0. Not thread-safe against
- * calls on the same line that have not returned.
+ * thread that blocked in opq_line_wait or opq_line_wait_idle has not yet
+ * returned from it: a release wakes its waiters, but each is counted until
+ * its call returns, so a destroy right after a release gives EBUSY until
+ * they are out. NULL is a no-op returning 0. Other calls on the same line
+ * must not begin while it is being destroyed.
  */
 OPQ_EXPORT int opq_line_destroy(opq_line *line);
 
