@@ -115,9 +115,11 @@ OPQ_EXPORT int opq_line_try_acquire(opq_line *line, uint64_t seen_gen, opq_line_
  * CLOCK_MONOTONIC instant, NULL meaning forever. Errors: EINVAL (NULL line
  * or ticket, ticket of another line or of a future generation), EDEADLK
  * (the ticket holds the token: the caller would wait for itself),
- * ETIMEDOUT (nothing changes for anybody else), ESTALE (released, but more
- * than OPQ_LINE_HISTORY releases ago and the caller was not yet waiting:
- * the status is forgotten and *status is left alone; retry as after 0).
+ * ETIMEDOUT (nothing changes for anybody else), ECANCELED (the caller is
+ * a scope task that is cancelled and the release has not happened: do not
+ * retry), ESTALE (released, but more than OPQ_LINE_HISTORY releases ago and
+ * the caller was not yet waiting: the status is forgotten and *status is
+ * left alone; retry as after 0).
  */
 OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
 			     const struct timespec *deadline, int *status);
@@ -139,7 +141,8 @@ OPQ_EXPORT int opq_line_busy(opq_line *line, int *busy);
  * Wait, without having failed first, until the current holder (if any)
  * releases; then store that release's status in *status (status may be
  * NULL). On a free line, returns 0 at once with the status of the last
- * release (0 if none). Errors: EINVAL, ETIMEDOUT, EDEADLK is not detected:
+ * release (0 if none). Errors: EINVAL, ETIMEDOUT, ECANCELED (the caller is
+ * a scope task that is cancelled); EDEADLK is not detected:
  * a holder that waits for idle waits for itself until its deadline.
  */
 OPQ_EXPORT int opq_line_wait_idle(opq_line *line, const struct timespec *deadline, int *status);
