@@ -58,13 +58,13 @@
 #define ETIMEDOUT 110
 
 /* struct opq_line */
-byte mu = NONE;			/* opq_mu: the owner's thread number, or NONE */
-bool cv[N];			/* opq_cv: cv[i] while thread i is blocked on it */
-byte gen = 0;			/* opq_gen */
-bool held = false;		/* opq_held */
-byte waiters = 0;		/* opq_waiters: blocked in a wait, until it returns */
-byte history[HISTORY];		/* opq_status */
-/* struct wait_rec of each thread, and whether it is on opq_wq */
+byte mu = NONE;			/* opq__mu: the owner's thread number, or NONE */
+bool cv[N];			/* opq__cv: cv[i] while thread i is blocked on it */
+byte gen = 0;			/* opq__gen */
+bool held = false;		/* opq__held */
+byte waiters = 0;		/* opq__waiters: blocked in a wait, until it returns */
+byte history[HISTORY];		/* opq__status */
+/* struct wait_rec of each thread, and whether it is on opq__wq */
 bool inwq[N];
 bool wdone[N];
 byte wstatus[N];

@@ -15,9 +15,9 @@
 static unsigned line_waiters(opq_line *l)
 {
 	/* The count is private; the tests read it under the line's mutex. */
-	pthread_mutex_lock(&l->opq_mu);
-	unsigned n = l->opq_waiters;
-	pthread_mutex_unlock(&l->opq_mu);
+	pthread_mutex_lock(&l->opq__mu);
+	unsigned n = l->opq__waiters;
+	pthread_mutex_unlock(&l->opq__mu);
 	return n;
 }
 

@@ -39,13 +39,13 @@ extern "C" {
  * A line must not be copied or moved.
  */
 typedef struct opq_line {
-	pthread_mutex_t opq_mu;			/* private: guards the rest */
-	pthread_cond_t opq_cv;			/* private: broadcast on release */
-	uint64_t opq_gen;			/* private: releases so far */
-	int opq_held;				/* private: the token is taken */
-	unsigned opq_waiters;                   /* private: threads in a wait that blocked */
-	void *opq_wq;				/* private: their wait records */
-	int opq_status[OPQ_LINE_HISTORY];	/* private: status of release g at [g % N] */
+	pthread_mutex_t opq__mu;           /* private: guards the rest */
+	pthread_cond_t opq__cv;            /* private: broadcast on release */
+	uint64_t opq__gen;                 /* private: releases so far */
+	int opq__held;                     /* private: the token is taken */
+	unsigned opq__waiters;             /* private: threads in a wait that blocked */
+	void *opq__wq;                     /* private: their wait records */
+	int opq__status[OPQ_LINE_HISTORY]; /* private: status of release g at [g % N] */
 } opq_line;
 
 #define OPQ_LINE_INITIALIZER \
