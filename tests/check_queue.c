@@ -7,6 +7,7 @@
 #include "config.h"
 #include "harness.h"
 
+#include <dirent.h>
 #include <dlfcn.h>
 #include <signal.h>
 #include <string.h>
@@ -1204,6 +1205,54 @@ START_TEST(test_hooks_names_signals)
 }
 END_TEST
 
+/* Threads of this process named `name` (/proc/self/task/TID/comm). */
+static int threads_named(const char *name)
+{
+	DIR *d = opendir("/proc/self/task");
+	ck_assert_ptr_nonnull(d);
+	int n = 0;
+	for (struct dirent *e; (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[sizeof("/proc/self/task//comm") + sizeof(e->d_name)], comm[32] = "";
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+		FILE *f = fopen(path, "r");
+		if (!f)
+			continue; /* the thread has exited meanwhile */
+		if (fgets(comm, sizeof(comm), f))
+			comm[strcspn(comm, "\n")] = '\0';
+		fclose(f);
+		n += strcmp(comm, name) == 0;
+	}
+	closedir(d);
+	return n;
+}
+
+/*
+ * The library's timer thread, started for a queue's first scope deadline
+ * and joined when the queue is destroyed, is named "opq-timer".
+ */
+START_TEST(test_timer_thread_named)
+{
+#if HAVE_DECL_PTHREAD_SETNAME_NP
+	opq_queue *q = make_queue(0);
+	opq_scope_attr *a;
+	opq_scope *root;
+	ck_assert_int_eq(threads_named("opq-timer"), 0);
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	struct timespec far = t_deadline(3600LL * 1000000000LL);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &far), 0);
+	ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+	/* The thread names itself as it starts. */
+	T_WAIT_UNTIL(threads_named("opq-timer") == 1);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	opq_scope_attr_destroy(a);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(threads_named("opq-timer"), 0);
+#endif
+}
+END_TEST
+
 /* ---- wait idle -------------------------------------------------------------- */
 
 START_TEST(test_wait_idle)
@@ -1453,6 +1502,7 @@ int main(void)
 	tcase_add_test(tc, test_cancel);
 	tcase_add_test(tc, test_set_runners);
 	tcase_add_test(tc, test_hooks_names_signals);
+	tcase_add_test(tc, test_timer_thread_named);
 	tcase_add_test(tc, test_wait_idle);
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_bounded_backpressure);
