@@ -22,7 +22,12 @@
  * - no deadlock, no lost wakeup: a waiter blocked forever would be an
  *   invalid end state (pan -DSAFETY);
  * - every thread eventually finishes: the LTL property all_return, checked
- *   for acceptance cycles under weak fairness (pan -a -f).
+ *   for acceptance cycles under weak fairness (pan -a -f);
+ * - a destroy that succeeds never pulls the line from under a waiter: a
+ *   thread that blocked in a wait is counted in waiters until its call
+ *   returns, so whenever opq_line_destroy would find the line free (mutex
+ *   not held, token free, no waiters) no thread is inside a wait: the
+ *   assertion in Destroy.
  *
  * Deliberately broken variants that spin must reject (tests/spin.sh):
  * - BROKEN_NOGEN: opq_line_wait forgets the generation: it waits while the
@@ -30,7 +35,10 @@
  *   plain "wait until free" would do);
  * - BROKEN_NOLOOP: the wait does not re-check its wait record after
  *   waking, so a spurious wakeup passes for a release;
- * - BROKEN_NOBCAST: release skips the broadcast (a lost wakeup).
+ * - BROKEN_NOBCAST: release skips the broadcast (a lost wakeup);
+ * - BROKEN_EARLYCOUNT: release zeroes waiters as it wakes them, as the line
+ *   first did, although they have yet to take the mutex again and return
+ *   (destroy then succeeded under them: a use after destroy).
  */
 
 #ifndef N
@@ -50,13 +58,13 @@
 #define ETIMEDOUT 110
 
 /* struct opq_line */
-byte mu = NONE;			/* opq_mu: the owner's thread number, or NONE */
-bool cv[N];			/* opq_cv: cv[i] while thread i is blocked on it */
-byte gen = 0;			/* opq_gen */
-bool held = false;		/* opq_held */
-byte waiters = 0;		/* opq_waiters */
-byte history[HISTORY];		/* opq_status */
-/* struct wait_rec of each thread, and whether it is on opq_wq */
+byte mu = NONE;			/* opq__mu: the owner's thread number, or NONE */
+bool cv[N];			/* opq__cv: cv[i] while thread i is blocked on it */
+byte gen = 0;			/* opq__gen */
+bool held = false;		/* opq__held */
+byte waiters = 0;		/* opq__waiters: blocked in a wait, until it returns */
+byte history[HISTORY];		/* opq__status */
+/* struct wait_rec of each thread, and whether it is on opq__wq */
 bool inwq[N];
 bool wdone[N];
 byte wstatus[N];
@@ -64,6 +72,7 @@ byte wstatus[N];
 /* ghost variables, for the properties */
 byte spurious = 0;
 byte holders = 0;
+byte inside = 0;		/* threads between blocking in a wait and its return */
 byte finished = 0;
 byte released[GENS];		/* the status generation g was released with */
 
@@ -148,15 +157,23 @@ inline LineRelease(me, tgen, status)
 		gen++;
 		held = false;
 		byte ri;
+		bool woke = false;
 		for (ri : 0 .. N - 1) {
 			if
-			:: inwq[ri] -> inwq[ri] = false; wdone[ri] = true; wstatus[ri] = status
+			:: inwq[ri] -> inwq[ri] = false; wdone[ri] = true; wstatus[ri] = status; woke = true
 			:: else -> skip
 			fi
 		}
 		if
+#ifndef BROKEN_NOGEN
+		:: woke ->
+#else
 		:: waiters > 0 ->
 			waiters = 0;
+#endif
+#ifdef BROKEN_EARLYCOUNT
+			waiters = 0;
+#endif
 #ifndef BROKEN_NOBCAST
 			broadcast()
 #else
@@ -164,6 +181,7 @@ inline LineRelease(me, tgen, status)
 #endif
 		:: else -> skip
 		fi;
+		woke = false;
 		unlock(me)
 	}
 }
@@ -186,6 +204,7 @@ inline LineWait(me, tgen, timed, rc, status, blocking)
 			inwq[me] = true;
 			wdone[me] = false;
 			waiters++;
+			inside++;
 			blocking = true
 		:: else ->
 			/* released already (the model never waits on a free, never-held gen) */
@@ -221,14 +240,13 @@ inline LineWait(me, tgen, timed, rc, status, blocking)
 			:: rc == ETIMEDOUT && !wdone[me] ->
 				/* wq_unlink */
 				inwq[me] = false;
-				waiters--;
 				break
 			:: else -> rc = OK
 			fi;
 #ifdef BROKEN_NOLOOP
 			/* Broken: a wakeup is taken for the release, whatever the record says. */
 			if
-			:: !wdone[me] -> inwq[me] = false; waiters--
+			:: !wdone[me] -> inwq[me] = false
 			:: else -> skip
 			fi;
 			status = wstatus[me];
@@ -258,9 +276,38 @@ inline LineWait(me, tgen, timed, rc, status, blocking)
 			assert(status == released[tgen])
 		:: else -> skip
 		fi;
+#ifndef BROKEN_NOGEN
+		if
+		:: blocking ->
+			/* counted until the call returns (line_wait_gen's last step) */
+#ifndef BROKEN_EARLYCOUNT
+			waiters--;
+#else
+			/* the old line: only a waiter that took itself off the list */
+			if
+			:: rc == ETIMEDOUT -> waiters--
+			:: else -> skip
+			fi;
+#endif
+			inside--
+		:: else -> skip
+		fi;
+#endif
 		blocking = false;
 		unlock(me)
 	}
+}
+
+/*
+ * Stands for opq_line_destroy() called at any moment: whenever it would
+ * find the line free and destroy it, no thread may be inside a wait.
+ */
+proctype Destroy()
+{
+end:
+	do
+	:: atomic { mu == NONE && !held && waiters == 0 -> assert(inside == 0) }
+	od
 }
 
 proctype Thread(byte me)
@@ -296,6 +343,7 @@ init
 		for (i : 0 .. N - 1) {
 			run Thread(i)
 		}
+		run Destroy()
 	}
 }
 

@@ -13,6 +13,7 @@
 #define _GNU_SOURCE 1 /* PTHREAD_MUTEX_ADAPTIVE_NP */
 #include "queue_impl.h"
 
+#include <limits.h>
 #include <signal.h>
 #include <string.h>
 
@@ -72,6 +73,22 @@ OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *o
 	return 0;
 }
 
+OPQ_EXPORT int opq_queue_attr_set_stack_size(opq_queue_attr *attr, size_t size)
+{
+	if (!attr || (size != 0 && size < (size_t)PTHREAD_STACK_MIN))
+		return EINVAL;
+	attr->stack_size = size;
+	return 0;
+}
+
+OPQ_EXPORT int opq_queue_attr_get_stack_size(const opq_queue_attr *attr, size_t *size)
+{
+	if (!attr || !size)
+		return EINVAL;
+	*size = attr->stack_size;
+	return 0;
+}
+
 /* ---- runner threads ------------------------------------------------------ */
 
 static void free_runner(struct runner *r)
@@ -109,6 +126,17 @@ static void reap(opq_queue *q)
 	OPQ_CHECK(pthread_cond_broadcast(&q->change));
 }
 
+/* Thread attributes for a runner stack of `size` bytes: 0 or an error. */
+static int stack_attr(pthread_attr_t *ta, size_t size)
+{
+	int rc = pthread_attr_init(ta);
+	if (rc)
+		return rc;
+	if ((rc = pthread_attr_setstacksize(ta, size)))
+		OPQ_CHECK(pthread_attr_destroy(ta));
+	return rc;
+}
+
 /*
  * Start `count` more runners and wait until each has run its start hook.
  * Called with q->mu held; drops it while creating threads. On failure the
@@ -118,13 +146,16 @@ static int spawn(opq_queue *q, unsigned count)
 {
 	int rc = 0;
 	sigset_t all, old;
+	pthread_attr_t ta, *tap = NULL; /* NULL: the system's default stack */
 
 	q->spawning++;
 	opq__unlock(&q->mu);
+	if (q->attr.stack_size && (rc = stack_attr(&ta, q->attr.stack_size)) == 0)
+		tap = &ta;
 	/* Runners block every signal: the daemon's own threads handle them. */
 	sigfillset(&all);
 	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &all, &old));
-	for (unsigned made = 0; made < count; made++) {
+	for (unsigned made = 0; rc == 0 && made < count; made++) {
 		struct runner *r = opq__calloc(1, sizeof(*r));
 		if (!r) {
 			rc = ENOMEM;
@@ -141,7 +172,7 @@ static int spawn(opq_queue *q, unsigned count)
 		q->alive++;
 		q->threads++;
 		q->unstarted++;
-		rc = pthread_create(&r->thread, NULL, opq__runner_main, r);
+		rc = pthread_create(&r->thread, tap, opq__runner_main, r);
 		if (rc) {
 			q->alive--;
 			q->threads--;
@@ -154,6 +185,8 @@ static int spawn(opq_queue *q, unsigned count)
 		opq__unlock(&q->mu);
 	}
 	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
+	if (tap)
+		OPQ_CHECK(pthread_attr_destroy(tap));
 	opq__lock(&q->mu);
 	while (q->unstarted)
 		OPQ_CHECK(pthread_cond_wait(&q->change, &q->mu));

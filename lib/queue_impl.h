@@ -83,6 +83,7 @@ struct opq_queue_attr {
 	opq_runner_hook *on_start;
 	opq_runner_hook *on_exit;
 	void *hook_arg;
+	size_t stack_size; /* of each runner; 0: the system's default */
 };
 
 struct runner {

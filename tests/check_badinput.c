@@ -301,6 +301,13 @@ R(attr_name_too_long) { return opq_queue_attr_set_name(f->attr, "abcdefghijk"); 
 R(attr_name_longest) { return opq_queue_attr_set_name(f->attr, "abcdefghij"); }
 R(attr_hooks_null_attr) { UNUSED; return opq_queue_attr_set_hooks(NULL, hook, hook, NULL); }
 R(attr_hooks_none) { return opq_queue_attr_set_hooks(f->attr, NULL, NULL, NULL); }
+R(attr_stack_null_attr) { UNUSED; return opq_queue_attr_set_stack_size(NULL, 1 << 20); }
+R(attr_stack_tiny) { return opq_queue_attr_set_stack_size(f->attr, 1); }
+R(attr_stack_below_min) { return opq_queue_attr_set_stack_size(f->attr, PTHREAD_STACK_MIN - 1); }
+R(attr_stack_default) { return opq_queue_attr_set_stack_size(f->attr, 0); }
+R(attr_stack_huge) { return opq_queue_attr_set_stack_size(f->attr, SIZE_MAX); }
+R(attr_getstack_null_attr) { return opq_queue_attr_get_stack_size(NULL, &f->sz); }
+R(attr_getstack_null_out) { return opq_queue_attr_get_stack_size(f->attr, NULL); }
 /* queue: lifecycle */
 R(create_null) { UNUSED; return opq_queue_create(NULL, NULL); }
 R(destroy_null) { UNUSED; return opq_queue_destroy(NULL); }
@@ -790,6 +797,13 @@ static const struct row rows[] = {
     ROW(attr_name_longest, 0),
     ROW(attr_hooks_null_attr, EINVAL),
     ROW(attr_hooks_none, 0),
+    ROW(attr_stack_null_attr, EINVAL),
+    ROW(attr_stack_tiny, EINVAL),
+    ROW(attr_stack_below_min, EINVAL),
+    ROW(attr_stack_default, 0),
+    ROW(attr_stack_huge, 0),
+    ROW(attr_getstack_null_attr, EINVAL),
+    ROW(attr_getstack_null_out, EINVAL),
     ROW(create_null, EINVAL),
     ROW(destroy_null, 0),
     ROW(destroy_running, EBUSY),

@@ -333,9 +333,9 @@ START_TEST(test_line_allocates_nothing)
 	ck_assert_int_eq(pthread_create(&th, NULL, line_wait_thread, &w), 0);
 	/* Let the waiter block (the count is read under the line's own mutex). */
 	for (unsigned waiting = 0; !waiting;) {
-		pthread_mutex_lock(&line.opq_mu);
-		waiting = line.opq_waiters;
-		pthread_mutex_unlock(&line.opq_mu);
+		pthread_mutex_lock(&line.opq__mu);
+		waiting = line.opq__waiters;
+		pthread_mutex_unlock(&line.opq__mu);
 		if (!waiting)
 			sched_yield();
 	}

@@ -7,7 +7,9 @@
 #include "config.h"
 #include "harness.h"
 
+#include <dirent.h>
 #include <dlfcn.h>
+#include <limits.h>
 #include <signal.h>
 #include <string.h>
 
@@ -1204,6 +1206,166 @@ START_TEST(test_hooks_names_signals)
 }
 END_TEST
 
+/* ---- runner stack size ------------------------------------------------------ */
+
+/* The stack size of the calling thread, as pthread_getattr_np reports it. */
+static size_t own_stack_size(void)
+{
+	pthread_attr_t a;
+	size_t size = 0;
+	ck_assert_int_eq(pthread_getattr_np(pthread_self(), &a), 0);
+	ck_assert_int_eq(pthread_attr_getstacksize(&a, &size), 0);
+	ck_assert_int_eq(pthread_attr_destroy(&a), 0);
+	return size;
+}
+
+static void *default_stack_main(void *arg)
+{
+	*(size_t *)arg = own_stack_size();
+	return NULL;
+}
+
+struct stacks {
+	atomic_size_t smallest;
+	atomic_int runners;
+};
+
+static void on_start_stack(void *arg, unsigned index)
+{
+	struct stacks *st = arg;
+	(void)index;
+	size_t size = own_stack_size();
+	size_t cur = atomic_load(&st->smallest);
+	while ((cur == 0 || size < cur) && !atomic_compare_exchange_weak(&st->smallest, &cur, size))
+		;
+	atomic_fetch_add(&st->runners, 1);
+}
+
+/* Start 2 runners with stacks of `size` (0: default); what they saw. */
+static struct stacks runner_stacks(size_t size)
+{
+	static struct stacks st; /* the hook's argument outlives the queue */
+	opq_queue_attr *a;
+	opq_queue *q;
+	atomic_store(&st.smallest, 0);
+	atomic_store(&st.runners, 0);
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, size), 0);
+	ck_assert_int_eq(opq_queue_attr_set_hooks(a, on_start_stack, NULL, &st), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a);
+	ck_assert_int_eq(opq_queue_start(q, 2), 0); /* after every start hook */
+	ck_assert_int_eq(atomic_load(&st.runners), 2);
+	/* And a runner added later gets the same stack. */
+	ck_assert_int_eq(opq_queue_set_runners(q, 3), 0);
+	ck_assert_int_eq(atomic_load(&st.runners), 3);
+	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	return st;
+}
+
+START_TEST(test_stack_size)
+{
+	opq_queue_attr *a;
+	size_t size = 1;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_get_stack_size(a, &size), 0);
+	ck_assert_uint_eq(size, 0); /* the system's default */
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(NULL, 1 << 20), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, 1), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, (size_t)PTHREAD_STACK_MIN - 1), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_get_stack_size(a, &size), 0);
+	ck_assert_uint_eq(size, 0); /* a refused size changes nothing */
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, 3 << 20), 0);
+	ck_assert_int_eq(opq_queue_attr_get_stack_size(a, &size), 0);
+	ck_assert_uint_eq(size, 3 << 20);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, 0), 0);
+	ck_assert_int_eq(opq_queue_attr_get_stack_size(NULL, &size), EINVAL);
+	ck_assert_int_eq(opq_queue_attr_get_stack_size(a, NULL), EINVAL);
+	opq_queue_attr_destroy(a);
+
+	/* What a thread gets by default, here. */
+	size_t def = 0;
+	pthread_t th;
+	ck_assert_int_eq(pthread_create(&th, NULL, default_stack_main, &def), 0);
+	ck_assert_int_eq(pthread_join(th, NULL), 0);
+	ck_assert_uint_gt(def, 0);
+
+	/*
+	 * "At least": the C library may reuse the stack of an exited thread
+	 * that is somewhat larger than asked (glibc keeps a cache of them).
+	 * 0 first, so that no larger stack of this test is there to reuse.
+	 */
+	struct stacks st = runner_stacks(0);
+	ck_assert_uint_ge(atomic_load(&st.smallest), def);
+	/* Larger than the default: every runner's stack is at least that. */
+	size_t big = 2 * def;
+	st = runner_stacks(big);
+	ck_assert_uint_ge(atomic_load(&st.smallest), big);
+
+#if SIZE_MAX > 0xffffffffu
+	/* A stack larger than the address space: start fails, nothing runs. */
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(a, (size_t)1 << 48), 0);
+	ck_assert_int_eq(opq_queue_create(&q, a), 0);
+	opq_queue_attr_destroy(a);
+	int rc = opq_queue_start(q, 2);
+	ck_assert_msg(rc == EAGAIN || rc == EINVAL || rc == ENOMEM, "start: %d", rc);
+	ck_assert_uint_eq(stats_of(q).runners, 0);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+#endif
+}
+END_TEST
+
+/* Threads of this process named `name` (/proc/self/task/TID/comm). */
+static int threads_named(const char *name)
+{
+	DIR *d = opendir("/proc/self/task");
+	ck_assert_ptr_nonnull(d);
+	int n = 0;
+	for (struct dirent *e; (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[sizeof("/proc/self/task//comm") + sizeof(e->d_name)], comm[32] = "";
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+		FILE *f = fopen(path, "r");
+		if (!f)
+			continue; /* the thread has exited meanwhile */
+		if (fgets(comm, sizeof(comm), f))
+			comm[strcspn(comm, "\n")] = '\0';
+		fclose(f);
+		n += strcmp(comm, name) == 0;
+	}
+	closedir(d);
+	return n;
+}
+
+/*
+ * The library's timer thread, started for a queue's first scope deadline
+ * and joined when the queue is destroyed, is named "opq-timer".
+ */
+START_TEST(test_timer_thread_named)
+{
+#if HAVE_DECL_PTHREAD_SETNAME_NP
+	opq_queue *q = make_queue(0);
+	opq_scope_attr *a;
+	opq_scope *root;
+	ck_assert_int_eq(threads_named("opq-timer"), 0);
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	struct timespec far = t_deadline(3600LL * 1000000000LL);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &far), 0);
+	ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+	/* The thread names itself as it starts. */
+	T_WAIT_UNTIL(threads_named("opq-timer") == 1);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	opq_scope_attr_destroy(a);
+	ck_assert_int_eq(opq_queue_destroy(q), 0);
+	ck_assert_int_eq(threads_named("opq-timer"), 0);
+#endif
+}
+END_TEST
+
 /* ---- wait idle -------------------------------------------------------------- */
 
 START_TEST(test_wait_idle)
@@ -1453,6 +1615,8 @@ int main(void)
 	tcase_add_test(tc, test_cancel);
 	tcase_add_test(tc, test_set_runners);
 	tcase_add_test(tc, test_hooks_names_signals);
+	tcase_add_test(tc, test_timer_thread_named);
+	tcase_add_test(tc, test_stack_size);
 	tcase_add_test(tc, test_wait_idle);
 	tc = t_tcase(s, "stress", 300);
 	tcase_add_test(tc, test_bounded_backpressure);

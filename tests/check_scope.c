@@ -284,9 +284,9 @@ static bool blocked(struct blocker *b)
 	}
 	case B_LINE_WAIT:
 	case B_LINE_IDLE: {
-		pthread_mutex_lock(&b->line->opq_mu);
-		bool w = b->line->opq_waiters == 1;
-		pthread_mutex_unlock(&b->line->opq_mu);
+		pthread_mutex_lock(&b->line->opq__mu);
+		bool w = b->line->opq__waiters == 1;
+		pthread_mutex_unlock(&b->line->opq__mu);
 		return w;
 	}
 	case B_STAGE: {

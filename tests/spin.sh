@@ -83,6 +83,7 @@ run line-broken-nogen line.pml safety fail -DBROKEN_NOGEN
 run line-broken-noloop line.pml safety fail -DBROKEN_NOLOOP
 run line-broken-nobcast line.pml safety fail -DBROKEN_NOBCAST
 run line-broken-nobcast-live line.pml liveness fail -DBROKEN_NOBCAST
+run line-broken-earlycount line.pml safety fail -DBROKEN_EARLYCOUNT
 
 run stage-safety stage.pml safety pass
 run stage-close stage.pml safety pass -DCLOSE -DROUNDS=1

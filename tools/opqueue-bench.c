@@ -1391,9 +1391,9 @@ static void *wake_waiter(void *arg)
  * under its mutex; a library user has no need for that). */
 static unsigned wake_blocked(struct wake_run *w)
 {
-	pthread_mutex_t *mu = w->line ? &w->wline.opq_mu : &w->mu;
+	pthread_mutex_t *mu = w->line ? &w->wline.opq__mu : &w->mu;
 	pthread_mutex_lock(mu);
-	unsigned n = w->line ? w->wline.opq_waiters : w->blocked;
+	unsigned n = w->line ? w->wline.opq__waiters : w->blocked;
 	pthread_mutex_unlock(mu);
 	return n;
 }

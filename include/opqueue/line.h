@@ -39,13 +39,13 @@ extern "C" {
  * A line must not be copied or moved.
  */
 typedef struct opq_line {
-	pthread_mutex_t opq_mu;			/* private: guards the rest */
-	pthread_cond_t opq_cv;			/* private: broadcast on release */
-	uint64_t opq_gen;			/* private: releases so far */
-	int opq_held;				/* private: the token is taken */
-	unsigned opq_waiters;			/* private: threads blocked in a wait */
-	void *opq_wq;				/* private: their wait records */
-	int opq_status[OPQ_LINE_HISTORY];	/* private: status of release g at [g % N] */
+	pthread_mutex_t opq__mu;           /* private: guards the rest */
+	pthread_cond_t opq__cv;            /* private: broadcast on release */
+	uint64_t opq__gen;                 /* private: releases so far */
+	int opq__held;                     /* private: the token is taken */
+	unsigned opq__waiters;             /* private: threads in a wait that blocked */
+	void *opq__wq;                     /* private: their wait records */
+	int opq__status[OPQ_LINE_HISTORY]; /* private: status of release g at [g % N] */
 } opq_line;
 
 #define OPQ_LINE_INITIALIZER \
@@ -75,8 +75,11 @@ OPQ_EXPORT int opq_line_init(opq_line *line);
 
 /*
  * Destroy a line. EBUSY, leaving it untouched, while the token is held or a
- * thread waits on it. NULL is a no-op returning 0. Not thread-safe against
- * calls on the same line that have not returned.
+ * thread that blocked in opq_line_wait or opq_line_wait_idle has not yet
+ * returned from it: a release wakes its waiters, but each is counted until
+ * its call returns, so a destroy right after a release gives EBUSY until
+ * they are out. NULL is a no-op returning 0. Other calls on the same line
+ * must not begin while it is being destroyed.
  */
 OPQ_EXPORT int opq_line_destroy(opq_line *line);
 
@@ -112,9 +115,11 @@ OPQ_EXPORT int opq_line_try_acquire(opq_line *line, uint64_t seen_gen, opq_line_
  * CLOCK_MONOTONIC instant, NULL meaning forever. Errors: EINVAL (NULL line
  * or ticket, ticket of another line or of a future generation), EDEADLK
  * (the ticket holds the token: the caller would wait for itself),
- * ETIMEDOUT (nothing changes for anybody else), ESTALE (released, but more
- * than OPQ_LINE_HISTORY releases ago and the caller was not yet waiting:
- * the status is forgotten and *status is left alone; retry as after 0).
+ * ETIMEDOUT (nothing changes for anybody else), ECANCELED (the caller is
+ * a scope task that is cancelled and the release has not happened: do not
+ * retry), ESTALE (released, but more than OPQ_LINE_HISTORY releases ago and
+ * the caller was not yet waiting: the status is forgotten and *status is
+ * left alone; retry as after 0).
  */
 OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
 			     const struct timespec *deadline, int *status);
@@ -136,7 +141,8 @@ OPQ_EXPORT int opq_line_busy(opq_line *line, int *busy);
  * Wait, without having failed first, until the current holder (if any)
  * releases; then store that release's status in *status (status may be
  * NULL). On a free line, returns 0 at once with the status of the last
- * release (0 if none). Errors: EINVAL, ETIMEDOUT, EDEADLK is not detected:
+ * release (0 if none). Errors: EINVAL, ETIMEDOUT, ECANCELED (the caller is
+ * a scope task that is cancelled); EDEADLK is not detected:
  * a holder that waits for idle waits for itself until its deadline.
  */
 OPQ_EXPORT int opq_line_wait_idle(opq_line *line, const struct timespec *deadline, int *status);

@@ -84,9 +84,10 @@ OPQ_EXPORT int opq_op_init(opq_op *op, opq_op_fn *perform, opq_op_fn *discard);
 
 /*
  * Attributes for opq_queue_create(). opq_queue_attr_create allocates one with
- * the defaults (unbounded, name "opq", no hooks); the caller frees it with
- * opq_queue_attr_destroy (NULL is a no-op) once the queues are created: a
- * queue copies what it needs. An attribute object is not thread-safe.
+ * the defaults (unbounded, name "opq", no hooks, the system's stack size);
+ * the caller frees it with opq_queue_attr_destroy (NULL is a no-op) once the
+ * queues are created: a queue copies what it needs. An attribute object is
+ * not thread-safe.
  */
 OPQ_EXPORT int opq_queue_attr_create(opq_queue_attr **attrp);
 OPQ_EXPORT void opq_queue_attr_destroy(opq_queue_attr *attr);
@@ -98,6 +99,16 @@ OPQ_EXPORT int opq_queue_attr_set_name(opq_queue_attr *attr, const char *prefix)
 /* Hooks each runner calls on its own thread when it starts and before it exits. */
 OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *on_start,
 					opq_runner_hook *on_exit, void *arg);
+/*
+ * The stack size of each runner thread, in bytes; 0, the default, leaves it
+ * to the system (pthread_create's default, often the stack rlimit: 8 MiB).
+ * EINVAL if attr is NULL or size is not 0 and below PTHREAD_STACK_MIN.
+ * opq_queue_start and opq_queue_set_runners fail with pthread_create's error
+ * (EAGAIN, EINVAL) if the system cannot give a runner a stack of that size.
+ * get stores the size set (0 if none) in *size; EINVAL if either is NULL.
+ */
+OPQ_EXPORT int opq_queue_attr_set_stack_size(opq_queue_attr *attr, size_t size);
+OPQ_EXPORT int opq_queue_attr_get_stack_size(const opq_queue_attr *attr, size_t *size);
 
 /*
  * Create a queue with no runners (enqueue works at once; operations wait for

@@ -94,7 +94,9 @@ OPQ_EXPORT int opq_stage_unregister(opq_stage *st, opq_stage_ticket *t, void **e
  *   must read and route, then call opq_stage_leave();
  * - the deadline (absolute CLOCK_MONOTONIC, NULL: never) passed: ETIMEDOUT;
  *   the ticket stays registered and still latches notifications;
- * - the stage is closed: returns the close error.
+ * - the stage is closed: returns the close error;
+ * - the caller is a scope task and the task is cancelled: ECANCELED; the
+ *   ticket stays registered, as after a timeout.
  * The head may call enter too (for instance after notifying its own key):
  * it never waits; it gets its latched event (NOTIFIED), the close error, or
  * OPQ_STAGE_HEAD, and heads the stage in every case until it leaves.
