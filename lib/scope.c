@@ -232,7 +232,7 @@ static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wa
 			struct opq__cancel_ctx *outer = opq__cancel_set_current(NULL);
 			opq_task *outer_done = tls_done_task;
 			tls_done_task = t;
-			t->done(t->done_arg, t->result);
+			t->done(t->arg, t->done_arg, t->result);
 			tls_done_task = outer_done;
 			opq__cancel_set_current(outer);
 		}

@@ -77,10 +77,12 @@ static int sleeper_b(opq_scope *s, void *arg)
 	return rc;
 }
 
-static void done_ev(void *arg, int result)
+/* done_arg: the event to record; arg is the task's own (the sleeper's event or the order_arg). */
+static void done_ev(void *arg, void *done_arg, int result)
 {
+	(void)arg;
 	(void)result;
-	ev((int)(intptr_t)arg);
+	ev((int)(intptr_t)done_arg);
 }
 
 struct order_arg {
@@ -636,9 +638,10 @@ struct done_waits {
 	atomic_int done;
 };
 
-static void done_waits_cb(void *arg, int result)
+static void done_waits_cb(void *arg, void *done_arg, int result)
 {
-	struct done_waits *w = arg;
+	struct done_waits *w = done_arg;
+	(void)arg;
 	(void)result;
 	struct timespec dl = t_deadline(2000 * MS);
 	w->rc_parent = opq_task_wait(w->parent, &dl, NULL);
@@ -653,9 +656,10 @@ static int done_waits_child(opq_scope *s, void *arg)
 	return 0;
 }
 
-static void done_waits_self_cb(void *arg, int result)
+static void done_waits_self_cb(void *arg, void *done_arg, int result)
 {
-	struct done_waits *w = arg;
+	struct done_waits *w = done_arg;
+	(void)arg;
 	(void)result;
 	struct timespec dl = t_deadline(2000 * MS);
 	w->rc_self = opq_task_wait(w->parent, &dl, NULL);
@@ -950,10 +954,10 @@ static atomic_long tree_tasks, tree_dones;
 
 static atomic_long tree_spawns;
 
-static void count_done(void *arg, int result)
+static void count_done(void *arg, void *done_arg, int result)
 {
 	(void)arg;
-	ck_assert(result == 0 || (arg && result == ECANCELED));
+	ck_assert(result == 0 || (done_arg && result == ECANCELED));
 	atomic_fetch_add(&tree_dones, 1);
 }
 
@@ -1050,9 +1054,10 @@ END_TEST
 
 static atomic_long dones;
 
-static void inc_done(void *arg, int result)
+static void inc_done(void *arg, void *done_arg, int result)
 {
 	(void)arg;
+	(void)done_arg;
 	(void)result;
 	atomic_fetch_add(&dones, 1);
 }
@@ -1179,6 +1184,71 @@ START_TEST(test_spawn_cancelled_on_full_queue)
 		ck_assert_int_eq(atomic_load(&dones), 1);
 		t_gate_destroy(&fs.go);
 		t_gate_destroy(&fs.release);
+	}
+}
+END_TEST
+
+/*
+ * The done callback gets the task's argument as well as its own, however
+ * the task ended: performed, cancelled before it ran, or discarded by a
+ * stopping queue.
+ */
+struct args_seen {
+	atomic_int calls;
+	void *arg, *done_arg;
+	int result;
+};
+
+static int return_eproto(opq_scope *s, void *arg)
+{
+	(void)s;
+	(void)arg;
+	return EPROTO;
+}
+
+static void record_args(void *arg, void *done_arg, int result)
+{
+	struct args_seen *seen = done_arg;
+	seen->arg = arg;
+	seen->done_arg = done_arg;
+	seen->result = result;
+	atomic_fetch_add(&seen->calls, 1);
+}
+
+START_TEST(test_done_gets_task_arg)
+{
+	int request = 0;
+	for (int how = 0; how < 3; how++) {
+		opq_queue *q;
+		ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+		struct args_seen seen = {0};
+		opq_task *t;
+		ck_assert_int_eq(
+		    opq_scope_spawn(root, NULL, return_eproto, &request, record_args, &seen, &t),
+		    0);
+		int want = EPROTO;
+		if (how == 0) {
+			ck_assert_int_eq(opq_queue_start(q, 1), 0);
+		} else if (how == 1) {
+			ck_assert_int_eq(opq_task_cancel(t), 0);
+			ck_assert_int_eq(opq_queue_start(q, 1), 0);
+			want = ECANCELED;
+		} else {
+			ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
+			want = ECANCELED;
+		}
+		ck_assert_int_eq(wait_task(t), want);
+		ck_assert_int_eq(atomic_load(&seen.calls), 1);
+		ck_assert_ptr_eq(seen.arg, &request);
+		ck_assert_ptr_eq(seen.done_arg, &seen);
+		ck_assert_int_eq(seen.result, want);
+		ck_assert_int_eq(opq_task_release(t), 0);
+		wait_scope(root);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
+		ck_assert_int_eq(opq_queue_destroy(q), 0);
 	}
 }
 END_TEST
@@ -1379,10 +1449,12 @@ static void check_parent_alive(struct node *n)
 
 static int stress_node(opq_scope *s, void *arg);
 
-static void stress_done(void *arg, int result)
+static void stress_done(void *arg, void *done_arg, int result)
 {
 	(void)result;
 	struct node *n = arg;
+	if (done_arg != S)
+		atomic_fetch_add(&S->violations, 1);
 	check_parent_alive(n);
 	if (atomic_load(&n->children_done) != atomic_load(&n->spawned))
 		atomic_fetch_add(&S->violations, 1);
@@ -1419,7 +1491,7 @@ static int stress_node(opq_scope *s, void *arg)
 		bool keep = rnd(&x) % 2;
 		opq_task *t = NULL;
 		atomic_fetch_add(&n->spawned, 1); /* before: the child may finish at once */
-		int rc = opq_scope_spawn(s, ca, stress_node, c, stress_done, c, keep ? &t : NULL);
+		int rc = opq_scope_spawn(s, ca, stress_node, c, stress_done, S, keep ? &t : NULL);
 		if (rc) {
 			ck_assert_int_eq(rc, ECANCELED);
 			c->parent = NULL; /* never spawned */
@@ -1466,9 +1538,8 @@ static void stress_round(opq_queue *q, unsigned seed, long size)
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 	S->nodes[0].parent = NULL;
 	opq_task *rt;
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, stress_node, &S->nodes[0], stress_done,
-					 &S->nodes[0], &rt),
-			 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(root, NULL, stress_node, &S->nodes[0], stress_done, S, &rt), 0);
 	atomic_store(&S->nodes[0].handle, rt);
 	/* Random cancellations from outside once the tree has grown. */
 	T_WAIT_UNTIL(atomic_load(&S->next) >= size / 2 || opq_task_wait(rt, &(struct timespec){ 0, 0 }, NULL) == 0);
@@ -1558,6 +1629,7 @@ int main(void)
 	tc = t_tcase(s, "lifecycle", 120);
 	tcase_add_test(tc, test_spawn_rules);
 	tcase_add_test(tc, test_discarded_tasks);
+	tcase_add_test(tc, test_done_gets_task_arg);
 	tcase_add_test(tc, test_spawn_cancelled_on_full_queue);
 	tcase_add_test(tc, test_drop_handles);
 	tcase_add_test(tc, test_enomem);

@@ -34,9 +34,11 @@ static int backend(opq_scope *scope, void *arg)
 	return rc ? rc : c->b->error;
 }
 
-static void backend_done(void *arg, int result)
+/* The done callback gets the task's argument: the call. */
+static void backend_done(void *arg, void *done_arg, int result)
 {
 	struct call *c = arg;
+	(void)done_arg;
 	c->b->result = result;
 	c->b->ended_ms = now_ms() - c->req->start_ms;
 }
@@ -49,8 +51,7 @@ static int handler(opq_scope *scope, void *arg)
 	for (int i = 0; i < FANOUT_BACKENDS; i++) {
 		calls[i].req = req;
 		calls[i].b = &req->b[i];
-		int rc = opq_scope_spawn(scope, NULL, backend, &calls[i], backend_done, &calls[i],
-					 NULL);
+		int rc = opq_scope_spawn(scope, NULL, backend, &calls[i], backend_done, NULL, NULL);
 		if (rc) {
 			/* Not spawned: cancel the others, wait for them, report. */
 			opq_scope_cancel(scope);

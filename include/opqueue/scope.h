@@ -52,8 +52,12 @@ typedef struct opq_scope_attr opq_scope_attr;
 
 /* A task's function: `scope` is the task's own child scope. Returns 0 or an errno value. */
 typedef int opq_task_fn(opq_scope *scope, void *arg);
-/* Called once when the task has terminated, with its result. */
-typedef void opq_task_done_fn(void *done_arg, int result);
+/*
+ * Called once when the task has terminated: `arg` is the task's argument
+ * (the one its function got), `done_arg` the callback's own, `result` the
+ * task's result.
+ */
+typedef void opq_task_done_fn(void *arg, void *done_arg, int result);
 
 /* Error policy of a scope. */
 enum opq_scope_policy {
@@ -76,8 +80,10 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *scope);
 /*
  * Spawn fn(child_scope, arg) in scope. attr (may be NULL) configures the
  * task's child scope; its deadline cancels the task. done (may be NULL)
- * runs once when the task terminates. taskp NULL: detached, else *taskp
- * is a handle the caller must release. ECANCELED once the scope is
+ * runs once when the task terminates, with arg, done_arg and the task's
+ * result (so a request needs to be passed only once, as arg). taskp
+ * NULL: detached, else *taskp is a handle the caller must release.
+ * ECANCELED once the scope is
  * terminating or cancelled, EPERM from a thread that is not the scope's
  * task, ENOMEM, ESHUTDOWN (queue stopping); on failure nothing was
  * spawned and done is not called.

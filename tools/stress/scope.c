@@ -77,11 +77,14 @@ static struct node *node_new(struct tree *tr, struct node *parent, uint64_t seed
 	return n;
 }
 
-static void task_done(void *arg, int result)
+static void task_done(void *arg, void *done_arg, int result)
 {
 	struct node *n = arg;
 	struct smod *m = n->tr->m;
 	INC(m->done_calls);
+	if (done_arg != m)
+		stress_fail("scope", "a done callback got %p as its own argument, not %p", done_arg,
+		            (void *)m);
 	atomic_store(&n->done_started, true);
 	if (atomic_fetch_add(&n->done_calls, 1) != 0)
 		stress_fail("scope", "a done callback ran twice");
@@ -137,7 +140,7 @@ static int spawn(struct tree *tr, struct node *n, opq_scope *scope, struct stres
 		}
 	}
 	CALL(m);
-	int rc = opq_scope_spawn(scope, a, task_fn, c, task_done, c, taskp);
+	int rc = opq_scope_spawn(scope, a, task_fn, c, task_done, m, taskp);
 	opq_scope_attr_destroy(a);
 	if (rc == 0) {
 		INC(m->tasks);
