@@ -70,7 +70,8 @@ OPQ_EXPORT void opq_scope_attr_destroy(opq_scope_attr *attr)
 
 OPQ_EXPORT int opq_scope_attr_set_policy(opq_scope_attr *attr, int policy)
 {
-	if (!attr || (policy != OPQ_SCOPE_COLLECT && policy != OPQ_SCOPE_FIRST_ERROR))
+	if (!attr || (policy != OPQ_SCOPE_COLLECT && policy != OPQ_SCOPE_FIRST_ERROR &&
+	              policy != OPQ_SCOPE_ISOLATE))
 		return EINVAL;
 	attr->policy = policy;
 	return 0;
@@ -197,11 +198,14 @@ static void child_unlink(opq_scope *p, opq_task *t)
 	p->nchildren--;
 }
 
-/* Under tr->mu: record the first error of scope s from a child's result. */
+/*
+ * Under tr->mu: record the first error of scope s from a child's result.
+ * An isolating scope records none: the child's done callback had it.
+ */
 static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg **wake)
 {
 	int rc = child->result;
-	if (rc == 0)
+	if (rc == 0 || s->policy == OPQ_SCOPE_ISOLATE)
 		return;
 	/* ECANCELED from a cancelled child is the effect of a cancel, not a cause. */
 	if (rc == ECANCELED && scope_cancelled(&child->scope))

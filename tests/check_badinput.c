@@ -620,9 +620,10 @@ R(lprov_destroy_in_use) { return opq_lease_provider_destroy(f->pm); }
 R(sattr_create_null) { UNUSED; return opq_scope_attr_create(NULL); }
 R(sattr_destroy_null) { UNUSED; opq_scope_attr_destroy(NULL); return 0; }
 R(sattr_policy_null) { UNUSED; return opq_scope_attr_set_policy(NULL, OPQ_SCOPE_COLLECT); }
-R(sattr_policy_bad) { return opq_scope_attr_set_policy(f->sattr, 2); }
+R(sattr_policy_bad) { return opq_scope_attr_set_policy(f->sattr, 3); }
 R(sattr_policy_negative) { return opq_scope_attr_set_policy(f->sattr, -1); }
 R(sattr_policy_first_error) { return opq_scope_attr_set_policy(f->sattr, OPQ_SCOPE_FIRST_ERROR); }
+R(sattr_policy_isolate) { return opq_scope_attr_set_policy(f->sattr, OPQ_SCOPE_ISOLATE); }
 R(sattr_deadline_null_attr) { return opq_scope_attr_set_deadline(NULL, &f->past); }
 R(sattr_deadline_nsec_1e9) { return opq_scope_attr_set_deadline(f->sattr, &f->bad_hi); }
 R(sattr_deadline_nsec_negative) { return opq_scope_attr_set_deadline(f->sattr, &f->bad_neg); }
@@ -1033,6 +1034,7 @@ static const struct row rows[] = {
     ROW(sattr_policy_bad, EINVAL),
     ROW(sattr_policy_negative, EINVAL),
     ROW(sattr_policy_first_error, 0),
+    ROW(sattr_policy_isolate, 0),
     ROW(sattr_deadline_null_attr, EINVAL),
     ROW(sattr_deadline_nsec_1e9, EINVAL),
     ROW(sattr_deadline_nsec_negative, EINVAL),

@@ -945,6 +945,60 @@ START_TEST(test_policy_first_error)
 }
 END_TEST
 
+/* Each child's result, as its done callback saw it (done_arg: the slot). */
+static void store_result(void *arg, void *done_arg, int result)
+{
+	(void)arg;
+	atomic_store((atomic_int *)done_arg, result);
+}
+
+START_TEST(test_policy_isolate)
+{
+	opq_queue *q = mkqueue(4, 0);
+	opq_scope_attr *a, *timeout;
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	ck_assert_int_eq(opq_scope_attr_set_policy(a, OPQ_SCOPE_ISOLATE), 0);
+	ck_assert_int_eq(opq_scope_attr_create(&timeout), 0);
+	for (int i = 0; i < 10; i++) {
+		/* A failure, a task that times out, and two slow ones that succeed. */
+		struct backend b[4] = {
+		    {.ms = 1, .fail = EIO}, {.ms = 30000}, {.ms = 60}, {.ms = 60}};
+		atomic_int res[4];
+		for (int k = 0; k < 4; k++)
+			atomic_init(&res[k], -1);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
+		struct timespec dl = t_deadline(5 * MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(timeout, &dl), 0);
+		for (int k = 0; k < 4; k++)
+			ck_assert_int_eq(opq_scope_spawn(root, k == 1 ? timeout : NULL, backend_fn,
+			                                 &b[k], store_result, &res[k], NULL),
+			                 0);
+		/* The root's first error stays 0: nobody keeps a child's error. */
+		ck_assert_int_eq(wait_scope(root), 0);
+		ck_assert_int_eq(atomic_load(&res[0]), EIO);
+		ck_assert_int_eq(atomic_load(&res[1]), ETIMEDOUT);
+		/* Nobody was cancelled by them: the slow ones finished. */
+		for (int k = 2; k < 4; k++) {
+			ck_assert_int_eq(atomic_load(&res[k]), 0);
+			ck_assert_int_eq(b[k].finished, 1);
+			ck_assert_int_eq(b[k].cancelled, 0);
+		}
+		ck_assert_int_eq(opq_scope_cancelled(root), 0);
+		/* The root still takes tasks. */
+		atomic_int last = -1;
+		ck_assert_int_eq(
+		    opq_scope_spawn(root, NULL, child_ok_fn, NULL, store_result, &last, NULL), 0);
+		ck_assert_int_eq(wait_scope(root), 0);
+		ck_assert_int_eq(atomic_load(&last), 0);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+	}
+	opq_scope_attr_destroy(timeout);
+	opq_scope_attr_destroy(a);
+	rmqueue(q);
+}
+END_TEST
+
 /* ---- nesting on one runner --------------------------------------------- */
 
 #define DEPTH 10
@@ -1623,6 +1677,7 @@ int main(void)
 	tc = t_tcase(s, "policy", 120);
 	tcase_add_test(tc, test_policy_collect);
 	tcase_add_test(tc, test_policy_first_error);
+	tcase_add_test(tc, test_policy_isolate);
 	tc = t_tcase(s, "nesting", 300);
 	tcase_add_test(tc, test_one_runner_deep_tree);
 	tcase_add_test(tc, test_one_runner_returned_parent);

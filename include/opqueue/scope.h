@@ -61,8 +61,10 @@ typedef void opq_task_done_fn(void *arg, void *done_arg, int result);
 
 /* Error policy of a scope. */
 enum opq_scope_policy {
-	OPQ_SCOPE_COLLECT = 0,	   /* every child runs to its end; the first error is kept */
-	OPQ_SCOPE_FIRST_ERROR = 1  /* the first child error cancels the other children */
+	OPQ_SCOPE_COLLECT = 0,     /* every child runs to its end; the first error is kept */
+	OPQ_SCOPE_FIRST_ERROR = 1, /* the first child error cancels the other children */
+	OPQ_SCOPE_ISOLATE = 2      /* a child's error cancels nobody and is kept by nobody:
+	                              only its own done callback sees it (long-lived roots) */
 };
 
 /* Attributes: policy (default OPQ_SCOPE_COLLECT) and deadline (default none). */
