@@ -324,14 +324,22 @@ OPQ_EXPORT int opq_queue_wait_idle(opq_queue *q, const struct timespec *deadline
 	int rc = 0;
 	opq__lock(&q->mu);
 	q->callers++;
-	q->idle_waiters++;
-	while (!opq__is_idle(q)) {
-		if (opq__cond_wait(&q->idle, &q->mu, deadline) == ETIMEDOUT) {
-			rc = opq__is_idle(q) ? 0 : ETIMEDOUT;
+	/* An idle queue beats a cancel or a deadline that came meanwhile. */
+	while (!opq__is_idle(q) && rc == 0) {
+		/* Inside a task: a cancel of the task ends the wait. */
+		struct opq__cancel_reg creg;
+		if (opq__cancel_begin(&creg, &q->mu, &q->idle)) {
+			rc = ECANCELED;
 			break;
 		}
+		q->idle_waiters++;
+		rc = opq__cond_wait(&q->idle, &q->mu, deadline);
+		q->idle_waiters--;
+		if (opq__cancel_end(&creg)) /* may wait for a canceller: still a caller */
+			rc = ECANCELED;
 	}
-	q->idle_waiters--;
+	if (rc && opq__is_idle(q))
+		rc = 0;
 	q->callers--;
 	opq__unlock(&q->mu);
 	return rc;

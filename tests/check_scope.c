@@ -5,6 +5,7 @@
 #include "harness.h"
 #include "fault.h"
 #include "internal.h"
+#include "queue_impl.h"
 
 #include <dirent.h>
 #include <stdlib.h>
@@ -222,7 +223,18 @@ struct blocker {
 	int rc;
 };
 
-enum { B_ENQUEUE, B_TIMEDENQUEUE, B_LINE_WAIT, B_LINE_IDLE, B_STAGE, B_SLEEP, B_HOOK, B_LEASE, B_N };
+enum {
+	B_ENQUEUE,
+	B_TIMEDENQUEUE,
+	B_LINE_WAIT,
+	B_LINE_IDLE,
+	B_STAGE,
+	B_SLEEP,
+	B_HOOK,
+	B_LEASE,
+	B_WAIT_IDLE,
+	B_N
+};
 
 static void nop(void *arg)
 {
@@ -266,6 +278,9 @@ static int blocker_fn(opq_scope *s, void *arg)
 	case B_LEASE: /* held by another owner: acquire polls until cancelled */
 		rc = opq_lease_acquire(b->lease, &far, NULL);
 		break;
+	case B_WAIT_IDLE: /* the full queue is never started: never idle */
+		rc = opq_queue_wait_idle(b->full, &far);
+		break;
 	}
 	atomic_store(&b->returned_at, t_now_ns());
 	b->rc = rc;
@@ -295,6 +310,12 @@ static bool blocked(struct blocker *b)
 		opq_stage_stats st;
 		ck_assert_int_eq(opq_stage_stats_get(b->stage, &st), 0);
 		return st.waiting == 1;
+	}
+	case B_WAIT_IDLE: {
+		pthread_mutex_lock(&b->full->mu);
+		bool w = b->full->idle_waiters == 1;
+		pthread_mutex_unlock(&b->full->mu);
+		return w;
 	}
 	default:
 		return true; /* a sleep: cancelling before or during it both must work */
@@ -397,6 +418,15 @@ static int precancelled(opq_scope *s, void *arg)
 	ck_assert_int_eq(opq_line_wait(&line, &t2, &far, &st), 0);
 	ck_assert_int_eq(st, 7);
 	ck_assert_int_eq(opq_line_destroy(&line), 0);
+	/* Waiting for another queue's idle state: an idle queue returns 0, a
+	 * busy one (never started, holding an operation) ECANCELED at once. */
+	opq_queue *other;
+	ck_assert_int_eq(opq_queue_create(&other, NULL), 0);
+	ck_assert_int_eq(opq_queue_wait_idle(other, &far), 0);
+	ck_assert_int_eq(opq_queue_enqueue_fn(other, nop, NULL, NULL), 0);
+	ck_assert_int_eq(opq_queue_wait_idle(other, &far), ECANCELED);
+	ck_assert_int_eq(opq_queue_wait_idle(other, NULL), ECANCELED);
+	ck_assert_int_eq(opq_queue_destroy(other), 0);
 	/* Spawning in a cancelled scope fails. */
 	ck_assert_int_eq(opq_scope_spawn(s, NULL, precancelled, NULL, NULL, NULL, NULL), ECANCELED);
 	return 0;

@@ -14,9 +14,9 @@
  * Cancellation is cooperative: opq_task_cancelled() / opq_scope_cancelled()
  * tell a task it should stop, and the library's blocking calls made by a
  * task's function on its runner thread (opq_queue_enqueue on a full queue,
- * opq_line_wait, opq_line_wait_idle, opq_stage_enter, opq_lease_acquire's
- * backoff, opq_scope_sleep)
- * return ECANCELED promptly once the task is cancelled. A call that could
+ * opq_queue_wait_idle, opq_line_wait, opq_line_wait_idle, opq_stage_enter,
+ * opq_lease_acquire's backoff, opq_scope_sleep) return ECANCELED promptly
+ * once the task is cancelled. A call that could
  * complete without blocking completes: a result beats a cancel.
  *
  * Ownership in one paragraph: the library allocates and frees tasks. A
