@@ -223,6 +223,7 @@ struct opq_task {
 	int state;
 	int result;
 	unsigned refs;
+	opq_task *pull_next; /* on a canceller's list of queued tasks to take out (scope.c) */
 };
 
 struct opq__tree {

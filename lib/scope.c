@@ -28,9 +28,23 @@
  * (task_run sets it; a done callback runs with none): every context ever
  * made current is a scope's, so the current scope is the one around it.
  *
+ * A cancel takes the cancelled tasks that have not started out of the
+ * queue at once (opq_queue_cancel), so that they end, run their done
+ * callbacks and free their places in a bounded queue then, not when a
+ * runner reaches them: whoever marks a QUEUED task cancelled (a cancel
+ * walk, a deadline, a returning parent, a failing sibling) pins it onto
+ * the pull list of its `struct after`, and once it has dropped tr->mu
+ * calls opq_queue_cancel, whose discard callback (task_discard) ends the
+ * task on that thread. A runner or a helper that took the task first
+ * makes that call EBUSY and runs the task, which sees the cancel and
+ * skips its function. Exactly one thread pulls a task: the one that saw
+ * it QUEUED when it cancelled it, or spawn, for a task cancelled while it
+ * was being enqueued.
+ *
  * Lock order: object mutex (queue, line, stage) -> tr->mu. Nothing takes
- * an object mutex while holding tr->mu; cancellers wake blocked calls
- * after dropping it (opq__cancel_wake, see cancel.c).
+ * an object mutex while holding tr->mu; cancellers wake blocked calls and
+ * pull queued tasks after dropping it (after_run; opq__cancel_wake, see
+ * cancel.c).
  */
 #include "internal.h"
 
@@ -139,35 +153,86 @@ opq_task *opq__scope_walk_next(opq_scope *top, opq_task *t, bool descend)
 	}
 }
 
-/* Under tr->mu: mark s cancelled; the records of its blocked calls go onto *wake. */
-static void mark_cancelled(opq_scope *s, struct opq__cancel_reg **wake)
+/*
+ * What a cancel leaves to do once tr->mu is dropped: the blocked calls to
+ * wake, and the cancelled tasks that were still queued, each pinned, to
+ * take out of the queue. Start it empty ({ 0 }).
+ */
+struct after {
+	struct opq__cancel_reg *wake;
+	opq_task *pull; /* by pull_next */
+};
+
+static bool after_empty(const struct after *af)
 {
-	opq__cancel_ctx_cancel(&s->cx, wake);
+	return !af->wake && !af->pull;
+}
+
+/* Under tr->mu: mark s cancelled; its blocked calls and its queued task go onto af. */
+static void mark_cancelled(opq_scope *s, struct after *af)
+{
+	opq_task *t = s->owner;
+	if (t && t->state == OPQ__T_QUEUED && !scope_cancelled(s)) {
+		t->refs++;
+		t->pull_next = af->pull;
+		af->pull = t;
+	}
+	opq__cancel_ctx_cancel(&s->cx, &af->wake);
 	s->closing = true;
 }
 
 /* Under tr->mu: cancel s itself (if self) and every task below it. */
-static void cancel_tree(opq_scope *s, bool self, struct opq__cancel_reg **wake)
+static void cancel_tree(opq_scope *s, bool self, struct after *af)
 {
 	if (self)
-		mark_cancelled(s, wake);
+		mark_cancelled(s, af);
 	s->closing = true;
 	opq_task *t = opq__scope_first_child(s);
 	while (t) {
 		bool descend = false;
 		if (!scope_cancelled(&t->scope)) {
-			mark_cancelled(&t->scope, wake);
+			mark_cancelled(&t->scope, af);
 			descend = true;
 		}
 		t = opq__scope_walk_next(s, t, descend);
 	}
 }
 
-/* Drop tr->mu and wake the blocked calls on the wake list. */
-static void unlock_and_wake(struct opq__tree *tr, struct opq__cancel_reg *wake)
+/*
+ * Without tr->mu: wake af's blocked calls and take its tasks out of the
+ * queue. opq_queue_cancel ends a task it takes out on this thread (its
+ * discard callback, task_discard: done callbacks and all); EBUSY means a
+ * runner or a helper took it first, and will skip its function. The
+ * tasks stay pinned: after_unpin drops the pins.
+ */
+static void after_run(struct opq__tree *tr, const struct after *af)
 {
+	opq__cancel_wake(af->wake);
+	for (opq_task *t = af->pull; t; t = t->pull_next)
+		(void)opq_queue_cancel(tr->q, &t->op);
+}
+
+/* Under tr->mu: drop af's pins and empty it; true if the tree must be freed (after unlocking). */
+static bool after_unpin(struct after *af)
+{
+	bool free_tree = false;
+	for (opq_task *t = af->pull, *next; t; t = next) {
+		next = t->pull_next;
+		free_tree |= opq__task_unref(t);
+	}
+	*af = (struct after){0};
+	return free_tree;
+}
+
+/* Under tr->mu: drop it, do what af holds, take it again. True: free the tree after unlocking. */
+static bool relock_after(struct opq__tree *tr, struct after *af)
+{
+	if (after_empty(af))
+		return false;
 	opq__unlock(&tr->mu);
-	opq__cancel_wake(wake);
+	after_run(tr, af);
+	opq__lock(&tr->mu);
+	return after_unpin(af);
 }
 
 void opq__tree_free(struct opq__tree *tr)
@@ -202,7 +267,7 @@ static void child_unlink(opq_scope *p, opq_task *t)
  * Under tr->mu: record the first error of scope s from a child's result.
  * An isolating scope records none: the child's done callback had it.
  */
-static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg **wake)
+static void child_result(opq_scope *s, opq_task *child, struct after *af)
 {
 	int rc = child->result;
 	if (rc == 0 || s->policy == OPQ_SCOPE_ISOLATE)
@@ -214,24 +279,27 @@ static void child_result(opq_scope *s, opq_task *child, struct opq__cancel_reg *
 		return;
 	s->first_error = rc;
 	if (s->policy == OPQ_SCOPE_FIRST_ERROR)
-		cancel_tree(s, false, wake);
+		cancel_tree(s, false, af);
 }
 
 /*
  * Under tr->mu, with a pin on t: finish t if it is ready (its function
  * returned and no child is left), then walk up to its parent. Drops and
- * retakes tr->mu to wake cancelled calls and to run done callbacks.
- * Returns true if the tree must be freed after unlocking.
+ * retakes tr->mu to do what *af holds (and what the walk adds to it) and
+ * to run done callbacks. Returns true if the tree must be freed after
+ * unlocking.
  */
-static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wake)
+static bool settle(struct opq__tree *tr, opq_task *t, struct after *af)
 {
 	bool free_tree = false;
 	opq_task *pinned = t;
 	while (t && t->state == OPQ__T_RETURNED && t->scope.nchildren == 0) {
 		t->state = OPQ__T_FINISHING;
 		dl_remove(&t->scope);
-		unlock_and_wake(tr, wake);
-		wake = NULL;
+		struct after now = *af;
+		*af = (struct after){0};
+		opq__unlock(&tr->mu);
+		after_run(tr, &now);
 		if (t->done) {
 			struct opq__cancel_ctx *outer = opq__cancel_set_current(NULL);
 			opq_task *outer_done = tls_done_task;
@@ -241,10 +309,11 @@ static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wa
 			opq__cancel_set_current(outer);
 		}
 		opq__lock(&tr->mu);
+		free_tree |= after_unpin(&now);
 		t->state = OPQ__T_DONE;
 		opq_scope *p = t->pscope;
 		child_unlink(p, t);
-		child_result(p, t, &wake);
+		child_result(p, t, af);
 		if (tr->waiters)
 			OPQ_CHECK(pthread_cond_broadcast(&tr->cv));
 		opq_task *up = p->owner;
@@ -257,24 +326,25 @@ static bool settle(struct opq__tree *tr, opq_task *t, struct opq__cancel_reg *wa
 	}
 	if (t && t != pinned)
 		free_tree |= opq__task_unref(t);
-	if (wake) {
-		unlock_and_wake(tr, wake);
-		opq__lock(&tr->mu);
-	}
+	free_tree |= relock_after(tr, af);
 	return free_tree;
 }
 
 /* ---- running a task ------------------------------------------------------ */
 
+/*
+ * Run t: perform it (from a runner or a helper), or end it unrun when the
+ * queue discards it (a stopping queue, or a cancel that pulled it).
+ */
 static void task_run(opq_task *t, bool discarded)
 {
 	struct opq__tree *tr = t->scope.tr;
-	struct opq__cancel_reg *wake = NULL;
+	struct after af = {0};
 	opq__lock(&tr->mu);
+	t->state = OPQ__T_RUNNING; /* not QUEUED: nobody pulls it now */
 	if (discarded && !scope_cancelled(&t->scope))
-		cancel_tree(&t->scope, true, &wake); /* dropped by a stopping queue: cancelled */
+		cancel_tree(&t->scope, true, &af); /* dropped by a stopping queue: cancelled */
 	bool skip = scope_cancelled(&t->scope);
-	t->state = OPQ__T_RUNNING;
 	t->refs++; /* our pin */
 	opq__unlock(&tr->mu);
 
@@ -290,8 +360,8 @@ static void task_run(opq_task *t, bool discarded)
 		rc = ETIMEDOUT;
 	t->result = rc;
 	t->state = OPQ__T_RETURNED;
-	cancel_tree(&t->scope, false, &wake); /* its children are sent cancel */
-	bool free_tree = settle(tr, t, wake);
+	cancel_tree(&t->scope, false, &af); /* its children are sent cancel; queued ones pulled */
+	bool free_tree = settle(tr, t, &af);
 	free_tree |= opq__task_unref(t);
 	opq__unlock(&tr->mu);
 	if (free_tree)
@@ -328,17 +398,21 @@ static void dl_fire(struct opq__timer *timer)
 	opq_scope *s;
 	while ((s = dl_first(tr)) && ts_passed(&s->deadline)) {
 		dl_remove(s);
-		struct opq__cancel_reg *wake = NULL;
+		struct after af = {0};
 		if (!scope_cancelled(s)) {
 			s->timed_out = true;
 			if (!s->first_error)
 				s->first_error = ETIMEDOUT;
-			cancel_tree(s, true, &wake);
+			cancel_tree(s, true, &af);
 		}
-		if (wake) {
-			unlock_and_wake(tr, wake);
-			opq__lock(&tr->mu);
-		}
+		/*
+		 * The tasks pulled end on this thread, done callbacks and all.
+		 * The tree outlives this: opq_scope_destroy waits for us
+		 * (opq__timer_cancel) before it drops the root's reference.
+		 */
+		bool free_tree = relock_after(tr, &af);
+		assert(!free_tree);
+		(void)free_tree;
 	}
 	if (s)
 		opq__timer_arm(&tr->timer, &s->deadline, dl_fire);
@@ -367,11 +441,12 @@ static int tree_timer_ref(struct opq__tree *tr)
 static void dl_arm(struct opq__tree *tr, opq_scope *s)
 {
 	if (ts_passed(&s->deadline)) {
-		struct opq__cancel_reg *wake = NULL;
+		struct after af = {0};
 		s->timed_out = true;
 		if (!s->first_error)
 			s->first_error = ETIMEDOUT;
-		mark_cancelled(s, &wake);
+		mark_cancelled(s, &af); /* new: nothing blocks in it, its task is not queued */
+		assert(after_empty(&af));
 		return;
 	}
 	struct opq__link *at = tr->dl.opq__next;
@@ -510,14 +585,27 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	}
 	if (t->state == OPQ__T_NEW)
 		t->state = OPQ__T_QUEUED;
+	/*
+	 * Cancelled while it was being enqueued (nobody saw it QUEUED to pull
+	 * it), or its deadline had passed already: take it out again. Our
+	 * pin is the puller's.
+	 */
+	bool pull = t->state == OPQ__T_QUEUED && scope_cancelled(&t->scope);
 	if (tr->waiters)
 		OPQ_CHECK(pthread_cond_broadcast(&tr->cv)); /* helpers: new work */
-	free_tree = opq__task_unref(t);
+	if (!pull)
+		free_tree = opq__task_unref(t);
 	opq__unlock(&tr->mu);
-	if (free_tree)
-		opq__tree_free(tr);
 	if (taskp)
 		*taskp = t;
+	if (pull) {
+		(void)opq_queue_cancel(tr->q, &t->op);
+		opq__lock(&tr->mu);
+		free_tree = opq__task_unref(t);
+		opq__unlock(&tr->mu);
+	}
+	if (free_tree)
+		opq__tree_free(tr);
 	return 0;
 }
 
@@ -533,11 +621,19 @@ OPQ_EXPORT int opq_scope_cancel(opq_scope *s)
 	if (!s)
 		return EINVAL;
 	struct opq__tree *tr = s->tr;
-	struct opq__cancel_reg *wake = NULL;
+	struct after af = {0};
 	opq__lock(&tr->mu);
 	if (!s->owner || s->owner->state < OPQ__T_FINISHING)
-		cancel_tree(s, true, &wake);
-	unlock_and_wake(tr, wake);
+		cancel_tree(s, true, &af);
+	opq__unlock(&tr->mu);
+	after_run(tr, &af);
+	if (af.pull) { /* the pins keep the tree */
+		opq__lock(&tr->mu);
+		bool free_tree = after_unpin(&af);
+		opq__unlock(&tr->mu);
+		if (free_tree)
+			opq__tree_free(tr);
+	}
 	return 0;
 }
 

@@ -241,6 +241,12 @@ static void nop(void *arg)
 	(void)arg;
 }
 
+/* An operation that holds its runner until the gate (arg) opens. */
+static void gate_op(void *arg)
+{
+	ck_assert(t_gate_wait(arg));
+}
+
 static int blocker_fn(opq_scope *s, void *arg)
 {
 	struct blocker *b = arg;
@@ -577,6 +583,138 @@ START_TEST(test_scope_deadline)
 		opq_scope_attr_destroy(a);
 	}
 	rmqueue(q);
+}
+END_TEST
+
+/*
+ * A cancel or a deadline takes the tasks it cancels that have not started
+ * out of the queue at once: on a one-runner queue busy with a long
+ * operation, their done callbacks run (with the cancel's error) before it
+ * ends, the queue counts them cancelled and discarded, not completed, and
+ * a bounded queue's places are free again.
+ */
+enum { PULL_TASKS = 4 };
+
+struct pulled {
+	atomic_int dones, ran;
+	atomic_int result[PULL_TASKS];
+	atomic_llong done_at[PULL_TASKS];
+};
+
+static int count_ran(opq_scope *s, void *arg)
+{
+	(void)s;
+	atomic_fetch_add(&((struct pulled *)arg)->ran, 1);
+	return 0;
+}
+
+static void pulled_done(void *arg, void *done_arg, int result)
+{
+	struct pulled *p = arg;
+	int k = (int)(intptr_t)done_arg;
+	atomic_store(&p->result[k], result);
+	atomic_store(&p->done_at[k], t_now_ns());
+	atomic_fetch_add(&p->dones, 1);
+}
+
+/* Wait until n done callbacks ran, for at most `ns`; false if they did not. */
+static bool dones_within(struct pulled *p, int n, int64_t ns)
+{
+	int64_t end = t_now_ns() + ns;
+	while (atomic_load(&p->dones) < n) {
+		if (t_now_ns() > end)
+			return false;
+		sched_yield();
+	}
+	return true;
+}
+
+enum { PULL_TASK_DEADLINE, PULL_ROOT_DEADLINE, PULL_SCOPE_CANCEL, PULL_TASK_CANCEL, PULL_HOW_N };
+
+START_TEST(test_cancel_pulls_queued)
+{
+	for (int how = 0; how < PULL_HOW_N; how++) {
+		opq_queue *q = mkqueue(1, PULL_TASKS);
+		struct t_gate long_op;
+		t_gate_init(&long_op);
+		opq_queue_stats st0, st;
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, gate_op, NULL, &long_op), 0);
+		T_WAIT_UNTIL(opq_queue_stats_get(q, &st0) == 0 && st0.running == 1);
+
+		opq_scope_attr *a;
+		ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+		struct timespec dl = t_deadline(50 * MS);
+		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
+		opq_scope *root;
+		ck_assert_int_eq(opq_scope_create(&root, q, how == PULL_ROOT_DEADLINE ? a : NULL),
+		                 0);
+		struct pulled p = {0};
+		opq_task *t[PULL_TASKS];
+		for (int k = 0; k < PULL_TASKS; k++)
+			ck_assert_int_eq(opq_scope_spawn(root, how == PULL_TASK_DEADLINE ? a : NULL,
+			                                 count_ran, &p, pulled_done,
+			                                 (void *)(intptr_t)k, &t[k]),
+			                 0);
+		/* The queue is full behind the long operation. */
+		ck_assert_int_eq(opq_queue_tryenqueue_fn(q, nop, NULL, NULL), EAGAIN);
+
+		int64_t t0 = t_now_ns();
+		int want = ECANCELED, n = PULL_TASKS;
+		switch (how) {
+		case PULL_TASK_DEADLINE:
+			want = ETIMEDOUT; /* each task's own deadline */
+			                  /* fall through */
+		case PULL_ROOT_DEADLINE:
+			ck_assert_msg(
+			    dones_within(&p, n, 50 * MS + PROMPT_NS),
+			    "how %d: %d of %d done callbacks while the long operation runs", how,
+			    atomic_load(&p.dones), n);
+			ck_assert(t_passed(&dl)); /* not before the deadline */
+			break;
+		case PULL_SCOPE_CANCEL:
+			/* On the cancelling thread, before the cancel returns. */
+			ck_assert_int_eq(opq_scope_cancel(root), 0);
+			ck_assert_int_eq(atomic_load(&p.dones), n);
+			break;
+		case PULL_TASK_CANCEL:
+			ck_assert_int_eq(opq_task_cancel(t[1]), 0);
+			ck_assert_int_eq(atomic_load(&p.dones), 1);
+			n = 1;
+			break;
+		}
+		for (int k = 0; k < PULL_TASKS; k++) {
+			if (how == PULL_TASK_CANCEL && k != 1)
+				continue;
+			ck_assert_int_eq(atomic_load(&p.result[k]), want);
+			ck_assert_int_lt(atomic_load(&p.done_at[k]) - t0, 50 * MS + PROMPT_NS);
+		}
+		/* Counted cancelled and discarded, not completed; their places are free. */
+		ck_assert_int_eq(opq_queue_stats_get(q, &st), 0);
+		ck_assert_int_eq(st.running, 1);
+		ck_assert_int_eq(st.queued, (size_t)(PULL_TASKS - n));
+		ck_assert_int_eq(st.completed, st0.completed);
+		ck_assert_int_eq(st.cancelled - st0.cancelled, (uint64_t)n);
+		ck_assert_int_eq(st.discarded - st0.discarded, (uint64_t)n);
+		for (int k = 0; k < n; k++)
+			ck_assert_int_eq(opq_queue_tryenqueue_fn(q, nop, NULL, NULL), 0);
+		ck_assert_int_eq(opq_queue_tryenqueue_fn(q, nop, NULL, NULL), EAGAIN);
+		for (int k = 0; k < PULL_TASKS; k++)
+			if (how != PULL_TASK_CANCEL || k == 1)
+				ck_assert_int_eq(wait_task(t[k]), want); /* terminated */
+
+		t_gate_open(&long_op);
+		/* A child's own timeout is an error of the root; so is the root's. */
+		int first = how == PULL_TASK_DEADLINE || how == PULL_ROOT_DEADLINE ? ETIMEDOUT : 0;
+		ck_assert_int_eq(wait_scope(root), first);
+		ck_assert_int_eq(atomic_load(&p.ran), PULL_TASKS - n); /* never ran */
+		ck_assert_int_eq(atomic_load(&p.dones), PULL_TASKS);
+		for (int k = 0; k < PULL_TASKS; k++)
+			ck_assert_int_eq(opq_task_release(t[k]), 0);
+		ck_assert_int_eq(opq_scope_destroy(root), 0);
+		opq_scope_attr_destroy(a);
+		rmqueue(q);
+		t_gate_destroy(&long_op);
+	}
 }
 END_TEST
 
@@ -1218,11 +1356,6 @@ struct full_spawn {
 	atomic_int spawn_rc;
 };
 
-static void gate_op(void *arg)
-{
-	ck_assert(t_gate_wait(arg));
-}
-
 static int spawn_into_full_queue(opq_scope *s, void *arg)
 {
 	struct full_spawn *fs = arg;
@@ -1699,6 +1832,7 @@ int main(void)
 	tc = t_tcase(s, "wait", 120);
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
+	tcase_add_test(tc, test_cancel_pulls_queued);
 	tcase_add_test(tc, test_destroy_while_woken);
 	tcase_add_test(tc, test_done_waits_deadlock);
 	tcase_add_test(tc, test_timer_heap);

@@ -28,13 +28,21 @@
  * fails with EBUSY while it has live tasks or waiters; handles still held
  * after it remain valid until released.
  *
+ * A cancel (or a deadline) takes the tasks it cancels that have not
+ * started out of the queue at once (opq_queue_cancel): they end then, with
+ * ECANCELED (ETIMEDOUT for their own deadline), their places in a bounded
+ * queue are free, and the queue counts them cancelled, not completed.
+ *
  * The done callback runs exactly once per task, on whichever thread
  * completed the task's termination: the runner that ran the function, the
- * runner of the last child to terminate, or the thread that stopped the
- * queue with OPQ_STOP_DISCARD. It runs with no lock held and may call any
- * opqueue function; a wait on the task itself, its ancestors or their
- * scopes (which cannot terminate before it returns) is EDEADLK. It should
- * be short.
+ * runner of the last child to terminate, the thread that cancelled a task
+ * that had not started (before the cancel returns), the library's timer
+ * thread for one that a deadline took out of the queue, or the thread that
+ * stopped the queue with OPQ_STOP_DISCARD. It runs with no lock held and
+ * may call any opqueue function; a wait on the task itself, its ancestors
+ * or their scopes (which cannot terminate before it returns) is EDEADLK. It
+ * should be short, and must not block: on the timer thread no other
+ * deadline or lease keepalive fires while it runs.
  */
 #ifndef OPQUEUE_SCOPE_H
 #define OPQUEUE_SCOPE_H
