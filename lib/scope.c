@@ -10,9 +10,10 @@
  * Explicit waits (opq_scope_wait, opq_task_wait, in scope_wait.c) made on
  * a runner of the tree's queue help: they take a queued task of the
  * subtree they wait for out of the FIFO and perform it inline
- * (opq__queue_help), so a queue with one runner runs any tree to
- * completion, and the helper's stack grows with the tree's depth only (it
- * helps descendants of what it waits for).
+ * (opq__queue_help), so a queue with one runner runs a tree to
+ * completion; the helper's stack grows with the tree's depth only (it
+ * helps descendants of what it waits for), and stops growing at a bound
+ * (scope_wait.c): deeper, a wait waits for another runner.
  *
  * Invariants, under tr->mu:
  * - a task is in its parent scope's child list from spawn until its done

@@ -1272,6 +1272,102 @@ START_TEST(test_one_runner_returned_parent)
 }
 END_TEST
 
+/*
+ * A chain of tasks, each spawning the next and waiting for it. Helping
+ * nested one level per task on the runner's stack: 100,000 of them
+ * overflowed it (SIGSEGV). Helping now stops at a bound (half a default
+ * stack: thousands of levels of these small tasks): on one runner the
+ * chain stops growing there, and another runner takes it over.
+ */
+static struct chain {
+	long length;
+	atomic_long deepest, dones;
+} chain;
+
+static void chain_done(void *arg, void *done_arg, int result)
+{
+	(void)arg;
+	(void)done_arg;
+	(void)result;
+	atomic_fetch_add(&chain.dones, 1);
+}
+
+static int chain_link(opq_scope *s, void *arg)
+{
+	long depth = (long)(intptr_t)arg;
+	long d = atomic_load(&chain.deepest);
+	while (d < depth && !atomic_compare_exchange_weak(&chain.deepest, &d, depth))
+		;
+	if (depth == chain.length)
+		return 0;
+	int rc = opq_scope_spawn(s, NULL, chain_link, (void *)(intptr_t)(depth + 1), chain_done,
+	                         NULL, NULL);
+	if (rc)
+		return rc;
+	return opq_scope_wait(s, NULL, NULL);
+}
+
+static void chain_start(opq_scope *root, long length)
+{
+	chain.length = length;
+	atomic_store(&chain.deepest, 0);
+	atomic_store(&chain.dones, 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(root, NULL, chain_link, (void *)(intptr_t)1, chain_done, NULL, NULL),
+	    0);
+}
+
+/* Wait until the chain stops growing (for 200 ms) with its next link queued; its depth. */
+static long chain_stalled(opq_queue *q)
+{
+	struct timespec give_up = t_forever();
+	for (long d = -1;;) {
+		ck_assert(!t_passed(&give_up));
+		struct timespec dl = t_deadline(200 * MS);
+		while (!t_passed(&dl))
+			sched_yield();
+		long now = atomic_load(&chain.deepest);
+		opq_queue_stats st;
+		ck_assert_int_eq(opq_queue_stats_get(q, &st), 0);
+		/* Running: the link the runner took and those it helps, nested. */
+		if (now == d && st.queued == 1 && st.running == (uint64_t)now)
+			return now;
+		d = now;
+	}
+}
+
+START_TEST(test_chain_bounded_helping)
+{
+	/* One runner: it helps links below the one it runs up to the bound, then waits. */
+	opq_queue *q = mkqueue(1, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	chain_start(root, 100000);
+	long stall = chain_stalled(q);
+	printf("chain: one runner helps %ld links deep\n", stall);
+	ck_assert_int_ge(stall, 1000); /* deep enough for any sensible tree */
+	ck_assert_int_lt(stall, 100000);
+	ck_assert_int_eq(atomic_load(&chain.dones), 0);
+	/* A cancel ends it: the queued link is taken out, the waits return. */
+	ck_assert_int_eq(opq_scope_cancel(root), 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&chain.dones), stall + 1);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+
+	/* Two runners: the second takes the chain over where the first stopped helping. */
+	q = mkqueue(2, 0);
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	long length = stall + stall / 2;
+	chain_start(root, length);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&chain.deepest), length);
+	ck_assert_int_eq(atomic_load(&chain.dones), length);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
 /* ---- spawn rules, EPERM/EDEADLK, handles -------------------------------- */
 
 static atomic_long dones;
@@ -1845,6 +1941,7 @@ int main(void)
 	tc = t_tcase(s, "nesting", 300);
 	tcase_add_test(tc, test_one_runner_deep_tree);
 	tcase_add_test(tc, test_one_runner_returned_parent);
+	tcase_add_test(tc, test_chain_bounded_helping);
 	tc = t_tcase(s, "lifecycle", 120);
 	tcase_add_test(tc, test_spawn_rules);
 	tcase_add_test(tc, test_discarded_tasks);
