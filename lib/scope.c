@@ -524,11 +524,22 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *s)
 
 /* ---- spawn --------------------------------------------------------------- */
 
-OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn, void *arg,
-                               opq_task_done_fn *done, void *done_arg, opq_task **taskp)
+/*
+ * Spawn, with the deadline of attr or, with `timeout`, the sooner of it and
+ * timeout_ns from now (saturated: a timeout too far to count is none).
+ */
+static int spawn(opq_scope *s, const opq_scope_attr *attr, bool timeout, int64_t timeout_ns,
+                 opq_task_fn *fn, void *arg, opq_task_done_fn *done, void *done_arg,
+                 opq_task **taskp)
 {
 	if (!s || !fn)
 		return EINVAL;
+	struct timespec until = {0, 0};
+	if (timeout) {
+		int64_t now = opq__mono_ns();
+		int64_t end = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
+		until = opq__ns_to_ts(end);
+	}
 	if (s->owner && opq__scope_current() != s)
 		return EPERM; /* only a task spawns in its own scope */
 	struct opq__tree *tr = s->tr;
@@ -537,6 +548,10 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 		return ENOMEM;
 	opq_op_init(&t->op, task_perform, task_discard);
 	scope_init(&t->scope, tr, t, attr);
+	if (timeout && (!t->scope.has_deadline || opq__ts_before(&until, &t->scope.deadline))) {
+		t->scope.has_deadline = true;
+		t->scope.deadline = until;
+	}
 	t->pscope = s;
 	t->fn = fn;
 	t->arg = arg;
@@ -608,6 +623,19 @@ OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_tas
 	if (free_tree)
 		opq__tree_free(tr);
 	return 0;
+}
+
+OPQ_EXPORT int opq_scope_spawn(opq_scope *s, const opq_scope_attr *attr, opq_task_fn *fn, void *arg,
+                               opq_task_done_fn *done, void *done_arg, opq_task **taskp)
+{
+	return spawn(s, attr, false, 0, fn, arg, done, done_arg, taskp);
+}
+
+OPQ_EXPORT int opq_scope_spawn_timeout(opq_scope *s, const opq_scope_attr *attr, int64_t timeout_ns,
+                                       opq_task_fn *fn, void *arg, opq_task_done_fn *done,
+                                       void *done_arg, opq_task **taskp)
+{
+	return spawn(s, attr, true, timeout_ns, fn, arg, done, done_arg, taskp);
 }
 
 OPQ_EXPORT opq_scope *opq_scope_current(void)

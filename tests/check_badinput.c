@@ -681,6 +681,22 @@ R(sdestroy_task_scope)
 R(spawn_null_scope) { UNUSED; return opq_scope_spawn(NULL, NULL, task_ok, &performed, NULL, NULL, NULL); }
 R(spawn_null_fn) { return opq_scope_spawn(f->sc, NULL, NULL, NULL, NULL, NULL, NULL); }
 R(spawn_after_cancel) { ck_assert_int_eq(opq_scope_cancel(f->sc), 0); return opq_scope_spawn(f->sc, NULL, task_ok, &performed, NULL, NULL, NULL); }
+R(spawn_timeout_null_scope) { UNUSED; return opq_scope_spawn_timeout(NULL, NULL, 1000, task_ok, &performed, NULL, NULL, NULL); }
+R(spawn_timeout_null_fn) { return opq_scope_spawn_timeout(f->sc, NULL, 1000, NULL, NULL, NULL, NULL, NULL); }
+R(spawn_timeout_after_cancel) { ck_assert_int_eq(opq_scope_cancel(f->sc), 0); return opq_scope_spawn_timeout(f->sc, NULL, 1000, task_ok, &performed, NULL, NULL, NULL); }
+R(spawn_timeout_negative)
+{
+	/* Timed out at once: spawned, ends with ETIMEDOUT, never runs. */
+	opq_task *t;
+	int res = -1;
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	int rc = opq_scope_spawn_timeout(f->sc, NULL, INT64_MIN, task_ok, &performed, NULL, NULL, &t);
+	if (rc)
+		return rc;
+	ck_assert_int_eq(opq_task_wait(t, &dl, &res), 0);
+	ck_assert_int_eq(res, ETIMEDOUT);
+	return opq_task_release(t);
+}
 R(spawn_stopped_queue)
 {
 	opq_scope *s;
@@ -1048,6 +1064,10 @@ static const struct row rows[] = {
     ROW(spawn_null_scope, EINVAL),
     ROW(spawn_null_fn, EINVAL),
     ROW(spawn_after_cancel, ECANCELED),
+    ROW(spawn_timeout_null_scope, EINVAL),
+    ROW(spawn_timeout_null_fn, EINVAL),
+    ROW(spawn_timeout_after_cancel, ECANCELED),
+    ROW(spawn_timeout_negative, 0),
     ROW(spawn_stopped_queue, ESHUTDOWN),
     ROW(spawn_past_deadline_attr, 0),
     ROW(current_outside_task, 0),

@@ -719,6 +719,164 @@ START_TEST(test_cancel_pulls_queued)
 END_TEST
 
 /*
+ * A relative timeout at spawn: one call for a per-request deadline. The
+ * deadline counts from the call, the sooner of it and the attribute's
+ * wins, and an attribute shared by many spawning threads is only read.
+ */
+struct timed {
+	atomic_int dones, ran;
+	atomic_int result;
+};
+
+static int timed_fn(opq_scope *s, void *arg)
+{
+	struct timed *tm = arg;
+	atomic_fetch_add(&tm->ran, 1);
+	return opq_scope_sleep(s, NULL);
+}
+
+static int timed_quick(opq_scope *s, void *arg)
+{
+	(void)s;
+	atomic_fetch_add(&((struct timed *)arg)->ran, 1);
+	return 0;
+}
+
+static void timed_done(void *arg, void *done_arg, int result)
+{
+	struct timed *tm = arg;
+	(void)done_arg;
+	atomic_store(&tm->result, result);
+	atomic_fetch_add(&tm->dones, 1);
+}
+
+struct timed_spawner {
+	opq_scope *root;
+	const opq_scope_attr *attr;
+	struct timed tm[100];
+};
+
+static void *timed_spawner_thread(void *arg)
+{
+	struct timed_spawner *sp = arg;
+	for (int i = 0; i < 100; i++)
+		ck_assert_int_eq(opq_scope_spawn_timeout(sp->root, sp->attr, i % 2 ? 0 : 10 * MS,
+		                                         i % 4 == 2 ? timed_quick : timed_fn,
+		                                         &sp->tm[i], timed_done, NULL, NULL),
+		                 0);
+	return NULL;
+}
+
+START_TEST(test_spawn_timeout)
+{
+	opq_queue *q = mkqueue(3, 0);
+	opq_scope *root;
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	opq_task *t;
+
+	/* The timeout cancels the task, not before it passes: ETIMEDOUT. */
+	struct timed tm = {0};
+	struct timespec at = t_deadline(20 * MS);
+	ck_assert_int_eq(
+	    opq_scope_spawn_timeout(root, NULL, 20 * MS, timed_fn, &tm, timed_done, NULL, &t), 0);
+	ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+	ck_assert(t_passed(&at));
+	ck_assert_int_eq(atomic_load(&tm.dones), 1);
+	ck_assert_int_eq(atomic_load(&tm.result), ETIMEDOUT);
+	ck_assert_int_eq(opq_task_release(t), 0);
+
+	/* A task that ends before its timeout is not affected. */
+	tm = (struct timed){0};
+	ck_assert_int_eq(opq_scope_spawn_timeout(root, NULL, 3600LL * 1000 * MS, timed_quick, &tm,
+	                                         timed_done, NULL, &t),
+	                 0);
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	/* INT64_MAX: too far to count, so never. */
+	tm = (struct timed){0};
+	ck_assert_int_eq(
+	    opq_scope_spawn_timeout(root, NULL, INT64_MAX, timed_quick, &tm, timed_done, NULL, &t),
+	    0);
+	ck_assert_int_eq(wait_task(t), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+
+	/* 0 or less: timed out at once, the function never runs. */
+	for (int64_t ns = 0; ns >= -2; ns--) {
+		tm = (struct timed){0};
+		ck_assert_int_eq(opq_scope_spawn_timeout(root, NULL, ns == -2 ? INT64_MIN : ns,
+		                                         timed_quick, &tm, timed_done, NULL, &t),
+		                 0);
+		ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+		ck_assert_int_eq(atomic_load(&tm.ran), 0);
+		ck_assert_int_eq(opq_task_release(t), 0);
+	}
+
+	/* With an attribute: the sooner deadline wins, and its policy applies. */
+	opq_scope_attr *a;
+	ck_assert_int_eq(opq_scope_attr_create(&a), 0);
+	struct timespec past = t_deadline(-MS), far = t_deadline(3600LL * 1000 * MS);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &past), 0);
+	tm = (struct timed){0};
+	ck_assert_int_eq(opq_scope_spawn_timeout(root, a, 3600LL * 1000 * MS, timed_quick, &tm,
+	                                         timed_done, NULL, &t),
+	                 0);
+	ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+	ck_assert_int_eq(atomic_load(&tm.ran), 0);
+	ck_assert_int_eq(opq_task_release(t), 0);
+	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &far), 0);
+	ck_assert_int_eq(opq_scope_attr_set_policy(a, OPQ_SCOPE_FIRST_ERROR), 0);
+	tm = (struct timed){0};
+	at = t_deadline(20 * MS);
+	ck_assert_int_eq(
+	    opq_scope_spawn_timeout(root, a, 20 * MS, timed_fn, &tm, timed_done, NULL, &t), 0);
+	ck_assert_int_eq(wait_task(t), ETIMEDOUT);
+	ck_assert(t_passed(&at));
+	ck_assert_int_eq(opq_task_release(t), 0);
+
+	/* Bad arguments: nothing spawned. */
+	ck_assert_int_eq(
+	    opq_scope_spawn_timeout(NULL, NULL, MS, timed_quick, &tm, NULL, NULL, NULL), EINVAL);
+	ck_assert_int_eq(opq_scope_spawn_timeout(root, NULL, MS, NULL, &tm, NULL, NULL, NULL),
+	                 EINVAL);
+
+	/* Four threads spawn with one attribute at once: it is only read. */
+	opq_scope_attr_set_deadline(a, NULL);
+	struct timed_spawner *sp = calloc(4, sizeof(*sp));
+	ck_assert_ptr_nonnull(sp);
+	pthread_t th[4];
+	for (int k = 0; k < 4; k++) {
+		sp[k].root = root;
+		sp[k].attr = a;
+		ck_assert_int_eq(pthread_create(&th[k], NULL, timed_spawner_thread, &sp[k]), 0);
+	}
+	for (int k = 0; k < 4; k++)
+		ck_assert_int_eq(pthread_join(th[k], NULL), 0);
+	ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
+	for (int k = 0; k < 4; k++)
+		for (int i = 0; i < 100; i++) {
+			struct timed *x = &sp[k].tm[i];
+			int r = atomic_load(&x->result);
+			ck_assert_int_eq(atomic_load(&x->dones), 1);
+			if (i % 2) { /* timeout 0: timed out at once, never ran */
+				ck_assert_int_eq(r, ETIMEDOUT);
+				ck_assert_int_eq(atomic_load(&x->ran), 0);
+			} else if (i % 4 == 2) { /* quick, 10 ms: ran in time, or timed out */
+				ck_assert(r == 0 || r == ETIMEDOUT);
+			} else { /* sleeps until cancelled: timed out */
+				ck_assert_int_eq(r, ETIMEDOUT);
+			}
+		}
+	free(sp);
+	ck_assert_int_eq(opq_scope_cancel(root), 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn_timeout(root, NULL, MS, timed_quick, &tm, NULL, NULL, NULL), ECANCELED);
+	opq_scope_attr_destroy(a);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
+}
+END_TEST
+
+/*
  * A sleep whose deadline passes while a canceller that has pinned it is
  * held (between dropping the tree's lock and waking it) waits for that
  * canceller, and meanwhile the scope is still in use: opq_scope_destroy is
@@ -1929,6 +2087,7 @@ int main(void)
 	tcase_add_test(tc, test_wait_deadline);
 	tcase_add_test(tc, test_scope_deadline);
 	tcase_add_test(tc, test_cancel_pulls_queued);
+	tcase_add_test(tc, test_spawn_timeout);
 	tcase_add_test(tc, test_destroy_while_woken);
 	tcase_add_test(tc, test_done_waits_deadlock);
 	tcase_add_test(tc, test_timer_heap);

@@ -80,17 +80,16 @@ int fanout_run(unsigned runners, int first_error_cancels, int64_t deadline_ms,
 		goto out_queue;
 	if ((rc = opq_scope_attr_create(&attr)))
 		goto out_root;
-	opq_scope_attr_set_policy(attr, first_error_cancels ? OPQ_SCOPE_FIRST_ERROR
-							    : OPQ_SCOPE_COLLECT);
-	if (deadline_ms > 0) {
-		struct timespec dl;
-		opq_deadline_after(&dl, deadline_ms * 1000000);
-		opq_scope_attr_set_deadline(attr, &dl);
-	}
+	opq_scope_attr_set_policy(attr,
+	                          first_error_cancels ? OPQ_SCOPE_FIRST_ERROR : OPQ_SCOPE_COLLECT);
 	struct request req = { .b = b, .start_ms = now_ms() };
 	for (int i = 0; i < FANOUT_BACKENDS; i++)
 		b[i].result = -1;
-	rc = opq_scope_spawn(root, attr, handler, &req, NULL, NULL, &task);
+	if (deadline_ms > 0) /* the request's deadline: the timeout counts from now */
+		rc = opq_scope_spawn_timeout(root, attr, deadline_ms * 1000000, handler, &req, NULL,
+		                             NULL, &task);
+	else
+		rc = opq_scope_spawn(root, attr, handler, &req, NULL, NULL, &task);
 	opq_scope_attr_destroy(attr);
 	if (rc)
 		goto out_root;

@@ -101,6 +101,16 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *scope);
 OPQ_EXPORT int opq_scope_spawn(opq_scope *scope, const opq_scope_attr *attr, opq_task_fn *fn,
 			       void *arg, opq_task_done_fn *done, void *done_arg,
 			       opq_task **taskp);
+/*
+ * opq_scope_spawn with a relative timeout: the task is cancelled (result
+ * ETIMEDOUT if it never ran or its function returns ECANCELED)
+ * timeout_ns nanoseconds after this call, or at attr's deadline if that
+ * comes first; 0 or less: at once. A per-request deadline is this one call,
+ * with a shared attr (or NULL) that nobody modifies meanwhile.
+ */
+OPQ_EXPORT int opq_scope_spawn_timeout(opq_scope *scope, const opq_scope_attr *attr,
+                                       int64_t timeout_ns, opq_task_fn *fn, void *arg,
+                                       opq_task_done_fn *done, void *done_arg, opq_task **taskp);
 /* The child scope of the task running on this thread, or NULL. */
 OPQ_EXPORT opq_scope *opq_scope_current(void);
 
