@@ -43,6 +43,17 @@
  * or their scopes (which cannot terminate before it returns) is EDEADLK. It
  * should be short, and must not block: on the timer thread no other
  * deadline or lease keepalive fires while it runs.
+ *
+ * Threads. A root scope takes spawns, cancels, waits and sleeps from any
+ * number of threads at once; opq_scope_destroy must not race with them. A
+ * task's child scope takes spawns only from its task's function (EPERM)
+ * and the rest from any thread while that function runs. A task handle
+ * may be used by any number of threads at once until it is released,
+ * once, after the others are done with it. An attribute object is not
+ * thread-safe while it changes (its setters and destroy must not race
+ * with any use of it); unchanged, any number of threads may pass it to
+ * opq_scope_create and the spawns at once: they only read it, and copy what
+ * they need.
  */
 #ifndef OPQUEUE_SCOPE_H
 #define OPQUEUE_SCOPE_H
@@ -75,7 +86,10 @@ enum opq_scope_policy {
 	                              only its own done callback sees it (long-lived roots) */
 };
 
-/* Attributes: policy (default OPQ_SCOPE_COLLECT) and deadline (default none). */
+/*
+ * Attributes: policy (default OPQ_SCOPE_COLLECT) and deadline (default
+ * none). Setting them must not race with other uses of the object.
+ */
 OPQ_EXPORT int opq_scope_attr_create(opq_scope_attr **attrp);
 OPQ_EXPORT void opq_scope_attr_destroy(opq_scope_attr *attr);
 OPQ_EXPORT int opq_scope_attr_set_policy(opq_scope_attr *attr, int policy);
