@@ -2,8 +2,9 @@
  * Scopes under stress: every iteration builds a random task tree in a root
  * scope of its own on a shared queue. Tasks spawn children from inside
  * (up to depth 4), fail with EIO, sleep cancellably, cancel their own scope
- * or a child, wait for their own children, use either error policy and
- * short deadlines; the worker cancels the root or single tasks at random,
+ * or a child, wait for their own children, use any error policy and short
+ * deadlines (absolute, or a timeout at spawn); the worker cancels the root
+ * or single tasks at random,
  * drops or keeps handles, waits for tasks twice, then waits for the root
  * and destroys it.
  *
@@ -12,7 +13,8 @@
  * children running or not yet done); every done callback runs exactly once;
  * every spawned task terminates (the root wait returns within 60 s); a
  * scope with a child that failed with EIO reports an error (first error
- * nonzero, both policies); a done callback gets EIO when the function
+ * nonzero, COLLECT and FIRST_ERROR), an isolating scope none but its own
+ * timeout (0 or ETIMEDOUT); a done callback gets EIO when the function
  * returned EIO; a spawn into a cancelled root is ECANCELED; a handle gives
  * the same result to every wait; a root scope with a live task is EBUSY.
  */
@@ -49,6 +51,7 @@ struct node {
 	atomic_int fn_rc;         /* what the function returned; -1 before */
 	atomic_bool ran;
 	atomic_bool failed_child; /* a child's function returned EIO */
+	int policy;               /* of its own (child) scope */
 };
 
 struct smod {
@@ -115,6 +118,23 @@ static void check_parent(struct node *n)
 
 static int task_fn(opq_scope *scope, void *arg);
 
+static int random_policy(struct stress_rng *r)
+{
+	unsigned p = stress_below(r, 3);
+	return p == 0 ? OPQ_SCOPE_COLLECT : p == 1 ? OPQ_SCOPE_FIRST_ERROR : OPQ_SCOPE_ISOLATE;
+}
+
+/* Check the first error a wait of a scope with this policy returned. */
+static void check_first_error(int policy, bool failed_child, int fe, const char *what)
+{
+	if (policy == OPQ_SCOPE_ISOLATE) {
+		if (fe != 0 && fe != ETIMEDOUT)
+			stress_fail("scope", "%s: an isolating scope reported %d", what, fe);
+	} else if (failed_child && fe == 0) {
+		stress_fail("scope", "%s: a child failed with EIO, first error is 0", what);
+	}
+}
+
 /* Spawn a child of n (or of the root when n is NULL) into scope. */
 static int spawn(struct tree *tr, struct node *n, opq_scope *scope, struct stress_rng *r,
                  opq_task **taskp, struct node **out)
@@ -126,21 +146,30 @@ static int spawn(struct tree *tr, struct node *n, opq_scope *scope, struct stres
 	if (out)
 		*out = c;
 	opq_scope_attr *a = NULL;
+	int64_t timeout = -1; /* none */
+	c->policy = OPQ_SCOPE_COLLECT;
 	if (stress_pct(r, 40)) {
 		CALL(m);
 		if (opq_scope_attr_create(&a) == 0) {
+			c->policy = random_policy(r);
 			CALL(m);
-			opq_scope_attr_set_policy(a, stress_pct(r, 50) ? OPQ_SCOPE_FIRST_ERROR
-			                                              : OPQ_SCOPE_COLLECT);
+			opq_scope_attr_set_policy(a, c->policy);
 			if (stress_pct(r, 30)) {
-				struct timespec dl = stress_after((int64_t)stress_below(r, 2000000));
-				CALL(m);
-				opq_scope_attr_set_deadline(a, &dl);
+				int64_t ns = (int64_t)stress_below(r, 2000000);
+				if (stress_pct(r, 50)) {
+					timeout = ns;
+				} else {
+					struct timespec dl = stress_after(ns);
+					CALL(m);
+					opq_scope_attr_set_deadline(a, &dl);
+				}
 			}
 		}
 	}
 	CALL(m);
-	int rc = opq_scope_spawn(scope, a, task_fn, c, task_done, m, taskp);
+	int rc = timeout < 0
+	             ? opq_scope_spawn(scope, a, task_fn, c, task_done, m, taskp)
+	             : opq_scope_spawn_timeout(scope, a, timeout, task_fn, c, task_done, m, taskp);
 	opq_scope_attr_destroy(a);
 	if (rc == 0) {
 		INC(m->tasks);
@@ -208,8 +237,7 @@ static int task_fn(opq_scope *scope, void *arg)
 		if (wrc == 0) {
 			if (atomic_load(&n->live_children) != 0)
 				stress_fail("scope", "scope_wait returned with children not done");
-			if (atomic_load(&n->failed_child) && fe == 0)
-				stress_fail("scope", "a child failed with EIO, first error is 0");
+			check_first_error(n->policy, atomic_load(&n->failed_child), fe, "task");
 		} else if (wrc != ETIMEDOUT) {
 			stress_fail("scope", "scope_wait in a task returned %d", wrc);
 		}
@@ -268,13 +296,14 @@ static void step(void *state, struct stress_worker *w)
 	INC(m->trees);
 
 	opq_scope_attr *a = NULL;
+	int root_policy = OPQ_SCOPE_COLLECT;
 	if (stress_pct(r, 50)) {
 		CALL(m);
 		if (opq_scope_attr_create(&a))
 			stress_fail("scope", "attr_create failed");
+		root_policy = random_policy(r);
 		CALL(m);
-		opq_scope_attr_set_policy(a, stress_pct(r, 50) ? OPQ_SCOPE_FIRST_ERROR
-		                                              : OPQ_SCOPE_COLLECT);
+		opq_scope_attr_set_policy(a, root_policy);
 		if (stress_pct(r, 20)) {
 			struct timespec dl = stress_after((int64_t)stress_below(r, 3000000));
 			CALL(m);
@@ -367,11 +396,9 @@ static void step(void *state, struct stress_worker *w)
 	for (unsigned i = 0; i < ntops; i++)
 		if (atomic_load(&top[i]->fn_rc) == EIO)
 			failed_child = true;
-	if (failed_child) {
+	if (failed_child)
 		INC(m->first_errors);
-		if (fe == 0)
-			stress_fail("scope", "a root child failed with EIO, first error is 0");
-	}
+	check_first_error(root_policy, failed_child, fe, "root");
 	for (unsigned i = 0; i < nh; i++) {
 		if (!h[i])
 			continue;
