@@ -4,14 +4,15 @@
  * A wait made on a runner of the tree's queue helps: it performs queued
  * tasks of the subtree it waits for inline. Helping nests on the stack,
  * one level per helped task that waits in turn, so it is bounded: once
- * the helping on this thread has used half a thread's default stack size,
- * a wait waits without helping, and no tree shape overflows a runner's
+ * the helping on this thread has used half a runner's stack, a wait
+ * waits without helping, and no tree shape overflows a runner's
  * stack (a chain of tasks each waiting for the next nested one level per
  * task: 100,000 of them overflowed an 8 MiB stack). A wait that could
  * never end (the waiter's own task, or the task whose done callback it
  * runs, is inside what it waits for) is EDEADLK.
  */
 #include "internal.h"
+#include "queue_impl.h" /* q->attr.stack_size: set at create, read only */
 
 #include <sched.h>
 
@@ -20,17 +21,21 @@
  * bytes of the library's frames at -O2 (500-700 under sanitizers), plus
  * whatever the task's own function puts on the stack, so no count of
  * levels is both deep enough for small tasks and safe for large ones.
- * Half the default stack size (pthread_attr_getstacksize of a fresh
- * attribute object: what runners get) is some 14,000 levels of small
- * tasks on the usual 8 MiB, and leaves the other half to the frames below
- * the first helping wait and to the deepest task's own work.
+ * The budget is half the runners' stack: the queue's stack size
+ * (opq_queue_attr_set_stack_size) if it has one, else the default stack
+ * size (pthread_attr_getstacksize of a fresh attribute object: what
+ * runners get then), and never more than half the default: a thread that
+ * stops a queue that was never started performs its operations (and
+ * helps) on its own stack, which is not the runners'. Half of the usual
+ * 8 MiB is some 14,000 levels of small tasks, and leaves the other half to
+ * the frames below the first helping wait and to the deepest task's work.
  */
-#define HELP_BUDGET_FALLBACK (1024 * 1024) /* if the default size is unknown */
+#define DEFAULT_STACK_FALLBACK (2 * 1024 * 1024) /* if the default size is unknown */
 
-static pthread_once_t help_budget_once = PTHREAD_ONCE_INIT;
-static size_t help_budget;
+static pthread_once_t default_stack_once = PTHREAD_ONCE_INIT;
+static size_t default_stack;
 
-static void help_budget_init(void)
+static void default_stack_init(void)
 {
 	size_t size = 0;
 	pthread_attr_t a;
@@ -39,22 +44,34 @@ static void help_budget_init(void)
 			size = 0;
 		pthread_attr_destroy(&a);
 	}
-	help_budget = (size ? size : HELP_BUDGET_FALLBACK) / 2;
+	default_stack = size ? size : DEFAULT_STACK_FALLBACK;
+}
+
+static size_t help_budget(const opq_queue *q)
+{
+	OPQ_CHECK(pthread_once(&default_stack_once, default_stack_init));
+	size_t size = q->attr.stack_size;
+	if (!size || size > default_stack)
+		size = default_stack;
+	return size / 2;
 }
 
 /* Helped tasks nested on this thread's stack now, and where the outermost helping wait is. */
 static _Thread_local unsigned tls_help_depth;
 static _Thread_local uintptr_t tls_help_base;
 
-/* May a wait whose frame is at `here` help (nest one more task on this stack)? */
-static bool help_room(uintptr_t here)
+/*
+ * May a wait of a tree on q whose frame is at `here` help (nest one more
+ * task on this stack)? Every helping wait nested on one thread is for q:
+ * a thread helps only the trees of the queue it is a runner of.
+ */
+static bool help_room(const opq_queue *q, uintptr_t here)
 {
 	if (tls_help_depth == 0)
 		return true; /* the outermost helping wait: the base */
-	OPQ_CHECK(pthread_once(&help_budget_once, help_budget_init));
 	/* Stacks grow down on every platform we know; either way is measured. */
 	uintptr_t used = tls_help_base > here ? tls_help_base - here : here - tls_help_base;
-	return used < help_budget;
+	return used < help_budget(q);
 }
 
 /* ---- waiting ------------------------------------------------------------- */
@@ -107,7 +124,7 @@ static int wait_for(struct opq__tree *tr, opq_scope *s, opq_task *self,
 {
 	/* The frame itself, not a local's address (a sanitizer may move locals off the stack). */
 	uintptr_t here = (uintptr_t)__builtin_frame_address(0);
-	bool helper = opq_queue_current() == tr->q && help_room(here);
+	bool helper = opq_queue_current() == tr->q && help_room(tr->q, here);
 	int rc = 0;
 	tr->waiters++;
 	for (;;) {

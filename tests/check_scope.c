@@ -1523,6 +1523,25 @@ START_TEST(test_chain_bounded_helping)
 	ck_assert_int_eq(atomic_load(&chain.dones), length);
 	ck_assert_int_eq(opq_scope_destroy(root), 0);
 	rmqueue(q);
+
+	/* Runners with small stacks (opq_queue_attr_set_stack_size): the bound follows them. */
+	opq_queue_attr *qa;
+	ck_assert_int_eq(opq_queue_attr_create(&qa), 0);
+	ck_assert_int_eq(opq_queue_attr_set_stack_size(qa, 256 * 1024), 0);
+	ck_assert_int_eq(opq_queue_create(&q, qa), 0);
+	opq_queue_attr_destroy(qa);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
+	chain_start(root, 100000);
+	long small = chain_stalled(q);
+	printf("chain: one runner with a 256 KiB stack helps %ld links deep\n", small);
+	ck_assert_int_ge(small, 100);
+	ck_assert_int_lt(small, stall);
+	ck_assert_int_eq(opq_scope_cancel(root), 0);
+	ck_assert_int_eq(wait_scope(root), 0);
+	ck_assert_int_eq(atomic_load(&chain.dones), small + 1);
+	ck_assert_int_eq(opq_scope_destroy(root), 0);
+	rmqueue(q);
 }
 END_TEST
 

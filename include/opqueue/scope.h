@@ -140,9 +140,9 @@ OPQ_EXPORT int opq_task_cancelled(const opq_task *task);
  * deadline: 0 (and the scope's first error in *first_error, may be NULL),
  * ETIMEDOUT, EDEADLK (called from a task inside scope). A runner of the
  * scope's queue helps: it performs queued tasks of the scope inline, nested
- * on its stack up to a bound, half the default thread stack size (deeper,
- * it waits without helping: another runner, a cancel or a deadline must
- * end the wait), so no tree shape overflows a runner's stack.
+ * on its stack up to a bound, half the runners' stack size (deeper, it
+ * waits without helping: another runner, a cancel or a deadline must end
+ * the wait), so no tree shape overflows a runner's stack.
  */
 OPQ_EXPORT int opq_scope_wait(opq_scope *scope, const struct timespec *deadline, int *first_error);
 /* Wait for one task to terminate: 0 and its result, ETIMEDOUT, EDEADLK. */
