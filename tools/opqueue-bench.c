@@ -1387,13 +1387,21 @@ static void *wake_waiter(void *arg)
 	return NULL;
 }
 
+/* The line's private fields: opq_-prefixed in the trees before 2026-12-07
+ * (the old queue's build of this program defines OPQ_BENCH_OLD_LINE). */
+#ifdef OPQ_BENCH_OLD_LINE
+#define LINE_FIELD(f) opq_##f
+#else
+#define LINE_FIELD(f) opq__##f
+#endif
+
 /* How many waiters are blocked (the bench reads the line's private count
  * under its mutex; a library user has no need for that). */
 static unsigned wake_blocked(struct wake_run *w)
 {
-	pthread_mutex_t *mu = w->line ? &w->wline.opq__mu : &w->mu;
+	pthread_mutex_t *mu = w->line ? &w->wline.LINE_FIELD(mu) : &w->mu;
 	pthread_mutex_lock(mu);
-	unsigned n = w->line ? w->wline.opq__waiters : w->blocked;
+	unsigned n = w->line ? w->wline.LINE_FIELD(waiters) : w->blocked;
 	pthread_mutex_unlock(mu);
 	return n;
 }
