@@ -3,13 +3,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-struct job { opq_op op; int n; };            /* the queue's header, embedded */
+struct job {
+	opq_op op;
+	int n;
+}; /* the queue's header, embedded */
 
 static void job_run(opq_op *op)
 {
 	struct job *j = OPQ_CONTAINER_OF(op, struct job, op);
 	printf("job %d\n", j->n);
-	free(j);                              /* perform owns it now */
+	free(j); /* perform owns it now */
 }
 
 int main(void)
@@ -26,6 +29,6 @@ int main(void)
 		if (opq_queue_enqueue(q, &j->op)) /* on error we keep it */
 			free(j);
 	}
-	opq_queue_stop(q, OPQ_STOP_DRAIN);    /* performs all, joins runners */
+	opq_queue_stop(q, OPQ_STOP_DRAIN); /* performs all, joins runners */
 	return opq_queue_destroy(q);
 }

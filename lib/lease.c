@@ -59,7 +59,7 @@ static void random_bytes(void *buf, size_t len)
 	}
 	if (got < len) { /* last resort: time and addresses, mixed */
 		uint64_t x = (uint64_t)opq__mono_ns() ^ ((uint64_t)getpid() << 32) ^
-			     (uint64_t)(uintptr_t)buf;
+		             (uint64_t)(uintptr_t)buf;
 		for (size_t i = got; i < len; i++) {
 			x ^= x << 13;
 			x ^= x >> 7;
@@ -130,7 +130,7 @@ static void attr_defaults(struct opq_lease_attr *a)
 	uint64_t r;
 	random_bytes(&r, sizeof(r));
 	snprintf(a->owner, sizeof(a->owner), "%s:%ld:%016llx", host, (long)getpid(),
-		 (unsigned long long)r);
+	         (unsigned long long)r);
 	a->lease_ns = 10 * NS_PER_S;
 	a->ppm = 10000;
 	a->fixed_ns = 10000000;
@@ -203,7 +203,7 @@ OPQ_EXPORT int opq_lease_attr_set_data(opq_lease_attr *attr, const void *data, s
 /* ---- providers ------------------------------------------------------------- */
 
 OPQ_EXPORT int opq_lease_provider_create(opq_lease_provider **provider,
-					 const opq_lease_provider_ops *ops, void *store)
+                                         const opq_lease_provider_ops *ops, void *store)
 {
 	if (!provider || !ops || !ops->acquire || !ops->refresh || !ops->release)
 		return EINVAL;
@@ -240,7 +240,7 @@ OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider)
 /* ---- handles --------------------------------------------------------------- */
 
 OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider, const char *name,
-				const opq_lease_attr *attr)
+                                const opq_lease_attr *attr)
 {
 	size_t n = str_ok(name, OPQ_LEASE_NAME_MAX);
 	if (!lease || !provider || !n)
@@ -318,19 +318,19 @@ enum call { CALL_ACQUIRE, CALL_REFRESH, CALL_RELEASE };
  * made EIO; store failures leave their words in the handle.
  */
 static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *out,
-		      struct timespec *before, int64_t *suspended)
+                      struct timespec *before, int64_t *suspended)
 {
 	char words[OPQ__LEASE_ERR_MAX];
 	words[0] = '\0';
 	opq_lease_request req = {
-		.name = l->name,
-		.owner = l->a.owner,
-		.lease_ns = l->a.lease_ns,
-		.data = l->a.data_len ? l->a.data : NULL,
-		.data_len = l->a.data_len,
-		.token = token,
-		.errbuf = words,
-		.errlen = sizeof(words),
+	    .name = l->name,
+	    .owner = l->a.owner,
+	    .lease_ns = l->a.lease_ns,
+	    .data = l->a.data_len ? l->a.data : NULL,
+	    .data_len = l->a.data_len,
+	    .token = token,
+	    .errbuf = words,
+	    .errlen = sizeof(words),
 	};
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
@@ -345,7 +345,7 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 		if (rc == 0 && *out == 0) {
 			rc = EIO;
 			snprintf(words, sizeof(words), "lease provider returned token 0 for %.*s",
-				 64, l->name);
+			         64, l->name);
 		}
 		break;
 	case CALL_REFRESH:
@@ -359,7 +359,7 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	if (rc < 0)
 		rc = EIO;
 	bool expected = rc == 0 || (what == CALL_ACQUIRE && rc == EBUSY) ||
-			(what == CALL_REFRESH && rc == ENOLCK);
+	                (what == CALL_REFRESH && rc == ENOLCK);
 	if (!expected)
 		set_err(l, rc, words);
 	return rc;
@@ -392,7 +392,7 @@ OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
 }
 
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
-				 opq_lease_grant *grant)
+                                 opq_lease_grant *grant)
 {
 	if (!lease || !opq__deadline_ok(deadline))
 		return EINVAL;

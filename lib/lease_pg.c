@@ -28,13 +28,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define IDLE_MS 30000
+#define IDLE_MS         30000
 #define DEFAULT_BOUND_S 5
 
 /* Type OIDs of the parameters (pg_type.h values, stable across versions). */
 #define OID_BYTEA 17
-#define OID_INT8 20
-#define OID_TEXT 25
+#define OID_INT8  20
+#define OID_TEXT  25
 
 /*
  * The schema: the same text as share/opqueue/lease.sql (tests/schema.sh
@@ -44,66 +44,69 @@
  * transaction.
  */
 const char opq__pg_schema_sql[] =
-	"SELECT pg_advisory_xact_lock(7306914650713286145);\n"
-	"CREATE TABLE IF NOT EXISTS opq_lease (\n"
-	"	name    text PRIMARY KEY,\n"
-	"	owner   text,\n"
-	"	token   bigint NOT NULL CHECK (token > 0),\n"
-	"	expires timestamptz,\n"
-	"	data    bytea\n"
-	");\n"
-	"CREATE OR REPLACE FUNCTION opq_lease_held(lock_name text, lock_token bigint)\n"
-	"RETURNS boolean LANGUAGE sql VOLATILE STRICT AS $$\n"
-	"	SELECT coalesce((SELECT l.owner IS NOT NULL AND l.expires > clock_timestamp()\n"
-	"			 FROM opq_lease l\n"
-	"			 WHERE l.name = lock_name AND l.token = lock_token\n"
-	"			 FOR SHARE), false)\n"
-	"$$;\n";
+    "SELECT pg_advisory_xact_lock(7306914650713286145);\n"
+    "CREATE TABLE IF NOT EXISTS opq_lease (\n"
+    "	name    text PRIMARY KEY,\n"
+    "	owner   text,\n"
+    "	token   bigint NOT NULL CHECK (token > 0),\n"
+    "	expires timestamptz,\n"
+    "	data    bytea\n"
+    ");\n"
+    "CREATE OR REPLACE FUNCTION opq_lease_held(lock_name text, lock_token bigint)\n"
+    "RETURNS boolean LANGUAGE sql VOLATILE STRICT AS $$\n"
+    "	SELECT coalesce((SELECT l.owner IS NOT NULL AND l.expires > clock_timestamp()\n"
+    "			 FROM opq_lease l\n"
+    "			 WHERE l.name = lock_name AND l.token = lock_token\n"
+    "			 FOR SHARE), false)\n"
+    "$$;\n";
 
 const char opq__pg_schema_present_sql[] =
-	"SELECT to_regclass('opq_lease') IS NOT NULL"
-	" AND to_regprocedure('opq_lease_held(text,bigint)') IS NOT NULL";
+    "SELECT to_regclass('opq_lease') IS NOT NULL"
+    " AND to_regprocedure('opq_lease_held(text,bigint)') IS NOT NULL";
 
 /*
  * The expiry of a lease of $N microseconds from now. A timestamp ends in the
  * year 294276: a lease of 100 years or more never expires in the store
  * ('infinity'; the holder's own count runs out first).
  */
-#define EXPIRES(n)                                                                  \
-	"(CASE WHEN " n " >= 3155760000000000 THEN 'infinity'::timestamptz"         \
+#define EXPIRES(n)                                                                                 \
+	"(CASE WHEN " n " >= 3155760000000000 THEN 'infinity'::timestamptz"                        \
 	" ELSE clock_timestamp() + " n " * interval '1 microsecond' END)"
 
 /* $1 name, $2 owner, $3 lease in microseconds, $4 data. */
 static const char ACQUIRE_SQL[] =
-	"INSERT INTO opq_lease AS l (name, owner, token, expires, data)"
-	" VALUES ($1, $2, 1, " EXPIRES("$3") ", $4)"
-	" ON CONFLICT (name) DO UPDATE SET"
-	"  token = CASE WHEN l.owner = excluded.owner AND l.expires > clock_timestamp()"
-	"          THEN l.token ELSE l.token + 1 END,"
-	"  owner = excluded.owner,"
-	"  expires = " EXPIRES("$3") ","
-	"  data = excluded.data"
-	" WHERE l.owner IS NULL OR l.expires IS NULL OR l.expires <= clock_timestamp()"
-	"  OR l.owner = excluded.owner"
-	" RETURNING l.token";
+    "INSERT INTO opq_lease AS l (name, owner, token, expires, data)"
+    " VALUES ($1, $2, 1, " EXPIRES(
+        "$3") ", $4)"
+              " ON CONFLICT (name) DO UPDATE SET"
+              "  token = CASE WHEN l.owner = excluded.owner AND l.expires > clock_timestamp()"
+              "          THEN l.token ELSE l.token + 1 END,"
+              "  owner = excluded.owner,"
+              "  expires = " EXPIRES("$3") ","
+                                           "  data = excluded.data"
+                                           " WHERE l.owner IS NULL OR l.expires IS NULL OR "
+                                           "l.expires <= clock_timestamp()"
+                                           "  OR l.owner = excluded.owner"
+                                           " RETURNING l.token";
 
 /* $1 name, $2 owner, $3 token, $4 lease in microseconds, $5 data. */
-static const char REFRESH_SQL[] =
-	"UPDATE opq_lease SET expires = " EXPIRES("$4") ","
-	" data = $5"
-	" WHERE name = $1 AND owner = $2 AND token = $3 AND expires > clock_timestamp()"
-	" RETURNING token";
+static const char REFRESH_SQL[] = "UPDATE opq_lease SET expires = " EXPIRES(
+    "$4") ","
+          " data = $5"
+          " WHERE name = $1 AND owner = $2 AND token = $3 AND expires > clock_timestamp()"
+          " RETURNING token";
 
 /* $1 name, $2 owner, $3 token. */
-static const char RELEASE_SQL[] =
-	"UPDATE opq_lease SET owner = NULL, expires = NULL, data = NULL"
-	" WHERE name = $1 AND owner = $2 AND token = $3";
+static const char RELEASE_SQL[] = "UPDATE opq_lease SET owner = NULL, expires = NULL, data = NULL"
+                                  " WHERE name = $1 AND owner = $2 AND token = $3";
 
 const struct pg_stmt opq__pg_stmts[ST_COUNT] = {
-	[ST_ACQUIRE] = {"opq_lease_acquire", ACQUIRE_SQL, 4, {OID_TEXT, OID_TEXT, OID_INT8, OID_BYTEA}},
-	[ST_REFRESH] = {"opq_lease_refresh", REFRESH_SQL, 5,
-			{OID_TEXT, OID_TEXT, OID_INT8, OID_INT8, OID_BYTEA}},
-	[ST_RELEASE] = {"opq_lease_release", RELEASE_SQL, 3, {OID_TEXT, OID_TEXT, OID_INT8}},
+    [ST_ACQUIRE] = {"opq_lease_acquire", ACQUIRE_SQL, 4, {OID_TEXT, OID_TEXT, OID_INT8, OID_BYTEA}},
+    [ST_REFRESH] = {"opq_lease_refresh",
+                    REFRESH_SQL,
+                    5,
+                    {OID_TEXT, OID_TEXT, OID_INT8, OID_INT8, OID_BYTEA}},
+    [ST_RELEASE] = {"opq_lease_release", RELEASE_SQL, 3, {OID_TEXT, OID_TEXT, OID_INT8}},
 };
 
 void opq__pg_set_err(char *buf, size_t len, const char *what, const char *msg)
@@ -111,7 +114,7 @@ void opq__pg_set_err(char *buf, size_t len, const char *what, const char *msg)
 	if (buf == NULL || len == 0)
 		return;
 	snprintf(buf, len, "PostgreSQL: %s%s%s", what, *what && msg && *msg ? ": " : "",
-		 msg ? msg : "");
+	         msg ? msg : "");
 	/* libpq's messages end with a newline and may span lines: one line,
 	 * runs of white space squeezed to one space. */
 	size_t n = 0;
@@ -163,7 +166,7 @@ static int pg_acquire(void *store, const opq_lease_request *req, uint64_t *token
 	char us[32];
 	lease_us(us, sizeof us, req->lease_ns);
 	const char *values[4] = {req->name, req->owner, us,
-				 req->data_len > 0 ? (const char *)req->data : NULL};
+	                         req->data_len > 0 ? (const char *)req->data : NULL};
 	int lengths[4] = {0, 0, 0, (int)req->data_len};
 	int formats[4] = {0, 0, 0, 1};
 	PGresult *r = NULL;
@@ -189,7 +192,7 @@ static int pg_refresh(void *store, const opq_lease_request *req)
 	lease_us(us, sizeof us, req->lease_ns);
 	snprintf(tok, sizeof tok, "%llu", (unsigned long long)req->token);
 	const char *values[5] = {req->name, req->owner, tok, us,
-				 req->data_len > 0 ? (const char *)req->data : NULL};
+	                         req->data_len > 0 ? (const char *)req->data : NULL};
 	int lengths[5] = {0, 0, 0, 0, (int)req->data_len};
 	int formats[5] = {0, 0, 0, 0, 1};
 	PGresult *r = NULL;

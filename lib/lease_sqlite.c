@@ -18,8 +18,8 @@
  * lock up front, so read-then-write cannot deadlock), SELECT, then INSERT
  * or a conditional UPDATE; refresh and release are single conditional
  * UPDATEs. The database is put in WAL mode with synchronous=FULL (a
- * commit is on disk before the grant is returned). A locked database is waited for (sqlite3_busy_timeout, then
- * retries) up to OPQ_SQLITE_BUSY_NS before the call fails with EAGAIN.
+ * commit is on disk before the grant is returned). A locked database is waited for
+ * (sqlite3_busy_timeout, then retries) up to OPQ_SQLITE_BUSY_NS before the call fails with EAGAIN.
  */
 #define _GNU_SOURCE 1 /* CLOCK_BOOTTIME */
 #include <errno.h>
@@ -37,36 +37,46 @@
 #include <opqueue/lease.h>
 #include <opqueue/lease_sqlite.h>
 
-#define OPQ_SQLITE_BUSY_MS 1000		/* one busy-timeout wait */
+#define OPQ_SQLITE_BUSY_MS 1000         /* one busy-timeout wait */
 #define OPQ_SQLITE_BUSY_NS 5000000000LL /* give up after this long */
 
-enum { ST_BEGIN, ST_COMMIT, ST_ROLLBACK, ST_SELECT, ST_INSERT, ST_TAKE, ST_EXTEND, ST_REFRESH,
-       ST_RELEASE, ST_N };
+enum {
+	ST_BEGIN,
+	ST_COMMIT,
+	ST_ROLLBACK,
+	ST_SELECT,
+	ST_INSERT,
+	ST_TAKE,
+	ST_EXTEND,
+	ST_REFRESH,
+	ST_RELEASE,
+	ST_N
+};
 
 static const char *const sql_text[ST_N] = {
-	[ST_BEGIN] = "BEGIN IMMEDIATE",
-	[ST_COMMIT] = "COMMIT",
-	[ST_ROLLBACK] = "ROLLBACK",
-	[ST_SELECT] = "SELECT owner, token, held, boot_id, expiry_ns FROM opq_lease WHERE name = ?1",
-	[ST_INSERT] = "INSERT INTO opq_lease (name, owner, token, held, boot_id, expiry_ns, data)"
-		      " VALUES (?1, ?2, 1, 1, ?3, ?4, ?5)",
-	[ST_TAKE] = "UPDATE opq_lease SET owner = ?2, token = token + 1, held = 1, boot_id = ?3,"
-		    " expiry_ns = ?4, data = ?5 WHERE name = ?1",
-	[ST_EXTEND] = "UPDATE opq_lease SET boot_id = ?3, expiry_ns = ?4, data = ?5 WHERE name = ?1",
-	[ST_REFRESH] = "UPDATE opq_lease SET expiry_ns = ?4 WHERE name = ?1 AND owner = ?2"
-		       " AND token = ?6 AND held = 1 AND boot_id = ?3 AND expiry_ns > ?7",
-	[ST_RELEASE] = "UPDATE opq_lease SET held = 0, data = NULL WHERE name = ?1 AND owner = ?2"
-		       " AND token = ?6 AND held = 1",
+    [ST_BEGIN] = "BEGIN IMMEDIATE",
+    [ST_COMMIT] = "COMMIT",
+    [ST_ROLLBACK] = "ROLLBACK",
+    [ST_SELECT] = "SELECT owner, token, held, boot_id, expiry_ns FROM opq_lease WHERE name = ?1",
+    [ST_INSERT] = "INSERT INTO opq_lease (name, owner, token, held, boot_id, expiry_ns, data)"
+                  " VALUES (?1, ?2, 1, 1, ?3, ?4, ?5)",
+    [ST_TAKE] = "UPDATE opq_lease SET owner = ?2, token = token + 1, held = 1, boot_id = ?3,"
+                " expiry_ns = ?4, data = ?5 WHERE name = ?1",
+    [ST_EXTEND] = "UPDATE opq_lease SET boot_id = ?3, expiry_ns = ?4, data = ?5 WHERE name = ?1",
+    [ST_REFRESH] = "UPDATE opq_lease SET expiry_ns = ?4 WHERE name = ?1 AND owner = ?2"
+                   " AND token = ?6 AND held = 1 AND boot_id = ?3 AND expiry_ns > ?7",
+    [ST_RELEASE] = "UPDATE opq_lease SET held = 0, data = NULL WHERE name = ?1 AND owner = ?2"
+                   " AND token = ?6 AND held = 1",
 };
 
 static const char schema[] = "CREATE TABLE IF NOT EXISTS opq_lease ("
-			     " name TEXT PRIMARY KEY NOT NULL,"
-			     " owner TEXT NOT NULL,"
-			     " token INTEGER NOT NULL,"
-			     " held INTEGER NOT NULL,"
-			     " boot_id TEXT NOT NULL,"
-			     " expiry_ns INTEGER NOT NULL,"
-			     " data BLOB)";
+                             " name TEXT PRIMARY KEY NOT NULL,"
+                             " owner TEXT NOT NULL,"
+                             " token INTEGER NOT NULL,"
+                             " held INTEGER NOT NULL,"
+                             " boot_id TEXT NOT NULL,"
+                             " expiry_ns INTEGER NOT NULL,"
+                             " data BLOB)";
 
 struct sq_store {
 	pthread_mutex_t mu;
@@ -126,7 +136,7 @@ static int sq_fail(struct sq_store *s, int src, const char *what, char *errbuf, 
 	if (errbuf && errlen)
 		/* The reason before the path, which may be long. */
 		snprintf(errbuf, errlen, "sqlite lease store: %s: %s (%s)", what,
-			 s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(src), s->path);
+		         s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(src), s->path);
 	/* A file that cannot be opened: the system's reason tells a missing
 	 * directory from one the process may not write in. */
 	int sys = s->db && (src & 0xff) == SQLITE_CANTOPEN ? sqlite3_system_errno(s->db) : 0;
@@ -165,7 +175,7 @@ static int sq_step(struct sq_store *s, sqlite3_stmt *st, bool *row)
 }
 
 static void bind_common(struct sq_store *s, sqlite3_stmt *st, const opq_lease_request *req,
-			int64_t now)
+                        int64_t now)
 {
 	sqlite3_clear_bindings(st);
 	int n = sqlite3_bind_parameter_count(st);
@@ -260,7 +270,7 @@ static int sq_update(struct sq_store *s, int which, const opq_lease_request *req
 	int rc = 0;
 	if (src != SQLITE_OK)
 		rc = sq_fail(s, src, which == ST_REFRESH ? "refresh" : "release", req->errbuf,
-			     req->errlen);
+		             req->errlen);
 	else
 		*changed = sqlite3_changes(s->db) == 1;
 	pthread_mutex_unlock(&s->mu);
@@ -311,7 +321,7 @@ OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, c
 	if (rc) {
 		if (errbuf && errlen)
 			snprintf(errbuf, errlen, "sqlite lease store: cannot read the boot id: %s",
-				 strerror(rc));
+			         strerror(rc));
 		free(s);
 		return rc;
 	}
@@ -320,9 +330,8 @@ OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, c
 		free(s);
 		return rc;
 	}
-	int src = sqlite3_open_v2(path, &s->db,
-				  SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
-				  NULL);
+	int src = sqlite3_open_v2(
+	    path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, NULL);
 	if (src != SQLITE_OK) {
 		rc = sq_fail(s, src, "open", errbuf, errlen);
 		goto fail;
@@ -348,8 +357,8 @@ OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, c
 		goto fail;
 	}
 	for (int i = 0; i < ST_N; i++) {
-		src = sqlite3_prepare_v3(s->db, sql_text[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i],
-					 NULL);
+		src = sqlite3_prepare_v3(s->db, sql_text[i], -1, SQLITE_PREPARE_PERSISTENT,
+		                         &s->st[i], NULL);
 		if (src != SQLITE_OK) {
 			rc = sq_fail(s, src, "prepare", errbuf, errlen);
 			goto fail;

@@ -28,9 +28,9 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t cv_once = PTHREAD_ONCE_INIT;
 static pthread_cond_t cv; /* the root changed, quit, or a timer finished firing */
 static int cv_err;
-static unsigned refs;    /* under life_mu */
-static pthread_t thread; /* valid while refs > 0 */
-static bool quit;        /* under mu */
+static unsigned refs;           /* under life_mu */
+static pthread_t thread;        /* valid while refs > 0 */
+static bool quit;               /* under mu */
 static struct opq__timer *root; /* the heap, under mu */
 static struct opq__timer *firing;
 
@@ -212,7 +212,7 @@ static void *timer_main(void *unused)
 		heap_remove(first);
 		firing = first;
 		/* Read under the lock: the timer may be re-armed (a new fn) while it fires. */
-		void (*fn)(struct opq__timer *t) = first->fn;
+		void (*fn)(struct opq__timer * t) = first->fn;
 		opq__unlock(&mu);
 		fn(first);
 		opq__lock(&mu);
@@ -262,7 +262,7 @@ void opq__timer_unref(void)
 }
 
 void opq__timer_arm(struct opq__timer *t, const struct timespec *when,
-		    void (*fn)(struct opq__timer *t))
+                    void (*fn)(struct opq__timer *t))
 {
 	opq__lock(&mu);
 	if (t->armed)

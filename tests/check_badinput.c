@@ -46,13 +46,13 @@ struct fx {
 	opq_line_ticket th, blank;
 	opq_stage *st, *st2;
 	opq_stage_ticket *t, *t2, *th_st; /* keys "a" on st, "a" on st2, "h" on st (heads st) */
-	opq_lease_provider *pm;     /* memory provider; la and lb use it */
-	opq_lease *la, *lb;         /* lock "x": la (owner A) holds it, lb (owner B) does not */
-	opq_lease_attr *lattr;      /* owner B */
+	opq_lease_provider *pm;           /* memory provider; la and lb use it */
+	opq_lease *la, *lb;    /* lock "x": la (owner A) holds it, lb (owner B) does not */
+	opq_lease_attr *lattr; /* owner B */
 	opq_lease_grant grant;
 	int64_t ns;
 	char buf[64];
-	opq_scope *sc;              /* root scope on qr */
+	opq_scope *sc; /* root scope on qr */
 	opq_scope_attr *sattr;
 	struct timespec bad_hi, bad_neg, past;
 	opq_queue_stats stats;
@@ -123,7 +123,7 @@ static int task_ok(opq_scope *scope, void *arg)
 /* Sleeps until cancelled; *arg (an opq_scope **) gets its scope first. */
 static int task_block(opq_scope *scope, void *arg)
 {
-	*(opq_scope *_Atomic *)arg = scope;
+	*(opq_scope * _Atomic *)arg = scope;
 	return opq_scope_sleep(scope, NULL);
 }
 

@@ -13,9 +13,9 @@
 static void backends(struct fanout_backend b[FANOUT_BACKENDS])
 {
 	struct fanout_backend init[FANOUT_BACKENDS] = {
-		{ .name = "fast", .latency_ms = 5 },
-		{ .name = "failing", .latency_ms = 30, .error = EIO },
-		{ .name = "slow", .latency_ms = 20000 },
+	    {.name = "fast", .latency_ms = 5},
+	    {.name = "failing", .latency_ms = 30, .error = EIO},
+	    {.name = "slow", .latency_ms = 20000},
 	};
 	for (int i = 0; i < FANOUT_BACKENDS; i++)
 		b[i] = init[i];

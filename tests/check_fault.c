@@ -14,7 +14,6 @@ static void inc(void *arg)
 	atomic_fetch_add((atomic_long *)arg, 1);
 }
 
-
 START_TEST(test_attr_and_create)
 {
 	opq_queue_attr *a = NULL;
@@ -169,7 +168,7 @@ START_TEST(test_stage)
 {
 	opq_stage *st = NULL;
 	SWEEP(opq_stage_create(&st), ck_assert_ptr_null(st));
-	opq_stage_ticket *t[40] = { NULL };
+	opq_stage_ticket *t[40] = {NULL};
 	int k = 0;
 	SWEEP(opq_stage_register(st, &k, sizeof(k), &t[0]), ck_assert_ptr_null(t[0]));
 	for (k = 1; k < 40; k++) {
@@ -199,7 +198,7 @@ START_TEST(test_stage_growth)
 {
 	opq_stage *st;
 	ck_assert_int_eq(opq_stage_create(&st), 0);
-	opq_stage_ticket *t[64] = { NULL };
+	opq_stage_ticket *t[64] = {NULL};
 	opq_stage_stats ss;
 	int growth_failures = 0;
 	for (int k = 0; k < 64; k++) {
@@ -225,7 +224,8 @@ START_TEST(test_stage_growth)
 				growth_failures++;
 				ck_assert_int_eq(opq_stage_notify(st, &k, sizeof(k), &t[k]), 0);
 				void *ev = NULL;
-				ck_assert_int_eq(opq_stage_unregister(st, t[k], &ev), OPQ_STAGE_NOTIFIED);
+				ck_assert_int_eq(opq_stage_unregister(st, t[k], &ev),
+				                 OPQ_STAGE_NOTIFIED);
 				ck_assert_ptr_eq(ev, &t[k]);
 				t[k] = NULL;
 			}
@@ -276,7 +276,7 @@ START_TEST(test_stage_rest_allocates_nothing)
 	opq_stage *st;
 	opq_stage_ticket *a, *b;
 	void *ev;
-	struct timespec past = { 0, 0 };
+	struct timespec past = {0, 0};
 	opq_stage_stats ss;
 	ck_assert_int_eq(opq_stage_create(&st), 0);
 	ck_assert_int_eq(opq_stage_register(st, "a", 1, &a), 0);
@@ -319,11 +319,11 @@ START_TEST(test_line_allocates_nothing)
 {
 	opq_line line;
 	opq_line_ticket h = OPQ_LINE_TICKET_INITIALIZER;
-	struct line_waiter w = { .line = &line, .t = OPQ_LINE_TICKET_INITIALIZER, .rc = -1 };
+	struct line_waiter w = {.line = &line, .t = OPQ_LINE_TICKET_INITIALIZER, .rc = -1};
 	uint64_t gen;
 	int busy, status;
 	pthread_t th;
-	struct timespec past = { 0, 0 };
+	struct timespec past = {0, 0};
 
 	opq__fault_set(1);
 	ck_assert_int_eq(opq_line_init(&line), 0);

@@ -13,7 +13,7 @@
 
 #include <string.h>
 
-#define MS 1000000LL
+#define MS  1000000LL
 #define SEC 1000000000LL
 
 static int64_t ts_ns(const struct timespec *ts)
@@ -155,7 +155,7 @@ START_TEST(test_bad_input)
 	opq_queue *q;
 	ck_assert_int_eq(opq_queue_create(&q, NULL), 0);
 	ck_assert_int_eq(opq_lease_keepalive_start(l, q, 0, (opq_lease_lost_fn *)NULL, NULL),
-			 EINVAL);
+	                 EINVAL);
 	ck_assert_int_eq(opq_lease_keepalive_start(NULL, q, 0, NULL, NULL), EINVAL);
 
 	/* provider table checks */
@@ -353,10 +353,10 @@ START_TEST(test_remaining)
 	ck_assert_int_gt(ns, 0);
 	ck_assert_int_le(ns, 2000 * MS - 17 * MS);
 	/* Instants out of nanosecond range saturate (UBSan: no overflow). */
-	struct timespec past = { (time_t)(INT64_MIN / 1000000000), 0 };
+	struct timespec past = {(time_t)(INT64_MIN / 1000000000), 0};
 	ck_assert_int_eq(opq_lease_remaining(l, &past, &ns), 0);
 	ck_assert_int_eq(ns, INT64_MAX);
-	struct timespec future = { (time_t)INT64_MAX, 0 };
+	struct timespec future = {(time_t)INT64_MAX, 0};
 	ck_assert_int_eq(opq_lease_remaining(l, &future, &ns), 0);
 	ck_assert_int_eq(ns, 0);
 	ck_assert_int_eq(opq_lease_release(l), 0);
@@ -580,14 +580,14 @@ END_TEST
 
 /* Only these calls allocate nothing: run each with the next allocation
  * armed to fail and check it made none (so no ENOMEM can come from it). */
-#define NO_ALLOC(call)                                                           \
-	do {                                                                     \
-		opq__fault_set(1);                                               \
-		int rc_ = (call);                                                \
-		long made_ = opq__fault_count();                                 \
-		opq__fault_set(0);                                               \
-		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_);     \
-		ck_assert_msg(rc_ == 0 || rc_ == ENOLCK, "%s: %d", #call, rc_);  \
+#define NO_ALLOC(call)                                                                             \
+	do {                                                                                       \
+		opq__fault_set(1);                                                                 \
+		int rc_ = (call);                                                                  \
+		long made_ = opq__fault_count();                                                   \
+		opq__fault_set(0);                                                                 \
+		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_);                       \
+		ck_assert_msg(rc_ == 0 || rc_ == ENOLCK, "%s: %d", #call, rc_);                    \
 	} while (0)
 
 static int p_ok_acquire(void *store, const opq_lease_request *req, uint64_t *token)
@@ -746,7 +746,7 @@ static int tp_refresh(void *store, const opq_lease_request *req)
 		snprintf(req->errbuf, req->errlen, "test store: down");
 		rc = EIO;
 	} else if (!s->held || now >= s->expiry || s->token != req->token ||
-		   strcmp(s->owner, req->owner) != 0) {
+	           strcmp(s->owner, req->owner) != 0) {
 		rc = ENOLCK;
 	} else {
 		s->expiry = now + req->lease_ns;
@@ -930,7 +930,7 @@ START_TEST(test_keepalive_taken)
 	ck_assert_int_eq(r.rc_start, EDEADLK);
 	int before = tp_get(&s, &s.refreshes);
 	pass_ns(150 * MS);
-	ck_assert_int_eq(atomic_load(&r.calls), 1); /* once */
+	ck_assert_int_eq(atomic_load(&r.calls), 1);         /* once */
 	ck_assert_int_eq(tp_get(&s, &s.refreshes), before); /* and it ended */
 	ck_assert_int_eq(opq_lease_grant_get(a, NULL), EINVAL);
 	opq_lease_grant g;
@@ -968,7 +968,7 @@ static void unreachable_case(enum tp_mode mode)
 	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
 	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_UNREACHABLE);
 	ck_assert_msg(atomic_load(&r.at) < local_end, "lost %lld ns after the local end",
-		      (long long)(atomic_load(&r.at) - local_end));
+	              (long long)(atomic_load(&r.at) - local_end));
 	/* not absurdly early either: not before the lease was half gone */
 	ck_assert_int_gt(atomic_load(&r.at), ts_ns(&g.acquired) + L / 2);
 	ck_assert_int_eq(r.rc_stop, EDEADLK);
@@ -1123,7 +1123,7 @@ START_TEST(test_round_trips)
 	}
 	double s = (double)(t_now_ns() - t0) / 1e9;
 	fprintf(stderr, "check_lease: memory provider %.0f acquire+release round trips/s\n",
-		(double)n / s);
+	        (double)n / s);
 	opq_lease_grant g;
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
 	ck_assert_uint_eq(g.token, (uint64_t)n + 1);

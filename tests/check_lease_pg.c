@@ -24,7 +24,7 @@
 #include "harness.h"
 #include "opqueue/lease_pg.h"
 
-#define MS 1000000LL
+#define MS  1000000LL
 #define SEC 1000000000LL
 
 static const char *conninfo(void)
@@ -57,7 +57,7 @@ static opq_lease_provider *provider_new(void)
 
 /* A lease handle with owner, duration and fast polling. */
 static opq_lease *lease_new(opq_lease_provider *p, const char *name, const char *owner,
-			    int64_t lease_ns)
+                            int64_t lease_ns)
 {
 	opq_lease_attr *a = NULL;
 	opq_lease *l = NULL;
@@ -94,7 +94,7 @@ static void db_exec(PGconn *c, const char *sql)
 	PGresult *r = PQexec(c, sql);
 	ExecStatusType st = PQresultStatus(r);
 	ck_assert_msg(st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK, "%s: %s", sql,
-		      PQresultErrorMessage(r));
+	              PQresultErrorMessage(r));
 	PQclear(r);
 }
 
@@ -103,7 +103,7 @@ static long long db_value(PGconn *c, const char *sql)
 {
 	PGresult *r = PQexec(c, sql);
 	ck_assert_msg(PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1, "%s: %s", sql,
-		      PQresultErrorMessage(r));
+	              PQresultErrorMessage(r));
 	long long v = atoll(PQgetvalue(r, 0, 0));
 	PQclear(r);
 	return v;
@@ -215,7 +215,7 @@ static void excl_child(int who, int m, const char *log)
 			_exit(25); /* the interval would not be covered by the lease */
 		char line[128];
 		int n = snprintf(line, sizeof line, "%" PRIu64 " %" PRId64 " %" PRId64 " %d\n",
-				 g.token, start, end, who);
+		                 g.token, start, end, who);
 		if (write(fd, line, (size_t)n) != n)
 			_exit(26);
 		if (opq_lease_release(l) != 0)
@@ -251,7 +251,7 @@ START_TEST(test_mutual_exclusion)
 	ck_assert_ptr_nonnull(h);
 	int n = 0;
 	while (n <= K * m && fscanf(f, "%" SCNu64 " %" SCNd64 " %" SCNd64 " %d", &h[n].token,
-				    &h[n].start, &h[n].end, &h[n].who) == 4)
+	                            &h[n].start, &h[n].end, &h[n].who) == 4)
 		n++;
 	fclose(f);
 	unlink(log);
@@ -261,13 +261,13 @@ START_TEST(test_mutual_exclusion)
 	for (int i = 1; i < n; i++) {
 		ck_assert_msg(h[i - 1].end < h[i].start, "holds %d and %d overlap", i - 1, i);
 		ck_assert_msg(h[i - 1].token < h[i].token, "token %" PRIu64 " then %" PRIu64,
-			      h[i - 1].token, h[i].token);
+		              h[i - 1].token, h[i].token);
 		/* Every grant was a release then an acquire: no token skipped. */
 		ck_assert_uint_eq(h[i].token, h[i - 1].token + 1);
 		switches += h[i].who != h[i - 1].who;
 	}
-	printf("exclusion: %d processes x %d holds, %d owner switches, tokens %" PRIu64
-	       "..%" PRIu64 "\n",
+	printf("exclusion: %d processes x %d holds, %d owner switches, tokens %" PRIu64 "..%" PRIu64
+	       "\n",
 	       K, m, switches, h[0].token, h[n - 1].token);
 	free(h);
 }
@@ -331,13 +331,13 @@ START_TEST(test_crash_takeover)
 	ck_assert_uint_eq(g.token, v.token + 1);
 	int64_t expiry = v.acquired + lease_ns; /* the store's expiry is no earlier */
 	ck_assert_msg(got >= expiry, "taken over %lld us before the lease ran out",
-		      (long long)((expiry - got) / 1000));
+	              (long long)((expiry - got) / 1000));
 	int64_t late = got - expiry;
 	/* Bound: the victim's own round trip, a 2 ms poll, our round trip. */
 	const char *mult = getenv("CK_TIMEOUT_MULTIPLIER");
 	const int64_t bound = 300 * MS * (mult && atoi(mult) > 1 ? atoi(mult) : 1);
 	ck_assert_msg(late <= bound, "taken over %lld ms after the lease ran out",
-		      (long long)(late / MS));
+	              (long long)(late / MS));
 	printf("crash: taken over %.1f ms after the dead holder's lease ran out (victim's "
 	       "round trip %.1f ms), %d refusals before\n",
 	       late / 1e6, (v.returned - v.acquired) / 1e6, busy);
@@ -351,9 +351,9 @@ END_TEST
 /* ---- a fenced resource, and a holder paused past its lease ---- */
 
 static const char FENCED_WRITE[] = "UPDATE opq_fenced SET last_token = $1, writer = $2"
-				   " WHERE id = 1 AND last_token <= $1";
+                                   " WHERE id = 1 AND last_token <= $1";
 static const char GUARDED_WRITE[] = "UPDATE opq_guarded SET writer = $3, n = n + 1"
-				    " WHERE id = 1 AND opq_lease_held($1, $2)";
+                                    " WHERE id = 1 AND opq_lease_held($1, $2)";
 
 /* The paused holder: reports its token, waits for "go", then writes anyway. */
 static void paused_child(int wfd, int rfd, int64_t lease_ns)
@@ -405,7 +405,7 @@ START_TEST(test_fenced_resource)
 	PGconn *c = db_open();
 	db_exec(c, "DROP TABLE IF EXISTS opq_fenced, opq_guarded");
 	db_exec(c, "CREATE TABLE opq_fenced (id int PRIMARY KEY, last_token bigint NOT NULL,"
-		   " writer text)");
+	           " writer text)");
 	db_exec(c, "INSERT INTO opq_fenced VALUES (1, 0, '')");
 	db_exec(c, "CREATE TABLE opq_guarded (id int PRIMARY KEY, writer text, n int NOT NULL)");
 	db_exec(c, "INSERT INTO opq_guarded VALUES (1, '', 0)");
@@ -452,7 +452,7 @@ START_TEST(test_fenced_resource)
 	       ta, (t_now_ns() - stopped) / 1e6, g.token);
 
 	ck_assert_int_eq(db_value(c, "SELECT last_token FROM opq_fenced WHERE id = 1"),
-			 (long long)g.token);
+	                 (long long)g.token);
 	PGresult *r = PQexec(c, "SELECT writer, n FROM opq_guarded WHERE id = 1");
 	ck_assert_int_eq(PQntuples(r), 1);
 	ck_assert_str_eq(PQgetvalue(r, 0, 0), "B");
@@ -493,10 +493,10 @@ START_TEST(test_guard_holds_takeover)
 	const char *v[3] = {"guard-tx", tok, "A"};
 	db_exec(c, "BEGIN");
 	ck_assert_int_eq(db_write(c,
-				  "UPDATE opq_guarded2 SET writer = $3 WHERE id = 1"
-				  " AND opq_lease_held($1, $2)",
-				  3, v),
-			 1);
+	                          "UPDATE opq_guarded2 SET writer = $3 WHERE id = 1"
+	                          " AND opq_lease_held($1, $2)",
+	                          3, v),
+	                 1);
 	/* A's lease runs out while its transaction is open. */
 	nap_ns(lease_ns + 100 * MS);
 	/* B cannot take the lease while A's transaction holds the row: its
@@ -559,7 +559,7 @@ START_TEST(test_store_down)
 	ck_assert_int_eq(atomic_load(&st.why), OPQ_LEASE_UNREACHABLE);
 	int64_t local_end = ts_ns(&g.acquired) + g.lease_ns;
 	ck_assert_msg(at < local_end, "lost-callback %lld us after the local lease end",
-		      (long long)((at - local_end) / 1000));
+	              (long long)((at - local_end) / 1000));
 	printf("store down: lost(UNREACHABLE) %.1f ms before the local lease end, %.1f ms after "
 	       "the stop\n",
 	       (local_end - at) / 1e6, (at - down) / 1e6);
@@ -610,7 +610,7 @@ START_TEST(test_keepalive_taken)
 	PGconn *c = db_open();
 	int64_t t0 = t_now_ns();
 	db_exec(c, "UPDATE opq_lease SET owner = 'intruder', token = token + 1"
-		   " WHERE name = 'taken'");
+	           " WHERE name = 'taken'");
 	T_WAIT_UNTIL(atomic_load(&st.calls) > 0);
 	ck_assert_int_eq(atomic_load(&st.why), OPQ_LEASE_TAKEN);
 	int64_t after = atomic_load(&st.at) - t0;
@@ -619,8 +619,8 @@ START_TEST(test_keepalive_taken)
 	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), EBUSY);
 	ck_assert_int_eq(opq_lease_release(l), 0); /* does not touch the intruder's lease */
 	ck_assert_int_eq(db_value(c, "SELECT (owner = 'intruder')::int FROM opq_lease"
-				     " WHERE name = 'taken'"),
-			 1);
+	                             " WHERE name = 'taken'"),
+	                 1);
 	PQfinish(c);
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
@@ -676,8 +676,9 @@ START_TEST(test_crash_tokens)
 		ck_assert_int_eq(run_sh("OPQ_PG_CRASH"), 0);
 		ck_assert_int_eq(run_sh("OPQ_PG_START"), 0);
 		ck_assert_int_eq(opq_lease_try_acquire(b, &g2), 0);
-		ck_assert_msg(g2.token > g1.token, "round %d: token %llu granted again after a crash",
-			      round, (unsigned long long)g1.token);
+		ck_assert_msg(g2.token > g1.token,
+		              "round %d: token %llu granted again after a crash", round,
+		              (unsigned long long)g1.token);
 		ck_assert_int_eq(opq_lease_release(b), 0);
 	}
 	ck_assert_int_eq(opq_lease_destroy(a), 0);
@@ -701,8 +702,8 @@ START_TEST(test_longest_lease)
 	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
 	PGconn *c = db_open();
 	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease WHERE name = 'longest'"
-				     " AND expires = 'infinity'"),
-			 1);
+	                             " AND expires = 'infinity'"),
+	                 1);
 	PQfinish(c);
 	ck_assert_int_eq(opq_lease_release(a), 0);
 	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), 0);
@@ -803,13 +804,13 @@ START_TEST(test_bad_input)
 	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
 	PGconn *c = db_open();
 	ck_assert_int_eq(db_value(c, "SELECT length(data) FROM opq_lease WHERE name = 'data'"),
-			 OPQ_LEASE_DATA_MAX);
-	ck_assert_int_eq(db_value(c, "SELECT get_byte(data, 255) FROM opq_lease WHERE name = 'data'"),
-			 255);
+	                 OPQ_LEASE_DATA_MAX);
+	ck_assert_int_eq(
+	    db_value(c, "SELECT get_byte(data, 255) FROM opq_lease WHERE name = 'data'"), 255);
 	ck_assert_int_eq(opq_lease_release(l), 0);
 	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease WHERE name = 'data'"
-				     " AND owner IS NULL AND data IS NULL"),
-			 1);
+	                             " AND owner IS NULL AND data IS NULL"),
+	                 1);
 	PQfinish(c);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
@@ -1074,8 +1075,8 @@ START_TEST(test_schema_race)
 	c = PQconnectdb(ci);
 	ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
 	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM opq_lease"), N);
-	ck_assert_int_eq(db_value(c, "SELECT count(*) FROM pg_proc WHERE proname = 'opq_lease_held'"),
-			 1);
+	ck_assert_int_eq(
+	    db_value(c, "SELECT count(*) FROM pg_proc WHERE proname = 'opq_lease_held'"), 1);
 	PQfinish(c);
 }
 END_TEST
@@ -1098,10 +1099,11 @@ static void *pool_thread(void *arg)
  * `locked`: only those waiting for a lock. */
 static long long pool_backends(PGconn *c, bool locked)
 {
-	return db_value(c, locked ? "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-				    "'opq_pool' AND wait_event_type = 'Lock'"
-				  : "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-				    "'opq_pool'");
+	return db_value(c, locked
+	                       ? "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+	                         "'opq_pool' AND wait_event_type = 'Lock'"
+	                       : "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+	                         "'opq_pool'");
 }
 
 /*
@@ -1216,7 +1218,7 @@ START_TEST(test_pool_idle)
 	if (!t_passed(&young))
 		ck_assert_int_eq(pool_backends(q, false), T);
 	T_WAIT_UNTIL(opq_lease_try_acquire(calls[0].l, NULL) == 0 &&
-		     opq_lease_release(calls[0].l) == 0 && pool_backends(q, false) == 1);
+	             opq_lease_release(calls[0].l) == 0 && pool_backends(q, false) == 1);
 	/* The one in use stays, and serves the calls. */
 	ck_assert_int_eq(opq_lease_try_acquire(calls[0].l, NULL), 0);
 	ck_assert_int_eq(pool_backends(q, false), 1);

@@ -54,7 +54,7 @@ static opq_lease_provider *open_store(void)
 }
 
 static opq_lease *mk(opq_lease_provider *p, const char *name, const char *owner, int64_t lease_ns,
-		     int64_t poll_max)
+                     int64_t poll_max)
 {
 	opq_lease_attr *a;
 	ck_assert_int_eq(opq_lease_attr_create(&a), 0);
@@ -196,7 +196,7 @@ START_TEST(test_other_boot)
 	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
 	/* as if written before a reboot: another boot id, an expiry far ahead */
 	sql_exec("UPDATE opq_lease SET boot_id = '00000000-0000-0000-0000-000000000000',"
-		 " expiry_ns = 9000000000000000000 WHERE name = 'boot'");
+	         " expiry_ns = 9000000000000000000 WHERE name = 'boot'");
 	ck_assert_int_eq(opq_lease_try_acquire(b, &g), 0);
 	ck_assert_uint_eq(g.token, 2);
 	ck_assert_int_eq(opq_lease_refresh(a, NULL), ENOLCK);
@@ -223,7 +223,8 @@ static int contender(int id, long iters, const char *log_path)
 	char owner[32];
 	snprintf(owner, sizeof(owner), "proc-%d", id);
 	if (opq_lease_attr_create(&a) || opq_lease_attr_set_owner(a, owner) ||
-	    opq_lease_attr_set_duration(a, 30000 * MS) || opq_lease_attr_set_poll(a, 1 * MS, 10 * MS))
+	    opq_lease_attr_set_duration(a, 30000 * MS) ||
+	    opq_lease_attr_set_poll(a, 1 * MS, 10 * MS))
 		return 11;
 	opq_lease *l;
 	if (opq_lease_create(&l, p, "mx", a))
@@ -247,7 +248,7 @@ static int contender(int id, long iters, const char *log_path)
 		int64_t end = t_now_ns();
 		char line[128];
 		int n = snprintf(line, sizeof(line), "%llu %lld %lld %d\n",
-				 (unsigned long long)g.token, (long long)start, (long long)end, id);
+		                 (unsigned long long)g.token, (long long)start, (long long)end, id);
 		if (write(fd, line, (size_t)n) != n)
 			return 15;
 		if (opq_lease_release(l))
@@ -296,8 +297,8 @@ START_TEST(test_processes_exclude)
 	long n = K_PROCS * iters;
 	struct entry *e = calloc((size_t)n + 1, sizeof(*e));
 	long got = 0;
-	while (got <= n && fscanf(f, "%llu %lld %lld %d", &e[got].token, &e[got].start,
-				  &e[got].end, &e[got].id) == 4)
+	while (got <= n && fscanf(f, "%llu %lld %lld %d", &e[got].token, &e[got].start, &e[got].end,
+	                          &e[got].id) == 4)
 		got++;
 	fclose(f);
 	ck_assert_int_eq(got, n);
@@ -307,9 +308,10 @@ START_TEST(test_processes_exclude)
 		ids_seen |= 1 << e[i].id;
 		if (i == 0)
 			continue;
-		ck_assert_msg(e[i].start >= e[i - 1].end, "intervals %ld and %ld overlap", i - 1, i);
+		ck_assert_msg(e[i].start >= e[i - 1].end, "intervals %ld and %ld overlap", i - 1,
+		              i);
 		ck_assert_msg(e[i].token > e[i - 1].token, "token %llu after %llu", e[i].token,
-			      e[i - 1].token);
+		              e[i - 1].token);
 	}
 	ck_assert_int_eq(ids_seen, (1 << K_PROCS) - 1);
 	free(e);
@@ -370,9 +372,10 @@ START_TEST(test_crash_takeover)
 	ck_assert_int_ge(won, times[0] + L);
 	/* and not much after: its store expiry is at most times[1] + L */
 	int64_t late = won - (times[1] + L);
-	fprintf(stderr, "check_lease_sqlite: takeover %.1f ms after the lease ran out "
-			"(lease %lld ms, poll max %lld ms)\n",
-		(double)late / 1e6, (long long)(L / MS), (long long)(POLL_MAX / MS));
+	fprintf(stderr,
+	        "check_lease_sqlite: takeover %.1f ms after the lease ran out "
+	        "(lease %lld ms, poll max %lld ms)\n",
+	        (double)late / 1e6, (long long)(L / MS), (long long)(POLL_MAX / MS));
 	ck_assert_int_lt(late, POLL_MAX + 250 * MS);
 	ck_assert_int_eq(opq_lease_release(l), 0);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
@@ -400,19 +403,20 @@ static void boot_id(char *buf, size_t len)
 
 /* The documented guarded write: 1 when the row was written, 0 when refused. */
 static int guarded_write(sqlite3 *db, const char *name, const char *owner, uint64_t token,
-			 const char *value)
+                         const char *value)
 {
 	ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
 	char boot[64];
 	boot_id(boot, sizeof(boot));
 	sqlite3_stmt *st;
-	ck_assert_int_eq(sqlite3_prepare_v2(db,
-					    "UPDATE account SET v = ?1 WHERE id = 1 AND EXISTS"
-					    " (SELECT 1 FROM opq_lease WHERE name = ?2 AND owner = ?3"
-					    " AND token = ?4 AND held = 1 AND boot_id = ?5"
-					    " AND expiry_ns > ?6)",
-					    -1, &st, NULL),
-			 SQLITE_OK);
+	ck_assert_int_eq(
+	    sqlite3_prepare_v2(db,
+	                       "UPDATE account SET v = ?1 WHERE id = 1 AND EXISTS"
+	                       " (SELECT 1 FROM opq_lease WHERE name = ?2 AND owner = ?3"
+	                       " AND token = ?4 AND held = 1 AND boot_id = ?5"
+	                       " AND expiry_ns > ?6)",
+	                       -1, &st, NULL),
+	    SQLITE_OK);
 	sqlite3_bind_text(st, 1, value, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 2, name, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 3, owner, -1, SQLITE_STATIC);
@@ -429,8 +433,8 @@ static int guarded_write(sqlite3 *db, const char *name, const char *owner, uint6
 static void read_value(sqlite3 *db, char *buf, size_t len)
 {
 	sqlite3_stmt *st;
-	ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT v FROM account WHERE id = 1", -1, &st, NULL),
-			 SQLITE_OK);
+	ck_assert_int_eq(
+	    sqlite3_prepare_v2(db, "SELECT v FROM account WHERE id = 1", -1, &st, NULL), SQLITE_OK);
 	ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
 	snprintf(buf, len, "%s", (const char *)sqlite3_column_text(st, 0));
 	sqlite3_finalize(st);
@@ -440,7 +444,7 @@ START_TEST(test_guarded_write)
 {
 	opq_lease_provider *p = open_store();
 	sql_exec("CREATE TABLE account (id INTEGER PRIMARY KEY, v TEXT);"
-		 "INSERT INTO account VALUES (1, 'initial')");
+	         "INSERT INTO account VALUES (1, 'initial')");
 	sqlite3 *db;
 	ck_assert_int_eq(sqlite3_open(db_path, &db), SQLITE_OK);
 	sqlite3_busy_timeout(db, 5000);
@@ -598,16 +602,16 @@ static void lost_count(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
 	char words[256];
 	opq_lease_error(l, words, sizeof(words));
 	fprintf(stderr, "lost: why %d, remaining %lld ns, last error: %s\n", (int)why,
-		(long long)left, words);
+	        (long long)left, words);
 	atomic_fetch_add((atomic_int *)arg, 1);
 }
 
 /*
  * Keepalive against a real store: another process keeps trying for three
  * leases and never gets it. The lease is 1 s so that a commit slowed by a
- * busy disk (a shared CI machine) does not count as the store being down. The child is forked before this process opens
- * SQLite or starts threads (SQLite must not cross a fork), and starts when
- * told through a pipe.
+ * busy disk (a shared CI machine) does not count as the store being down. The child is forked
+ * before this process opens SQLite or starts threads (SQLite must not cross a fork), and starts
+ * when told through a pipe.
  */
 START_TEST(test_keepalive_sqlite)
 {
@@ -687,7 +691,7 @@ START_TEST(test_round_trips)
 	}
 	double s = (double)(t_now_ns() - t0) / 1e9;
 	fprintf(stderr, "check_lease_sqlite: %.0f acquire+release round trips/s (%ld in %.2f s)\n",
-		(double)n / s, n, s);
+	        (double)n / s, n, s);
 	ck_assert_int_eq(opq_lease_destroy(l), 0);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
 }

@@ -25,9 +25,9 @@ struct waiter {
 	pthread_t th;
 	opq_line *line;
 	opq_line_ticket ticket;
-	int idle;		/* use wait_idle instead of wait */
-	int leave;              /* do not touch the line after the wait returns */
-	int64_t timeout_ns;	/* 0: T_WAIT_NS */
+	int idle;           /* use wait_idle instead of wait */
+	int leave;          /* do not touch the line after the wait returns */
+	int64_t timeout_ns; /* 0: T_WAIT_NS */
 	atomic_int done;
 	int rc;
 	int status;
@@ -156,7 +156,7 @@ START_TEST(test_api_errors)
 	ck_assert_uint_eq(g, 2);
 
 	/* A ticket of a generation the line has not reached. */
-	opq_line_ticket future = { &l, 3, 0 };
+	opq_line_ticket future = {&l, 3, 0};
 	ck_assert_int_eq(opq_line_wait(&l, &future, NULL, &st), EINVAL);
 
 	ck_assert_int_eq(opq_line_destroy(&l), 0);
@@ -311,7 +311,7 @@ START_TEST(test_never_waits_for_later_holder)
 {
 	opq_line l = OPQ_LINE_INITIALIZER;
 	opq_line_ticket a = OPQ_LINE_TICKET_INITIALIZER, b = OPQ_LINE_TICKET_INITIALIZER,
-			c = OPQ_LINE_TICKET_INITIALIZER;
+	                c = OPQ_LINE_TICKET_INITIALIZER;
 	int st = 0;
 	ck_assert_int_eq(opq_line_try_acquire(&l, OPQ_LINE_ANY, &a), 0);
 	ck_assert_int_eq(opq_line_try_acquire(&l, OPQ_LINE_ANY, &b), EBUSY);
@@ -345,7 +345,7 @@ START_TEST(test_blocked_waiter_not_held_by_later_holder)
 {
 	opq_line l = OPQ_LINE_INITIALIZER;
 	opq_line_ticket a = OPQ_LINE_TICKET_INITIALIZER, b = OPQ_LINE_TICKET_INITIALIZER,
-			c = OPQ_LINE_TICKET_INITIALIZER;
+	                c = OPQ_LINE_TICKET_INITIALIZER;
 	struct waiter w;
 	ck_assert_int_eq(opq_line_try_acquire(&l, OPQ_LINE_ANY, &a), 0);
 	ck_assert_int_eq(opq_line_try_acquire(&l, OPQ_LINE_ANY, &b), EBUSY);
@@ -362,7 +362,7 @@ START_TEST(test_blocked_waiter_not_held_by_later_holder)
 	waiter_join(&w);
 	ck_assert_int_eq(w.rc, 0);
 	ck_assert_int_eq(w.status, 21);
-	ck_assert_int_eq(opq_line_busy(&l, &(int){ 0 }), 0);
+	ck_assert_int_eq(opq_line_busy(&l, &(int){0}), 0);
 	ck_assert_int_eq(opq_line_release(&l, &c, 0), 0);
 	ck_assert_int_eq(opq_line_destroy(&l), 0);
 }
@@ -464,9 +464,9 @@ struct late {
 	opq_line line;
 	pthread_barrier_t read, failed;
 	atomic_int fixes, already, busy, acquired;
-	atomic_long epoch;	/* the server's credential epoch */
-	atomic_long cred;	/* the epoch of the credentials we hold */
-	int staged;		/* 1: thread 0 fixes before the others try */
+	atomic_long epoch; /* the server's credential epoch */
+	atomic_long cred;  /* the epoch of the credentials we hold */
+	int staged;        /* 1: thread 0 fixes before the others try */
 };
 
 static void *late_main(void *arg)
@@ -531,7 +531,7 @@ static void late_run(int staged)
 	ck_assert_int_eq(atomic_load(&s.fixes), 1);
 	ck_assert_int_eq(atomic_load(&s.acquired), 1);
 	ck_assert_int_eq(atomic_load(&s.acquired) + atomic_load(&s.busy) + atomic_load(&s.already),
-			 LATE_THREADS);
+	                 LATE_THREADS);
 	if (staged)
 		ck_assert_int_eq(atomic_load(&s.already), LATE_THREADS - 1);
 	pthread_barrier_destroy(&s.read);
@@ -583,7 +583,8 @@ static void *stress_main(void *arg)
 			if (rc == 0) {
 				ck_assert_int_eq(atomic_fetch_add(&s->holders, 1), 0);
 				/* "Or token": a retry while holding keeps the token. */
-				ck_assert_int_eq(opq_line_try_acquire(&s->line, OPQ_LINE_ANY, &t), 0);
+				ck_assert_int_eq(opq_line_try_acquire(&s->line, OPQ_LINE_ANY, &t),
+				                 0);
 				atomic_fetch_add(&s->fixes, 1);
 				atomic_store(&s->cred, atomic_load(&s->epoch));
 				ck_assert_int_eq(atomic_fetch_sub(&s->holders, 1), 1);

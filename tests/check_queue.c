@@ -20,10 +20,10 @@ struct cop {
 	atomic_int performed;
 	atomic_int discarded;
 	long seq;
-	long *log;		/* where perform appends seq, when set */
+	long *log; /* where perform appends seq, when set */
 	atomic_long *log_len;
-	struct t_gate *hold;	/* perform waits on it, when set */
-	atomic_int *started;	/* set to 1 when perform begins */
+	struct t_gate *hold; /* perform waits on it, when set */
+	atomic_int *started; /* set to 1 when perform begins */
 };
 
 static void cop_perform(opq_op *op)
@@ -145,7 +145,7 @@ START_TEST(test_host_malloc_kept)
 	ck_assert(dladdr(fp, &info) != 0);
 	ck_assert_ptr_nonnull(info.dli_fname);
 	ck_assert_msg(strstr(info.dli_fname, "jemalloc") == NULL, "malloc comes from %s",
-		      info.dli_fname);
+	              info.dli_fname);
 }
 END_TEST
 
@@ -220,7 +220,7 @@ START_TEST(test_enqueue_errors)
 	ck_assert_int_eq(opq_queue_enqueue_fn(q, NULL, NULL, NULL), EINVAL);
 	ck_assert_int_eq(opq_queue_tryenqueue_fn(q, NULL, NULL, NULL), EINVAL);
 	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, NULL, NULL, NULL, NULL), EINVAL);
-	struct timespec bad = { .tv_sec = 1, .tv_nsec = 1000000000 };
+	struct timespec bad = {.tv_sec = 1, .tv_nsec = 1000000000};
 	ck_assert_int_eq(opq_queue_timedenqueue(q, &c.op, &bad), EINVAL);
 	ck_assert_int_eq(opq_queue_timedenqueue_fn(q, fn_inc, NULL, NULL, &bad), EINVAL);
 	ck_assert_int_eq(opq_queue_wait_idle(q, &bad), EINVAL);
@@ -332,7 +332,7 @@ START_TEST(test_bounded_backpressure)
 	pthread_t th[P];
 	struct producer pr[P];
 	for (int i = 0; i < P; i++) {
-		pr[i] = (struct producer){ .q = q, .n = n, .counter = &done };
+		pr[i] = (struct producer){.q = q, .n = n, .counter = &done};
 		pthread_create(&th[i], NULL, produce_fn, &pr[i]);
 	}
 	for (int i = 0; i < P; i++) {
@@ -371,7 +371,7 @@ START_TEST(test_blocked_enqueue_stop)
 		struct cop first;
 		cop_init(&first);
 		ck_assert_int_eq(opq_queue_enqueue(q, &first.op), 0);
-		struct blocked_enqueuer b = { .q = q };
+		struct blocked_enqueuer b = {.q = q};
 		cop_init(&b.c);
 		pthread_t th;
 		pthread_create(&th, NULL, enqueue_blocking, &b);
@@ -404,7 +404,7 @@ START_TEST(test_bounded_room_each_place)
 	struct blocked_enqueuer b[B];
 	pthread_t th[B];
 	for (int i = 0; i < B; i++) {
-		b[i] = (struct blocked_enqueuer){ .q = q };
+		b[i] = (struct blocked_enqueuer){.q = q};
 		cop_init(&b[i].c);
 		pthread_create(&th[i], NULL, enqueue_blocking, &b[i]);
 	}
@@ -477,7 +477,7 @@ START_TEST(test_bounded_no_wait_while_room)
 		}
 		c[0].hold = &hold;
 		c[0].started = &started;
-		struct timed_enqueuer t = { .b = { .q = q } };
+		struct timed_enqueuer t = {.b = {.q = q}};
 		cop_init(&t.b.c);
 		pthread_t th;
 		ck_assert_int_eq(pthread_create(&th, NULL, enqueue_blocking_timed, &t), 0);
@@ -501,7 +501,7 @@ START_TEST(test_bounded_no_wait_while_room)
 	}
 	qsort(took, ROUNDS, sizeof(took[0]), cmp_i64);
 	ck_assert_msg(took[ROUNDS / 2] < 5000000, "the producer waited %lld ns (median) with room",
-		      (long long)took[ROUNDS / 2]);
+	              (long long)took[ROUNDS / 2]);
 }
 END_TEST
 
@@ -591,7 +591,7 @@ START_TEST(test_stop_discard_while_running)
 		cop_init(&ops[i]);
 		ck_assert_int_eq(opq_queue_enqueue(q, &ops[i].op), 0);
 	}
-	struct stopper s = { q, OPQ_STOP_DISCARD, -1 };
+	struct stopper s = {q, OPQ_STOP_DISCARD, -1};
 	pthread_t th;
 	pthread_create(&th, NULL, stop_thread, &s);
 	/* discard callbacks run in FIFO order: the last one done means all are */
@@ -654,7 +654,7 @@ START_TEST(test_stop_from_discard)
 		ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
 		atomic_store(&again_rc, -1);
 		atomic_store(&again_q, q);
-		struct stopper st = { q, OPQ_STOP_DISCARD, -1 };
+		struct stopper st = {q, OPQ_STOP_DISCARD, -1};
 		pthread_t th;
 		ck_assert_int_eq(pthread_create(&th, NULL, stop_thread_done, &st), 0);
 		T_WAIT_UNTIL(atomic_load(&again_rc) != -1);
@@ -702,7 +702,7 @@ START_TEST(test_enqueue_same_op_at_once)
 		cop_init(&c);
 		opq_queue *q = make_queue(0);
 		atomic_int ready = 0, go = 0;
-		struct twin t[2] = { { q, &c.op, &ready, &go, -1 }, { q, &c.op, &ready, &go, -1 } };
+		struct twin t[2] = {{q, &c.op, &ready, &go, -1}, {q, &c.op, &ready, &go, -1}};
 		pthread_t th[2];
 		for (int k = 0; k < 2; k++)
 			ck_assert_int_eq(pthread_create(&th[k], NULL, twin_enqueue, &t[k]), 0);
@@ -710,8 +710,9 @@ START_TEST(test_enqueue_same_op_at_once)
 		atomic_store(&go, 1);
 		for (int k = 0; k < 2; k++)
 			ck_assert_int_eq(pthread_join(th[k], NULL), 0);
-		ck_assert_msg((t[0].rc == 0 && t[1].rc == EBUSY) || (t[0].rc == EBUSY && t[1].rc == 0),
-			      "round %ld: %d and %d", i, t[0].rc, t[1].rc);
+		ck_assert_msg((t[0].rc == 0 && t[1].rc == EBUSY) ||
+		                  (t[0].rc == EBUSY && t[1].rc == 0),
+		              "round %ld: %d and %d", i, t[0].rc, t[1].rc);
 		ck_assert_uint_eq(stats_of(q).queued, 1);
 		ck_assert_int_eq(opq_queue_start(q, 1), 0);
 		ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
@@ -766,7 +767,7 @@ START_TEST(test_calls_from_destroy_discard)
 		from_destroy.b = &b;
 		from_destroy.rc_enqueue = from_destroy.rc_start = from_destroy.rc_destroy = -1;
 		ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
-		struct destroyer d = { q, -1, 0 };
+		struct destroyer d = {q, -1, 0};
 		pthread_t th;
 		ck_assert_int_eq(pthread_create(&th, NULL, destroy_thread, &d), 0);
 		T_WAIT_UNTIL(atomic_load(&d.done));
@@ -792,7 +793,7 @@ START_TEST(test_blocked_producer_restart)
 		cop_init(&a);
 		opq_queue *q = make_queue(1);
 		ck_assert_int_eq(opq_queue_enqueue(q, &a.op), 0);
-		struct blocked_enqueuer p = { .q = q, .rc = -1 };
+		struct blocked_enqueuer p = {.q = q, .rc = -1};
 		cop_init(&p.c);
 		pthread_t th;
 		ck_assert_int_eq(pthread_create(&th, NULL, enqueue_blocking, &p), 0);
@@ -884,7 +885,7 @@ START_TEST(test_concurrent_stops)
 		struct stopper s[S];
 		pthread_t th[S];
 		for (int i = 0; i < S; i++) {
-			s[i] = (struct stopper){ q, OPQ_STOP_DRAIN, -1 };
+			s[i] = (struct stopper){q, OPQ_STOP_DRAIN, -1};
 			pthread_create(&th[i], NULL, stop_thread, &s[i]);
 		}
 		for (int i = 0; i < S; i++) {
@@ -923,7 +924,7 @@ START_TEST(test_calls_from_inside)
 {
 	atomic_long n = 0;
 	opq_queue *q = make_queue(0), *other = make_queue(0);
-	struct inside in = { .q = q, .other = other, .counter = &n };
+	struct inside in = {.q = q, .other = other, .counter = &n};
 	ck_assert_int_eq(opq_op_init(&in.op, inside_perform, NULL), 0);
 	ck_assert_int_eq(opq_queue_start(other, 1), 0);
 	ck_assert_int_eq(opq_queue_enqueue_fn(other, fn_inc, NULL, &n), 0);
@@ -963,7 +964,7 @@ static void chain_perform(opq_op *op)
 START_TEST(test_enqueue_chain)
 {
 	opq_queue *q = make_queue(0);
-	struct chain c = { .q = q, .left = 10000 };
+	struct chain c = {.q = q, .left = 10000};
 	ck_assert_int_eq(opq_op_init(&c.op, chain_perform, NULL), 0);
 	ck_assert_int_eq(opq_queue_start(q, 2), 0);
 	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
@@ -993,7 +994,7 @@ static void self_fill_perform(opq_op *op)
 START_TEST(test_enqueue_full_from_runner)
 {
 	opq_queue *q = make_queue(1);
-	struct self_fill s = { .q = q };
+	struct self_fill s = {.q = q};
 	cop_init(&s.a);
 	cop_init(&s.b);
 	ck_assert_int_eq(opq_op_init(&s.op, self_fill_perform, NULL), 0);
@@ -1089,7 +1090,7 @@ START_TEST(test_cancel)
 	ck_assert_int_eq(opq_queue_enqueue(q, &c.op), 0);
 	ck_assert_int_eq(opq_queue_cancel(q, &running.op), EBUSY); /* running */
 	ck_assert_int_eq(opq_queue_cancel(other, &b.op), EBUSY);   /* not queued there */
-	ck_assert_int_eq(opq_queue_cancel(q, &b.op), 0);	    /* the middle one */
+	ck_assert_int_eq(opq_queue_cancel(q, &b.op), 0);           /* the middle one */
 	ck_assert_int_eq(b.discarded, 1);
 	ck_assert_int_eq(opq_queue_cancel(q, &b.op), EBUSY); /* twice */
 	ck_assert_uint_eq(stats_of(q).queued, 2);
@@ -1181,7 +1182,7 @@ static void check_thread(void *arg)
 
 START_TEST(test_hooks_names_signals)
 {
-	struct hooks h = { 0 };
+	struct hooks h = {0};
 	opq_queue_attr *a;
 	opq_queue *q;
 	ck_assert_int_eq(opq_queue_attr_create(&a), 0);
@@ -1440,7 +1441,7 @@ START_TEST(test_stress_exactly_once)
 	pthread_t th[P];
 	struct sproducer pr[P];
 	for (int i = 0; i < P; i++) {
-		pr[i] = (struct sproducer){ q, ops + i * n, n, &fn_done, 0 };
+		pr[i] = (struct sproducer){q, ops + i * n, n, &fn_done, 0};
 		pthread_create(&th[i], NULL, sproduce, &pr[i]);
 	}
 	for (int i = 0; i < P; i++) {
@@ -1494,7 +1495,7 @@ static void *rproduce(void *arg)
 	struct rproducer *p = arg;
 	for (long i = 0; i < p->n; i++) {
 		int rc = (i & 1) ? opq_queue_tryenqueue(p->q, &p->ops[i].op)
-				 : opq_queue_enqueue(p->q, &p->ops[i].op);
+		                 : opq_queue_enqueue(p->q, &p->ops[i].op);
 		if (rc) {
 			ck_assert(rc == ESHUTDOWN || rc == EAGAIN);
 			p->ops[i].returned = 1;
@@ -1518,7 +1519,7 @@ START_TEST(test_stress_enqueue_races_stop)
 		pthread_t th[P];
 		struct rproducer pr[P];
 		for (int i = 0; i < P; i++) {
-			pr[i] = (struct rproducer){ q, ops + i * N, N };
+			pr[i] = (struct rproducer){q, ops + i * N, N};
 			pthread_create(&th[i], NULL, rproduce, &pr[i]);
 		}
 		/* Stop once some work went through, while producers still run. */
@@ -1529,8 +1530,9 @@ START_TEST(test_stress_enqueue_races_stop)
 		long performed = 0, discarded = 0;
 		for (long i = 0; i < P * N; i++) {
 			int total = ops[i].performed + ops[i].discarded + ops[i].returned;
-			ck_assert_msg(total == 1, "op %ld: performed %d discarded %d returned %d", i,
-				      (int)ops[i].performed, (int)ops[i].discarded, ops[i].returned);
+			ck_assert_msg(total == 1, "op %ld: performed %d discarded %d returned %d",
+			              i, (int)ops[i].performed, (int)ops[i].discarded,
+			              ops[i].returned);
 			performed += ops[i].performed;
 			discarded += ops[i].discarded;
 		}
@@ -1570,7 +1572,7 @@ START_TEST(test_stress_resize_races_stop)
 		opq_queue *q = make_queue(0);
 		ck_assert_int_eq(opq_queue_start(q, 2), 0);
 		pthread_t resizer, producer;
-		struct rproducer pr = { q, ops, P_RESIZE_OPS };
+		struct rproducer pr = {q, ops, P_RESIZE_OPS};
 		pthread_create(&producer, NULL, rproduce, &pr);
 		pthread_create(&resizer, NULL, resize_loop, q);
 		ck_assert_int_eq(opq_queue_stop(q, iter & 1), 0);

@@ -17,11 +17,11 @@ struct bop {
 	opq_op op;
 	atomic_int performed;
 	atomic_int discarded;
-	struct t_gate *hold;   /* perform waits on it, when set */
-	atomic_int *started;   /* set when perform begins */
-	long producer, seq;    /* for the order check */
-	long *last_seq;	       /* per producer: the last seq performed */
-	atomic_int *disorder;  /* counts order violations */
+	struct t_gate *hold;  /* perform waits on it, when set */
+	atomic_int *started;  /* set when perform begins */
+	long producer, seq;   /* for the order check */
+	long *last_seq;       /* per producer: the last seq performed */
+	atomic_int *disorder; /* counts order violations */
 };
 
 static void bop_perform(opq_op *op)
@@ -75,7 +75,7 @@ static void release_and_drain(opq_queue *q, struct t_gate *hold, struct bop *b, 
  * it has started.
  */
 static opq_queue *held_queue(struct bop b[4], struct t_gate *hold, atomic_int *started,
-			     unsigned runners)
+                             unsigned runners)
 {
 	opq_queue *q;
 	t_gate_init(hold);
@@ -105,7 +105,7 @@ START_TEST(test_cancel_in_batch)
 	opq_queue_stats st = stats_of(q);
 	ck_assert_uint_eq(st.queued, 3);
 	ck_assert_uint_eq(st.running, 1);
-	ck_assert_int_eq(opq_queue_cancel(q, &b[0].op), EBUSY); /* running */
+	ck_assert_int_eq(opq_queue_cancel(q, &b[0].op), EBUSY);  /* running */
 	ck_assert_int_eq(opq_queue_enqueue(q, &b[2].op), EBUSY); /* queued already */
 	ck_assert_int_eq(opq_queue_cancel(q, &b[2].op), 0);
 	ck_assert_int_eq(b[2].discarded, 1);
@@ -161,7 +161,7 @@ END_TEST
  * operation after it, in order (it looks from where the holder is), and none
  * twice.
  */
-#define LONG_N (BATCH_MAX < 600 ? BATCH_MAX : 600)
+#define LONG_N    (BATCH_MAX < 600 ? BATCH_MAX : 600)
 #define LONG_HELD (LONG_N / 2)
 START_TEST(test_idle_runner_takes_over_long_batch)
 {
@@ -279,7 +279,7 @@ static void pair_parent(void *arg)
 START_TEST(test_work_left_behind_wakes_a_runner)
 {
 	for (long iter = 0; iter < t_scale(2000); iter++) {
-		struct pair p = { 0 };
+		struct pair p = {0};
 		ck_assert_int_eq(opq_queue_create(&p.q, NULL), 0);
 		ck_assert_int_eq(opq_queue_start(p.q, 4), 0);
 		ck_assert_int_eq(opq_queue_enqueue_fn(p.q, pair_parent, NULL, &p), 0);
@@ -305,7 +305,7 @@ START_TEST(test_stop_discards_batch)
 	atomic_int started = 0;
 	struct bop b[4];
 	opq_queue *q = held_queue(b, &hold, &started, 1);
-	struct stopper s = { q, -1 };
+	struct stopper s = {q, -1};
 	pthread_t th;
 	ck_assert_int_eq(pthread_create(&th, NULL, stop_discard, &s), 0);
 	T_WAIT_UNTIL(b[1].discarded + b[2].discarded + b[3].discarded == 3);
@@ -408,7 +408,7 @@ END_TEST
  * call, so at most one per producer is counted and not yet accepted).
  */
 #define SX_PRODUCERS 2
-#define SX_RUNNERS 2
+#define SX_RUNNERS   2
 static atomic_long sx_offered, sx_returned;
 static atomic_int sx_finished;
 
@@ -524,7 +524,7 @@ static void *stress_canceller(void *arg)
  */
 START_TEST(test_stress_order_and_exactly_once)
 {
-	static const unsigned runners[] = { 1, 3 };
+	static const unsigned runners[] = {1, 3};
 	for (int r = 0; r < 2; r++) {
 		long per = t_scale(20000);
 		long n = S_PRODUCERS * per;
@@ -551,12 +551,12 @@ START_TEST(test_stress_order_and_exactly_once)
 		pthread_t th[S_PRODUCERS + 1];
 		int nth = runners[r] == 1 ? S_PRODUCERS : S_PRODUCERS + 1;
 		for (int i = 0; i < nth; i++) {
-			s[i] = (struct stress){ q, ops, per, i, &go, &cancelled };
-			ck_assert_int_eq(pthread_create(&th[i], NULL,
-							i < S_PRODUCERS ? stress_producer :
-									  stress_canceller,
-							&s[i]),
-					 0);
+			s[i] = (struct stress){q, ops, per, i, &go, &cancelled};
+			ck_assert_int_eq(
+			    pthread_create(&th[i], NULL,
+			                   i < S_PRODUCERS ? stress_producer : stress_canceller,
+			                   &s[i]),
+			    0);
 		}
 		atomic_store(&go, 1);
 		for (int i = 0; i < nth; i++)

@@ -96,11 +96,11 @@ static int parent_a(opq_scope *s, void *arg)
 	struct order_arg *oa = arg;
 	ck_assert_ptr_eq(opq_scope_current(), s);
 	ck_assert_int_eq(opq_scope_spawn(s, NULL, sleeper_b, (void *)(intptr_t)EV_B1_CANCELLED,
-					 done_ev, (void *)(intptr_t)EV_B1_DONE, NULL),
-			 0);
+	                                 done_ev, (void *)(intptr_t)EV_B1_DONE, NULL),
+	                 0);
 	ck_assert_int_eq(opq_scope_spawn(s, NULL, sleeper_b, (void *)(intptr_t)EV_B2_CANCELLED,
-					 done_ev, (void *)(intptr_t)EV_B2_DONE, NULL),
-			 0);
+	                                 done_ev, (void *)(intptr_t)EV_B2_DONE, NULL),
+	                 0);
 	/* Both running (a child cancelled while still queued never runs its function). */
 	T_WAIT_UNTIL(atomic_load(&b_started) == 2);
 	t_gate_open(&oa->started);
@@ -120,12 +120,12 @@ static void check_order(bool wait_for_cancel)
 	opq_queue *q = mkqueue(4, 0);
 	opq_scope *root;
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
-	struct order_arg oa = { .wait_for_cancel = wait_for_cancel };
+	struct order_arg oa = {.wait_for_cancel = wait_for_cancel};
 	t_gate_init(&oa.started);
 	opq_task *a;
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, parent_a, &oa, done_ev,
-					 (void *)(intptr_t)EV_A_DONE, &a),
-			 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(root, NULL, parent_a, &oa, done_ev, (void *)(intptr_t)EV_A_DONE, &a),
+	    0);
 	ck_assert(t_gate_wait(&oa.started));
 	if (wait_for_cancel)
 		ck_assert_int_eq(opq_task_cancel(a), 0);
@@ -189,13 +189,14 @@ START_TEST(test_cancel_flag)
 	for (int i = 0; i < 100; i++) {
 		atomic_long spins = 0;
 		opq_task *t;
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, spin_until_cancelled, &spins, NULL, NULL, &t), 0);
+		ck_assert_int_eq(
+		    opq_scope_spawn(root, NULL, spin_until_cancelled, &spins, NULL, NULL, &t), 0);
 		T_WAIT_UNTIL(atomic_load(&spins) > 0);
 		ck_assert_int_eq(opq_task_cancelled(t), 0);
 		ck_assert_int_eq(opq_task_cancel(t), 0);
 		ck_assert_int_eq(opq_task_cancel(t), 0); /* idempotent */
 		ck_assert_int_eq(opq_task_cancelled(t), 1);
-		ck_assert_int_eq(wait_task(t), EINTR); /* the function's own result */
+		ck_assert_int_eq(wait_task(t), EINTR);   /* the function's own result */
 		ck_assert_int_eq(opq_task_cancel(t), 0); /* after termination: nothing */
 		ck_assert_int_eq(opq_task_release(t), 0);
 	}
@@ -335,7 +336,7 @@ START_TEST(test_blocking_calls_cancelled)
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 	for (int iter = 0; iter < 10; iter++) {
 		for (int kind = 0; kind < B_N; kind++) {
-			struct blocker b = { .kind = kind };
+			struct blocker b = {.kind = kind};
 			/* A full queue: capacity 1, never started. */
 			opq_queue_attr *qa;
 			ck_assert_int_eq(opq_queue_attr_create(&qa), 0);
@@ -352,7 +353,8 @@ START_TEST(test_blocking_calls_cancelled)
 			opq_stage_ticket *head;
 			void *event;
 			ck_assert_int_eq(opq_stage_register(b.stage, "h", 1, &head), 0);
-			ck_assert_int_eq(opq_stage_enter(b.stage, head, NULL, &event), OPQ_STAGE_HEAD);
+			ck_assert_int_eq(opq_stage_enter(b.stage, head, NULL, &event),
+			                 OPQ_STAGE_HEAD);
 
 			opq_lease_provider *lp;
 			opq_lease *holder;
@@ -362,14 +364,16 @@ START_TEST(test_blocking_calls_cancelled)
 			ck_assert_int_eq(opq_lease_try_acquire(holder, NULL), 0);
 
 			opq_task *t;
-			ck_assert_int_eq(opq_scope_spawn(root, NULL, blocker_fn, &b, NULL, NULL, &t), 0);
+			ck_assert_int_eq(
+			    opq_scope_spawn(root, NULL, blocker_fn, &b, NULL, NULL, &t), 0);
 			T_WAIT_UNTIL(blocked(&b));
 			int64_t t0 = t_now_ns();
 			ck_assert_int_eq(opq_task_cancel(t), 0);
 			ck_assert_int_eq(wait_task(t), ECANCELED);
 			ck_assert_int_eq(b.rc, ECANCELED);
 			int64_t took = atomic_load(&b.returned_at) - t0;
-			ck_assert_msg(took < PROMPT_NS, "kind %d took %lld ns", kind, (long long)took);
+			ck_assert_msg(took < PROMPT_NS, "kind %d took %lld ns", kind,
+			              (long long)took);
 			ck_assert_int_eq(opq_task_release(t), 0);
 
 			/* The objects are intact and usable. */
@@ -451,7 +455,7 @@ START_TEST(test_cancelled_before_blocking)
 	struct timespec dl = t_deadline(MS);
 	ck_assert_int_eq(opq__cancel_sleep_until(&dl), ETIMEDOUT);
 	ck_assert_int_eq(opq__cancel_sleep_until(NULL), EDEADLK);
-	struct timespec bad = { 0, 1000000000 };
+	struct timespec bad = {0, 1000000000};
 	ck_assert_int_eq(opq__cancel_sleep_until(&bad), EINVAL);
 	ck_assert_int_eq(opq_scope_sleep(root, &bad), EINVAL);
 	ck_assert_int_eq(opq_scope_sleep(root, &dl), 0);
@@ -497,13 +501,14 @@ START_TEST(test_wait_deadline)
 	ck_assert_int_eq(opq_task_wait(t, &dl, &result), ETIMEDOUT);
 	ck_assert_int_eq(result, 12345);
 	ck_assert_int_eq(opq_scope_destroy(root), EBUSY);
-	struct timespec bad = { 0, -1 };
+	struct timespec bad = {0, -1};
 	ck_assert_int_eq(opq_scope_wait(root, &bad, NULL), EINVAL);
 	ck_assert_int_eq(opq_task_wait(t, &bad, NULL), EINVAL);
 	ck_assert_int_eq(opq_scope_cancel(root), 0);
 	ck_assert_int_eq(wait_task(t), ECANCELED);
 	ck_assert_int_eq(wait_scope(root), 0);
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), ECANCELED);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
+	                 ECANCELED);
 	ck_assert_int_eq(opq_task_release(t), 0);
 	ck_assert_int_eq(opq_scope_destroy(root), 0);
 	rmqueue(q);
@@ -521,15 +526,17 @@ START_TEST(test_scope_deadline)
 		opq_scope *root;
 		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
 		int64_t t0 = t_now_ns();
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
+		                 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
+		                 0);
 		/* The root's deadline cancels its tasks; the waiter learns ETIMEDOUT. */
 		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
 		ck_assert(t_passed(&dl)); /* not before its deadline */
 		ck_assert_int_lt(t_now_ns() - t0, 20 * MS + PROMPT_NS);
 		ck_assert_int_eq(opq_scope_cancelled(root), 1);
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, NULL),
-				 ECANCELED);
+		                 ECANCELED);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
 
 		/* A task's own deadline (given at spawn): it is cancelled, its result ETIMEDOUT. */
@@ -538,7 +545,8 @@ START_TEST(test_scope_deadline)
 		ck_assert_int_eq(opq_scope_attr_set_deadline(a, &dl), 0);
 		opq_task *t, *u;
 		ck_assert_int_eq(opq_scope_spawn(root, a, sleep_forever, NULL, NULL, NULL, &t), 0);
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, &u), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, sleep_forever, NULL, NULL, NULL, &u),
+		                 0);
 		ck_assert_int_eq(wait_task(t), ETIMEDOUT);
 		ck_assert_int_eq(opq_task_cancelled(u), 0); /* a sibling is not affected */
 		ck_assert_int_eq(opq_task_cancel(u), 0);
@@ -558,7 +566,8 @@ START_TEST(test_scope_deadline)
 		ck_assert_int_eq(opq_task_release(t), 0);
 		atomic_int ran = 0;
 		for (int k = 0; k < 10; k++) {
-			ck_assert_int_eq(opq_scope_spawn(root, a, count_run, &ran, NULL, NULL, &t), 0);
+			ck_assert_int_eq(opq_scope_spawn(root, a, count_run, &ran, NULL, NULL, &t),
+			                 0);
 			ck_assert_int_eq(wait_task(t), ETIMEDOUT);
 			ck_assert_int_eq(opq_task_release(t), 0);
 		}
@@ -576,7 +585,7 @@ START_TEST(test_scope_deadline)
 		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
 		ck_assert_int_eq(opq_scope_cancelled(root), 1);
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, count_run, &ran, NULL, NULL, NULL),
-				 ECANCELED);
+		                 ECANCELED);
 		ck_assert_int_eq(wait_scope(root), ETIMEDOUT);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
 		ck_assert_int_eq(atomic_load(&ran), 0);
@@ -923,7 +932,7 @@ START_TEST(test_destroy_while_woken)
 		t_gate_init(&held_gate);
 		atomic_store(&held_in, 0);
 		opq__cancel_wake_hook = hold_canceller;
-		struct sleeper z = { root, t_deadline(100 * MS), 0, -1 };
+		struct sleeper z = {root, t_deadline(100 * MS), 0, -1};
 		pthread_t st, ct;
 		ck_assert_int_eq(pthread_create(&st, NULL, sleeper_thread, &z), 0);
 		T_WAIT_UNTIL(atomic_load(&z.started));
@@ -957,7 +966,7 @@ END_TEST
  * returns), not a wait until its deadline.
  */
 struct done_waits {
-	struct t_gate go;	/* the handles are stored */
+	struct t_gate go; /* the handles are stored */
 	opq_scope *root;
 	opq_task *parent;
 	int rc_self, rc_parent, rc_root;
@@ -1002,12 +1011,12 @@ static int done_waits_parent(opq_scope *s, void *arg)
 START_TEST(test_done_waits_deadlock)
 {
 	opq_queue *q = mkqueue(2, 0);
-	struct done_waits w = { .rc_self = -1, .rc_parent = -1, .rc_root = -1 };
+	struct done_waits w = {.rc_self = -1, .rc_parent = -1, .rc_root = -1};
 	t_gate_init(&w.go);
 	ck_assert_int_eq(opq_scope_create(&w.root, q, NULL), 0);
-	ck_assert_int_eq(opq_scope_spawn(w.root, NULL, done_waits_parent, &w, done_waits_self_cb,
-					 &w, &w.parent),
-			 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(w.root, NULL, done_waits_parent, &w, done_waits_self_cb, &w, &w.parent),
+	    0);
 	t_gate_open(&w.go);
 	T_WAIT_UNTIL(atomic_load(&w.done));
 	ck_assert_int_eq(wait_task(w.parent), 0);
@@ -1099,8 +1108,8 @@ START_TEST(test_timer_heap)
 	qsort(fired, (size_t)n, sizeof(*fired), by_order);
 	for (int i = 1; i < n; i++)
 		ck_assert_msg(fired[i - 1]->when <= fired[i]->when,
-			      "fired out of order at %d: %lld after %lld", i,
-			      (long long)fired[i]->when, (long long)fired[i - 1]->when);
+		              "fired out of order at %d: %lld after %lld", i,
+		              (long long)fired[i]->when, (long long)fired[i - 1]->when);
 	opq__timer_unref();
 	free(fired);
 	free(x);
@@ -1130,11 +1139,11 @@ START_TEST(test_timer_far_future)
 {
 	struct timespec w[3];
 	ck_assert_int_eq(opq_deadline_after(&w[0], INT64_MAX), 0);
-	w[1] = (struct timespec){ (time_t)(INT64_MAX / 1000000000) + 1, 0 };
-	w[2] = (struct timespec){ (time_t)INT64_MAX, 999999999 };
+	w[1] = (struct timespec){(time_t)(INT64_MAX / 1000000000) + 1, 0};
+	w[2] = (struct timespec){(time_t)INT64_MAX, 999999999};
 	ck_assert_int_eq(opq__timer_ref(), 0);
 	for (int i = 0; i < 3; i++) {
-		struct ttimer far = { 0 }, near = { 0 };
+		struct ttimer far = {0}, near = {0};
 		t_gate_init(&near_gate);
 		opq__timer_arm(&far.t, &w[i], tt_fire);
 		int64_t cpu0 = cpu_ns(), t0 = t_now_ns();
@@ -1149,7 +1158,7 @@ START_TEST(test_timer_far_future)
 		opq__timer_cancel(&far.t); /* and waits for that firing */
 		ck_assert_msg(atomic_load(&far.fired) == 0, "far timer %d fired", i);
 		ck_assert_msg(cpu < wall / 2, "far timer %d: %lld ns of CPU in %lld ns", i,
-			      (long long)cpu, (long long)wall);
+		              (long long)cpu, (long long)wall);
 		t_gate_destroy(&near_gate);
 	}
 	opq__timer_unref();
@@ -1186,7 +1195,8 @@ START_TEST(test_deadline_trees_share_timer)
 	struct timespec soon = t_deadline(20 * MS);
 	ck_assert_int_eq(opq_scope_attr_set_deadline(a, &soon), 0);
 	opq_task *t;
-	ck_assert_int_eq(opq_scope_spawn(roots[TREES / 2], a, sleep_forever, NULL, NULL, NULL, &t), 0);
+	ck_assert_int_eq(opq_scope_spawn(roots[TREES / 2], a, sleep_forever, NULL, NULL, NULL, &t),
+	                 0);
 	ck_assert_int_eq(wait_task(t), ETIMEDOUT);
 	ck_assert(t_passed(&soon));
 	ck_assert_int_eq(opq_scope_cancelled(roots[TREES / 2 + 1]), 0);
@@ -1223,11 +1233,13 @@ START_TEST(test_policy_collect)
 {
 	opq_queue *q = mkqueue(3, 0);
 	for (int i = 0; i < 10; i++) {
-		struct backend b[3] = { { .ms = 1, .fail = EIO }, { .ms = 40 }, { .ms = 60, .fail = EPROTO } };
+		struct backend b[3] = {
+		    {.ms = 1, .fail = EIO}, {.ms = 40}, {.ms = 60, .fail = EPROTO}};
 		opq_scope *root;
 		ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 		for (int k = 0; k < 3; k++)
-			ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
+			ck_assert_int_eq(
+			    opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
 		ck_assert_int_eq(wait_scope(root), EIO);
 		for (int k = 0; k < 3; k++) {
 			ck_assert_int_eq(b[k].finished, 1);
@@ -1248,12 +1260,13 @@ START_TEST(test_policy_first_error)
 	ck_assert_int_eq(opq_scope_attr_set_policy(NULL, OPQ_SCOPE_COLLECT), EINVAL);
 	ck_assert_int_eq(opq_scope_attr_set_policy(a, OPQ_SCOPE_FIRST_ERROR), 0);
 	for (int i = 0; i < 10; i++) {
-		struct backend b[3] = { { .ms = 5, .fail = EIO }, { .ms = 30000 }, { .ms = 30000 } };
+		struct backend b[3] = {{.ms = 5, .fail = EIO}, {.ms = 30000}, {.ms = 30000}};
 		opq_scope *root;
 		ck_assert_int_eq(opq_scope_create(&root, q, a), 0);
 		int64_t t0 = t_now_ns();
 		for (int k = 0; k < 3; k++)
-			ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
+			ck_assert_int_eq(
+			    opq_scope_spawn(root, NULL, backend_fn, &b[k], NULL, NULL, NULL), 0);
 		ck_assert_int_eq(wait_scope(root), EIO);
 		ck_assert_int_lt(t_now_ns() - t0, 5 * PROMPT_NS);
 		ck_assert_int_eq(b[0].finished, 1);
@@ -1263,7 +1276,8 @@ START_TEST(test_policy_first_error)
 		ck_assert_int_le(b[1].cancelled, 1);
 		ck_assert_int_le(b[2].cancelled, 1);
 		/* The failed scope takes no more tasks. */
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[0], NULL, NULL, NULL), ECANCELED);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, backend_fn, &b[0], NULL, NULL, NULL),
+		                 ECANCELED);
 		ck_assert_int_eq(opq_scope_destroy(root), 0);
 	}
 	opq_scope_attr_destroy(a);
@@ -1348,9 +1362,9 @@ static int tree_node(opq_scope *s, void *arg)
 	if (depth == DEPTH)
 		return 0;
 	for (int i = 0; i < WIDTH; i++)
-		ck_assert_int_eq(opq_scope_spawn(s, NULL, tree_node, (void *)(depth + 1), count_done,
-						 NULL, NULL),
-				 0);
+		ck_assert_int_eq(opq_scope_spawn(s, NULL, tree_node, (void *)(depth + 1),
+		                                 count_done, NULL, NULL),
+		                 0);
 	/* Waiting on the only runner: the wait performs the children inline. */
 	int first = -1;
 	ck_assert_int_eq(opq_scope_wait(s, NULL, &first), 0);
@@ -1365,9 +1379,8 @@ START_TEST(test_one_runner_deep_tree)
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 	atomic_store(&tree_tasks, 0);
 	atomic_store(&tree_dones, 0);
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, tree_node, (void *)(intptr_t)1, count_done, NULL,
-					 NULL),
-			 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(root, NULL, tree_node, (void *)(intptr_t)1, count_done, NULL, NULL), 0);
 	ck_assert_int_eq(wait_scope(root), 0);
 	long expect = 0, level = 1;
 	for (int d = 1; d <= DEPTH; d++, level *= WIDTH)
@@ -1387,9 +1400,9 @@ static int fire_and_forget(opq_scope *s, void *arg)
 	atomic_fetch_add(&tree_tasks, 1);
 	if (depth < 6)
 		for (int i = 0; i < WIDTH; i++) {
-			ck_assert_int_eq(opq_scope_spawn(s, NULL, fire_and_forget, (void *)(depth + 1),
-							 count_done, s, NULL),
-					 0);
+			ck_assert_int_eq(opq_scope_spawn(s, NULL, fire_and_forget,
+			                                 (void *)(depth + 1), count_done, s, NULL),
+			                 0);
 			atomic_fetch_add(&tree_spawns, 1);
 		}
 	/* Returning cancels the children: those still queued never run. */
@@ -1400,9 +1413,9 @@ static int wait_grandchildren(opq_scope *s, void *arg)
 {
 	(void)arg;
 	opq_task *t;
-	ck_assert_int_eq(opq_scope_spawn(s, NULL, fire_and_forget, (void *)(intptr_t)1, count_done,
-					 NULL, &t),
-			 0);
+	ck_assert_int_eq(
+	    opq_scope_spawn(s, NULL, fire_and_forget, (void *)(intptr_t)1, count_done, NULL, &t),
+	    0);
 	atomic_fetch_add(&tree_spawns, 1);
 	/* t returns at once; its cancelled children are still queued on the only
 	 * runner, which is this one: the wait must perform (discard) them. */
@@ -1420,7 +1433,8 @@ START_TEST(test_one_runner_returned_parent)
 	atomic_store(&tree_tasks, 0);
 	atomic_store(&tree_dones, 0);
 	atomic_store(&tree_spawns, 0);
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, wait_grandchildren, NULL, NULL, NULL, NULL), 0);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, wait_grandchildren, NULL, NULL, NULL, NULL),
+	                 0);
 	ck_assert_int_eq(wait_scope(root), 0);
 	ck_assert_int_eq(atomic_load(&tree_tasks), 1);
 	ck_assert_int_eq(atomic_load(&tree_spawns), 4);
@@ -1592,7 +1606,7 @@ START_TEST(test_spawn_rules)
 	opq_scope *root;
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 	atomic_store(&dones, 0);
-	struct rules_arg ra = { .root = root };
+	struct rules_arg ra = {.root = root};
 	t_gate_init(&ra.go);
 	ck_assert_int_eq(opq_scope_spawn(root, NULL, rules_task, &ra, inc_done, NULL, &ra.self), 0);
 	T_WAIT_UNTIL(__atomic_load_n(&ra.mine, __ATOMIC_SEQ_CST) != NULL);
@@ -1616,7 +1630,8 @@ START_TEST(test_spawn_rules)
 	/* A stopping queue: ESHUTDOWN, nothing spawned. */
 	ck_assert_int_eq(opq_scope_create(&root, q, NULL), 0);
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DRAIN), 0);
-	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL), ESHUTDOWN);
+	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL),
+	                 ESHUTDOWN);
 	ck_assert_int_eq(wait_scope(root), 0);
 	ck_assert_int_eq(opq_scope_destroy(root), 0);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
@@ -1654,7 +1669,8 @@ START_TEST(test_spawn_cancelled_on_full_queue)
 		ck_assert_int_eq(opq_queue_enqueue_fn(q, gate_op, NULL, &fs.release), 0);
 		T_WAIT_UNTIL(opq_queue_stats_get(q, &st) == 0 && st.running == 1);
 		opq_task *t;
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, spawn_into_full_queue, &fs, inc_done, NULL, &t), 0);
+		ck_assert_int_eq(
+		    opq_scope_spawn(root, NULL, spawn_into_full_queue, &fs, inc_done, NULL, &t), 0);
 		T_WAIT_UNTIL(opq_queue_stats_get(q, &st) == 0 && st.running == 2);
 		ck_assert_int_eq(opq_queue_enqueue_fn(q, nop, NULL, NULL), 0); /* now full */
 		t_gate_open(&fs.go);
@@ -1754,7 +1770,8 @@ START_TEST(test_discarded_tasks)
 	opq_task *t;
 	ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, &t), 0);
 	for (int i = 0; i < 99; i++)
-		ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL), 0);
+		ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL, NULL),
+		                 0);
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
 	ck_assert_int_eq(atomic_load(&dones), 100);
 	ck_assert_int_eq(wait_task(t), ECANCELED);
@@ -1775,8 +1792,8 @@ START_TEST(test_drop_handles)
 	for (long i = 0; i < n; i++) {
 		opq_task *t = NULL;
 		ck_assert_int_eq(opq_scope_spawn(root, NULL, child_ok, NULL, inc_done, NULL,
-						 i % 3 == 2 ? NULL : &t),
-				 0);
+		                                 i % 3 == 2 ? NULL : &t),
+		                 0);
 		if (i % 3 == 0)
 			ck_assert_int_eq(opq_task_release(t), 0); /* dropped, maybe before it ran */
 		else if (i % 3 == 1) {
@@ -1825,10 +1842,12 @@ START_TEST(test_enomem)
 	SWEEP(opq_scope_create(&root, q, a), ck_assert_ptr_null(root));
 	atomic_store(&dones, 0);
 	opq_task *t = NULL;
-	SWEEP(opq_scope_spawn(root, a, spawn_sweep, NULL, inc_done, NULL, &t), ck_assert_ptr_null(t));
+	SWEEP(opq_scope_spawn(root, a, spawn_sweep, NULL, inc_done, NULL, &t),
+	      ck_assert_ptr_null(t));
 	ck_assert_int_eq(wait_task(t), 0);
 	ck_assert_int_eq(wait_scope(root), 0);
-	ck_assert_int_eq(atomic_load(&dones), 6); /* 5 children and the task: failed spawns never ran */
+	ck_assert_int_eq(atomic_load(&dones),
+	                 6); /* 5 children and the task: failed spawns never ran */
 	ck_assert_int_eq(opq_task_release(t), 0);
 	ck_assert_int_eq(opq_scope_destroy(root), 0);
 	opq_scope_attr_destroy(a);
@@ -1855,14 +1874,14 @@ static int spawn_sweep_deadline(opq_scope *s, void *arg)
 }
 
 /* Run `call` with the next allocation armed to fail: it must make none. */
-#define NO_ALLOC(call)                                                       \
-	do {                                                                 \
-		opq__fault_set(1);                                           \
-		int rc_ = (call);                                            \
-		long made_ = opq__fault_count();                             \
-		opq__fault_set(0);                                           \
-		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_); \
-		(void)rc_;                                                   \
+#define NO_ALLOC(call)                                                                             \
+	do {                                                                                       \
+		opq__fault_set(1);                                                                 \
+		int rc_ = (call);                                                                  \
+		long made_ = opq__fault_count();                                                   \
+		opq__fault_set(0);                                                                 \
+		ck_assert_msg(made_ == 0, "%s allocated %ld", #call, made_);                       \
+		(void)rc_;                                                                         \
 	} while (0)
 
 START_TEST(test_enomem_deadlines)
@@ -1908,7 +1927,7 @@ END_TEST
 
 struct node {
 	struct node *parent;
-	atomic_int done;	   /* its done callback ran (how many times) */
+	atomic_int done; /* its done callback ran (how many times) */
 	atomic_int spawned, children_done;
 	_Atomic(opq_task *) handle;
 };
@@ -2032,7 +2051,8 @@ static void stress_round(opq_queue *q, unsigned seed, long size)
 	    opq_scope_spawn(root, NULL, stress_node, &S->nodes[0], stress_done, S, &rt), 0);
 	atomic_store(&S->nodes[0].handle, rt);
 	/* Random cancellations from outside once the tree has grown. */
-	T_WAIT_UNTIL(atomic_load(&S->next) >= size / 2 || opq_task_wait(rt, &(struct timespec){ 0, 0 }, NULL) == 0);
+	T_WAIT_UNTIL(atomic_load(&S->next) >= size / 2 ||
+	             opq_task_wait(rt, &(struct timespec){0, 0}, NULL) == 0);
 	uint32_t x = seed | 1;
 	for (int k = 0; k < 20; k++) {
 		long hi = atomic_load(&S->next);

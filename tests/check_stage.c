@@ -458,7 +458,7 @@ struct peer_key {
 
 static struct peer_key key_of(const struct sockaddr_in *sa)
 {
-	struct peer_key k = { .addr = sa->sin_addr.s_addr, .port = sa->sin_port, .pad = 0 };
+	struct peer_key k = {.addr = sa->sin_addr.s_addr, .port = sa->sin_port, .pad = 0};
 	return k;
 }
 

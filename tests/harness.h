@@ -56,14 +56,13 @@ static inline bool t_passed(const struct timespec *deadline)
 }
 
 /* Poll `cond` (yielding) until it holds; fail the test after T_WAIT_NS. */
-#define T_WAIT_UNTIL(cond)                                                        \
-	do {                                                                      \
-		struct timespec t_dl_ = t_deadline(T_WAIT_NS);                    \
-		while (!(cond)) {                                                 \
-			ck_assert_msg(!t_passed(&t_dl_), "timed out waiting for: %s", \
-				      #cond);                                     \
-			sched_yield();                                            \
-		}                                                                 \
+#define T_WAIT_UNTIL(cond)                                                                         \
+	do {                                                                                       \
+		struct timespec t_dl_ = t_deadline(T_WAIT_NS);                                     \
+		while (!(cond)) {                                                                  \
+			ck_assert_msg(!t_passed(&t_dl_), "timed out waiting for: %s", #cond);      \
+			sched_yield();                                                             \
+		}                                                                                  \
 	} while (0)
 
 /* A one-shot gate: threads wait until it is opened. */

@@ -27,8 +27,8 @@ struct service {
 	unsigned expire_after;
 	pthread_t thread;
 	/* owned by the service thread until it is joined */
-	uint64_t tokens;	/* tokens issued: 1..tokens */
-	uint32_t *served;	/* requests each token served; UINT32_MAX once seen expired */
+	uint64_t tokens;  /* tokens issued: 1..tokens */
+	uint32_t *served; /* requests each token served; UINT32_MAX once seen expired */
 	size_t cap;
 	uint64_t expiries;
 };
@@ -124,7 +124,7 @@ static int service_start(struct service *sv, unsigned expire_after)
 {
 	memset(sv, 0, sizeof(*sv));
 	sv->expire_after = expire_after;
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = 0 };
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = 0};
 	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
 	socklen_t len = sizeof(sa);
 	sv->fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -164,9 +164,9 @@ struct client {
 /* Send one request line, read the answer line. 0 or an errno value. */
 static int call(struct client *c, const char *request, char *answer, size_t size)
 {
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(c->port) };
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(c->port)};
 	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-	struct timeval tv = { .tv_sec = 10 }; /* a broken service fails, not hangs */
+	struct timeval tv = {.tv_sec = 10}; /* a broken service fails, not hangs */
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 	if (fd < 0)
 		return errno;
@@ -259,10 +259,10 @@ static double now_s(void)
 }
 
 int authdemo_run(unsigned runners, unsigned ops, unsigned expire_after, int use_line,
-		 struct authdemo_result *res)
+                 struct authdemo_result *res)
 {
 	struct service sv;
-	struct client c = { .use_line = use_line };
+	struct client c = {.use_line = use_line};
 	opq_queue *q;
 	int rc = service_start(&sv, expire_after);
 	if (rc)

@@ -15,14 +15,14 @@
 #include <stdint.h>
 
 struct authdemo_result {
-	uint64_t requests;	/* requests sent, retries included */
-	uint64_t ok;		/* requests answered 200 (one per operation) */
-	uint64_t unauthorized;	/* 401 answers */
-	uint64_t reauths;	/* AUTH requests made by the clients */
-	uint64_t expiries;	/* tokens that the service saw used after they ran out */
-	uint64_t retries;	/* requests sent again after a 401 */
-	uint64_t failed;	/* operations that gave up (I/O errors) */
-	double seconds;		/* wall time */
+	uint64_t requests;     /* requests sent, retries included */
+	uint64_t ok;           /* requests answered 200 (one per operation) */
+	uint64_t unauthorized; /* 401 answers */
+	uint64_t reauths;      /* AUTH requests made by the clients */
+	uint64_t expiries;     /* tokens that the service saw used after they ran out */
+	uint64_t retries;      /* requests sent again after a 401 */
+	uint64_t failed;       /* operations that gave up (I/O errors) */
+	double seconds;        /* wall time */
 };
 
 /*
@@ -31,6 +31,6 @@ struct authdemo_result {
  * line (1) or the naive client (0). Returns 0 or an errno value.
  */
 int authdemo_run(unsigned runners, unsigned ops, unsigned expire_after, int use_line,
-		 struct authdemo_result *res);
+                 struct authdemo_result *res);
 
 #endif /* OPQ_AUTHDEMO_H */

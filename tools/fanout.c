@@ -65,7 +65,7 @@ static int handler(opq_scope *scope, void *arg)
 }
 
 int fanout_run(unsigned runners, int first_error_cancels, int64_t deadline_ms,
-	       struct fanout_backend b[FANOUT_BACKENDS], struct fanout_result *res)
+               struct fanout_backend b[FANOUT_BACKENDS], struct fanout_result *res)
 {
 	opq_queue *q;
 	opq_scope *root;
@@ -82,7 +82,7 @@ int fanout_run(unsigned runners, int first_error_cancels, int64_t deadline_ms,
 		goto out_root;
 	opq_scope_attr_set_policy(attr,
 	                          first_error_cancels ? OPQ_SCOPE_FIRST_ERROR : OPQ_SCOPE_COLLECT);
-	struct request req = { .b = b, .start_ms = now_ms() };
+	struct request req = {.b = b, .start_ms = now_ms()};
 	for (int i = 0; i < FANOUT_BACKENDS; i++)
 		b[i].result = -1;
 	if (deadline_ms > 0) /* the request's deadline: the timeout counts from now */

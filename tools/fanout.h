@@ -18,10 +18,10 @@
 struct fanout_backend {
 	const char *name;
 	int64_t latency_ms; /* simulated work */
-	int error;	    /* 0: answers; else fails with this errno after its latency */
+	int error;          /* 0: answers; else fails with this errno after its latency */
 	/* filled in by fanout_run: */
-	int result;	    /* what the backend's task returned (ECANCELED when cut short) */
-	int64_t ended_ms;   /* when it ended, from the start of the request */
+	int result;       /* what the backend's task returned (ECANCELED when cut short) */
+	int64_t ended_ms; /* when it ended, from the start of the request */
 };
 
 struct fanout_result {
@@ -35,6 +35,6 @@ struct fanout_result {
  * and a deadline of deadline_ms (0: none). Returns 0 or an errno value.
  */
 int fanout_run(unsigned runners, int first_error_cancels, int64_t deadline_ms,
-	       struct fanout_backend b[FANOUT_BACKENDS], struct fanout_result *res);
+               struct fanout_backend b[FANOUT_BACKENDS], struct fanout_result *res);
 
 #endif /* OPQ_FANOUT_H */

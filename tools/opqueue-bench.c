@@ -79,8 +79,8 @@
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define NO_MALLOC_HOOK 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
-	__has_feature(memory_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) ||                         \
+    __has_feature(memory_sanitizer)
 #define NO_MALLOC_HOOK 1
 #endif
 #endif
@@ -89,16 +89,16 @@
 
 unsigned P = 1, R = 2;
 static unsigned K = 5;
-static long plist[MAXLIST] = { 1 }, rlist[MAXLIST] = { 2 }, wlist[MAXLIST] = { 0 };
+static long plist[MAXLIST] = {1}, rlist[MAXLIST] = {2}, wlist[MAXLIST] = {0};
 static size_t np = 1, nr = 1, nw = 1; /* -p, -r and -w: burst runs each combination */
 long M = 1000000, W = 0;
 static long L = 10000, CAP = 64;
 static int no_fork;
 static int cold; /* --cold: no untimed warm-up run before each timed burst run */
-long nops;	   /* operations in this run */
+long nops;       /* operations in this run */
 static uint64_t t_start, t_end;
 static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_end */
-static long flt_start, flt_end;	    /* the process's minor page faults then */
+static long flt_start, flt_end;     /* the process's minor page faults then */
 static atomic_ullong producers_cpu; /* CPU time of the producer threads of a run */
 
 static uint64_t now_ns(void)
@@ -127,8 +127,8 @@ void producer_done(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-	atomic_fetch_add(&producers_cpu,
-			 (unsigned long long)ts.tv_sec * 1000000000u + (unsigned long long)ts.tv_nsec);
+	atomic_fetch_add(&producers_cpu, (unsigned long long)ts.tv_sec * 1000000000u +
+	                                     (unsigned long long)ts.tv_nsec);
 }
 
 /* The timed window of a run: wall clock and the CPU time of every thread. */
@@ -250,8 +250,8 @@ void *mallocx(size_t size, int flags)
 #define LOG_CHUNK 4096
 #define LOG_EMPTY UINT32_MAX
 static uint32_t *logbuf;
-static atomic_long log_next;	/* the next chunk to claim */
-static atomic_uint log_gen;	/* bumped before each run: threads claim chunks anew */
+static atomic_long log_next; /* the next chunk to claim */
+static atomic_uint log_gen;  /* bumped before each run: threads claim chunks anew */
 static _Thread_local unsigned my_gen;
 static _Thread_local uint32_t *my_pos, *my_end;
 bool recording = true; /* false while a pool is warmed up off the clock */
@@ -279,9 +279,10 @@ static void record(long i)
 	if (my_gen != gen || my_pos == my_end) {
 		long at = atomic_fetch_add_explicit(&log_next, LOG_CHUNK, memory_order_relaxed);
 		if (at + LOG_CHUNK > log_entries()) {
-			fprintf(stderr, "opqueue-bench: the log is full: more operations performed "
-					"than enqueued, or more than %ld threads performed them\n",
-				log_threads());
+			fprintf(stderr,
+			        "opqueue-bench: the log is full: more operations performed "
+			        "than enqueued, or more than %ld threads performed them\n",
+			        log_threads());
 			abort();
 		}
 		my_pos = logbuf + at;
@@ -559,25 +560,22 @@ struct variant {
 static char old_intrusive_label[64], old_fn_label[64]; /* "opqueue (old) intrusive" */
 
 static struct variant variants[] = {
-	{ "intrusive", "opqueue intrusive", burst_intrusive, latency_intrusive, NULL, NULL },
-	{ "fn", "opqueue fn", burst_fn, latency_fn, NULL, NULL },
-	{ "old-intrusive", old_intrusive_label, burst_intrusive, latency_intrusive, NULL,
-	  "intrusive" },
-	{ "old-fn", old_fn_label, burst_fn, latency_fn, NULL, "fn" },
+    {"intrusive", "opqueue intrusive", burst_intrusive, latency_intrusive, NULL, NULL},
+    {"fn", "opqueue fn", burst_fn, latency_fn, NULL, NULL},
+    {"old-intrusive", old_intrusive_label, burst_intrusive, latency_intrusive, NULL, "intrusive"},
+    {"old-fn", old_fn_label, burst_fn, latency_fn, NULL, "fn"},
 #ifdef HAVE_GLIB
-	{ "glib", "GThreadPool", burst_glib, latency_glib, NULL, NULL },
+    {"glib", "GThreadPool", burst_glib, latency_glib, NULL, NULL},
 #else
-	{ "glib", "GThreadPool", NULL, NULL, "built without glib-2.0 (install libglib2.0-dev)",
-	  NULL },
+    {"glib", "GThreadPool", NULL, NULL, "built without glib-2.0 (install libglib2.0-dev)", NULL},
 #endif
 #ifdef HAVE_LIBUV
-	{ "libuv", "libuv uv_queue_work", burst_libuv, latency_libuv, NULL, NULL },
+    {"libuv", "libuv uv_queue_work", burst_libuv, latency_libuv, NULL, NULL},
 #else
-	{ "libuv", "libuv uv_queue_work", NULL, NULL, "built without libuv (install libuv1-dev)",
-	  NULL },
+    {"libuv", "libuv uv_queue_work", NULL, NULL, "built without libuv (install libuv1-dev)", NULL},
 #endif
-	{ "plain", "plain mutex/condvar", burst_plain, latency_plain, NULL, NULL },
-	{ "ceiling", "no queue (ceiling)", burst_ceiling, NULL, NULL, NULL },
+    {"plain", "plain mutex/condvar", burst_plain, latency_plain, NULL, NULL},
+    {"ceiling", "no queue (ceiling)", burst_ceiling, NULL, NULL, NULL},
 };
 #define NV (sizeof(variants) / sizeof(variants[0]))
 static bool selected[NV];
@@ -586,13 +584,13 @@ static const char *old_label = "old"; /* -L: what its rows are called */
 
 struct result {
 	int rc;
-	double rate;		/* operations per second */
-	double p50, p99, p999;	/* latency, microseconds */
+	double rate;           /* operations per second */
+	double p50, p99, p999; /* latency, microseconds */
 	long allocs;
 	long rss_kb;
-	double cpu_per_op;	/* CPU ns per operation over the timed window */
-	double enq_per_op;	/* of which the producer threads', per operation */
-	double flt_per_op;	/* minor page faults in the timed window, per operation */
+	double cpu_per_op; /* CPU ns per operation over the timed window */
+	double enq_per_op; /* of which the producer threads', per operation */
+	double flt_per_op; /* minor page faults in the timed window, per operation */
 };
 
 static int cmp_double(const void *a, const void *b)
@@ -656,9 +654,9 @@ static int logs_check(void)
 	return rc;
 }
 
-#define WARM_MAX 8
+#define WARM_MAX    8
 #define WARM_FAULTS 2000
-#define WARM_FLOOR 16
+#define WARM_FLOOR  16
 
 /* Run fn here and check that every operation ran exactly once. */
 static void run_here(int (*fn)(void), bool count, bool latency, struct result *res)
@@ -920,29 +918,29 @@ static int plot(const char *file, const char *title, const struct panel *panels,
 	FILE *g = rc ? NULL : popen("gnuplot", "w");
 	if (g) {
 		fprintf(g,
-			"set terminal svg size %d,600 dynamic noenhanced font 'sans,12' "
-			"background '#ffffff'\n"
-			"set output '%s'\n"
-			"set multiplot layout 1,%zu title \"%s\"\n"
-			"set style data histograms\n"
-			"set style histogram clustered gap 1\n"
-			"set style fill solid 0.85 border -1\n"
-			"set grid ytics\n"
-			"set key below\n"
-			"set datafile separator '\\t'\n",
-			npanels > 1 ? 1280 : 960, file, made, title);
+		        "set terminal svg size %d,600 dynamic noenhanced font 'sans,12' "
+		        "background '#ffffff'\n"
+		        "set output '%s'\n"
+		        "set multiplot layout 1,%zu title \"%s\"\n"
+		        "set style data histograms\n"
+		        "set style histogram clustered gap 1\n"
+		        "set style fill solid 0.85 border -1\n"
+		        "set grid ytics\n"
+		        "set key below\n"
+		        "set datafile separator '\\t'\n",
+		        npanels > 1 ? 1280 : 960, file, made, title);
 		for (size_t i = 0; i < made; i++) {
 			const struct panel *p = &panels[i];
 			fprintf(g,
-				"set title \"%s\"\n"
-				"set xlabel \"%s\"\n"
-				"set ylabel \"%s\"\n"
-				"%s\n"
-				"plot for [c=2:%zu] '%s' using c:xtic(1) title columnheader(c)\n",
-				p->title, p->xlabel, p->ylabel,
-				p->logy ? "set logscale y; set yrange [0.05:*]"
-					: "unset logscale y; set yrange [0:*]",
-				p->ncols + 1, tmp[i]);
+			        "set title \"%s\"\n"
+			        "set xlabel \"%s\"\n"
+			        "set ylabel \"%s\"\n"
+			        "%s\n"
+			        "plot for [c=2:%zu] '%s' using c:xtic(1) title columnheader(c)\n",
+			        p->title, p->xlabel, p->ylabel,
+			        p->logy ? "set logscale y; set yrange [0.05:*]"
+			                : "unset logscale y; set yrange [0:*]",
+			        p->ncols + 1, tmp[i]);
 		}
 		fprintf(g, "unset multiplot\n");
 		if (pclose(g))
@@ -1161,13 +1159,17 @@ static int run_burst(void)
 			}
 			if (npr == 0 || nc == 0)
 				continue;
-			pn[npn++] = (struct panel){
-				spin ? "operations that spin (with the no-queue ceiling)"
-				     : "empty operations",
-				"workload: P producers, R runners, work per operation",
-				"throughput (million operations per second)", false, prow[spin], npr,
-				cols[spin], nc, data[spin]
-			};
+			pn[npn++] =
+			    (struct panel){spin ? "operations that spin (with the no-queue ceiling)"
+			                        : "empty operations",
+			                   "workload: P producers, R runners, work per operation",
+			                   "throughput (million operations per second)",
+			                   false,
+			                   prow[spin],
+			                   npr,
+			                   cols[spin],
+			                   nc,
+			                   data[spin]};
 		}
 		char title[128];
 		snprintf(title, sizeof(title),
@@ -1234,14 +1236,20 @@ static int run_latency(void)
 		nrow++;
 	}
 	if (plot_file) {
-		static const char *const cols[] = { "p50", "p99", "p99.9" };
+		static const char *const cols[] = {"p50", "p99", "p99.9"};
 		char title[128];
 		snprintf(title, sizeof(title),
-			 "opqueue-bench latency: %u runners, %ld samples, median of %u runs",
-			 R, L, K);
-		struct panel pn = { "p50, p99 and p99.9 of each variant", "thread pool",
-				    "enqueue to start of perform (microseconds, log scale)",
-				    true, rows, nrow, cols, 3, data };
+		         "opqueue-bench latency: %u runners, %ld samples, median of %u runs", R, L,
+		         K);
+		struct panel pn = {"p50, p99 and p99.9 of each variant",
+		                   "thread pool",
+		                   "enqueue to start of perform (microseconds, log scale)",
+		                   true,
+		                   rows,
+		                   nrow,
+		                   cols,
+		                   3,
+		                   data};
 		if (plot(plot_file, title, &pn, 1))
 			return 1;
 	}
@@ -1327,10 +1335,10 @@ static int run_bounded(void)
 enum { WAKE_ROUNDS = 21 };
 
 struct wake_run {
-	bool line;		/* the line, else the plain condvar */
+	bool line; /* the line, else the plain condvar */
 	opq_line wline;
 	opq_line_ticket held;
-	pthread_mutex_t mu;	/* the plain peer: */
+	pthread_mutex_t mu; /* the plain peer: */
 	pthread_cond_t cv;
 	unsigned gen, blocked;
 	pthread_barrier_t woke, next;
@@ -1447,7 +1455,7 @@ static void wake_release(struct wake_run *w)
 static double wakeup_us(bool line, unsigned n)
 {
 	pid_t tids[n];
-	struct wake_run w = { .line = line, .tids = tids };
+	struct wake_run w = {.line = line, .tids = tids};
 	double us[WAKE_ROUNDS];
 	pthread_t th[n];
 	if (opq_line_init(&w.wline) || pthread_mutex_init(&w.mu, NULL) ||
@@ -1501,9 +1509,10 @@ static int run_line(void)
 	printf("%-22s %10.1f ns\n", "acquire + release", median(ns, K));
 	if (opq_line_destroy(&line))
 		return 1;
-	static const unsigned counts[] = { 1, 8, 64 };
-	printf("\nrelease to the last waiter running, us, median of %d rounds with the same threads\n",
-	       WAKE_ROUNDS);
+	static const unsigned counts[] = {1, 8, 64};
+	printf(
+	    "\nrelease to the last waiter running, us, median of %d rounds with the same threads\n",
+	    WAKE_ROUNDS);
 	printf("%-8s %14s %17s %12s\n", "waiters", "opqueue line", "plain condvar", "line/plain");
 	for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) {
 		double l = wakeup_us(true, counts[i]), p = wakeup_us(false, counts[i]);
@@ -1518,13 +1527,14 @@ static int run_line(void)
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-		"usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r LIST]\n"
-		"         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES] [-c CAPACITY]\n"
-		"         [-V intrusive,fn,old-intrusive,old-fn,glib,libuv,plain,ceiling]\n"
-		"         [-O OTHER_BUILD_PROGRAM [-L LABEL]] [-F] [--plot FILE.svg] [--cold]\n"
-		"       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n"
-		"       opqueue-bench [-O OTHER_BUILD_PROGRAM] --library\n");
+	fprintf(
+	    f,
+	    "usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r LIST]\n"
+	    "         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES] [-c CAPACITY]\n"
+	    "         [-V intrusive,fn,old-intrusive,old-fn,glib,libuv,plain,ceiling]\n"
+	    "         [-O OTHER_BUILD_PROGRAM [-L LABEL]] [-F] [--plot FILE.svg] [--cold]\n"
+	    "       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n"
+	    "       opqueue-bench [-O OTHER_BUILD_PROGRAM] --library\n");
 }
 
 /* --library: the file of the libopqueue this program runs with (and the other build's). */
@@ -1597,7 +1607,8 @@ static void *push_thread(void *arg)
 static int run_push(void)
 {
 	printf("\npush: P threads each push %ld nodes onto one stack (a compare-and-swap each),\n"
-	       "ns per push (the wall time of each thread's pushes), median of %u runs\n", M, K);
+	       "ns per push (the wall time of each thread's pushes), median of %u runs\n",
+	       M, K);
 	printf("%-12s %12s\n", "threads", "ns/push");
 	for (size_t pi = 0; pi < np; pi++) {
 		unsigned p = (unsigned)plist[pi];
@@ -1624,11 +1635,13 @@ static int run_push(void)
 			pthread_barrier_destroy(&push_go);
 			pthread_barrier_destroy(&push_ready);
 			long n = 0, want = (long)p * M; /* every push is on the stack once */
-			for (struct push_node *e = atomic_load(&push_top); e && n <= want; e = e->next)
+			for (struct push_node *e = atomic_load(&push_top); e && n <= want;
+			     e = e->next)
 				n++;
 			if (n != want) {
-				fprintf(stderr, "opqueue-bench: push: %ld nodes on the stack, not %ld\n",
-					n, want);
+				fprintf(stderr,
+				        "opqueue-bench: push: %ld nodes on the stack, not %ld\n", n,
+				        want);
 				return 1;
 			}
 		}
@@ -1641,15 +1654,15 @@ static int run_push(void)
 int main(int argc, char **argv)
 {
 	enum { OPT_CHILD = 256, OPT_COUNT, OPT_LIBRARY };
-	static const struct option longopts[] = { { "plot", required_argument, NULL, 'P' },
-						  { "help", no_argument, NULL, 'h' },
-						  { "cold", no_argument, NULL, 'C' },
-						  { "old", required_argument, NULL, 'O' },
-						  { "old-label", required_argument, NULL, 'L' },
-						  { "child", required_argument, NULL, OPT_CHILD },
-						  { "count", no_argument, NULL, OPT_COUNT },
-						  { "library", no_argument, NULL, OPT_LIBRARY },
-						  { NULL, 0, NULL, 0 } };
+	static const struct option longopts[] = {{"plot", required_argument, NULL, 'P'},
+	                                         {"help", no_argument, NULL, 'h'},
+	                                         {"cold", no_argument, NULL, 'C'},
+	                                         {"old", required_argument, NULL, 'O'},
+	                                         {"old-label", required_argument, NULL, 'L'},
+	                                         {"child", required_argument, NULL, OPT_CHILD},
+	                                         {"count", no_argument, NULL, OPT_COUNT},
+	                                         {"library", no_argument, NULL, OPT_LIBRARY},
+	                                         {NULL, 0, NULL, 0}};
 	const char *mode = "burst", *child = NULL, *vlist = NULL;
 	bool child_count = false, library = false;
 	int opt;
@@ -1662,25 +1675,63 @@ int main(int argc, char **argv)
 	}
 	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:V:FP:O:L:h", longopts, NULL)) != -1) {
 		switch (opt) {
-		case 'l': mode = "line"; break;
-		case 'p': np = parse_list(optarg, plist); break;
-		case 'm': M = atol(optarg); break;
-		case 'r': nr = parse_list(optarg, rlist); break;
-		case 'w': nw = parse_list(optarg, wlist); break;
-		case 'k': K = (unsigned)atoi(optarg); break;
-		case 'n': L = atol(optarg); break;
-		case 'c': CAP = atol(optarg); break;
-		case 'F': no_fork = 1; break;
-		case 'C': cold = 1; break;
-		case 'P': plot_file = optarg; break;
-		case 'O': old_exe = optarg; break;
-		case 'L': old_label = optarg; break;
-		case 'V': vlist = optarg; break;
-		case OPT_CHILD: child = optarg; break;
-		case OPT_COUNT: child_count = true; break;
-		case OPT_LIBRARY: library = true; break;
-		case 'h': usage(stdout); return 0;
-		default: usage(stderr); return 2;
+		case 'l':
+			mode = "line";
+			break;
+		case 'p':
+			np = parse_list(optarg, plist);
+			break;
+		case 'm':
+			M = atol(optarg);
+			break;
+		case 'r':
+			nr = parse_list(optarg, rlist);
+			break;
+		case 'w':
+			nw = parse_list(optarg, wlist);
+			break;
+		case 'k':
+			K = (unsigned)atoi(optarg);
+			break;
+		case 'n':
+			L = atol(optarg);
+			break;
+		case 'c':
+			CAP = atol(optarg);
+			break;
+		case 'F':
+			no_fork = 1;
+			break;
+		case 'C':
+			cold = 1;
+			break;
+		case 'P':
+			plot_file = optarg;
+			break;
+		case 'O':
+			old_exe = optarg;
+			break;
+		case 'L':
+			old_label = optarg;
+			break;
+		case 'V':
+			vlist = optarg;
+			break;
+		case OPT_CHILD:
+			child = optarg;
+			break;
+		case OPT_COUNT:
+			child_count = true;
+			break;
+		case OPT_LIBRARY:
+			library = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
 		}
 	}
 	if (vlist && !select_variants(vlist)) {

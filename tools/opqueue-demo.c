@@ -27,7 +27,7 @@
 #include "authdemo.h"
 
 struct chunk {
-	opq_op op;	/* the queue's header, embedded */
+	opq_op op; /* the queue's header, embedded */
 	uint64_t lo, hi;
 	uint64_t primes;
 	atomic_uint_fast64_t *total;
@@ -82,14 +82,25 @@ int main(int argc, char **argv)
 	int opt;
 	while ((opt = getopt(argc, argv, "n:r:c:q:k:h")) != -1) {
 		switch (opt) {
-		case 'n': limit = strtoull(optarg, NULL, 10); break;
-		case 'r': runners = (unsigned)strtoul(optarg, NULL, 10); break;
-		case 'c': chunk = strtoull(optarg, NULL, 10); break;
-		case 'q': requests = (unsigned)strtoul(optarg, NULL, 10); break;
-		case 'k': expire_after = (unsigned)strtoul(optarg, NULL, 10); break;
+		case 'n':
+			limit = strtoull(optarg, NULL, 10);
+			break;
+		case 'r':
+			runners = (unsigned)strtoul(optarg, NULL, 10);
+			break;
+		case 'c':
+			chunk = strtoull(optarg, NULL, 10);
+			break;
+		case 'q':
+			requests = (unsigned)strtoul(optarg, NULL, 10);
+			break;
+		case 'k':
+			expire_after = (unsigned)strtoul(optarg, NULL, 10);
+			break;
 		default:
-			fprintf(opt == 'h' ? stdout : stderr, "usage: opqueue-demo [-h] [-n LIMIT] [-r RUNNERS] "
-							      "[-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]\n");
+			fprintf(opt == 'h' ? stdout : stderr,
+			        "usage: opqueue-demo [-h] [-n LIMIT] [-r RUNNERS] "
+			        "[-c CHUNK] [-q REQUESTS] [-k EXPIRE_AFTER]\n");
 			return opt == 'h' ? 0 : 2;
 		}
 	}
@@ -156,13 +167,14 @@ int main(int argc, char **argv)
 	printf("operations:          %llu completed, %llu discarded, queue high-water %llu of %u\n",
 	       (unsigned long long)st.completed, (unsigned long long)st.discarded,
 	       (unsigned long long)st.high_water, 4 * runners);
-	printf("time:                %.3f s on %u runners, %.3f s on one thread (%.2fx)\n", parallel,
-	       runners, serial, serial / parallel);
+	printf("time:                %.3f s on %u runners, %.3f s on one thread (%.2fx)\n",
+	       parallel, runners, serial, serial / parallel);
 	int ok = got == expect && sum == expect && st.completed == nchunks;
 
 	/* The line: 8 request operations in flight against an expiring token. */
-	printf("\nline: %u requests on 8 runners, tokens expire every %u requests (127.0.0.1/TCP)\n",
-	       requests, expire_after);
+	printf(
+	    "\nline: %u requests on 8 runners, tokens expire every %u requests (127.0.0.1/TCP)\n",
+	    requests, expire_after);
 	printf("%-8s %9s %6s %9s %9s %8s %7s %8s\n", "client", "requests", "401s", "expiries",
 	       "re-auths", "retries", "failed", "time s");
 	for (int use_line = 1; use_line >= 0; use_line--) {
@@ -170,10 +182,11 @@ int main(int argc, char **argv)
 		rc = authdemo_run(8, requests, expire_after, use_line, &r);
 		if (rc)
 			return fail("authdemo_run", rc);
-		printf("%-8s %9llu %6llu %9llu %9llu %8llu %7llu %8.3f\n", use_line ? "line" : "naive",
-		       (unsigned long long)r.requests, (unsigned long long)r.unauthorized,
-		       (unsigned long long)r.expiries, (unsigned long long)r.reauths,
-		       (unsigned long long)r.retries, (unsigned long long)r.failed, r.seconds);
+		printf("%-8s %9llu %6llu %9llu %9llu %8llu %7llu %8.3f\n",
+		       use_line ? "line" : "naive", (unsigned long long)r.requests,
+		       (unsigned long long)r.unauthorized, (unsigned long long)r.expiries,
+		       (unsigned long long)r.reauths, (unsigned long long)r.retries,
+		       (unsigned long long)r.failed, r.seconds);
 		if (use_line)
 			ok = ok && r.reauths == r.expiries && r.ok == requests && r.failed == 0;
 	}

@@ -35,15 +35,15 @@ int main(int argc, char **argv)
 			deadline_ms = atoll(optarg);
 			break;
 		default:
-			fprintf(opt == 'h' ? stdout : stderr, "usage: %s [-ch] [-r runners] [-d deadline_ms]\n",
-				argv[0]);
+			fprintf(opt == 'h' ? stdout : stderr,
+			        "usage: %s [-ch] [-r runners] [-d deadline_ms]\n", argv[0]);
 			return opt == 'h' ? 0 : 2;
 		}
 	}
 	struct fanout_backend b[FANOUT_BACKENDS] = {
-		{ .name = "cache", .latency_ms = 20 },
-		{ .name = "database", .latency_ms = 80, .error = EIO },
-		{ .name = "search", .latency_ms = 1500 },
+	    {.name = "cache", .latency_ms = 20},
+	    {.name = "database", .latency_ms = 80, .error = EIO},
+	    {.name = "search", .latency_ms = 1500},
 	};
 	struct fanout_result res;
 	printf("request: fan out to %d backends, policy %s%s\n", FANOUT_BACKENDS,
@@ -57,9 +57,9 @@ int main(int argc, char **argv)
 	for (int i = 0; i < FANOUT_BACKENDS; i++)
 		printf("  %-8s (works %4lld ms%s): %-28s at %4lld ms\n", b[i].name,
 		       (long long)b[i].latency_ms, b[i].error ? ", fails" : "",
-		       b[i].result == 0 ? "answered"
+		       b[i].result == 0           ? "answered"
 		       : b[i].result == ECANCELED ? "cancelled"
-						  : strerror(b[i].result),
+		                                  : strerror(b[i].result),
 		       (long long)b[i].ended_ms);
 	printf("request answered %s after %lld ms\n",
 	       res.first_error ? strerror(res.first_error) : "OK", (long long)res.total_ms);

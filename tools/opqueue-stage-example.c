@@ -272,8 +272,8 @@ int main(int argc, char **argv)
 			rounds = atol(optarg);
 			break;
 		default:
-			fprintf(c == 'h' ? stdout : stderr, "usage: %s [-hN] [-t THREADS] [-n ROUNDS]\n",
-				argv[0]);
+			fprintf(c == 'h' ? stdout : stderr,
+			        "usage: %s [-hN] [-t THREADS] [-n ROUNDS]\n", argv[0]);
 			return c == 'h' ? 0 : 2;
 		}
 	}

@@ -36,9 +36,9 @@ extern "C" {
 #endif
 
 /* Limits: a lock name and an owner are 1..N bytes (no NUL inside); the data 0..N bytes. */
-#define OPQ_LEASE_NAME_MAX 255
+#define OPQ_LEASE_NAME_MAX  255
 #define OPQ_LEASE_OWNER_MAX 255
-#define OPQ_LEASE_DATA_MAX 1024
+#define OPQ_LEASE_DATA_MAX  1024
 
 typedef struct opq_lease opq_lease;
 typedef struct opq_lease_attr opq_lease_attr;
@@ -87,8 +87,8 @@ OPQ_EXPORT int opq_lease_attr_set_data(opq_lease_attr *attr, const void *data, s
  * `provider`, with attributes `attr` (NULL: defaults; the attributes are
  * copied). Nothing is sent to the store. Errors: EINVAL, ENOMEM.
  */
-OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
-				const char *name, const opq_lease_attr *attr);
+OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider, const char *name,
+                                const opq_lease_attr *attr);
 /* Destroy a handle: stops its keepalive (waiting for a refresh in flight),
  * does NOT release the lock. EDEADLK when called from the handle's own
  * lost-callback. NULL is a no-op returning 0. */
@@ -111,7 +111,7 @@ OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant);
  * store failure, which are retried.
  */
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
-				 opq_lease_grant *grant);
+                                 opq_lease_grant *grant);
 /*
  * Extend the lease held (conditional on owner and token at the store).
  * Errors: ENOLCK (not held: it expired and was taken, or was released),
@@ -158,7 +158,7 @@ typedef void opq_lease_lost_fn(opq_lease *lease, enum opq_lease_lost_reason why,
  * the handle's own lost callback).
  */
 OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int64_t interval_ns,
-					 opq_lease_lost_fn *lost, void *arg);
+                                         opq_lease_lost_fn *lost, void *arg);
 /* Stop the keepalive, waiting for a refresh in flight; 0 also when none
  * runs. EDEADLK from the lost-callback. */
 OPQ_EXPORT int opq_lease_keepalive_stop(opq_lease *lease);
@@ -207,7 +207,7 @@ typedef struct opq_lease_provider_ops {
 /* Wrap the caller's own store (ops is copied; store is handed to every
  * call and to destroy). Errors: EINVAL (NULL or missing function), ENOMEM. */
 OPQ_EXPORT int opq_lease_provider_create(opq_lease_provider **provider,
-					 const opq_lease_provider_ops *ops, void *store);
+                                         const opq_lease_provider_ops *ops, void *store);
 /* The memory provider: threads of one process; tokens live as long as it. */
 OPQ_EXPORT int opq_lease_provider_memory_create(opq_lease_provider **provider);
 /* Destroy a provider: EBUSY while a lease handle uses it. NULL is a no-op

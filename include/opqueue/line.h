@@ -48,8 +48,13 @@ typedef struct opq_line {
 	int opq__status[OPQ_LINE_HISTORY]; /* private: status of release g at [g % N] */
 } opq_line;
 
-#define OPQ_LINE_INITIALIZER \
-	{ PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, { 0 } }
+#define OPQ_LINE_INITIALIZER                                                                       \
+	{                                                                                          \
+		PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL,                \
+		{                                                                                  \
+			0                                                                          \
+		}                                                                                  \
+	}
 
 /*
  * A ticket: what opq_line_try_acquire tells its caller. A plain value owned
@@ -64,7 +69,10 @@ typedef struct opq_line_ticket {
 	int held;
 } opq_line_ticket;
 
-#define OPQ_LINE_TICKET_INITIALIZER { NULL, 0, 0 }
+#define OPQ_LINE_TICKET_INITIALIZER                                                                \
+	{                                                                                          \
+		NULL, 0, 0                                                                         \
+	}
 
 /*
  * Initialise a line: free, generation 0. The same as OPQ_LINE_INITIALIZER
@@ -122,7 +130,7 @@ OPQ_EXPORT int opq_line_try_acquire(opq_line *line, uint64_t seen_gen, opq_line_
  * left alone; retry as after 0).
  */
 OPQ_EXPORT int opq_line_wait(opq_line *line, const opq_line_ticket *failed,
-			     const struct timespec *deadline, int *status);
+                             const struct timespec *deadline, int *status);
 
 /*
  * Release the token held by *held, record status for the waiters, advance

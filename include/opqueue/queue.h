@@ -42,20 +42,19 @@ typedef void opq_runner_hook(void *arg, unsigned index);
  * Initialise it with opq_op_init(). The opq__ fields are the queue's.
  */
 struct opq_op {
-	opq_op_fn *perform;	/* required */
-	opq_op_fn *discard;	/* optional: called instead of perform when dropped */
+	opq_op_fn *perform; /* required */
+	opq_op_fn *discard; /* optional: called instead of perform when dropped */
 	struct opq__link opq__link;
 	void *opq__owner;
 	uintptr_t opq__state;
 };
 
-#define OPQ_CONTAINER_OF(ptr, type, member) \
-	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+#define OPQ_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
 
 /* How opq_queue_stop() treats operations still queued. */
 enum opq_stop_mode {
-	OPQ_STOP_DRAIN = 0,	/* perform them all, then stop */
-	OPQ_STOP_DISCARD = 1	/* call their discard callbacks instead */
+	OPQ_STOP_DRAIN = 0,  /* perform them all, then stop */
+	OPQ_STOP_DISCARD = 1 /* call their discard callbacks instead */
 };
 
 /* The longest runner thread name prefix; runners are named "PREFIX/N". */
@@ -68,14 +67,14 @@ enum opq_stop_mode {
  * changing the struct's size.
  */
 typedef struct opq_queue_stats {
-	uint64_t queued;	/* not started: in the FIFO or a runner's batch (bounded: <= capacity) */
-	uint64_t running;	/* being performed now (see opq_queue_stats_get(3)) */
-	uint64_t completed;	/* performed, since create */
-	uint64_t discarded;	/* discarded by stop, cancel or destroy, since create */
-	uint64_t cancelled;	/* of which by opq_queue_cancel() */
-	uint64_t high_water;	/* most operations ever in the FIFO at once */
-	uint64_t runners;	/* runner threads alive now */
-	uint64_t blocked;	/* enqueue calls waiting for room now */
+	uint64_t queued;  /* not started: in the FIFO or a runner's batch (bounded: <= capacity) */
+	uint64_t running; /* being performed now (see opq_queue_stats_get(3)) */
+	uint64_t completed;  /* performed, since create */
+	uint64_t discarded;  /* discarded by stop, cancel or destroy, since create */
+	uint64_t cancelled;  /* of which by opq_queue_cancel() */
+	uint64_t high_water; /* most operations ever in the FIFO at once */
+	uint64_t runners;    /* runner threads alive now */
+	uint64_t blocked;    /* enqueue calls waiting for room now */
 	uint64_t opq__reserved[8];
 } opq_queue_stats;
 
@@ -98,7 +97,7 @@ OPQ_EXPORT int opq_queue_attr_get_capacity(const opq_queue_attr *attr, size_t *c
 OPQ_EXPORT int opq_queue_attr_set_name(opq_queue_attr *attr, const char *prefix);
 /* Hooks each runner calls on its own thread when it starts and before it exits. */
 OPQ_EXPORT int opq_queue_attr_set_hooks(opq_queue_attr *attr, opq_runner_hook *on_start,
-					opq_runner_hook *on_exit, void *arg);
+                                        opq_runner_hook *on_exit, void *arg);
 /*
  * The stack size of each runner thread, in bytes; 0, the default, leaves it
  * to the system (pthread_create's default, often the stack rlimit: 8 MiB).
@@ -181,7 +180,7 @@ OPQ_EXPORT int opq_queue_timedenqueue(opq_queue *q, opq_op *op, const struct tim
 OPQ_EXPORT int opq_queue_enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
 OPQ_EXPORT int opq_queue_tryenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg);
 OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg,
-					 const struct timespec *deadline);
+                                         const struct timespec *deadline);
 
 /*
  * Remove a caller-boxed operation that has not started (in the FIFO, or in

@@ -113,8 +113,7 @@ OPQ_EXPORT int opq_scope_destroy(opq_scope *scope);
  * spawned and done is not called.
  */
 OPQ_EXPORT int opq_scope_spawn(opq_scope *scope, const opq_scope_attr *attr, opq_task_fn *fn,
-			       void *arg, opq_task_done_fn *done, void *done_arg,
-			       opq_task **taskp);
+                               void *arg, opq_task_done_fn *done, void *done_arg, opq_task **taskp);
 /*
  * opq_scope_spawn with a relative timeout: the task is cancelled (result
  * ETIMEDOUT if it never ran or its function returns ECANCELED)

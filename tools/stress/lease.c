@@ -79,8 +79,8 @@ struct lh {
 };
 
 struct lmod {
-	const char *name; /* the module's */
-	bool remote; /* the store is a server: its failures are results, not violations */
+	const char *name;    /* the module's */
+	bool remote;         /* the store is a server: its failures are results, not violations */
 	char path[PATH_MAX]; /* the SQLite database, or "" */
 	opq_lease_provider *prov;
 	opq_queue *q;
@@ -105,8 +105,8 @@ static const char *const lock_names[NNAMES] = {"stress-a", "stress-b", "stress-c
  */
 static bool store_failed(struct lmod *m, int rc)
 {
-	bool failed = m->remote && rc != 0 && rc != EBUSY && rc != ENOLCK && rc != EINVAL &&
-	              rc != EDEADLK;
+	bool failed =
+	    m->remote && rc != 0 && rc != EBUSY && rc != ENOLCK && rc != EINVAL && rc != EDEADLK;
 	if (failed)
 		atomic_fetch_add_explicit(&m->store_errors, 1, memory_order_relaxed);
 	return failed;
@@ -124,8 +124,7 @@ static void check_pair(struct lmod *m, unsigned n, const struct ival *x, const s
 		return;
 	if (x->token == y->token) {
 		if (x->owner != y->owner)
-			stress_fail(m->name,
-			            "%s: token %" PRIu64 " granted to workers %u and %u",
+			stress_fail(m->name, "%s: token %" PRIu64 " granted to workers %u and %u",
 			            lock_names[n], x->token, x->owner, y->owner);
 		return;
 	}
@@ -461,10 +460,12 @@ static void step(void *state, struct stress_worker *w)
 		INC(m->refreshes);
 		if (rc == 0) {
 			if (had != 0)
-				stress_fail(m->name, "refresh succeeded on a handle holding nothing");
+				stress_fail(m->name,
+				            "refresh succeeded on a handle holding nothing");
 			else if (g.token != before.token)
-				stress_fail(m->name, "refresh changed the token from %" PRIu64
-				                     " to %" PRIu64,
+				stress_fail(m->name,
+				            "refresh changed the token from %" PRIu64
+				            " to %" PRIu64,
 				            before.token, g.token);
 		} else if (rc == ENOLCK) {
 			INC(m->enolck);
@@ -496,7 +497,8 @@ static void check(void *state)
 		pthread_mutex_lock(&ln->mu);
 		unsigned believers = 0;
 		for (unsigned w = 0; w < m->threads; w++)
-			if (nonempty(&ln->cur[w]) && ln->cur[w].start <= now && now < ln->cur[w].end)
+			if (nonempty(&ln->cur[w]) && ln->cur[w].start <= now &&
+			    now < ln->cur[w].end)
 				believers++;
 		pthread_mutex_unlock(&ln->mu);
 		if (believers > 1)

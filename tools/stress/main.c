@@ -23,10 +23,7 @@
 
 /* The modules: add one line to add one. */
 static const struct stress_module *const modules[] = {
-    &stress_queue,
-    &stress_line,
-    &stress_stage,
-    &stress_lease,
+    &stress_queue,        &stress_line, &stress_stage, &stress_lease,
 #ifdef HAVE_SQLITE3
     &stress_lease_sqlite,
 #endif
@@ -144,7 +141,8 @@ static void usage(FILE *out)
 	fprintf(out, "usage: opqueue-stress [-q] [-d SECONDS | -n ITERATIONS] [-s SEED] "
 	             "[-t THREADS] [-m MODULE,...] [-w SECONDS]\nmodules:");
 	for (unsigned m = 0; m < NMODULES; m++)
-		fprintf(out, " %s%s", modules[m]->name, modules[m]->named_only ? " (by name only)" : "");
+		fprintf(out, " %s%s", modules[m]->name,
+		        modules[m]->named_only ? " (by name only)" : "");
 	fprintf(out, "\n");
 }
 

@@ -368,8 +368,8 @@ static void step(void *state, struct stress_worker *w)
 			CALL(m);
 			INC(m->handle_waits);
 			if ((rc = opq_task_wait(h[i], &dl, &hres[i])) != 0)
-				stress_fail("scope", "task_wait returned %d: a task did not terminate",
-				            rc);
+				stress_fail("scope",
+				            "task_wait returned %d: a task did not terminate", rc);
 		}
 	}
 	if (atomic_load(&tr.used) > 0 && stress_pct(r, 20)) {
