@@ -1,22 +1,37 @@
 /*
  * queue.pml: a Promela model of the queue's sleep/wake protocol in
- * lib/queue.c: runners sleeping on `work`, producers on `space`,
- * opq_queue_wait_idle on `idle`, opq_queue_stop on `change`, with the
- * counts that decide who signals whom. Checked by tests/spin.sh.
+ * lib/queue.c, lib/enqueue.c and lib/runner.c: runners sleeping on `work`,
+ * producers on `space`, opq_queue_wait_idle on `idle`, opq_queue_stop on
+ * `change`, with the counts that decide who signals whom, and an unbounded
+ * queue's lock-free enqueue onto the inbox. Checked by tests/spin.sh.
  *
  * What runs: R runners (runner_main), P producers that each enqueue OPS
- * operations (enqueue: opq_queue_enqueue, _timedenqueue or _tryenqueue,
- * the form chosen at random when it first matters, that is when the queue
- * is full), one thread in opq_queue_wait_idle (with or without a deadline,
- * chosen when it first has to wait), and one thread that calls
+ * operations, one thread in opq_queue_wait_idle (with or without a
+ * deadline, chosen when it first has to wait), and one thread that calls
  * opq_queue_stop at any time, in a mode chosen then (DRAIN or DISCARD).
  * With RESIZE, one more thread calls opq_queue_set_runners(R - 1) at some
  * time; with GROW as well, it may call opq_queue_set_runners(R) afterwards,
  * which starts a runner in a spare slot. With CANCEL, one more thread
  * cancels one queued operation at some time (opq_queue_cancel).
  *
- * CAP is the capacity: 1 by default, 2, or 0 for an unbounded queue. A
- * runner's take gives it one operation from a bounded FIFO, and from an
+ * CAP is the capacity: 1 by default, 2, or 0 for an unbounded queue.
+ * - A bounded queue's producer (enqueue: opq_queue_enqueue,
+ *   _timedenqueue or _tryenqueue, the form chosen at random when it first
+ *   matters, that is when the queue is full) pushes onto the FIFO under
+ *   q->mu and calls wake_runner() there (push() in lib/enqueue.c).
+ * - An unbounded queue's producer takes no lock (push_inbox()): it pushes
+ *   the operation onto the inbox (one compare-and-swap; ESHUTDOWN once the
+ *   inbox is closed), then reads idle_runners, then work_signals (two
+ *   sequentially consistent loads, each a step of its own), and only if it
+ *   saw more runners idle than signalled takes q->mu to call wake_runner().
+ *   Whoever holds q->mu and needs the FIFO moves the inbox to it first
+ *   (opq__inbox_drain: a runner's take, cancel, wait_idle's and the idle
+ *   check's opq__is_idle, stop's close). A runner about to sleep counts
+ *   itself in idle_runners and then looks once more (the inbox and, with
+ *   the fix below, the FIFO): if there is something, it uncounts itself
+ *   and takes it; else it waits on `work`. Stop closes the inbox under
+ *   q->mu (an exchange with INBOX_CLOSED; what it held goes to the FIFO).
+ * A runner's take gives it one operation from a bounded FIFO, and from an
  * unbounded one a share of min(K, ceil(queued / alive)), K = 2: the first
  * runs at once, the others go to the runner's `pending` list, which it
  * pops one at a time (under its own r->mu only) and which the other
@@ -32,45 +47,82 @@
  * woken thread is no longer blocked (a later signal goes to somebody else)
  * but has not relocked yet: that is a state of its own.
  *
- * Abstractions:
+ * The steps, and what they abstract:
+ * - a stretch of C code under q->mu is one atomic step, from the lock (or
+ *   the relock after a wait) to the unlock (or the unlock-and-block of a
+ *   wait), as long as nobody touches what it touches without the lock:
+ *   so on a bounded queue. On an unbounded one, producers push onto the
+ *   inbox and read idle_runners and work_signals without the lock, so a
+ *   stretch under q->mu is cut, q->mu held throughout, at each access to
+ *   one of those three (each step holds one of them, in the C code's
+ *   order): the runner's relock and idle_runners--; work_signals--; the
+ *   take's drain; the idle check's drain; idle_runners++; the look at the
+ *   inbox; idle_runners-- when it held something; stop's close and its
+ *   wake_runners(); cancel's drain and its idle check's drain. A
+ *   producer's push, its read of idle_runners and its read of
+ *   work_signals are three steps, then its wake_runner() under q->mu a
+ *   fourth. Two steps are left out where they could not change anything:
+ *   the runner's work_signals-- when it is 0 (the C code writes nothing),
+ *   and the producer's read of work_signals when it read idle_runners == 0
+ *   (0 > work_signals whatever it reads);
+ * - the inbox, idle_runners and work_signals are sequentially consistent,
+ *   as in the C code (the push's compare-and-swap, the runner's count and
+ *   look, the producer's loads: seq_cst); a drain's first, relaxed, load
+ *   of the inbox can only miss a push that a sequentially consistent run
+ *   would order after it, and the look that follows is seq_cst. The inbox
+ *   is a count: the order the drain gives the FIFO is not modelled;
+ * - what other threads do without q->mu and without touching those three
+ *   (a runner performing or popping its pending operations, a spurious
+ *   wakeup, a timeout) happens only while q->mu is free. Such a step
+ *   commutes with every step of a stretch under q->mu but a steal from or
+ *   a discard of the same runner's pending operations, or a wakeup of the
+ *   same thread, and a stretch holds at most one of those that can meet
+ *   it (a take that finds nothing leaves no pending operation anywhere,
+ *   and nobody blocks while q->mu is held): so it can always be moved
+ *   before the stretch or after it, and no state where q->mu is free is
+ *   lost. (Spin's partial order reduction cannot see this: the variables
+ *   are global.) The unbounded queue's extra steps are compiled in only
+ *   with CAP=0: options never taken still cost the bounded runs a third
+ *   more states, through that reduction;
  * - operations are counts, not lists: the FIFO is `queued`, a runner's
  *   batch is `pending[r]` plus its one running operation; what an
  *   operation does is one step (running--, completed++), merged with the
  *   pop of the next pending one, since nobody reads `completed`;
- * - each stretch of C code that runs under q->mu is one atomic step,
- *   starting with the lock (or the relock after a wait) and ending with
- *   the unlock (or the unlock-and-block of a wait): nobody else can touch
- *   the protected fields meanwhile, so no interleaving that matters is
- *   lost;
  * - r->mu is not a variable: every section under a runner's r->mu (its
  *   own pop; a steal or a discard, inside a q->mu section) is a single
  *   atomic step, which is what the mutex guarantees;
  * - a thief looks at the other runners in the order me+1, me+2, ... and
  *   steals from the first with pending operations;
  * - one thread waits in opq_queue_wait_idle, so signal and broadcast on
- *   `idle` are the same here, and so on `change` (one stopper);
- * - memory (boxes, slabs), the inbox, affinity, names, timers, hooks and
+ *   `idle` are the same here, and so on `change` (one stopper); the drain
+ *   of opq_queue_stats_get is the same as wait_idle's, and not modelled
+ *   apart;
+ * - memory (boxes, slabs), the operations' own states (the EBUSY of a
+ *   double enqueue), affinity, names, timers, hooks, helping threads and
  *   the order of operations are not modelled; nor is an operation that
  *   blocks, so stealing is checked as a rule (a runner never goes to sleep
  *   while another has pending operations) rather than for its liveness;
  * - set_runners is refused once stop began and never goes down to 0
  *   runners (with 0 runners nothing drains the queue, by design); stop is
- *   called once.
+ *   called once, and the queue is not started again (inbox_open).
  *
- * Properties, as assertions (inv(), at the end of every step that changes
- * the shared state) and invalid end states (pan -DSAFETY):
- * - conservation: enqueued == completed + running + queued + sum(pending)
- *   + discarded, at every step;
+ * Properties, as assertions (inv(), as q->mu is released; inv_always(),
+ * at every step taken without it) and invalid end states (pan -DSAFETY):
+ * - conservation: enqueued == completed + running + queued + inbox +
+ *   sum(pending) + discarded, at every step;
  * - running <= alive; work_signals <= idle_runners and space_signals <=
  *   space_waiters (a signal is only counted for a counted waiter);
- * - no lost runner wakeup: while operations are queued, some live runner
- *   is not asleep unwoken on `work`; a runner only goes to sleep when the
- *   FIFO is empty and no runner has pending operations;
+ * - no lost runner wakeup: while operations are in the FIFO or the inbox,
+ *   some live runner is not asleep unwoken on `work`, or a producer has
+ *   pushed one and has not yet decided whether to wake a runner (read
+ *   idle_runners and work_signals, or called wake_runner()); a runner only
+ *   goes to sleep when the FIFO is empty and no runner has pending
+ *   operations;
  * - a producer never sleeps unwoken while there is room: while some
  *   producer is blocked unwoken on `space`, queued + (producers woken but
  *   not yet back from the wait) >= CAP;
- * - wait_idle never sleeps unwoken on an idle queue (queued == 0 and
- *   busy == 0);
+ * - wait_idle never sleeps unwoken on an idle queue (nothing in the FIFO
+ *   or the inbox, busy == 0);
  * - no deadlock, no lost wakeup: every producer returns, wait_idle
  *   returns, every runner exits after stop and stop returns (a thread
  *   blocked for ever is an invalid end state); then every operation
@@ -79,9 +131,9 @@
  * - every thread eventually returns: the LTL property all_return, checked
  *   for acceptance cycles under weak fairness (pan -a -f).
  *
- * Two flaws in the protocol as first written, found by this model, are
- * fixed here; each BROKEN_ flag below restores one, and tests/spin.sh
- * checks that spin rejects it:
+ * Three flaws in the protocol as first written, found by this model, are
+ * fixed here, the first two in the C code as well; each BROKEN_ flag below
+ * restores one, and tests/spin.sh checks that spin rejects it:
  * - BROKEN_EXITBUSY: a surplus runner (alive > target after set_runners
  *   shrank the queue) left from the top of its loop, which it reaches
  *   after every batch, still counted in `busy`: busy never came back to 0
@@ -93,6 +145,24 @@
  *   had not relocked), nobody ever broadcast `idle` and wait_idle slept for
  *   ever. Fix: whoever empties the FIFO other than a runner's take does the
  *   idle check (busy == 0 && queued == 0 && idle_waiters: broadcast idle).
+ * - BROKEN_IDLEDRAIN, an unbounded queue's runner as lib/runner.c has it
+ *   at this model's commit: after counting itself idle, it looks at the
+ *   inbox only. But when it comes back from a batch and finds nothing, it
+ *   stops being busy and makes the idle check, and if a thread waits in
+ *   wait_idle, opq__is_idle() drains the inbox into the FIFO, after the
+ *   take's drain and before the runner counts itself idle: an operation
+ *   pushed in between (its producer read idle_runners before the runner
+ *   counted itself: no wakeup) goes to the FIFO, the look finds the inbox
+ *   empty and the runner sleeps with the operation queued. If it is the
+ *   only runner (one started, or set_runners shrank the queue to one), the
+ *   operation waits, and wait_idle with it, until some later enqueue,
+ *   set_runners or stop; with another runner, the producer saw that one
+ *   idle and woke it, or it comes back for the operation. Only the
+ *   assertions see it: stop, which comes in every run here, wakes the
+ *   runner, so all_return holds; a program that waits for the queue to be
+ *   idle before it stops it waits for ever. Fix: the look is at the FIFO
+ *   too (q->queued || INBOX_HOLDS(inbox)), so the runner uncounts itself
+ *   and takes the operation.
  *
  * Deliberately broken variants that spin must reject (tests/spin.sh):
  * - BROKEN_NOWORKSIGNAL: enqueue never signals `work` (a lost wakeup);
@@ -102,7 +172,15 @@
  *   while there is room);
  * - BROKEN_NOIDLE: the last busy runner does not broadcast `idle`;
  * - BROKEN_NOSTEALCHECK: a runner goes to sleep when the FIFO is empty
- *   without looking at the other runners' pending operations (CAP=0).
+ *   without looking at the other runners' pending operations (CAP=0);
+ * - BROKEN_NOLOOKAGAIN: an unbounded queue's runner does not look again
+ *   after counting itself idle: an operation pushed after its take, whose
+ *   producer read idle_runners before the count, is not taken by the only
+ *   runner (CAP=0, R=1);
+ * - BROKEN_LOCKFREECHECK: an unbounded queue's producer reads
+ *   idle_runners before its push instead of after it (and wakes a runner
+ *   if it saw one idle): a runner that counts itself idle and looks in
+ *   between sleeps with the operation in the inbox (CAP=0).
  */
 
 #ifndef R
@@ -115,7 +193,7 @@
 #define OPS 2			/* operations each producer enqueues */
 #endif
 #ifndef CAP
-#define CAP 1			/* capacity; 0: unbounded */
+#define CAP 1			/* capacity; 0: unbounded (the inbox) */
 #endif
 #define K 2			/* most operations one take gives an unbounded queue's runner */
 #define MAXSPURIOUS 1
@@ -141,10 +219,27 @@
 #define BLOCK 1
 #define TIMED 2
 #define TRY 3
-/* what a runner does after a pass of its loop */
+/*
+ * Where a runner is: after a section that ended with the unlock (PERFORM,
+ * EXIT) or with the wait on `work` (SLEEP); or, on an unbounded queue,
+ * holding q->mu between two steps of a section (each step holds one
+ * access to the inbox, idle_runners or work_signals, which producers touch
+ * or read without the lock): RELOCKED (back from the wait, idle_runners
+ * given back; work_signals next), TAKE (the top of the loop: the take and
+ * its drain next), CHECK (no longer busy: the idle check's drain next),
+ * COUNT (idle_runners++ next), LOOK (counted idle: the look at the inbox
+ * next), UNCOUNT (the inbox held operations: idle_runners-- next).
+ */
 #define PERFORM 0
 #define SLEEP 1
 #define EXIT 2
+#define RELOCKED 3
+#define TAKE 4
+#define CHECK 5
+#define COUNT 6
+#define LOOK 7
+#define UNCOUNT 8
+#define START 9		/* at the start or after a batch: lock next */
 
 #define OK 0
 #define EAGAIN 11
@@ -155,8 +250,10 @@
 /* struct opq_queue */
 byte mu = NONE;			/* q->mu: the owner's thread number, or NONE */
 byte queued = 0;		/* operations in the FIFO */
-byte idle_runners = 0;
-byte work_signals = 0;
+byte inbox = 0;			/* operations pushed onto the inbox, not yet drained */
+bool closed = false;		/* the inbox is INBOX_CLOSED */
+byte idle_runners = 0;		/* written under q->mu, read without it by producers */
+byte work_signals = 0;		/* likewise */
 byte space_waiters = 0;
 byte space_signals = 0;
 byte idle_waiters = 0;
@@ -186,6 +283,7 @@ byte running = 0;
 byte discarded = 0;
 byte spurious = 0;
 byte finished = 0;		/* producers and wait_idle callers that returned */
+byte onway = 0;			/* producers between their push onto the inbox and their wake_runner (or their choice not to call it) */
 
 /* scratch for the atomic steps below: not part of the state */
 hidden byte si;
@@ -202,19 +300,39 @@ hidden byte sw;
 #define ASLEEP_PRODUCERS (cv[PRODUCER(0)] + cv[PRODUCER(1)] + cv[PRODUCER(2)])
 #endif
 
+/* What holds at every step, q->mu held by somebody or not. */
+inline inv_always()
+{
+	assert(enqueued == completed + running + queued + inbox + PENDSUM + discarded);
+	assert(running <= alive);	/* one running operation per live runner at most */
+	/*
+	 * No lost runner wakeup: an operation queued or in the inbox always
+	 * has a runner on its way, or a producer that pushed it and has not yet
+	 * decided whether to wake one.
+	 */
+	assert(queued + inbox == 0 || ASLEEP_RUNNERS < alive || onway > 0)
+}
+
+/* What holds whenever q->mu is free (checked as it is released). */
 inline inv()
 {
-	assert(enqueued == completed + running + queued + PENDSUM + discarded);
-	assert(running <= alive);	/* one running operation per live runner at most */
+	inv_always();
 	assert(work_signals <= idle_runners);
 	assert(space_signals <= space_waiters);
-	/* no lost runner wakeup: a queued operation always has a runner on its way */
-	assert(queued == 0 || ASLEEP_RUNNERS < alive);
 	/* a producer never sleeps unwoken while there is room for it */
 	assert(CAP == 0 || ASLEEP_PRODUCERS == 0 ||
 	       queued + space_waiters - ASLEEP_PRODUCERS >= CAP);
 	/* wait_idle never sleeps unwoken on an idle queue */
-	assert(!cv_idle || queued > 0 || busy > 0)
+	assert(!cv_idle || queued + inbox > 0 || busy > 0)
+}
+
+/* The check after a step taken without q->mu (a producer's, a runner's perform). */
+inline check()
+{
+	if
+	:: mu == NONE -> inv()
+	:: else -> inv_always()
+	fi
 }
 
 inline lock(me)
@@ -268,7 +386,7 @@ inline cond_broadcast(n, lo)
 /* a spurious wakeup, as a step of its own: the thread is then awake, not yet relocked */
 inline spurious_wake(me)
 {
-	atomic { cv[me] && spurious < MAXSPURIOUS -> spurious++; cv[me] = false }
+	atomic { cv[me] && spurious < MAXSPURIOUS && mu == NONE -> spurious++; cv[me] = false }
 }
 
 /* make_room(): after `queued` decreased, wake as many space waiters as there is room for */
@@ -283,14 +401,49 @@ inline make_room()
 }
 
 /*
- * The idle check, after busy or queued went down: if the queue is idle,
+ * opq__inbox_drain(): move the inbox's operations to the FIFO's tail (an
+ * exchange with NULL; nothing when it is empty or closed, closed holding
+ * none). Under q->mu: one access to the inbox.
+ */
+inline drain()
+{
+	queued = queued + inbox;
+	inbox = 0
+}
+
+/* wake_runner(): signal a runner if more are idle than signalled. Under q->mu. */
+inline wake_runner()
+{
+	if
+	:: idle_runners > work_signals ->
+		work_signals++;
+		cond_signal(WORK)
+	:: else -> skip
+	fi
+}
+
+/* wake_runners(): every idle runner, to leave or to look again. Under q->mu. */
+inline wake_runners()
+{
+	work_signals = idle_runners;
+	cond_broadcast(WORK)
+}
+
+/*
+ * idle_check(), after busy or queued went down: if somebody waits for the
+ * queue to be idle and it is (opq__is_idle, which drains the inbox first),
  * broadcast `idle`. The runner does it when it stops being busy; with the
  * fixes, so do stop(DISCARD) and cancel.
  */
 inline idle_check()
 {
 	if
-	:: busy == 0 && queued == 0 && idle_waiters > 0 -> cv_idle = false	/* broadcast(idle) */
+	:: idle_waiters > 0 ->
+		drain();
+		if
+		:: busy == 0 && queued == 0 -> cv_idle = false	/* broadcast(idle) */
+		:: else -> skip
+		fi
 	:: else -> skip
 	fi
 }
@@ -312,9 +465,36 @@ inline busy_release(busy_me)
 }
 
 /*
- * One pass of runner_main's loop, from its top to the unlock (PERFORM,
- * EXIT) or to the wait on `work` (SLEEP): the surplus check, the take
- * (take()), the steal, the busy count, the stop check.
+ * After the busy count and its idle check: leave if stopping, else count
+ * this runner idle and wait on `work`. A bounded queue's runner does it in
+ * the same step; an unbounded one's goes on holding q->mu (COUNT).
+ */
+inline stop_or_sleep(me, act)
+{
+	if
+	:: state == STOPPING ->
+		alive--;
+		cv_change = false;	/* broadcast(change) */
+		act = EXIT
+	:: else ->
+		if
+		:: CAP == 0 -> act = COUNT
+		:: else ->
+			/* a runner only sleeps with nothing to take or steal */
+			assert(queued == 0 && PENDSUM == 0);
+			idle_runners++;
+			act = SLEEP
+		fi
+	fi
+}
+
+/*
+ * From the top of runner_main's loop, holding q->mu: the surplus check,
+ * the take (take(): drain the inbox, then the runner's share of the FIFO),
+ * the steal, the busy count, the stop check. It ends with act PERFORM
+ * (unlock, perform a batch), EXIT (unlock, leave), SLEEP (a bounded
+ * queue's runner waits on `work`), or, on an unbounded queue, CHECK or
+ * COUNT with q->mu still held.
  */
 inline runner_pass(me, busy_me, act, n, v)
 {
@@ -322,9 +502,10 @@ inline runner_pass(me, busy_me, act, n, v)
 	if
 	:: alive > target ->
 		/*
-		 * set_runners shrank the queue: a surplus runner leaves. The fix:
-		 * it gives its busy count back first (it comes here after every
-		 * batch); BROKEN_EXITBUSY leaves still counted busy.
+		 * set_runners shrank the queue: a surplus runner leaves, without
+		 * a take. The fix: it gives its busy count back first (it comes
+		 * here after every batch); BROKEN_EXITBUSY leaves still counted
+		 * busy. One access to the inbox at most (the idle check's drain).
 		 */
 #ifndef BROKEN_EXITBUSY
 		busy_release(busy_me);
@@ -333,6 +514,7 @@ inline runner_pass(me, busy_me, act, n, v)
 		cv_change = false;	/* broadcast(change) */
 		act = EXIT
 	:: else ->
+		drain();	/* take() begins with opq__inbox_drain() */
 		if
 		:: queued > 0 ->
 			/* take: the runner's share of the FIFO */
@@ -375,55 +557,86 @@ inline runner_pass(me, busy_me, act, n, v)
 			:: else -> skip
 			fi;
 			act = PERFORM
+#ifndef BROKEN_NOIDLE
+		:: CAP == 0 && n == 0 && busy_me && idle_waiters > 0 ->
+			/*
+			 * The idle check drains the inbox again: a step of its
+			 * own (CHECK), the second access to the inbox of this
+			 * stretch under q->mu.
+			 */
+			busy_me = false;
+			busy--;
+			act = CHECK
+#endif
 		:: else ->
+			/* (the idle check, if any, does not touch the inbox here) */
 			busy_release(busy_me);
-			if
-			:: state == STOPPING ->
-				alive--;
-				cv_change = false;	/* broadcast(change) */
-				act = EXIT
-			:: else ->
-				/* a runner only sleeps with nothing to take or steal */
-				assert(queued == 0 && PENDSUM == 0);
-				idle_runners++;
-				act = SLEEP
-			fi
+			stop_or_sleep(me, act)
 		fi
 	fi;
 	n = 0; v = 0
+}
+
+/* How a runner's step under q->mu ends: unlock, wait on `work`, or go on holding q->mu. */
+inline runner_end(me, act)
+{
+	if
+	:: act == SLEEP -> cond_block(me)
+	:: act == PERFORM || act == EXIT -> unlock(me)
+	:: else -> skip
+	fi
 }
 
 /*
  * Stands for runner_main(): the loop, entered holding q->mu; a pass
  * (runner_pass) ends by unlocking to perform a batch, by leaving, or by
  * the wait on `work`, after which the runner relocks and comes back to the
- * top of the loop.
+ * top of the loop. On an unbounded queue, the stretches under q->mu are
+ * cut at each access to the inbox, idle_runners or work_signals, in the C
+ * code's order, so that the producers' lock-free steps interleave with
+ * them: relock and idle_runners--; work_signals--; the take (its drain);
+ * the idle check (its drain); idle_runners++; the look at the inbox (and,
+ * if it holds operations, idle_runners-- and back to the take).
  */
 proctype Runner(byte me)
 {
-	bool busy_me = false, waited = false;
-	byte act, n, v;
+	bool busy_me = false;
+	byte act = START, n, v;
 	do
 	:: spurious_wake(me)
 	:: atomic {
-		/* lock q->mu: at the start, after a batch, or when back from the wait */
-		!cv[me] && mu == NONE -> mu = me;
+		/*
+		 * Lock q->mu: at the start, after a batch (START), or when back
+		 * from the wait (SLEEP); or, on an unbounded queue, go on from
+		 * the top of the loop with q->mu held (TAKE).
+		 */
+		((act == START || act == SLEEP) && !cv[me] && mu == NONE || act == TAKE) ->
 		if
-		:: waited ->
-			waited = false;
+		:: act == SLEEP && CAP == 0 ->
+			mu = me;
 			idle_runners--;
-#ifndef BROKEN_SIGNALCOUNT
+			/* work_signals-- is a step of its own; none when there is nothing to consume */
 			if
-			:: work_signals > 0 -> work_signals--
-			:: else -> skip
+			:: work_signals > 0 -> act = RELOCKED
+			:: else -> act = TAKE
 			fi
+		:: else ->
+			if
+			:: act == SLEEP ->
+				mu = me;
+				/* a bounded queue: nobody reads these without the lock */
+				idle_runners--;
+#ifndef BROKEN_SIGNALCOUNT
+				if
+				:: work_signals > 0 -> work_signals--
+				:: else -> skip
+				fi
 #endif
-		:: else -> skip
-		fi;
-		runner_pass(me, busy_me, act, n, v);
-		if
-		:: act == SLEEP -> waited = true; cond_block(me)
-		:: else -> unlock(me)
+			:: act == START -> mu = me
+			:: else -> skip	/* TAKE: q->mu held */
+			fi;
+			runner_pass(me, busy_me, act, n, v);
+			runner_end(me, act)
 		fi
 	   }
 	   if
@@ -432,16 +645,75 @@ proctype Runner(byte me)
 		/* q->mu not held: perform the running operation, then pop the pending ones */
 		do
 		:: atomic {
+			mu == NONE ->
 			running--;	/* performed */
 			completed++;
 			if
-			:: pending[me] > 0 -> pending[me]--; running++; inv()	/* pop, under r->mu */
-			:: else -> inv(); break
+			:: pending[me] > 0 -> pending[me]--; running++; check()	/* pop, under r->mu */
+			:: else -> act = START; check(); break
 			fi
 		   }
 		od
-	   :: act == SLEEP -> skip
+	   :: else -> skip
 	   fi
+#if CAP == 0
+	/* the steps of an unbounded queue's runner that go on holding q->mu */
+	:: atomic {
+		act == RELOCKED ->
+#ifndef BROKEN_SIGNALCOUNT
+		work_signals--;
+#endif
+		act = TAKE
+	   }
+	:: atomic {
+		act == CHECK ->
+		/* idle_check(): opq__is_idle() drains the inbox */
+		drain();
+		if
+		:: busy == 0 && queued == 0 -> cv_idle = false	/* broadcast(idle) */
+		:: else -> skip
+		fi;
+		stop_or_sleep(me, act);
+		runner_end(me, act)
+	   }
+	   if
+	   :: act == EXIT -> break
+	   :: else -> skip
+	   fi
+	:: atomic {
+		act == COUNT ->
+		idle_runners++;
+		act = LOOK
+	   }
+	:: atomic {
+		act == LOOK ->
+		/* counted idle, then one more look */
+		if
+#ifndef BROKEN_NOLOOKAGAIN
+#ifndef BROKEN_IDLEDRAIN
+		/*
+		 * The fix: at the FIFO too, which the idle check may have
+		 * filled from the inbox since the take; BROKEN_IDLEDRAIN looks
+		 * at the inbox only.
+		 */
+		:: inbox > 0 || queued > 0 -> act = UNCOUNT
+#else
+		:: inbox > 0 -> act = UNCOUNT
+#endif
+#endif
+		:: else ->
+			/* a runner only sleeps with nothing to take or steal */
+			assert(queued == 0 && PENDSUM == 0);
+			act = SLEEP;
+			cond_block(me)
+		fi
+	   }
+	:: atomic {
+		act == UNCOUNT ->
+		idle_runners--;
+		act = TAKE
+	   }
+#endif
 	od
 }
 
@@ -457,7 +729,7 @@ inline enqueue(me, form, rc)
 	rc = PENDING;
 	do
 	:: spurious_wake(me)
-	:: atomic { form == TIMED && cv[me] -> cv[me] = false; timedout = true }
+	:: atomic { form == TIMED && cv[me] && mu == NONE -> cv[me] = false; timedout = true }
 	:: atomic {
 		!cv[me] && mu == NONE -> mu = me;
 		if
@@ -489,12 +761,7 @@ inline enqueue(me, form, rc)
 			queued++;	/* push at the tail */
 			enqueued++;
 #ifndef BROKEN_NOWORKSIGNAL
-			if
-			:: idle_runners > work_signals ->
-				work_signals++;
-				cond_signal(WORK)
-			:: else -> skip
-			fi;
+			wake_runner();
 #endif
 			rc = OK;
 			unlock(me);
@@ -522,15 +789,95 @@ inline enqueue(me, form, rc)
 	/* waiting and timedout are false again on every way out */
 }
 
+/*
+ * Stands for push_inbox(), an unbounded queue's enqueue: the push (one
+ * compare-and-swap; ESHUTDOWN on a closed inbox), then, without the lock,
+ * the read of idle_runners and the read of work_signals, each a step of
+ * its own; if more runners are idle than signalled, wake_runner() under
+ * q->mu. `seen` holds what the first read saw, then whether to wake.
+ */
+inline enqueue_inbox(me, seen, rc)
+{
+#ifdef BROKEN_LOCKFREECHECK
+	/* the producer looks at idle_runners before its push, not after */
+	atomic { seen = (idle_runners > 0) };
+#endif
+	atomic {
+		if
+		:: closed -> rc = ESHUTDOWN
+		:: else ->
+			inbox++;	/* the push */
+			enqueued++;
+			rc = OK;
+#ifdef BROKEN_LOCKFREECHECK
+			if
+			:: seen -> onway++
+			:: else -> skip
+			fi
+#else
+			onway++
+#endif
+		fi;
+		check()
+	}
+	if
+	:: rc == OK ->
+#ifndef BROKEN_LOCKFREECHECK
+		atomic {
+			seen = idle_runners;
+			if
+			:: seen == 0 -> onway--; check()	/* 0 > work_signals is false, whatever the read of it returns */
+			:: else -> skip
+			fi
+		}
+		if
+		:: seen > 0 ->
+			atomic {
+				seen = (seen > work_signals);
+				if
+				:: !seen -> onway--; check()
+				:: else -> skip
+				fi
+			}
+		:: else -> skip
+		fi;
+#endif
+		if
+		:: seen ->
+			atomic {
+				lock(me);
+#ifndef BROKEN_NOWORKSIGNAL
+				wake_runner();
+#endif
+				onway--;
+				seen = 0;
+				unlock(me)
+			}
+		:: else -> skip
+		fi
+	:: else -> skip
+	fi
+}
+
 proctype Producer(byte j)
 {
 	byte i, form, rc;
+#if CAP == 0
+	byte seen = 0;
+#endif
 	for (i : 1 .. OPS) {
+#if CAP == 0
+		enqueue_inbox(PRODUCER(j), seen, rc);
+#else
 		enqueue(PRODUCER(j), form, rc);
+#endif
 		atomic {
 			assert(rc == OK || rc == EAGAIN || rc == ESHUTDOWN || rc == ETIMEDOUT);
 			form = UNSET;
-			rc = 0
+			rc = 0;
+#if CAP == 0
+			seen = 0;
+#endif
 		}
 	}
 	atomic {
@@ -541,7 +888,8 @@ proctype Producer(byte j)
 
 /*
  * Stands for opq_queue_wait_idle(q, deadline): idle_waiters++; wait on
- * `idle` while queued > 0 || busy > 0; idle_waiters--.
+ * `idle` while queued > 0 || busy > 0 (opq__is_idle(), which drains the
+ * inbox first); idle_waiters--.
  */
 proctype Idler()
 {
@@ -549,13 +897,14 @@ proctype Idler()
 	byte rc = PENDING, form = UNSET;
 	do
 	:: spurious_wake(IDLER)
-	:: atomic { form == TIMED && cv_idle -> cv_idle = false; timedout = true }
+	:: atomic { form == TIMED && cv_idle && mu == NONE -> cv_idle = false; timedout = true }
 	:: atomic {
 		!cv_idle && mu == NONE -> mu = IDLER;
 		if
 		:: !waiting -> idle_waiters++
 		:: else -> waiting = false
 		fi;
+		drain();
 		if
 		:: queued == 0 && busy == 0 -> rc = OK
 		:: else ->
@@ -588,54 +937,82 @@ proctype Idler()
 }
 
 /*
- * Stands for opq_queue_stop(q, mode): state = STOPPING, broadcast `space`
- * and `work`, with DISCARD empty the FIFO and every runner's pending
- * list; then wait on `change` until no runner is alive: STOPPED.
+ * The rest of opq_queue_stop's first stretch under q->mu, after the close:
+ * wake_runners(); with DISCARD, opq__take_all() (the closed inbox holds
+ * none) and the idle check; then STOPPED if no runner is alive, else the
+ * wait on `change`.
+ */
+inline stop_rest(mode, phase)
+{
+	wake_runners();
+	if
+	:: mode == DISCARD ->
+		/* every operation in the FIFO, then every runner's pending (under its r->mu) */
+		discarded = discarded + queued;
+		queued = 0;
+		for (si : 0 .. NR - 1) {
+			discarded = discarded + pending[si];
+			pending[si] = 0
+		}
+		si = 0;
+		/* make_room() is moot (stopping); the fix: the idle check */
+#ifndef BROKEN_DISCARDIDLE
+		idle_check()
+#else
+		skip
+#endif
+	:: else -> skip
+	fi;
+	phase = 2;
+	if
+	:: alive == 0 -> state = STOPPED; unlock(STOPPER); break
+	:: else -> cond_block(STOPPER)
+	fi
+}
+
+/*
+ * Stands for opq_queue_stop(q, mode): state = STOPPING, close the inbox
+ * (what it held goes to the FIFO), broadcast `space`, wake_runners(); with
+ * DISCARD empty the FIFO and every runner's pending list; then wait on
+ * `change` until no runner is alive: STOPPED. On an unbounded queue, the
+ * close and wake_runners() (work_signals = idle_runners) are two steps,
+ * q->mu held from one to the other.
  */
 proctype Stopper()
 {
 	byte mode;
-	bool waiting = false;
+	byte phase = 0;		/* 0: not begun, 1: inbox closed (q->mu held), 2: waiting for the runners */
 	do
 	:: spurious_wake(STOPPER)
 	:: atomic {
-		!cv_change && mu == NONE -> mu = STOPPER;
+		phase == 0 && mu == NONE -> mu = STOPPER;
 		if
-		:: !waiting ->
-			if
-			:: mode = DRAIN
-			:: mode = DISCARD
-			fi;
-			state = STOPPING;
-			cond_broadcast(SPACE);
-			cond_broadcast(WORK);
-			if
-			:: mode == DISCARD ->
-				/* every operation in the FIFO, then every runner's pending (under its r->mu) */
-				discarded = discarded + queued;
-				queued = 0;
-				for (si : 0 .. NR - 1) {
-					discarded = discarded + pending[si];
-					pending[si] = 0
-				}
-				si = 0;
-				/* make_room() is moot (stopping); the fix: the idle check */
-#ifndef BROKEN_DISCARDIDLE
-				idle_check()
-#else
-				skip
-#endif
-			:: else -> skip
-			fi
-		:: else -> waiting = false
+		:: mode = DRAIN
+		:: mode = DISCARD
 		fi;
+		state = STOPPING;
+		/* opq__inbox_close(): an exchange with INBOX_CLOSED */
+		closed = true;
+		drain();
+		cond_broadcast(SPACE);
+#if CAP == 0
+		phase = 1	/* wake_runners() is a step of its own */
+#else
+		stop_rest(mode, phase)
+#endif
+	   }
+#if CAP == 0
+	:: atomic { phase == 1 -> stop_rest(mode, phase) }
+#endif
+	:: atomic {
+		phase == 2 && !cv_change && mu == NONE -> mu = STOPPER;
 		if
 		:: alive == 0 -> state = STOPPED; unlock(STOPPER); break
-		:: else -> waiting = true; cond_block(STOPPER)
+		:: else -> cond_block(STOPPER)
 		fi
 	   }
 	od;
-	mode = 0
+	atomic { mode = 0; phase = 0 }
 }
 
 /*
@@ -651,7 +1028,7 @@ proctype Resizer()
 		if
 		:: state == RUNNING ->
 			target = R - 1;
-			cond_broadcast(WORK)
+			wake_runners()
 		:: else -> skip
 		fi;
 		unlock(RESIZER)
@@ -678,13 +1055,19 @@ proctype Resizer()
 }
 
 /*
- * Stands for opq_queue_cancel() of an operation still in the FIFO (it
- * leaves it, unperformed). Cancelling one already taken is not modelled.
+ * Stands for opq_queue_cancel() of an operation still in the FIFO or the
+ * inbox (take_out() drains the inbox first; the operation leaves,
+ * unperformed). Cancelling one already taken is not modelled. On an
+ * unbounded queue, the idle check's own drain is a step of its own.
  */
 proctype Canceller()
 {
+#if CAP == 0
+	bool held = false;
+#endif
 	atomic {
 		lock(CANCELLER);
+		drain();
 		if
 		:: queued > 0 ->
 			queued--;
@@ -692,14 +1075,40 @@ proctype Canceller()
 			make_room();
 			/* the fix: the idle check */
 #ifndef BROKEN_CANCELIDLE
+#if CAP == 0
+			if
+			:: idle_waiters > 0 -> held = true	/* its drain is a step of its own */
+			:: else -> skip
+			fi
+#else
 			idle_check()
+#endif
 #else
 			skip
 #endif
 		:: else -> skip
 		fi;
+#if CAP == 0
+		if
+		:: !held -> unlock(CANCELLER)
+		:: else -> skip
+		fi
+#else
 		unlock(CANCELLER)
+#endif
 	}
+#if CAP == 0
+	;
+	if
+	:: held ->
+		atomic {
+			idle_check();
+			held = false;
+			unlock(CANCELLER)
+		}
+	:: else -> skip
+	fi
+#endif
 }
 
 init
@@ -724,10 +1133,11 @@ init
 	}
 	/* After everybody returned: every operation accepted was performed or discarded. */
 	(finished == P + 1 && state == STOPPED) ->
-	assert(queued == 0 && PENDSUM == 0 && running == 0);
+	assert(queued == 0 && inbox == 0 && PENDSUM == 0 && running == 0);
 	assert(enqueued == completed + discarded);
 	assert(alive == 0 && busy == 0 && idle_runners == 0 && work_signals == 0);
-	assert(space_waiters == 0 && space_signals == 0 && idle_waiters == 0)
+	assert(space_waiters == 0 && space_signals == 0 && idle_waiters == 0);
+	assert(closed && onway == 0)
 }
 
 ltl all_return { <> (finished == P + 1 && state == STOPPED) }

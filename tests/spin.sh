@@ -94,15 +94,27 @@ run stage-broken-nopromote-live stage.pml liveness fail -DBROKEN_NOPROMOTE -DROU
 run stage-broken-noheadcheck stage.pml safety fail -DBROKEN_NOHEADCHECK
 
 # The queue: bounded (CAP=1 by default, 2) with set_runners shrinking it,
-# or cancel; unbounded (CAP=0: batches, pending lists, steals) with
-# set_runners shrinking and growing it. Liveness with one operation per
-# producer. EXITBUSY, DISCARDIDLE and CANCELIDLE are the protocol as first
-# written, before the two fixes the model found.
+# or cancel; unbounded (CAP=0: the lock-free inbox, batches, pending lists,
+# steals) with two producers of two operations each and two runners or one,
+# then with one producer and set_runners shrinking and growing it, or
+# cancel. Liveness: bounded with one operation per producer and set_runners
+# shrinking the queue; unbounded with two producers of one operation each
+# (more would take this test past three minutes). EXITBUSY, DISCARDIDLE and
+# CANCELIDLE are the protocol as first written, before the fixes the model
+# found; IDLEDRAIN is lib/runner.c's last look before a runner sleeps as it
+# is at this model's commit (at the inbox only), which lets an operation
+# wait in the FIFO while the only runner sleeps (see lib/queue.pml).
+# IDLEDRAIN and NOLOOKAGAIN lose an operation only when the runner is the
+# only one (with another, the producer wakes that one, or it comes back for
+# the operation): they run with one runner.
 run queue-safety queue.pml safety pass -DRESIZE
 run queue-cap2-cancel queue.pml safety pass -DCAP=2 -DCANCEL
-run queue-unbounded queue.pml safety pass -DCAP=0 -DRESIZE -DGROW
+run queue-unbounded queue.pml safety pass -DCAP=0
+run queue-unbounded-1runner queue.pml safety pass -DCAP=0 -DR=1
+run queue-unbounded-resize queue.pml safety pass -DCAP=0 -DP=1 -DRESIZE -DGROW
+run queue-unbounded-cancel queue.pml safety pass -DCAP=0 -DP=1 -DCANCEL
 run queue-liveness queue.pml liveness pass -DRESIZE -DOPS=1
-run queue-unbounded-liveness queue.pml liveness pass -DCAP=0 -DRESIZE -DGROW -DOPS=1
+run queue-unbounded-liveness queue.pml liveness pass -DCAP=0 -DOPS=1
 run queue-broken-noworksignal queue.pml safety fail -DBROKEN_NOWORKSIGNAL
 run queue-broken-signalcount queue.pml safety fail -DBROKEN_SIGNALCOUNT
 run queue-broken-noroom queue.pml safety fail -DBROKEN_NOROOM
@@ -112,4 +124,7 @@ run queue-broken-exitbusy queue.pml safety fail -DRESIZE -DBROKEN_EXITBUSY
 run queue-broken-exitbusy-live queue.pml liveness fail -DRESIZE -DOPS=1 -DBROKEN_EXITBUSY
 run queue-broken-discardidle queue.pml safety fail -DBROKEN_DISCARDIDLE
 run queue-broken-cancelidle queue.pml safety fail -DCAP=2 -DCANCEL -DOPS=1 -DBROKEN_CANCELIDLE
+run queue-broken-idledrain queue.pml safety fail -DCAP=0 -DR=1 -DP=1 -DBROKEN_IDLEDRAIN
+run queue-broken-nolookagain queue.pml safety fail -DCAP=0 -DR=1 -DP=1 -DBROKEN_NOLOOKAGAIN
+run queue-broken-lockfreecheck queue.pml safety fail -DCAP=0 -DP=1 -DBROKEN_LOCKFREECHECK
 exit $fail
