@@ -145,9 +145,9 @@
  *   had not relocked), nobody ever broadcast `idle` and wait_idle slept for
  *   ever. Fix: whoever empties the FIFO other than a runner's take does the
  *   idle check (busy == 0 && queued == 0 && idle_waiters: broadcast idle).
- * - BROKEN_IDLEDRAIN, an unbounded queue's runner as lib/runner.c has it
- *   at this model's commit: after counting itself idle, it looks at the
- *   inbox only. But when it comes back from a batch and finds nothing, it
+ * - BROKEN_IDLEDRAIN, an unbounded queue's runner as lib/runner.c had it
+ *   before this model found the flaw: after counting itself idle, it looked
+ *   at the inbox only. But when it comes back from a batch and finds nothing, it
  *   stops being busy and makes the idle check, and if a thread waits in
  *   wait_idle, opq__is_idle() drains the inbox into the FIFO, after the
  *   take's drain and before the runner counts itself idle: an operation

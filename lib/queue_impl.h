@@ -33,6 +33,7 @@
  * (opq__inbox_drain). A stop swaps in INBOX_CLOSED: later pushes fail with
  * ESHUTDOWN. A pushing producer and a runner going to sleep meet on
  * idle_runners: the runner counts itself in it and then looks at the inbox
+ * (and the FIFO, which its idle check may have drained the inbox into)
  * once more, the producer pushes and then reads it (both sequentially
  * consistent), so one of them sees the other. A producer that sees more
  * runners idle than signalled (work_signals, below) takes q->mu to signal

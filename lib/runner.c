@@ -250,9 +250,10 @@ void *opq__runner_main(void *arg)
 		}
 		if (q->alive > q->target || q->state == ST_STOPPING)
 			break;
-		/* Counted idle, then one more look (see the inbox in queue_impl.h). */
+		/* Counted idle, then one more look (see the inbox in queue_impl.h):
+		 * at the FIFO too, where idle_check may have just drained a push. */
 		SET_IDLE_RUNNERS(q, q->idle_runners + 1);
-		if (INBOX_HOLDS(__atomic_load_n(&q->inbox, __ATOMIC_SEQ_CST))) {
+		if (q->queued || INBOX_HOLDS(__atomic_load_n(&q->inbox, __ATOMIC_SEQ_CST))) {
 			SET_IDLE_RUNNERS(q, q->idle_runners - 1);
 			continue;
 		}

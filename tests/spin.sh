@@ -101,8 +101,8 @@ run stage-broken-noheadcheck stage.pml safety fail -DBROKEN_NOHEADCHECK
 # shrinking the queue; unbounded with two producers of one operation each
 # (more would take this test past three minutes). EXITBUSY, DISCARDIDLE and
 # CANCELIDLE are the protocol as first written, before the fixes the model
-# found; IDLEDRAIN is lib/runner.c's last look before a runner sleeps as it
-# is at this model's commit (at the inbox only), which lets an operation
+# found; IDLEDRAIN is the runner's last look before it sleeps as lib/runner.c
+# first had it (at the inbox only, not the FIFO), which lets an operation
 # wait in the FIFO while the only runner sleeps (see lib/queue.pml).
 # IDLEDRAIN and NOLOOKAGAIN lose an operation only when the runner is the
 # only one (with another, the producer wakes that one, or it comes back for
