@@ -332,6 +332,8 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	    .errbuf = words,
 	    .errlen = sizeof(words),
 	};
+	/* Until the deadlines are passed down, a call may take one lease time. */
+	req.deadline = opq__ns_to_ts(opq__lease_sat_add(opq__mono_ns(), l->a.lease_ns));
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
 	clock_gettime(CLOCK_MONOTONIC, before);

@@ -180,6 +180,9 @@ typedef struct opq_lease_request {
 	uint64_t token;
 	char *errbuf;
 	size_t errlen;
+	/* The store call returns by this CLOCK_MONOTONIC instant (see
+	 * opq_lease_provider_create(3)); always set. */
+	struct timespec deadline;
 } opq_lease_request;
 
 /*
