@@ -13,6 +13,7 @@
 #include <opqueue/line.h>
 #include <opqueue/stage.h>
 #include <opqueue/scope.h>
+#include <opqueue/chan.h>
 #include <opqueue/lease.h>
 
 #endif /* OPQUEUE_H */

@@ -19,6 +19,18 @@ OPQ_EXPORT int opq_op_init(opq_op *op, opq_op_fn *perform, opq_op_fn *discard)
 	return 0;
 }
 
+OPQ_EXPORT int opq_op_set_completion(opq_op *op, opq_chan *ch, opq_complete_fn *complete)
+{
+	if (!op || !ch != !complete)
+		return EINVAL;
+	uintptr_t st = OP_STATE(op);
+	if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED)
+		return EBUSY;
+	op->opq__chan = ch;
+	op->opq__complete = complete;
+	return 0;
+}
+
 /* ---- boxes --------------------------------------------------------------- */
 
 void opq__box_perform(opq_op *op)
@@ -32,7 +44,9 @@ void opq__box_perform(opq_op *op)
 
 void opq__op_discard(opq_op *op)
 {
-	if (op->perform == opq__box_perform) {
+	if (op->opq__chan) {
+		opq__chan_end(op, ECANCELED);
+	} else if (op->perform == opq__box_perform) {
 		struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
 		opq_fn *discard = (opq_fn *)op->discard;
 		void *arg = b->arg;
@@ -170,6 +184,8 @@ static int push(opq_queue *q, opq_op *op, enum wait_kind kind, const struct time
 	if (!__atomic_compare_exchange_n(&op->opq__state, &st, OP_QUEUED, false, __ATOMIC_ACQUIRE,
 	                                 __ATOMIC_RELAXED))
 		return EBUSY;
+	if (op->opq__chan)
+		opq__chan_accept(op->opq__chan);
 	OP_SET_OWNER(op, q);
 	opq__list_push(&q->fifo, &op->opq__link);
 	if (++q->queued > q->high_water)
@@ -191,9 +207,14 @@ static int push_inbox(opq_queue *q, opq_op *op, bool boxed)
 	         !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false,
 	                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return EBUSY; /* two threads enqueueing it at once: one gets it */
+	opq_chan *ch = op->opq__chan;
+	if (ch)
+		opq__chan_accept(ch);
 	struct opq__link *top = __atomic_load_n(&q->inbox, __ATOMIC_RELAXED);
 	do {
 		if (top == INBOX_CLOSED) {
+			if (ch)
+				opq__chan_unaccept(ch);
 			OP_SET_STATE(op, st);
 			return ESHUTDOWN;
 		}
@@ -248,6 +269,7 @@ static int enqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *discard_fn, void *arg, e
 		return ENOMEM;
 	b->op.perform = opq__box_perform;
 	b->op.discard = (opq_op_fn *)discard_fn; /* see struct box */
+	b->op.opq__chan = NULL;
 	OP_SET_STATE(&b->op, OP_IDLE);
 	b->fn = fn;
 	b->arg = arg;
@@ -278,6 +300,51 @@ OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *disca
                                          const struct timespec *deadline)
 {
 	return enqueue_fn(q, fn, discard_fn, arg, WAIT_BLOCK, deadline);
+}
+
+/* The box of opq_queue_submit: it travels to the channel, whose thread
+ * frees it, so it is not one of the queue's reusable boxes. */
+struct work {
+	opq_op op;
+	opq_fn *work;
+	opq_after_fn *after;
+	void *arg;
+};
+
+static void work_perform(opq_op *op)
+{
+	struct work *w = OPQ_CONTAINER_OF(op, struct work, op);
+	w->work(w->arg);
+}
+
+static void work_complete(opq_op *op, int status)
+{
+	struct work *w = OPQ_CONTAINER_OF(op, struct work, op);
+	opq_after_fn *after = w->after;
+	void *arg = w->arg;
+	opq__free(w);
+	if (after)
+		after(arg, status);
+}
+
+OPQ_EXPORT int opq_queue_submit(opq_queue *q, opq_chan *ch, opq_fn *work, opq_after_fn *after,
+                                void *arg, const struct timespec *deadline)
+{
+	if (!q || !ch || !work || !opq__deadline_ok(deadline))
+		return EINVAL;
+	struct work *w = opq__malloc(sizeof(*w));
+	if (!w)
+		return ENOMEM;
+	opq_op_init(&w->op, work_perform, NULL);
+	w->op.opq__chan = ch;
+	w->op.opq__complete = work_complete;
+	w->work = work;
+	w->after = after;
+	w->arg = arg;
+	int rc = enqueue(q, &w->op, WAIT_BLOCK, deadline);
+	if (rc)
+		opq__free(w);
+	return rc;
 }
 
 /* ---- taking an operation back out ----------------------------------------- */
@@ -351,7 +418,7 @@ bool opq__queue_help(opq_queue *q, opq_op *op)
 	q->helping++;
 	opq__unlock(&q->mu);
 
-	op->perform(op); /* op may be freed from here on */
+	opq__op_perform(op);
 
 	opq__lock(&q->mu);
 	opq__helped_done(q);

@@ -54,6 +54,17 @@ OPQ_INTERNAL int opq__cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex,
                                 const struct timespec *deadline);
 
 /*
+ * Completion channels (chan.c), below the queue. A queue calls
+ * opq__chan_accept(ch) before an operation naming ch can be seen by a
+ * runner (opq__chan_unaccept if the enqueue then fails), and
+ * opq__chan_end(op, status) once op has ended: after its perform (0) or
+ * instead of its discard (ECANCELED). Neither blocks nor takes a lock.
+ */
+OPQ_INTERNAL void opq__chan_accept(opq_chan *ch);
+OPQ_INTERNAL void opq__chan_unaccept(opq_chan *ch);
+OPQ_INTERNAL void opq__chan_end(opq_op *op, int status);
+
+/*
  * The thread's cancellation point (cancel.c), below queue, line and stage.
  * A cancel context is something that can be cancelled: a flag, and the
  * records of the calls blocked in it, guarded by a lock its owner passes

@@ -393,7 +393,7 @@ static void drain_here(opq_queue *q)
 		q->helping++;
 		opq__unlock(&q->mu);
 		opq__tls_queue = q;
-		op->perform(op);
+		opq__op_perform(op);
 		opq__tls_queue = outer;
 		opq__lock(&q->mu);
 		opq__helped_done(q);

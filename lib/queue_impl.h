@@ -75,6 +75,18 @@ enum { OP_IDLE = 0, OP_INBOX = 0x6962, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, 
 #define OP_SET_OWNER(op, o)  __atomic_store_n(&(op)->opq__owner, (void *)(o), __ATOMIC_RELAXED)
 #define OP_OF(link)          OPQ_CONTAINER_OF(link, opq_op, opq__link)
 
+/* Perform op; one with a completion, which perform must not free, then
+ * goes to its channel. */
+static inline void opq__op_perform(opq_op *op)
+{
+	if (op->opq__chan) {
+		op->perform(op);
+		opq__chan_end(op, 0);
+	} else {
+		op->perform(op); /* op may be freed from here on */
+	}
+}
+
 /* The most operations a runner of an unbounded queue takes at once. */
 #define BATCH_MAX 32
 

@@ -178,7 +178,7 @@ static void run_batch(opq_queue *q, struct runner *r, opq_op *op)
 			last = last ? last : op;
 			nboxes++;
 		} else {
-			op->perform(op);
+			opq__op_perform(op);
 		}
 		opq__lock(&r->mu);
 		r->running = false;

@@ -7,9 +7,12 @@
  * successful enqueue until its perform or discard callback is called, the
  * operation belongs to the queue and the caller must not touch or free it;
  * inside that callback it belongs to the caller again (the callback may free
- * it). When an enqueue fails, the caller keeps the operation: nothing is
- * lost. Function-pointer operations are boxed by the queue, which owns the
- * box (it frees it, or keeps it for reuse); `arg` is never touched.
+ * it). An operation with a completion (opq_op_set_completion, in
+ * opqueue/chan.h) stays the library's until its completion runs on the
+ * channel's thread: its perform must not free it, and instead of its
+ * discard the completion runs with ECANCELED. When an enqueue fails, the
+ * caller keeps the operation: nothing is lost. Function-pointer operations are boxed by the queue,
+ * which owns the box (it frees it, or keeps it for reuse); `arg` is never touched.
  *
  * Every function but opq_queue_destroy is thread-safe and may be called from
  * inside an operation of any queue, including its own; a call that would
@@ -28,6 +31,7 @@ extern "C" {
 typedef struct opq_queue opq_queue;
 typedef struct opq_queue_attr opq_queue_attr;
 typedef struct opq_op opq_op;
+typedef struct opq_chan opq_chan; /* a completion channel: opqueue/chan.h */
 
 /* Called on a runner to perform an operation, or instead of it to discard it. */
 typedef void opq_op_fn(opq_op *op);
@@ -35,6 +39,9 @@ typedef void opq_op_fn(opq_op *op);
 typedef void opq_fn(void *arg);
 /* A runner start or exit hook: `index` numbers the runners from 0. */
 typedef void opq_runner_hook(void *arg, unsigned index);
+/* An operation's completion, run by its channel's thread: status 0 after
+ * perform, ECANCELED instead of perform (see opq_op_set_completion(3)). */
+typedef void opq_complete_fn(opq_op *op, int status);
 
 /*
  * The header of an operation the caller boxes itself: embed it in your own
@@ -47,6 +54,9 @@ struct opq_op {
 	struct opq__link opq__link;
 	void *opq__owner;
 	uintptr_t opq__state;
+	opq_chan *opq__chan; /* opq_op_set_completion */
+	opq_complete_fn *opq__complete;
+	int opq__status;
 };
 
 #define OPQ_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
