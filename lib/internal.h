@@ -198,68 +198,8 @@ OPQ_INTERNAL void opq__timer_cancel(struct opq__timer *t);
  * coming and going one at a time do not start and join the thread each.
  */
 OPQ_INTERNAL int opq__queue_timer_ref(opq_queue *q);
-
-/*
- * The scope tree (scope.c), for the waits on it (scope_wait.c) only. The
- * tree's mutex guards every field of the tree, its scopes and its tasks
- * but timer_ref; the invariants are at the top of scope.c.
- */
-enum { OPQ__T_NEW, OPQ__T_QUEUED, OPQ__T_RUNNING, OPQ__T_RETURNED, OPQ__T_FINISHING, OPQ__T_DONE };
-struct opq__tree;
-
-struct opq_scope {
-	struct opq__tree *tr;
-	opq_task *owner;           /* NULL for the root scope */
-	struct opq__link children; /* live children, oldest first (helpers go in FIFO order) */
-	size_t nchildren;
-	struct opq__cancel_ctx cx; /* cancelled?, and the calls blocked in it */
-	bool closing;              /* no more spawns */
-	bool timed_out;            /* its deadline fired */
-	int policy;
-	int first_error;
-	bool has_deadline;
-	struct timespec deadline;
-	struct opq__link dl; /* in the tree's deadline list, or unlinked */
-};
-
-struct opq_task {
-	opq_op op;
-	opq_scope scope;      /* the task's own child scope */
-	opq_scope *pscope;    /* the scope it was spawned in */
-	struct opq__link sib; /* in pscope's children */
-	opq_task_fn *fn;
-	void *arg;
-	opq_task_done_fn *done;
-	void *done_arg;
-	int state;
-	int result;
-	unsigned refs;
-	opq_task *pull_next; /* on a canceller's list of queued tasks to take out (scope.c) */
-};
-
-struct opq__tree {
-	pthread_mutex_t mu;
-	pthread_cond_t cv; /* a task terminated, or one was queued: waiters look */
-	opq_queue *q;
-	unsigned refs;
-	unsigned waiters;        /* threads in opq_scope_wait / opq_task_wait */
-	struct opq__link dl;     /* scopes whose deadline has not fired, soonest first */
-	struct opq__timer timer; /* on the library's timer thread: the first one's deadline */
-	atomic_bool timer_ref;   /* q holds a timer thread reference for the tree */
-	opq_scope root;
-};
-
-/* The scope of the task the calling thread runs, or NULL. */
-OPQ_INTERNAL opq_scope *opq__scope_current(void);
-/* The task whose done callback the calling thread runs, or NULL. */
-OPQ_INTERNAL opq_task *opq__scope_done_task(void);
-/* Under tr->mu: s's oldest child, or NULL. */
-OPQ_INTERNAL opq_task *opq__scope_first_child(const opq_scope *s);
-/* Under tr->mu: the next task of a depth-first walk of the subtree under top, after t. */
-OPQ_INTERNAL opq_task *opq__scope_walk_next(opq_scope *top, opq_task *t, bool descend);
-/* Under tr->mu: drop a reference to t; true if the tree must be freed (after unlocking). */
-OPQ_INTERNAL bool opq__task_unref(opq_task *t);
-OPQ_INTERNAL void opq__tree_free(struct opq__tree *tr);
+/* The runners' stack size set at create (0: the system's default). */
+OPQ_INTERNAL size_t opq__queue_stack_size(const opq_queue *q);
 
 /* Monotonic nanoseconds and back. */
 OPQ_INTERNAL int64_t opq__mono_ns(void);

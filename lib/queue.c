@@ -326,6 +326,11 @@ int opq__queue_timer_ref(opq_queue *q)
 	return rc;
 }
 
+size_t opq__queue_stack_size(const opq_queue *q)
+{
+	return q->attr.stack_size; /* set at create, read only */
+}
+
 OPQ_EXPORT int opq_queue_start(opq_queue *q, unsigned runners)
 {
 	if (!q || runners == 0)

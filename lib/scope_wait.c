@@ -11,8 +11,7 @@
  * never end (the waiter's own task, or the task whose done callback it
  * runs, is inside what it waits for) is EDEADLK.
  */
-#include "internal.h"
-#include "queue_impl.h" /* q->attr.stack_size: set at create, read only */
+#include "scope_impl.h"
 
 #include <sched.h>
 
@@ -50,7 +49,7 @@ static void default_stack_init(void)
 static size_t help_budget(const opq_queue *q)
 {
 	OPQ_CHECK(pthread_once(&default_stack_once, default_stack_init));
-	size_t size = q->attr.stack_size;
+	size_t size = opq__queue_stack_size(q);
 	if (!size || size > default_stack)
 		size = default_stack;
 	return size / 2;
