@@ -880,6 +880,75 @@ START_TEST(test_completion_enqueues)
 }
 END_TEST
 
+/* An operation dropped by one queue is the caller's again in its
+ * ECANCELED completion, which may enqueue it elsewhere (a retry). */
+struct retry {
+	opq_op op;
+	opq_queue *again;
+	int statuses[2], ncomplete, rc;
+	atomic_int performed;
+};
+
+static void retry_perform(opq_op *op)
+{
+	atomic_fetch_add(&OPQ_CONTAINER_OF(op, struct retry, op)->performed, 1);
+}
+
+static void retry_complete(opq_op *op, int status)
+{
+	struct retry *r = OPQ_CONTAINER_OF(op, struct retry, op);
+	if (r->ncomplete < 2)
+		r->statuses[r->ncomplete] = status;
+	r->ncomplete++;
+	if (status == ECANCELED)
+		r->rc = opq_queue_enqueue(r->again, op);
+}
+
+START_TEST(test_cancelled_completion_reenqueues)
+{
+	enum { N = 30 };
+	opq_chan *ch;
+	ck_assert_int_eq(opq_chan_create(&ch), 0);
+	opq_queue *b = queue_new(0, 2);
+	struct retry r[N];
+	for (int how = 0; how < 3; how++) {
+		opq_queue *a = queue_new(how == 1 ? N : 0, 0);
+		for (int i = 0; i < N; i++) {
+			memset(&r[i], 0, sizeof(r[i]));
+			r[i].again = b;
+			r[i].rc = -1;
+			ck_assert_int_eq(opq_op_init(&r[i].op, retry_perform, NULL), 0);
+			ck_assert_int_eq(opq_op_set_completion(&r[i].op, ch, retry_complete), 0);
+			ck_assert_int_eq(opq_queue_enqueue(a, &r[i].op), 0);
+		}
+		if (how == 0)
+			for (int i = 0; i < N; i++)
+				ck_assert_int_eq(opq_queue_cancel(a, &r[i].op), 0);
+		else if (how == 1)
+			ck_assert_int_eq(opq_queue_stop(a, OPQ_STOP_DISCARD), 0);
+		ck_assert_int_eq(opq_queue_destroy(a), 0);
+		int fd;
+		ck_assert_int_eq(opq_chan_fd(ch, &fd), 0);
+		struct timespec dl = t_deadline(T_WAIT_NS);
+		for (int i = 0; i < N; i++) {
+			while (r[i].ncomplete < 2) {
+				ck_assert(!t_passed(&dl));
+				struct pollfd p = {.fd = fd, .events = POLLIN};
+				ck_assert_int_ge(poll(&p, 1, 100), 0);
+				ck_assert_int_eq(opq_chan_run(ch, 8, NULL), 0);
+			}
+			ck_assert_int_eq(r[i].ncomplete, 2);
+			ck_assert_int_eq(r[i].statuses[0], ECANCELED);
+			ck_assert_int_eq(r[i].statuses[1], 0);
+			ck_assert_int_eq(r[i].rc, 0);
+			ck_assert_int_eq(r[i].performed, 1);
+		}
+	}
+	queue_end(b);
+	ck_assert_int_eq(opq_chan_destroy(ch), 0);
+}
+END_TEST
+
 /* ---- the loop is another thread ------------------------------------------- */
 
 struct loop_arg {
@@ -907,6 +976,7 @@ START_TEST(test_thread_identity)
 	tally_init(&t);
 	struct cop *c = cops_new(n, ch, &t);
 	struct sub *s = calloc((size_t)n, sizeof(*s));
+	int *cancel_rc = calloc((size_t)n / 7 + 1, sizeof(int));
 	struct loop_arg a = {.ch = ch, .t = &t, .target = 2 * n};
 	t_gate_init(&a.ready);
 	pthread_t loop;
@@ -917,8 +987,9 @@ START_TEST(test_thread_identity)
 		s[i] = (struct sub){.id = i, .t = &t};
 		ck_assert_int_eq(opq_queue_enqueue(q, &c[i].op), 0);
 		ck_assert_int_eq(opq_queue_submit(q, ch, sub_work, sub_after, &s[i], NULL), 0);
+		/* 0 or EBUSY, racing the runners: ECANCELED exactly when 0. */
 		if (i % 7 == 0)
-			opq_queue_cancel(q, &c[i].op); /* 0 or EBUSY: either way once */
+			cancel_rc[i / 7] = opq_queue_cancel(q, &c[i].op);
 	}
 	ck_assert_int_eq(opq_queue_stop(q, OPQ_STOP_DISCARD), 0);
 	ck_assert_int_eq(pthread_join(loop, NULL), 0);
@@ -929,7 +1000,14 @@ START_TEST(test_thread_identity)
 		ck_assert_int_eq(c[i].performed, c[i].status == 0);
 		ck_assert_int_eq(s[i].completed, 1);
 		ck_assert_int_eq(s[i].performed, s[i].status == 0);
+		if (i % 7 == 0) {
+			int rc = cancel_rc[i / 7];
+			ck_assert_msg(rc == 0 || rc == EBUSY, "cancel: %d", rc);
+			if (rc == 0)
+				ck_assert_int_eq(c[i].status, ECANCELED);
+		}
 	}
+	free(cancel_rc);
 	ck_assert_int_eq(opq_queue_destroy(q), 0);
 	ck_assert_int_eq(opq_chan_destroy(ch), 0);
 	t_gate_destroy(&a.ready);
@@ -996,6 +1074,7 @@ static Suite *chan_suite(void)
 	tcase_add_test(tc, test_cancel);
 	tcase_add_test(tc, test_stop_discard);
 	tcase_add_test(tc, test_queue_destroy_drops);
+	tcase_add_test(tc, test_cancelled_completion_reenqueues);
 	tc = t_tcase(s, "submit", 30);
 	tcase_add_test(tc, test_submit_bounded_deadline);
 	tcase_add_test(tc, test_submit_enomem);
