@@ -20,6 +20,16 @@
  * it away before the completion is called, so destroy can refuse while
  * anything could still reach the channel.
  *
+ * The pusher that found the stack empty still uses ch after its push, to
+ * write to the descriptor, and the loop may by then have run that
+ * operation's completion, the last one, and called destroy. Each stack
+ * that take_ready swaps out holds exactly one such pusher's operation, at
+ * its bottom: ch->batches counts those stacks (the loop's), ch->notified
+ * the pushers done with ch (they add one after their write, their last
+ * touch of ch). Destroy, once nothing is pending, waits until the two are
+ * equal: a few instructions and one write(2) of a runner, and it costs
+ * one atomic add per burst.
+ *
  * This file is below the queue: the queue calls opq__chan_accept and
  * opq__chan_end, and nothing here calls the queue.
  */
@@ -27,6 +37,7 @@
 
 #include <fcntl.h>
 #include <opqueue/chan.h>
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 #ifdef HAVE_SYS_EVENTFD_H
@@ -34,11 +45,13 @@
 #endif
 
 struct opq_chan {
-	opq_op *ready;    /* stack of ended operations, newest on top */
-	uint64_t pending; /* accepted, not yet completed (atomic) */
-	bool running;     /* opq_chan_run in progress (atomic) */
-	opq_op *local;    /* the loop's: ended operations, oldest first */
-	int rfd, wfd;     /* the same eventfd, or a pipe's two ends */
+	opq_op *ready;     /* stack of ended operations, newest on top */
+	uint64_t pending;  /* accepted, not yet completed (atomic) */
+	bool running;      /* opq_chan_run in progress (atomic) */
+	opq_op *local;     /* the loop's: ended operations, oldest first */
+	uint64_t batches;  /* stacks take_ready swapped out (written under running) */
+	uint64_t notified; /* pushers onto an empty stack done with ch (atomic) */
+	int rfd, wfd;      /* the same eventfd, or a pipe's two ends */
 };
 
 OPQ_EXPORT int opq_chan_create(opq_chan **chp)
@@ -80,6 +93,11 @@ OPQ_EXPORT int opq_chan_destroy(opq_chan *ch)
 	if (__atomic_load_n(&ch->running, __ATOMIC_ACQUIRE) ||
 	    __atomic_load_n(&ch->pending, __ATOMIC_ACQUIRE))
 		return EBUSY;
+	/* Every operation has completed; the last pushers may still be
+	 * writing to the descriptor. */
+	uint64_t batches = __atomic_load_n(&ch->batches, __ATOMIC_RELAXED);
+	while (__atomic_load_n(&ch->notified, __ATOMIC_ACQUIRE) != batches)
+		sched_yield();
 	close(ch->rfd);
 	if (ch->wfd != ch->rfd)
 		close(ch->wfd);
@@ -135,9 +153,12 @@ void opq__chan_end(opq_op *op, int status)
 		op->opq__link.opq__next = (struct opq__link *)(void *)top;
 	while (!__atomic_compare_exchange_n(&ch->ready, &top, op, true, __ATOMIC_RELEASE,
 	                                    __ATOMIC_RELAXED));
-	/* op may be completed and freed from here on; ch stays (pending). */
-	if (!top)
+	/* op may be completed and freed from here on, and, unless this
+	 * thread will write, ch destroyed. */
+	if (!top) {
 		notify(ch);
+		__atomic_fetch_add(&ch->notified, 1, __ATOMIC_RELEASE);
+	}
 }
 
 /* Move what has ended to ch->local, oldest first; false if nothing had. */
@@ -147,6 +168,7 @@ static bool take_ready(opq_chan *ch)
 	opq_op *op = __atomic_exchange_n(&ch->ready, NULL, __ATOMIC_ACQUIRE);
 	if (!op)
 		return false;
+	__atomic_store_n(&ch->batches, ch->batches + 1, __ATOMIC_RELAXED);
 	opq_op *list = NULL;
 	while (op) {
 		opq_op *next = (opq_op *)(void *)op->opq__link.opq__next;

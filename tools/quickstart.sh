@@ -19,7 +19,7 @@ what=${1:-}
 jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 packages="autoconf automake libtool pkg-config make gcc clang libclang-rt-14-dev
-	check libjemalloc-dev mandoc libglib2.0-dev libuv1-dev gnuplot-nox
+	check libjemalloc-dev mandoc libglib2.0-dev libuv1-dev libevent-dev gnuplot-nox
 	libsqlite3-dev sqlite3 postgresql libpq-dev spin
 	build-essential dpkg-dev debhelper lintian clang-format"
 
