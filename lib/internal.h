@@ -296,7 +296,11 @@ struct opq__lease_keepalive {
 	bool op_busy;  /* op is queued or being performed */
 	bool in_lost;  /* the lost callback is running on lost_thread */
 	pthread_t lost_thread;
-	opq_queue *queue;
+	opq_queue *queue; /* NULL: refreshes run on `thread` */
+	bool has_thread;  /* `thread` was started and is not joined yet */
+	bool run;         /* `thread`: perform op now */
+	bool quit;        /* `thread`: exit */
+	pthread_t thread; /* "opq-lease": performs op when `run` is set */
 	int64_t interval_ns;
 	opq_lease_lost_fn *lost;
 	void *arg;
@@ -312,7 +316,8 @@ struct opq_lease {
 	struct opq_lease_attr a;
 	int64_t margin_ns;
 	pthread_mutex_t ka_mu, io, mu;
-	pthread_cond_t cv; /* keepalive: op_busy or in_lost went false */
+	pthread_cond_t cv;     /* keepalive: op_busy, in_lost, run or quit changed; cancelled set */
+	atomic_bool cancelled; /* opq_lease_cancel was called (set under mu; read without) */
 	bool held;
 	opq_lease_grant grant;
 	int64_t grant_suspended; /* opq__suspended_ns() at grant.acquired */

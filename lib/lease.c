@@ -269,6 +269,7 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
 	if (rc)
 		goto fail3;
 	l->provider = provider;
+	atomic_init(&l->cancelled, false);
 	memcpy(l->name, name, n + 1);
 	l->a = *attr;
 	l->margin_ns = margin;
@@ -313,15 +314,48 @@ OPQ_EXPORT int opq_lease_destroy(opq_lease *lease)
 enum call { CALL_ACQUIRE, CALL_REFRESH, CALL_RELEASE };
 
 /*
- * One store call (io held by the caller). *before is the instant taken
- * just before the request. A provider's answer outside the errno range is
- * made EIO; store failures leave their words in the handle.
+ * What opq_lease_request.opq__call points to: whether the call may be
+ * cancelled (the store calls of a blocking acquire), and by what.
+ */
+struct lease_call {
+	opq_lease *l;
+	struct opq__cancel_ctx *ctx; /* the calling thread's (a scope task's), or NULL */
+	bool cancellable;
+};
+
+static bool call_cancelled(const struct lease_call *c)
+{
+	return c->cancellable && (atomic_load_explicit(&c->l->cancelled, memory_order_acquire) ||
+	                          (c->ctx && opq__cancel_ctx_cancelled(c->ctx)));
+}
+
+OPQ_EXPORT int opq_lease_request_check(const opq_lease_request *req)
+{
+	if (!req)
+		return EINVAL;
+	const struct lease_call *c = req->opq__call;
+	if (c && call_cancelled(c))
+		return ECANCELED;
+	return opq__mono_ns() >= opq__ts_to_ns(&req->deadline) ? ETIMEDOUT : 0;
+}
+
+/*
+ * One store call (io held by the caller), to return by the monotonic
+ * instant dl (ns). *before is the instant taken just before the request.
+ * A provider's answer outside the errno range is made EIO; store failures
+ * leave their words in the handle. `cancellable`: a blocking acquire's
+ * try, which opq_lease_cancel may cut short (opq_lease_request_check).
  */
 static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *out,
-                      struct timespec *before, int64_t *suspended)
+                      struct timespec *before, int64_t *suspended, int64_t dl, bool cancellable)
 {
 	char words[OPQ__LEASE_ERR_MAX];
 	words[0] = '\0';
+	struct lease_call call = {
+	    .l = l,
+	    .ctx = cancellable ? opq__cancel_current() : NULL,
+	    .cancellable = cancellable,
+	};
 	opq_lease_request req = {
 	    .name = l->name,
 	    .owner = l->a.owner,
@@ -331,9 +365,9 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	    .token = token,
 	    .errbuf = words,
 	    .errlen = sizeof(words),
+	    .deadline = opq__ns_to_ts(dl),
+	    .opq__call = &call,
 	};
-	/* Until the deadlines are passed down, a call may take one lease time. */
-	req.deadline = opq__ns_to_ts(opq__lease_sat_add(opq__mono_ns(), l->a.lease_ns));
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
 	clock_gettime(CLOCK_MONOTONIC, before);
@@ -361,21 +395,27 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	if (rc < 0)
 		rc = EIO;
 	bool expected = rc == 0 || (what == CALL_ACQUIRE && rc == EBUSY) ||
-	                (what == CALL_REFRESH && rc == ENOLCK);
+	                (what == CALL_REFRESH && rc == ENOLCK) ||
+	                (rc == ECANCELED && call_cancelled(&call));
 	if (!expected)
 		set_err(l, rc, words);
 	return rc;
 }
 
-OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
+/* The bound of a store call made now that has no deadline of its own: one lease time. */
+static int64_t one_lease(const opq_lease *l)
 {
-	if (!lease)
-		return EINVAL;
+	return opq__lease_sat_add(opq__mono_ns(), l->a.lease_ns);
+}
+
+/* One try: a store call bounded by dl (monotonic ns). */
+static int lease_try(opq_lease *lease, opq_lease_grant *grant, int64_t dl, bool cancellable)
+{
 	opq__lock(&lease->io);
 	uint64_t token;
 	struct timespec before;
 	int64_t suspended;
-	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before, &suspended);
+	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before, &suspended, dl, cancellable);
 	opq__lock(&lease->mu);
 	if (rc == 0) {
 		lease->held = true;
@@ -393,6 +433,47 @@ OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
 	return rc;
 }
 
+OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
+{
+	if (!lease)
+		return EINVAL;
+	return lease_try(lease, grant, one_lease(lease), false);
+}
+
+/* Whether the handle, or the calling thread's scope task, is cancelled. */
+static bool acquire_cancelled(opq_lease *l)
+{
+	struct opq__cancel_ctx *c = opq__cancel_current();
+	return atomic_load_explicit(&l->cancelled, memory_order_acquire) ||
+	       (c && opq__cancel_ctx_cancelled(c));
+}
+
+/*
+ * The backoff between tries: sleep until the monotonic instant `at` (ns),
+ * or until the handle or the calling thread's scope task is cancelled.
+ * ETIMEDOUT or ECANCELED.
+ */
+static int backoff_sleep(opq_lease *l, int64_t at)
+{
+	struct timespec ts = opq__ns_to_ts(at);
+	struct opq__cancel_reg r;
+	opq__lock(&l->mu);
+	int rc = opq__cancel_begin(&r, &l->mu, &l->cv);
+	while (rc == 0) {
+		if (atomic_load_explicit(&l->cancelled, memory_order_relaxed) ||
+		    opq__cancel_pending(&r))
+			rc = ECANCELED;
+		else if (opq__cond_wait(&l->cv, &l->mu, &ts) == ETIMEDOUT)
+			rc = atomic_load_explicit(&l->cancelled, memory_order_relaxed) ||
+			             opq__cancel_pending(&r)
+			         ? ECANCELED
+			         : ETIMEDOUT;
+	}
+	opq__cancel_end(&r);
+	opq__unlock(&l->mu);
+	return rc;
+}
+
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
                                  opq_lease_grant *grant)
 {
@@ -401,9 +482,18 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 	int64_t end = deadline ? opq__ts_to_ns(deadline) : INT64_MAX;
 	int64_t step = lease->a.poll_min;
 	for (;;) {
-		int rc = opq_lease_try_acquire(lease, grant);
+		if (acquire_cancelled(lease))
+			return ECANCELED;
+		/* The try gets the time left, at most one lease time: a store
+		 * call never outlasts the caller's deadline, and never hangs
+		 * for ever without one. A deadline already past still makes
+		 * one try, which waits for nothing. */
+		int64_t dl = one_lease(lease);
+		int rc = lease_try(lease, grant, dl < end ? dl : end, true);
 		if (rc == 0 || rc == EINVAL)
 			return rc;
+		if (rc == ECANCELED && acquire_cancelled(lease))
+			return ECANCELED;
 		/* EBUSY or a store failure: wait, then try again. */
 		int64_t now = opq__mono_ns();
 		if (now >= end)
@@ -417,13 +507,22 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 		int64_t at = opq__lease_sat_add(now, wait);
 		if (at > end)
 			at = end;
-		struct timespec ts = opq__ns_to_ts(at);
-		/* Inside a scope task a cancel ends the wait (cancel.c). */
-		int src = opq__cancel_sleep_until(&ts);
+		int src = backoff_sleep(lease, at);
 		if (src != ETIMEDOUT)
 			return src;
 		step = step > lease->a.poll_max / 2 ? lease->a.poll_max : step * 2;
 	}
+}
+
+OPQ_EXPORT int opq_lease_cancel(opq_lease *lease)
+{
+	if (!lease)
+		return EINVAL;
+	opq__lock(&lease->mu);
+	atomic_store_explicit(&lease->cancelled, true, memory_order_release);
+	OPQ_CHECK(pthread_cond_broadcast(&lease->cv));
+	opq__unlock(&lease->mu);
+	return 0;
 }
 
 /* The refresh itself, shared by the public call and the keepalive. */
@@ -433,12 +532,19 @@ int opq__lease_do_refresh(opq_lease *lease, opq_lease_grant *grant)
 	opq__lock(&lease->mu);
 	bool held = lease->held;
 	uint64_t token = lease->grant.token;
+	/* Bounded by the lease's local end; once that has passed, the
+	 * refresh is a try to keep what the store may still count as ours,
+	 * bounded like one. */
+	int64_t dl = opq__lease_sat_add(opq__ts_to_ns(&lease->grant.acquired),
+	                                lease->grant.lease_ns - lease->margin_ns);
 	opq__unlock(&lease->mu);
+	if (dl <= opq__mono_ns())
+		dl = one_lease(lease);
 	int rc = ENOLCK;
 	if (held) {
 		struct timespec before;
 		int64_t suspended;
-		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended);
+		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended, dl, false);
 		opq__lock(&lease->mu);
 		if (rc == 0) {
 			lease->grant.acquired = before;
@@ -481,7 +587,8 @@ OPQ_EXPORT int opq_lease_release(opq_lease *lease)
 	int rc = 0;
 	if (held) {
 		struct timespec before;
-		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, NULL);
+		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, NULL, one_lease(lease),
+		                false);
 		if (rc == 0) {
 			opq__lock(&lease->mu);
 			lease->held = false;

@@ -66,13 +66,15 @@ OPQ_INTERNAL extern const char opq__pg_schema_present_sql[];
 OPQ_INTERNAL void opq__pg_set_err(char *buf, size_t len, const char *what, const char *msg);
 
 /*
- * lease_pg_pool.c: run prepared statement st on a pooled connection within
- * the call's bound (the store's, at most half of lease_ns): 0 with *res the
- * result, or an errno with words in errbuf.
+ * lease_pg_pool.c: run prepared statement st on a pooled connection for
+ * the request req, by its deadline or the store's own bound (the
+ * connection string's connect_timeout, at most half the lease) if that
+ * comes first: 0 with *res the result, or an errno with words in
+ * req->errbuf.
  */
 OPQ_INTERNAL int opq__pg_call(struct pg_store *s, enum stmt st, const char *const *values,
-                              const int *lengths, const int *formats, int64_t lease_ns,
-                              PGresult **res, char *errbuf, size_t errlen);
+                              const int *lengths, const int *formats, const opq_lease_request *req,
+                              PGresult **res);
 /* lease_pg_pool.c: close every idle connection (a server restart; the store's destroy). */
 OPQ_INTERNAL void opq__pg_drain(struct pg_store *s);
 

@@ -392,9 +392,21 @@ static int64_t call_bound(const struct pg_store *s, int64_t lease_ns)
  * result on 0. A pooled connection found dead is replaced once.
  */
 int opq__pg_call(struct pg_store *s, enum stmt st, const char *const *values, const int *lengths,
-                 const int *formats, int64_t lease_ns, PGresult **res, char *errbuf, size_t errlen)
+                 const int *formats, const opq_lease_request *req, PGresult **res)
 {
-	struct timespec dl = add_ns(mono_now(), call_bound(s, lease_ns));
+	char *errbuf = req->errbuf;
+	size_t errlen = req->errlen;
+	/* The caller's deadline, or the store's own bound if that comes first. */
+	struct timespec dl = add_ns(mono_now(), call_bound(s, req->lease_ns));
+	if (ns_until(&req->deadline) < ns_until(&dl))
+		dl = req->deadline;
+	/* No time for a round trip: fail before taking a connection, which a
+	 * statement cut short would leave in an unknown state (closed). */
+	if (ns_until(&dl) <= 0) {
+		opq__pg_set_err(errbuf, errlen, "no time left for a round trip to the server",
+		                NULL);
+		return ETIMEDOUT;
+	}
 	for (int attempt = 0;; attempt++) {
 		PGconn *c = NULL;
 		bool fresh = true;
