@@ -265,8 +265,9 @@ OPQ_INTERNAL int64_t opq__suspended_ns(void);
 OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
 /*
- * Lease locks: lease.c (attributes, the provider object, the handle and
- * its store calls), lease_keepalive.c (the keepalive), lease_memory.c (the
+ * Lease locks: lease.c (the provider object, the handle and its store
+ * calls), lease_attr.c (attributes), lease_keepalive.c (the keepalive),
+ * lease_memory.c (the
  * memory provider).
  *
  * A handle has three locks, always taken in this order:
@@ -326,6 +327,12 @@ struct opq_lease {
 	struct opq__lease_keepalive ka;
 };
 
+/* lease_attr.c: the defaults of attributes (a fresh random owner). */
+OPQ_INTERNAL void opq__lease_attr_defaults(struct opq_lease_attr *a);
+/* lease_attr.c: len random bytes (getrandom, /dev/urandom, or a mix of the time). */
+OPQ_INTERNAL void opq__lease_random(void *buf, size_t len);
+/* lease_attr.c: the length of s if it is 1..max bytes, else 0 (also for NULL). */
+OPQ_INTERNAL size_t opq__lease_str_ok(const char *s, size_t max);
 /* lease.c: a + b for b >= 0, saturating at INT64_MAX. */
 OPQ_INTERNAL int64_t opq__lease_sat_add(int64_t a, int64_t b);
 /*

@@ -1,23 +1,17 @@
 /*
- * lease.c: lease locks with fencing tokens, the core: attributes, the
- * provider object, and the handle with the algorithm (acquire, refresh,
- * release, remaining); see opq_lease_create(3). The keepalive is in
- * lease_keepalive.c, the memory provider in lease_memory.c. The handle's
- * struct and its three locks, with their order, are in internal.h.
+ * lease.c: lease locks with fencing tokens, the core: the provider object,
+ * and the handle with the algorithm (acquire, refresh, release, remaining)
+ * and the deadlines of its store calls; see opq_lease_create(3) and
+ * opq_lease_acquire(3). The attributes are in lease_attr.c, the keepalive
+ * in lease_keepalive.c, the memory provider in lease_memory.c. The
+ * handle's struct and its three locks, with their order, are in
+ * internal.h.
  */
 #include "internal.h"
 
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#if defined(__has_include)
-#if __has_include(<sys/random.h>)
-#include <sys/random.h>
-#define OPQ_HAVE_GETRANDOM 1
-#endif
-#endif
 
 #define NS_PER_S 1000000000LL
 
@@ -34,41 +28,6 @@ struct opq_lease_provider {
 
 /* ---- small helpers ------------------------------------------------------- */
 
-static void random_bytes(void *buf, size_t len)
-{
-	size_t got = 0;
-#ifdef OPQ_HAVE_GETRANDOM
-	while (got < len) {
-		ssize_t n = getrandom((char *)buf + got, len - got, 0);
-		if (n <= 0)
-			break;
-		got += (size_t)n;
-	}
-#endif
-	if (got < len) {
-		int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-		if (fd >= 0) {
-			while (got < len) {
-				ssize_t n = read(fd, (char *)buf + got, len - got);
-				if (n <= 0)
-					break;
-				got += (size_t)n;
-			}
-			close(fd);
-		}
-	}
-	if (got < len) { /* last resort: time and addresses, mixed */
-		uint64_t x = (uint64_t)opq__mono_ns() ^ ((uint64_t)getpid() << 32) ^
-		             (uint64_t)(uintptr_t)buf;
-		for (size_t i = got; i < len; i++) {
-			x ^= x << 13;
-			x ^= x >> 7;
-			x ^= x << 17;
-			((unsigned char *)buf)[i] = (unsigned char)x;
-		}
-	}
-}
-
 static uint64_t rng_next(uint64_t *s)
 {
 	uint64_t x = *s ? *s : 0x9e3779b97f4a7c15ULL;
@@ -77,15 +36,6 @@ static uint64_t rng_next(uint64_t *s)
 	x ^= x << 17;
 	*s = x;
 	return x;
-}
-
-/* 1..max bytes and no more: the length, or 0 when empty or too long. */
-static size_t str_ok(const char *s, size_t max)
-{
-	if (!s)
-		return 0;
-	size_t n = strnlen(s, max + 1);
-	return n >= 1 && n <= max ? n : 0;
 }
 
 /* lease * ppm / 1e6 + fixed, or -1 when that reaches the lease. */
@@ -116,88 +66,6 @@ static void set_err(opq_lease *l, int rc, const char *words)
 		snprintf(l->err, sizeof(l->err), "lease store: %s", buf);
 	}
 	opq__unlock(&l->mu);
-}
-
-/* ---- attributes ------------------------------------------------------------ */
-
-static void attr_defaults(struct opq_lease_attr *a)
-{
-	memset(a, 0, sizeof(*a));
-	char host[128];
-	if (gethostname(host, sizeof(host)) != 0)
-		snprintf(host, sizeof(host), "localhost");
-	host[sizeof(host) - 1] = '\0';
-	uint64_t r;
-	random_bytes(&r, sizeof(r));
-	snprintf(a->owner, sizeof(a->owner), "%s:%ld:%016llx", host, (long)getpid(),
-	         (unsigned long long)r);
-	a->lease_ns = 10 * NS_PER_S;
-	a->ppm = 10000;
-	a->fixed_ns = 10000000;
-	a->poll_min = 10000000;
-	a->poll_max = NS_PER_S;
-}
-
-OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr)
-{
-	if (!attr)
-		return EINVAL;
-	struct opq_lease_attr *a = opq__malloc(sizeof(*a));
-	if (!a)
-		return ENOMEM;
-	attr_defaults(a);
-	*attr = a;
-	return 0;
-}
-
-OPQ_EXPORT void opq_lease_attr_destroy(opq_lease_attr *attr)
-{
-	opq__free(attr);
-}
-
-OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner)
-{
-	size_t n = str_ok(owner, OPQ_LEASE_OWNER_MAX);
-	if (!attr || !n)
-		return EINVAL;
-	memcpy(attr->owner, owner, n + 1);
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_duration(opq_lease_attr *attr, int64_t lease_ns)
-{
-	if (!attr || lease_ns <= 0)
-		return EINVAL;
-	attr->lease_ns = lease_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_margin(opq_lease_attr *attr, int64_t ppm, int64_t fixed_ns)
-{
-	if (!attr || ppm < 0 || fixed_ns < 0)
-		return EINVAL;
-	attr->ppm = ppm;
-	attr->fixed_ns = fixed_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_poll(opq_lease_attr *attr, int64_t min_ns, int64_t max_ns)
-{
-	if (!attr || min_ns <= 0 || max_ns < min_ns)
-		return EINVAL;
-	attr->poll_min = min_ns;
-	attr->poll_max = max_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_data(opq_lease_attr *attr, const void *data, size_t len)
-{
-	if (!attr || len > OPQ_LEASE_DATA_MAX || (len && !data))
-		return EINVAL;
-	if (len)
-		memcpy(attr->data, data, len);
-	attr->data_len = len;
-	return 0;
 }
 
 /* ---- providers ------------------------------------------------------------- */
@@ -242,12 +110,12 @@ OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider)
 OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider, const char *name,
                                 const opq_lease_attr *attr)
 {
-	size_t n = str_ok(name, OPQ_LEASE_NAME_MAX);
+	size_t n = opq__lease_str_ok(name, OPQ_LEASE_NAME_MAX);
 	if (!lease || !provider || !n)
 		return EINVAL;
 	struct opq_lease_attr defaults;
 	if (!attr) {
-		attr_defaults(&defaults);
+		opq__lease_attr_defaults(&defaults);
 		attr = &defaults;
 	}
 	int64_t margin = margin_of(attr->lease_ns, attr->ppm, attr->fixed_ns);
@@ -273,7 +141,7 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
 	memcpy(l->name, name, n + 1);
 	l->a = *attr;
 	l->margin_ns = margin;
-	random_bytes(&l->rng, sizeof(l->rng));
+	opq__lease_random(&l->rng, sizeof(l->rng));
 	opq__lock(&provider->mu);
 	provider->users++;
 	opq__unlock(&provider->mu);
@@ -534,14 +402,15 @@ int opq__lease_do_refresh(opq_lease *lease, opq_lease_grant *grant)
 	uint64_t token = lease->grant.token;
 	/* Bounded by the lease's local end; once that has passed, the
 	 * refresh is a try to keep what the store may still count as ours,
-	 * bounded like one. */
-	int64_t dl = opq__lease_sat_add(opq__ts_to_ns(&lease->grant.acquired),
-	                                lease->grant.lease_ns - lease->margin_ns);
+	 * bounded like one. (A grant's lease is longer than the margin.) */
+	int64_t dl = held ? opq__lease_sat_add(opq__ts_to_ns(&lease->grant.acquired),
+	                                       lease->grant.lease_ns - lease->margin_ns)
+	                  : 0;
 	opq__unlock(&lease->mu);
-	if (dl <= opq__mono_ns())
-		dl = one_lease(lease);
 	int rc = ENOLCK;
 	if (held) {
+		if (dl <= opq__mono_ns())
+			dl = one_lease(lease);
 		struct timespec before;
 		int64_t suspended;
 		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended, dl, false);

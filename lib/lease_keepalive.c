@@ -179,7 +179,7 @@ static int ka_thread_start(opq_lease *l)
 	int rc = pthread_create(&l->ka.thread, NULL, ka_thread_main, l);
 	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
 	if (rc)
-		return rc == EAGAIN ? EAGAIN : rc;
+		return rc;
 	l->ka.has_thread = true;
 	return 0;
 }

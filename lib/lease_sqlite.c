@@ -1,7 +1,8 @@
 /*
  * lease_sqlite.c: the SQLite lease provider. It is written only against
  * the public provider interface (opq_lease_provider_create), as an
- * example for writing one's own.
+ * example for writing one's own. The guard function for the users' own
+ * writes is in lease_sqlite_held.c.
  *
  * One table, created on first use:
  *   opq_lease(name TEXT PRIMARY KEY, owner TEXT, token INTEGER, held INTEGER,
@@ -42,8 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <opqueue/lease.h>
-#include <opqueue/lease_sqlite.h>
+#include "lease_sqlite_impl.h"
 
 #define OPQ_SQLITE_OPEN_NS 5000000000LL /* creating a provider gives up after this long */
 #define MS                 1000000LL
@@ -101,7 +101,7 @@ struct sq_store {
 	char path[256]; /* for error words */
 };
 
-static int64_t boot_ns(void)
+int64_t opq__sq_boot_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_BOOTTIME, &ts);
@@ -196,7 +196,7 @@ static void sq_leave(struct sq_store *s)
 	pthread_mutex_unlock(&s->mu);
 }
 
-static int read_boot_id(char *buf, size_t len)
+int opq__sq_read_boot_id(char *buf, size_t len)
 {
 	int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -348,7 +348,7 @@ static int sq_acquire(void *store, const opq_lease_request *req, uint64_t *token
 		rc = sq_fail(s, src, "begin", req->errbuf, req->errlen);
 		goto out;
 	}
-	int64_t now = boot_ns();
+	int64_t now = opq__sq_boot_ns();
 	sqlite3_stmt *sel = s->st[ST_SELECT];
 	bind_common(s, sel, req, now);
 	bool row = false;
@@ -405,7 +405,7 @@ static int sq_update(struct sq_store *s, int which, const opq_lease_request *req
 	if (rc)
 		return rc;
 	sqlite3_stmt *st = s->st[which];
-	bind_common(s, st, req, boot_ns());
+	bind_common(s, st, req, opq__sq_boot_ns());
 	int src = sq_step(s, st, NULL);
 	if (src != SQLITE_OK)
 		rc = sq_fail(s, src, which == ST_REFRESH ? "refresh" : "release", req->errbuf,
@@ -454,72 +454,6 @@ static int sq_setup_exec(struct sq_store *s, const char *sql)
 	return src;
 }
 
-/* ---- the guard for the user's own writes: opq_lease_held(name, token) ---- */
-
-struct held_ctx {
-	char boot_id[64];
-};
-
-static void held_fn(sqlite3_context *ctx, int argc, sqlite3_value **argv)
-{
-	(void)argc;
-	if (sqlite3_value_type(argv[0]) == SQLITE_NULL ||
-	    sqlite3_value_type(argv[1]) == SQLITE_NULL) {
-		sqlite3_result_null(ctx);
-		return;
-	}
-	const struct held_ctx *h = sqlite3_user_data(ctx);
-	sqlite3 *db = sqlite3_context_db_handle(ctx);
-	sqlite3_stmt *st = NULL;
-	int src = sqlite3_prepare_v2(db,
-	                             "SELECT held = 1 AND boot_id = ?3 AND expiry_ns > ?4"
-	                             " FROM opq_lease WHERE name = ?1 AND token = ?2",
-	                             -1, &st, NULL);
-	if (src != SQLITE_OK) {
-		sqlite3_result_error(ctx, sqlite3_errmsg(db), -1);
-		sqlite3_result_error_code(ctx, src);
-		sqlite3_finalize(st);
-		return;
-	}
-	sqlite3_bind_value(st, 1, argv[0]);
-	sqlite3_bind_value(st, 2, argv[1]);
-	sqlite3_bind_text(st, 3, h->boot_id, -1, SQLITE_STATIC);
-	/* Read now, inside the caller's statement: the expiry is judged at
-	 * the instant of the write's check. */
-	sqlite3_bind_int64(st, 4, boot_ns());
-	src = sqlite3_step(st);
-	if (src == SQLITE_ROW)
-		sqlite3_result_int(ctx, sqlite3_column_int(st, 0) != 0);
-	else if (src == SQLITE_DONE)
-		sqlite3_result_int(ctx, 0);
-	else {
-		sqlite3_result_error(ctx, sqlite3_errmsg(db), -1);
-		sqlite3_result_error_code(ctx, src);
-	}
-	sqlite3_finalize(st);
-}
-
-OPQ_EXPORT int opq_lease_sqlite_held_register(struct sqlite3 *db)
-{
-	if (!db)
-		return EINVAL;
-	struct held_ctx *h = malloc(sizeof(*h));
-	if (!h)
-		return ENOMEM;
-	int rc = read_boot_id(h->boot_id, sizeof(h->boot_id));
-	if (rc) {
-		free(h);
-		return rc == EIO ? EIO : ENOENT;
-	}
-	/* Not deterministic (it reads the clock); SQLite frees h with the
-	 * function (also when registering fails). */
-	int src = sqlite3_create_function_v2(db, "opq_lease_held", 2, SQLITE_UTF8, h, held_fn, NULL,
-	                                     NULL, free);
-	if (src != SQLITE_OK)
-		return src == SQLITE_NOMEM ? ENOMEM : EIO;
-	return 0;
-}
-
 OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, const char *path,
                                                 char *errbuf, size_t errlen)
 {
@@ -537,7 +471,7 @@ OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, c
 		return ENOMEM;
 	}
 	snprintf(s->path, sizeof(s->path), "%s", path);
-	int rc = read_boot_id(s->boot_id, sizeof(s->boot_id));
+	int rc = opq__sq_read_boot_id(s->boot_id, sizeof(s->boot_id));
 	if (rc) {
 		if (errbuf && errlen)
 			snprintf(errbuf, errlen, "sqlite lease store: cannot read the boot id: %s",
