@@ -52,6 +52,11 @@ struct pg_store {
 	int nidle; /* under mu, with the two arrays: a stack, the top at nidle - 1 */
 	PGconn *idle[POOL_MAX];
 	int64_t idle_since[POOL_MAX]; /* when each was given back (monotonic ns) */
+	/* Connections whose call ran out of time while the server worked on
+	 * it: reused once the late answer has come (under mu; oldest first). */
+	int nlate;
+	PGconn *late[POOL_MAX];
+	int64_t connect_ns; /* under mu: how long the last new connection took to set up */
 };
 
 /* lease_pg.c: the statements, indexed by enum stmt. */
@@ -75,7 +80,8 @@ OPQ_INTERNAL void opq__pg_set_err(char *buf, size_t len, const char *what, const
 OPQ_INTERNAL int opq__pg_call(struct pg_store *s, enum stmt st, const char *const *values,
                               const int *lengths, const int *formats, const opq_lease_request *req,
                               PGresult **res);
-/* lease_pg_pool.c: close every idle connection (a server restart; the store's destroy). */
+/* lease_pg_pool.c: close every idle (and late) connection (a server restart; the store's destroy).
+ */
 OPQ_INTERNAL void opq__pg_drain(struct pg_store *s);
 
 #endif /* OPQ_LEASE_PG_IMPL_H */
