@@ -1113,7 +1113,10 @@ START_TEST(test_keepalive_churn)
 	for (int i = 0; i < N; i++) {
 		char name[8];
 		snprintf(name, sizeof(name), "c%d", i);
-		l[i] = mk(p, name, "A", 100 * MS);
+		/* Long enough that a slow turn of the loop (a loaded machine;
+		 * each start and stop without a queue starts and joins a
+		 * thread) never lets a stopped one run out before its restart. */
+		l[i] = mk(p, name, "A", 2000 * MS);
 		ck_assert_int_eq(opq_lease_try_acquire(l[i], NULL), 0);
 	}
 	long iters = t_scale(200);
