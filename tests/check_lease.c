@@ -948,7 +948,8 @@ START_TEST(test_keepalive_taken)
 	ck_assert_int_eq(r.rc_stop, EDEADLK);
 	ck_assert_int_eq(r.rc_destroy, EDEADLK);
 	ck_assert_int_eq(r.rc_start, EDEADLK);
-	ck_assert_str_eq(r.thread, _i ? "opq-lease" : "opq/0");
+	if (HAVE_DECL_PTHREAD_SETNAME_NP) /* the threads have names to tell */
+		ck_assert_str_eq(r.thread, _i ? "opq-lease" : "opq/0");
 	int before = tp_get(&s, &s.refreshes);
 	pass_ns(150 * MS);
 	ck_assert_int_eq(atomic_load(&r.calls), 1);         /* once */
@@ -990,7 +991,8 @@ static void unreachable_case(enum tp_mode mode, bool own)
 	int64_t local_end = ts_ns(&g.acquired) + L - L / 100 - 1 * MS;
 	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
 	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_UNREACHABLE);
-	ck_assert_str_eq(r.thread, "opq-timer");
+	if (HAVE_DECL_PTHREAD_SETNAME_NP)
+		ck_assert_str_eq(r.thread, "opq-timer");
 	ck_assert_msg(atomic_load(&r.at) < local_end, "lost %lld ns after the local end",
 	              (long long)(atomic_load(&r.at) - local_end));
 	/* not absurdly early either: not before the lease was half gone */
