@@ -216,8 +216,9 @@ OPQ_INTERNAL int64_t opq__suspended_ns(void);
 OPQ_INTERNAL void opq__suspend_pretend(int64_t ns);
 
 /*
- * Lease locks: lease.c (attributes, the provider object, the handle and
- * its store calls), lease_keepalive.c (the keepalive), lease_memory.c (the
+ * Lease locks: lease.c (the provider object, the handle and its store
+ * calls), lease_attr.c (attributes), lease_keepalive.c (the keepalive),
+ * lease_memory.c (the
  * memory provider).
  *
  * A handle has three locks, always taken in this order:
@@ -247,7 +248,11 @@ struct opq__lease_keepalive {
 	bool op_busy;  /* op is queued or being performed */
 	bool in_lost;  /* the lost callback is running on lost_thread */
 	pthread_t lost_thread;
-	opq_queue *queue;
+	opq_queue *queue; /* NULL: refreshes run on `thread` */
+	bool has_thread;  /* `thread` was started and is not joined yet */
+	bool run;         /* `thread`: perform op now */
+	bool quit;        /* `thread`: exit */
+	pthread_t thread; /* "opq-lease": performs op when `run` is set */
 	int64_t interval_ns;
 	opq_lease_lost_fn *lost;
 	void *arg;
@@ -263,7 +268,8 @@ struct opq_lease {
 	struct opq_lease_attr a;
 	int64_t margin_ns;
 	pthread_mutex_t ka_mu, io, mu;
-	pthread_cond_t cv; /* keepalive: op_busy or in_lost went false */
+	pthread_cond_t cv;     /* keepalive: op_busy, in_lost, run or quit changed; cancelled set */
+	atomic_bool cancelled; /* opq_lease_cancel was called (set under mu; read without) */
 	bool held;
 	opq_lease_grant grant;
 	int64_t grant_suspended; /* opq__suspended_ns() at grant.acquired */
@@ -272,6 +278,12 @@ struct opq_lease {
 	struct opq__lease_keepalive ka;
 };
 
+/* lease_attr.c: the defaults of attributes (a fresh random owner). */
+OPQ_INTERNAL void opq__lease_attr_defaults(struct opq_lease_attr *a);
+/* lease_attr.c: len random bytes (getrandom, /dev/urandom, or a mix of the time). */
+OPQ_INTERNAL void opq__lease_random(void *buf, size_t len);
+/* lease_attr.c: the length of s if it is 1..max bytes, else 0 (also for NULL). */
+OPQ_INTERNAL size_t opq__lease_str_ok(const char *s, size_t max);
 /* lease.c: a + b for b >= 0, saturating at INT64_MAX. */
 OPQ_INTERNAL int64_t opq__lease_sat_add(int64_t a, int64_t b);
 /*

@@ -1,23 +1,17 @@
 /*
- * lease.c: lease locks with fencing tokens, the core: attributes, the
- * provider object, and the handle with the algorithm (acquire, refresh,
- * release, remaining); see opq_lease_create(3). The keepalive is in
- * lease_keepalive.c, the memory provider in lease_memory.c. The handle's
- * struct and its three locks, with their order, are in internal.h.
+ * lease.c: lease locks with fencing tokens, the core: the provider object,
+ * and the handle with the algorithm (acquire, refresh, release, remaining)
+ * and the deadlines of its store calls; see opq_lease_create(3) and
+ * opq_lease_acquire(3). The attributes are in lease_attr.c, the keepalive
+ * in lease_keepalive.c, the memory provider in lease_memory.c. The
+ * handle's struct and its three locks, with their order, are in
+ * internal.h.
  */
 #include "internal.h"
 
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#if defined(__has_include)
-#if __has_include(<sys/random.h>)
-#include <sys/random.h>
-#define OPQ_HAVE_GETRANDOM 1
-#endif
-#endif
 
 #define NS_PER_S 1000000000LL
 
@@ -34,41 +28,6 @@ struct opq_lease_provider {
 
 /* ---- small helpers ------------------------------------------------------- */
 
-static void random_bytes(void *buf, size_t len)
-{
-	size_t got = 0;
-#ifdef OPQ_HAVE_GETRANDOM
-	while (got < len) {
-		ssize_t n = getrandom((char *)buf + got, len - got, 0);
-		if (n <= 0)
-			break;
-		got += (size_t)n;
-	}
-#endif
-	if (got < len) {
-		int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-		if (fd >= 0) {
-			while (got < len) {
-				ssize_t n = read(fd, (char *)buf + got, len - got);
-				if (n <= 0)
-					break;
-				got += (size_t)n;
-			}
-			close(fd);
-		}
-	}
-	if (got < len) { /* last resort: time and addresses, mixed */
-		uint64_t x = (uint64_t)opq__mono_ns() ^ ((uint64_t)getpid() << 32) ^
-		             (uint64_t)(uintptr_t)buf;
-		for (size_t i = got; i < len; i++) {
-			x ^= x << 13;
-			x ^= x >> 7;
-			x ^= x << 17;
-			((unsigned char *)buf)[i] = (unsigned char)x;
-		}
-	}
-}
-
 static uint64_t rng_next(uint64_t *s)
 {
 	uint64_t x = *s ? *s : 0x9e3779b97f4a7c15ULL;
@@ -77,15 +36,6 @@ static uint64_t rng_next(uint64_t *s)
 	x ^= x << 17;
 	*s = x;
 	return x;
-}
-
-/* 1..max bytes and no more: the length, or 0 when empty or too long. */
-static size_t str_ok(const char *s, size_t max)
-{
-	if (!s)
-		return 0;
-	size_t n = strnlen(s, max + 1);
-	return n >= 1 && n <= max ? n : 0;
 }
 
 /* lease * ppm / 1e6 + fixed, or -1 when that reaches the lease. */
@@ -116,88 +66,6 @@ static void set_err(opq_lease *l, int rc, const char *words)
 		snprintf(l->err, sizeof(l->err), "lease store: %s", buf);
 	}
 	opq__unlock(&l->mu);
-}
-
-/* ---- attributes ------------------------------------------------------------ */
-
-static void attr_defaults(struct opq_lease_attr *a)
-{
-	memset(a, 0, sizeof(*a));
-	char host[128];
-	if (gethostname(host, sizeof(host)) != 0)
-		snprintf(host, sizeof(host), "localhost");
-	host[sizeof(host) - 1] = '\0';
-	uint64_t r;
-	random_bytes(&r, sizeof(r));
-	snprintf(a->owner, sizeof(a->owner), "%s:%ld:%016llx", host, (long)getpid(),
-	         (unsigned long long)r);
-	a->lease_ns = 10 * NS_PER_S;
-	a->ppm = 10000;
-	a->fixed_ns = 10000000;
-	a->poll_min = 10000000;
-	a->poll_max = NS_PER_S;
-}
-
-OPQ_EXPORT int opq_lease_attr_create(opq_lease_attr **attr)
-{
-	if (!attr)
-		return EINVAL;
-	struct opq_lease_attr *a = opq__malloc(sizeof(*a));
-	if (!a)
-		return ENOMEM;
-	attr_defaults(a);
-	*attr = a;
-	return 0;
-}
-
-OPQ_EXPORT void opq_lease_attr_destroy(opq_lease_attr *attr)
-{
-	opq__free(attr);
-}
-
-OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner)
-{
-	size_t n = str_ok(owner, OPQ_LEASE_OWNER_MAX);
-	if (!attr || !n)
-		return EINVAL;
-	memcpy(attr->owner, owner, n + 1);
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_duration(opq_lease_attr *attr, int64_t lease_ns)
-{
-	if (!attr || lease_ns <= 0)
-		return EINVAL;
-	attr->lease_ns = lease_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_margin(opq_lease_attr *attr, int64_t ppm, int64_t fixed_ns)
-{
-	if (!attr || ppm < 0 || fixed_ns < 0)
-		return EINVAL;
-	attr->ppm = ppm;
-	attr->fixed_ns = fixed_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_poll(opq_lease_attr *attr, int64_t min_ns, int64_t max_ns)
-{
-	if (!attr || min_ns <= 0 || max_ns < min_ns)
-		return EINVAL;
-	attr->poll_min = min_ns;
-	attr->poll_max = max_ns;
-	return 0;
-}
-
-OPQ_EXPORT int opq_lease_attr_set_data(opq_lease_attr *attr, const void *data, size_t len)
-{
-	if (!attr || len > OPQ_LEASE_DATA_MAX || (len && !data))
-		return EINVAL;
-	if (len)
-		memcpy(attr->data, data, len);
-	attr->data_len = len;
-	return 0;
 }
 
 /* ---- providers ------------------------------------------------------------- */
@@ -242,12 +110,12 @@ OPQ_EXPORT int opq_lease_provider_destroy(opq_lease_provider *provider)
 OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider, const char *name,
                                 const opq_lease_attr *attr)
 {
-	size_t n = str_ok(name, OPQ_LEASE_NAME_MAX);
+	size_t n = opq__lease_str_ok(name, OPQ_LEASE_NAME_MAX);
 	if (!lease || !provider || !n)
 		return EINVAL;
 	struct opq_lease_attr defaults;
 	if (!attr) {
-		attr_defaults(&defaults);
+		opq__lease_attr_defaults(&defaults);
 		attr = &defaults;
 	}
 	int64_t margin = margin_of(attr->lease_ns, attr->ppm, attr->fixed_ns);
@@ -269,10 +137,11 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
 	if (rc)
 		goto fail3;
 	l->provider = provider;
+	atomic_init(&l->cancelled, false);
 	memcpy(l->name, name, n + 1);
 	l->a = *attr;
 	l->margin_ns = margin;
-	random_bytes(&l->rng, sizeof(l->rng));
+	opq__lease_random(&l->rng, sizeof(l->rng));
 	opq__lock(&provider->mu);
 	provider->users++;
 	opq__unlock(&provider->mu);
@@ -313,15 +182,48 @@ OPQ_EXPORT int opq_lease_destroy(opq_lease *lease)
 enum call { CALL_ACQUIRE, CALL_REFRESH, CALL_RELEASE };
 
 /*
- * One store call (io held by the caller). *before is the instant taken
- * just before the request. A provider's answer outside the errno range is
- * made EIO; store failures leave their words in the handle.
+ * What opq_lease_request.opq__call points to: whether the call may be
+ * cancelled (the store calls of a blocking acquire), and by what.
+ */
+struct lease_call {
+	opq_lease *l;
+	struct opq__cancel_ctx *ctx; /* the calling thread's (a scope task's), or NULL */
+	bool cancellable;
+};
+
+static bool call_cancelled(const struct lease_call *c)
+{
+	return c->cancellable && (atomic_load_explicit(&c->l->cancelled, memory_order_acquire) ||
+	                          (c->ctx && opq__cancel_ctx_cancelled(c->ctx)));
+}
+
+OPQ_EXPORT int opq_lease_request_check(const opq_lease_request *req)
+{
+	if (!req)
+		return EINVAL;
+	const struct lease_call *c = req->opq__call;
+	if (c && call_cancelled(c))
+		return ECANCELED;
+	return opq__mono_ns() >= opq__ts_to_ns(&req->deadline) ? ETIMEDOUT : 0;
+}
+
+/*
+ * One store call (io held by the caller), to return by the monotonic
+ * instant dl (ns). *before is the instant taken just before the request.
+ * A provider's answer outside the errno range is made EIO; store failures
+ * leave their words in the handle. `cancellable`: a blocking acquire's
+ * try, which opq_lease_cancel may cut short (opq_lease_request_check).
  */
 static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *out,
-                      struct timespec *before, int64_t *suspended)
+                      struct timespec *before, int64_t *suspended, int64_t dl, bool cancellable)
 {
 	char words[OPQ__LEASE_ERR_MAX];
 	words[0] = '\0';
+	struct lease_call call = {
+	    .l = l,
+	    .ctx = cancellable ? opq__cancel_current() : NULL,
+	    .cancellable = cancellable,
+	};
 	opq_lease_request req = {
 	    .name = l->name,
 	    .owner = l->a.owner,
@@ -331,9 +233,9 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	    .token = token,
 	    .errbuf = words,
 	    .errlen = sizeof(words),
+	    .deadline = opq__ns_to_ts(dl),
+	    .opq__call = &call,
 	};
-	/* Until the deadlines are passed down, a call may take one lease time. */
-	req.deadline = opq__ns_to_ts(opq__lease_sat_add(opq__mono_ns(), l->a.lease_ns));
 	const opq_lease_provider_ops *ops = &l->provider->ops;
 	void *store = l->provider->store;
 	clock_gettime(CLOCK_MONOTONIC, before);
@@ -361,21 +263,27 @@ static int store_call(opq_lease *l, enum call what, uint64_t token, uint64_t *ou
 	if (rc < 0)
 		rc = EIO;
 	bool expected = rc == 0 || (what == CALL_ACQUIRE && rc == EBUSY) ||
-	                (what == CALL_REFRESH && rc == ENOLCK);
+	                (what == CALL_REFRESH && rc == ENOLCK) ||
+	                (rc == ECANCELED && call_cancelled(&call));
 	if (!expected)
 		set_err(l, rc, words);
 	return rc;
 }
 
-OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
+/* The bound of a store call made now that has no deadline of its own: one lease time. */
+static int64_t one_lease(const opq_lease *l)
 {
-	if (!lease)
-		return EINVAL;
+	return opq__lease_sat_add(opq__mono_ns(), l->a.lease_ns);
+}
+
+/* One try: a store call bounded by dl (monotonic ns). */
+static int lease_try(opq_lease *lease, opq_lease_grant *grant, int64_t dl, bool cancellable)
+{
 	opq__lock(&lease->io);
 	uint64_t token;
 	struct timespec before;
 	int64_t suspended;
-	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before, &suspended);
+	int rc = store_call(lease, CALL_ACQUIRE, 0, &token, &before, &suspended, dl, cancellable);
 	opq__lock(&lease->mu);
 	if (rc == 0) {
 		lease->held = true;
@@ -393,6 +301,47 @@ OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
 	return rc;
 }
 
+OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant)
+{
+	if (!lease)
+		return EINVAL;
+	return lease_try(lease, grant, one_lease(lease), false);
+}
+
+/* Whether the handle, or the calling thread's scope task, is cancelled. */
+static bool acquire_cancelled(opq_lease *l)
+{
+	struct opq__cancel_ctx *c = opq__cancel_current();
+	return atomic_load_explicit(&l->cancelled, memory_order_acquire) ||
+	       (c && opq__cancel_ctx_cancelled(c));
+}
+
+/*
+ * The backoff between tries: sleep until the monotonic instant `at` (ns),
+ * or until the handle or the calling thread's scope task is cancelled.
+ * ETIMEDOUT or ECANCELED.
+ */
+static int backoff_sleep(opq_lease *l, int64_t at)
+{
+	struct timespec ts = opq__ns_to_ts(at);
+	struct opq__cancel_reg r;
+	opq__lock(&l->mu);
+	int rc = opq__cancel_begin(&r, &l->mu, &l->cv);
+	while (rc == 0) {
+		if (atomic_load_explicit(&l->cancelled, memory_order_relaxed) ||
+		    opq__cancel_pending(&r))
+			rc = ECANCELED;
+		else if (opq__cond_wait(&l->cv, &l->mu, &ts) == ETIMEDOUT)
+			rc = atomic_load_explicit(&l->cancelled, memory_order_relaxed) ||
+			             opq__cancel_pending(&r)
+			         ? ECANCELED
+			         : ETIMEDOUT;
+	}
+	opq__cancel_end(&r);
+	opq__unlock(&l->mu);
+	return rc;
+}
+
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
                                  opq_lease_grant *grant)
 {
@@ -401,9 +350,18 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 	int64_t end = deadline ? opq__ts_to_ns(deadline) : INT64_MAX;
 	int64_t step = lease->a.poll_min;
 	for (;;) {
-		int rc = opq_lease_try_acquire(lease, grant);
+		if (acquire_cancelled(lease))
+			return ECANCELED;
+		/* The try gets the time left, at most one lease time: a store
+		 * call never outlasts the caller's deadline, and never hangs
+		 * for ever without one. A deadline already past still makes
+		 * one try, which waits for nothing. */
+		int64_t dl = one_lease(lease);
+		int rc = lease_try(lease, grant, dl < end ? dl : end, true);
 		if (rc == 0 || rc == EINVAL)
 			return rc;
+		if (rc == ECANCELED && acquire_cancelled(lease))
+			return ECANCELED;
 		/* EBUSY or a store failure: wait, then try again. */
 		int64_t now = opq__mono_ns();
 		if (now >= end)
@@ -417,13 +375,22 @@ OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadli
 		int64_t at = opq__lease_sat_add(now, wait);
 		if (at > end)
 			at = end;
-		struct timespec ts = opq__ns_to_ts(at);
-		/* Inside a scope task a cancel ends the wait (cancel.c). */
-		int src = opq__cancel_sleep_until(&ts);
+		int src = backoff_sleep(lease, at);
 		if (src != ETIMEDOUT)
 			return src;
 		step = step > lease->a.poll_max / 2 ? lease->a.poll_max : step * 2;
 	}
+}
+
+OPQ_EXPORT int opq_lease_cancel(opq_lease *lease)
+{
+	if (!lease)
+		return EINVAL;
+	opq__lock(&lease->mu);
+	atomic_store_explicit(&lease->cancelled, true, memory_order_release);
+	OPQ_CHECK(pthread_cond_broadcast(&lease->cv));
+	opq__unlock(&lease->mu);
+	return 0;
 }
 
 /* The refresh itself, shared by the public call and the keepalive. */
@@ -433,12 +400,20 @@ int opq__lease_do_refresh(opq_lease *lease, opq_lease_grant *grant)
 	opq__lock(&lease->mu);
 	bool held = lease->held;
 	uint64_t token = lease->grant.token;
+	/* Bounded by the lease's local end; once that has passed, the
+	 * refresh is a try to keep what the store may still count as ours,
+	 * bounded like one. (A grant's lease is longer than the margin.) */
+	int64_t dl = held ? opq__lease_sat_add(opq__ts_to_ns(&lease->grant.acquired),
+	                                       lease->grant.lease_ns - lease->margin_ns)
+	                  : 0;
 	opq__unlock(&lease->mu);
 	int rc = ENOLCK;
 	if (held) {
+		if (dl <= opq__mono_ns())
+			dl = one_lease(lease);
 		struct timespec before;
 		int64_t suspended;
-		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended);
+		rc = store_call(lease, CALL_REFRESH, token, NULL, &before, &suspended, dl, false);
 		opq__lock(&lease->mu);
 		if (rc == 0) {
 			lease->grant.acquired = before;
@@ -481,7 +456,8 @@ OPQ_EXPORT int opq_lease_release(opq_lease *lease)
 	int rc = 0;
 	if (held) {
 		struct timespec before;
-		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, NULL);
+		rc = store_call(lease, CALL_RELEASE, token, NULL, &before, NULL, one_lease(lease),
+		                false);
 		if (rc == 0) {
 			opq__lock(&lease->mu);
 			lease->held = false;

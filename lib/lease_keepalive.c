@@ -1,16 +1,22 @@
 /*
  * lease_keepalive.c: the lease keepalive (opq_lease_keepalive_start(3)):
- * refreshes a held lease on the caller's queue and calls the owner back
- * when it is lost. The handle and its locks are in lease.c and internal.h.
+ * refreshes a held lease and calls the owner back when it is lost. The
+ * handle and its locks are in lease.c and internal.h.
  *
- * The refresh is an operation (ka.op, embedded: no allocation) on the
- * caller's queue. The library's timer thread (timer.c) enqueues it when
- * due, and independently calls lost(UNREACHABLE) at
- * acquired + lease - margin - guard when no refresh has confirmed the
- * lease by then, so a refresh stuck in I/O cannot make the callback late.
- * A refresh answered ENOLCK calls lost(TAKEN) on the runner at once.
+ * The refresh is an operation (ka.op, embedded). By default (no queue) the
+ * keepalive's own thread, "opq-lease", performs it: no user work shares
+ * that thread, so none can delay a refresh. With the caller's queue it is
+ * an operation on that queue. The library's timer thread (timer.c) starts
+ * it when due (sets ka.run for the thread, or enqueues it), and
+ * independently calls lost(UNREACHABLE) at acquired + lease - margin -
+ * guard when no refresh has confirmed the lease by then, so a refresh
+ * stuck in I/O cannot make the callback late. A refresh answered ENOLCK
+ * calls lost(TAKEN) on the thread that performed it at once.
  */
+#define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
+
+#include <signal.h>
 
 bool opq__lease_in_own_lost(opq_lease *l)
 {
@@ -77,6 +83,11 @@ static void ka_timer_fire(struct opq__timer *t)
 	int64_t now = opq__mono_ns();
 	if (now >= k->lost_at) {
 		ka_call_lost(l, OPQ_LEASE_UNREACHABLE);
+	} else if (!k->op_busy && now >= k->refresh_at && !k->queue) {
+		k->op_busy = true;
+		k->run = true;
+		OPQ_CHECK(pthread_cond_broadcast(&l->cv));
+		ka_rearm(l);
 	} else if (!k->op_busy && now >= k->refresh_at) {
 		k->op_busy = true;
 		opq__unlock(&l->mu);
@@ -135,6 +146,60 @@ static void ka_discard(opq_op *op)
 	opq__unlock(&l->mu);
 }
 
+/* The keepalive's own thread, when it has no queue: performs op when told. */
+static void *ka_thread_main(void *arg)
+{
+	opq_lease *l = arg;
+	struct opq__lease_keepalive *k = &l->ka;
+#if HAVE_DECL_PTHREAD_SETNAME_NP
+	OPQ_CHECK(pthread_setname_np(pthread_self(), "opq-lease"));
+#endif
+	opq__lock(&l->mu);
+	for (;;) {
+		while (!k->run && !k->quit)
+			opq__cond_wait(&l->cv, &l->mu, NULL);
+		if (k->quit)
+			break;
+		k->run = false;
+		opq__unlock(&l->mu);
+		ka_perform(&k->op);
+		opq__lock(&l->mu);
+	}
+	opq__unlock(&l->mu);
+	return NULL;
+}
+
+/* Start the keepalive's thread (ka_mu held). It takes no signals: they
+ * belong to the host program. */
+static int ka_thread_start(opq_lease *l)
+{
+	sigset_t all, old;
+	sigfillset(&all);
+	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &all, &old));
+	int rc = pthread_create(&l->ka.thread, NULL, ka_thread_main, l);
+	OPQ_CHECK(pthread_sigmask(SIG_SETMASK, &old, NULL));
+	if (rc)
+		return rc;
+	l->ka.has_thread = true;
+	return 0;
+}
+
+/* Stop and join the keepalive's thread, if any (ka_mu held, op not busy). */
+static void ka_thread_stop(opq_lease *l)
+{
+	struct opq__lease_keepalive *k = &l->ka;
+	if (!k->has_thread)
+		return;
+	opq__lock(&l->mu);
+	k->quit = true;
+	OPQ_CHECK(pthread_cond_broadcast(&l->cv));
+	opq__unlock(&l->mu);
+	OPQ_CHECK(pthread_join(k->thread, NULL));
+	k->has_thread = false;
+	k->quit = false;
+	k->run = false;
+}
+
 /* Stop and clean up the keepalive, if any (ka_mu held, not from lost). */
 void opq__lease_ka_stop_locked(opq_lease *l)
 {
@@ -152,8 +217,9 @@ void opq__lease_ka_stop_locked(opq_lease *l)
 	bool busy = k->op_busy;
 	opq__unlock(&l->mu);
 	/* A refresh still queued is taken back (its discard clears op_busy);
-	 * one being performed is waited for. */
-	if (busy)
+	 * one being performed is waited for (the thread skips one it has not
+	 * begun: stopping is set). */
+	if (busy && k->queue)
 		(void)opq_queue_cancel(k->queue, &k->op);
 	opq__lock(&l->mu);
 	while (k->op_busy || k->in_lost)
@@ -161,6 +227,7 @@ void opq__lease_ka_stop_locked(opq_lease *l)
 	opq__unlock(&l->mu);
 	/* A discard or refresh that finished meanwhile may have re-armed it. */
 	opq__timer_cancel(&k->timer);
+	ka_thread_stop(l);
 	opq__lock(&l->mu);
 	k->on = false;
 	k->ended = true;
@@ -172,7 +239,7 @@ void opq__lease_ka_stop_locked(opq_lease *l)
 OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int64_t interval_ns,
                                          opq_lease_lost_fn *lost, void *arg)
 {
-	if (!lease || !queue || !lost || interval_ns < 0)
+	if (!lease || !lost || interval_ns < 0)
 		return EINVAL;
 	int64_t usable = lease->a.lease_ns - lease->margin_ns;
 	if (interval_ns == 0)
@@ -198,6 +265,11 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 		opq__unlock(&lease->ka_mu);
 		return rc;
 	}
+	if (!queue && (rc = ka_thread_start(lease)) != 0) {
+		opq__timer_unref();
+		opq__unlock(&lease->ka_mu);
+		return rc;
+	}
 	opq__lock(&lease->mu);
 	k->on = true;
 	k->ended = false;
@@ -212,6 +284,14 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 	k->refresh_at = opq__mono_ns();
 	OPQ_CHECK(opq_op_init(&k->op, ka_perform, ka_discard));
 	k->op_busy = true;
+	if (!queue) { /* the first refresh goes at once, on the thread */
+		k->run = true;
+		OPQ_CHECK(pthread_cond_broadcast(&lease->cv));
+		ka_rearm(lease);
+		opq__unlock(&lease->mu);
+		opq__unlock(&lease->ka_mu);
+		return 0;
+	}
 	opq__unlock(&lease->mu);
 	/* The first refresh goes at once: it confirms the lease and tells
 	 * whether the queue takes operations at all. */

@@ -170,8 +170,7 @@ static int pg_acquire(void *store, const opq_lease_request *req, uint64_t *token
 	int lengths[4] = {0, 0, 0, (int)req->data_len};
 	int formats[4] = {0, 0, 0, 1};
 	PGresult *r = NULL;
-	int rc = opq__pg_call(s, ST_ACQUIRE, values, lengths, formats, req->lease_ns, &r,
-	                      req->errbuf, req->errlen);
+	int rc = opq__pg_call(s, ST_ACQUIRE, values, lengths, formats, req, &r);
 	if (rc != 0)
 		return rc;
 	if (PQntuples(r) == 0)
@@ -196,8 +195,7 @@ static int pg_refresh(void *store, const opq_lease_request *req)
 	int lengths[5] = {0, 0, 0, 0, (int)req->data_len};
 	int formats[5] = {0, 0, 0, 0, 1};
 	PGresult *r = NULL;
-	int rc = opq__pg_call(s, ST_REFRESH, values, lengths, formats, req->lease_ns, &r,
-	                      req->errbuf, req->errlen);
+	int rc = opq__pg_call(s, ST_REFRESH, values, lengths, formats, req, &r);
 	if (rc != 0)
 		return rc;
 	rc = PQntuples(r) == 0 ? ENOLCK : 0;
@@ -216,8 +214,7 @@ static int pg_release(void *store, const opq_lease_request *req)
 	snprintf(tok, sizeof tok, "%llu", (unsigned long long)req->token);
 	const char *values[3] = {req->name, req->owner, tok};
 	PGresult *r = NULL;
-	int rc = opq__pg_call(s, ST_RELEASE, values, NULL, NULL, req->lease_ns, &r, req->errbuf,
-	                      req->errlen);
+	int rc = opq__pg_call(s, ST_RELEASE, values, NULL, NULL, req, &r);
 	PQclear(r);
 	return rc;
 }

@@ -52,6 +52,11 @@ struct pg_store {
 	int nidle; /* under mu, with the two arrays: a stack, the top at nidle - 1 */
 	PGconn *idle[POOL_MAX];
 	int64_t idle_since[POOL_MAX]; /* when each was given back (monotonic ns) */
+	/* Connections whose call ran out of time while the server worked on
+	 * it: reused once the late answer has come (under mu; oldest first). */
+	int nlate;
+	PGconn *late[POOL_MAX];
+	int64_t connect_ns; /* under mu: how long the last new connection took to set up */
 };
 
 /* lease_pg.c: the statements, indexed by enum stmt. */
@@ -66,14 +71,17 @@ OPQ_INTERNAL extern const char opq__pg_schema_present_sql[];
 OPQ_INTERNAL void opq__pg_set_err(char *buf, size_t len, const char *what, const char *msg);
 
 /*
- * lease_pg_pool.c: run prepared statement st on a pooled connection within
- * the call's bound (the store's, at most half of lease_ns): 0 with *res the
- * result, or an errno with words in errbuf.
+ * lease_pg_pool.c: run prepared statement st on a pooled connection for
+ * the request req, by its deadline or the store's own bound (the
+ * connection string's connect_timeout, at most half the lease) if that
+ * comes first: 0 with *res the result, or an errno with words in
+ * req->errbuf.
  */
 OPQ_INTERNAL int opq__pg_call(struct pg_store *s, enum stmt st, const char *const *values,
-                              const int *lengths, const int *formats, int64_t lease_ns,
-                              PGresult **res, char *errbuf, size_t errlen);
-/* lease_pg_pool.c: close every idle connection (a server restart; the store's destroy). */
+                              const int *lengths, const int *formats, const opq_lease_request *req,
+                              PGresult **res);
+/* lease_pg_pool.c: close every idle (and late) connection (a server restart; the store's destroy).
+ */
 OPQ_INTERNAL void opq__pg_drain(struct pg_store *s);
 
 #endif /* OPQ_LEASE_PG_IMPL_H */

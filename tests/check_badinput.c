@@ -558,6 +558,12 @@ R(lacquire_null) { UNUSED; return opq_lease_acquire(NULL, NULL, NULL); }
 R(lacquire_nsec_1e9) { return opq_lease_acquire(f->lb, &f->bad_hi, NULL); }
 R(lacquire_nsec_negative) { return opq_lease_acquire(f->lb, &f->bad_neg, NULL); }
 R(lacquire_busy_past) { return opq_lease_acquire(f->lb, &f->past, NULL); }
+R(lcancel_null) { UNUSED; return opq_lease_cancel(NULL); }
+R(lcancel_twice) { ck_assert_int_eq(opq_lease_cancel(f->lb), 0); return opq_lease_cancel(f->lb); }
+R(lcancel_then_acquire) { ck_assert_int_eq(opq_lease_cancel(f->lb), 0); return opq_lease_acquire(f->lb, NULL, NULL); }
+R(lcancel_then_try) { ck_assert_int_eq(opq_lease_cancel(f->la), 0); return opq_lease_try_acquire(f->la, NULL); }
+R(lcancel_then_release) { ck_assert_int_eq(opq_lease_cancel(f->la), 0); int rc = opq_lease_release(f->la); ck_assert_int_eq(opq_lease_try_acquire(f->la, &f->grant), 0); return rc; }
+R(lrequest_check_null) { UNUSED; return opq_lease_request_check(NULL); }
 R(lrefresh_null) { return opq_lease_refresh(NULL, &f->grant); }
 R(lrefresh_not_held) { return opq_lease_refresh(f->lb, NULL); }
 R(lrefresh_after_release) { ck_assert_int_eq(opq_lease_release(f->la), 0); int rc = opq_lease_refresh(f->la, NULL); ck_assert_int_eq(opq_lease_try_acquire(f->la, &f->grant), 0); return rc; }
@@ -580,7 +586,9 @@ R(lerror_len_zero) { return opq_lease_error(f->la, f->buf, 0); }
 R(lerror_len_one) { f->buf[0] = 'z'; int rc = opq_lease_error(f->la, f->buf, 1); return rc ? rc : f->buf[0] == 0 ? 0 : -1; }
 /* lease: keepalive */
 R(lka_null_lease) { return opq_lease_keepalive_start(NULL, f->qr, 0, lost, NULL); }
-R(lka_null_queue) { return opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL); }
+R(lka_null_queue) { return opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL); } /* its own thread */
+R(lka_null_queue_twice) { ck_assert_int_eq(opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL), 0); return opq_lease_keepalive_start(f->la, f->qr, 0, lost, NULL); }
+R(lka_null_queue_restart) { ck_assert_int_eq(opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL), 0); ck_assert_int_eq(opq_lease_keepalive_stop(f->la), 0); return opq_lease_keepalive_start(f->la, NULL, 0, lost, NULL); }
 R(lka_null_lost) { return opq_lease_keepalive_start(f->la, f->qr, 0, NULL, NULL); }
 R(lka_negative_interval) { return opq_lease_keepalive_start(f->la, f->qr, -1, lost, NULL); }
 R(lka_interval_too_long) { return opq_lease_keepalive_start(f->la, f->qr, 10000000000LL, lost, NULL); }
@@ -1002,6 +1010,12 @@ static const struct row rows[] = {
     ROW(lacquire_nsec_1e9, EINVAL),
     ROW(lacquire_nsec_negative, EINVAL),
     ROW(lacquire_busy_past, ETIMEDOUT),
+    ROW(lcancel_null, EINVAL),
+    ROW(lcancel_twice, 0),
+    ROW(lcancel_then_acquire, ECANCELED),
+    ROW(lcancel_then_try, 0),
+    ROW(lcancel_then_release, 0),
+    ROW(lrequest_check_null, EINVAL),
     ROW(lrefresh_null, EINVAL),
     ROW(lrefresh_not_held, ENOLCK),
     ROW(lrefresh_after_release, ENOLCK),
@@ -1023,7 +1037,9 @@ static const struct row rows[] = {
     ROW(lerror_len_zero, EINVAL),
     ROW(lerror_len_one, 0),
     ROW(lka_null_lease, EINVAL),
-    ROW(lka_null_queue, EINVAL),
+    ROW(lka_null_queue, 0),
+    ROW(lka_null_queue_twice, EBUSY),
+    ROW(lka_null_queue_restart, 0),
     ROW(lka_null_lost, EINVAL),
     ROW(lka_negative_interval, EINVAL),
     ROW(lka_interval_too_long, EINVAL),

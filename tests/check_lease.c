@@ -4,9 +4,13 @@
  * acquire, mutual exclusion under contention, allocation failures) and
  * the keepalive (keeps a short lease alive; lost(TAKEN) and
  * lost(UNREACHABLE) through a test provider that can fail or hang, fired
- * once and before the local lease end; stop and destroy during a refresh).
- * Links the convenience library for the fault injector.
+ * once and before the local lease end; stop and destroy during a refresh;
+ * on the caller's queue and on the keepalive's own thread, which a busy
+ * queue cannot starve), and time: the deadline each call hands its
+ * provider, and opq_lease_cancel of an acquire in its backoff or in a
+ * store call. Links the convenience library for the fault injector.
  */
+#define _GNU_SOURCE 1 /* pthread_getname_np */
 #include "harness.h"
 #include "fault.h"
 #include "internal.h"
@@ -19,6 +23,15 @@
 static int64_t ts_ns(const struct timespec *ts)
 {
 	return (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+/* The calling thread's name ("?" when unknown). */
+static void thread_name(char *buf, size_t len)
+{
+	snprintf(buf, len, "?");
+#if HAVE_DECL_PTHREAD_SETNAME_NP
+	pthread_getname_np(pthread_self(), buf, len);
+#endif
 }
 
 /* Let time pass (waiting for a lease to run out is the point, not a sync). */
@@ -825,12 +838,14 @@ struct lost_rec {
 	atomic_llong at; /* monotonic ns of the (first) call */
 	int rc_stop, rc_destroy, rc_start;
 	opq_queue *q;
+	char thread[16]; /* the name of the thread that ran it */
 };
 
 static void on_lost(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
 {
 	struct lost_rec *r = arg;
 	long long t = t_now_ns();
+	thread_name(r->thread, sizeof(r->thread));
 	/* calls that would wait for this callback refuse */
 	r->rc_stop = opq_lease_keepalive_stop(l);
 	r->rc_destroy = opq_lease_destroy(l);
@@ -906,18 +921,23 @@ START_TEST(test_keepalive_keeps)
 }
 END_TEST
 
-/* Another owner takes the lock at the store: lost(TAKEN), exactly once. */
+/*
+ * Another owner takes the lock at the store: lost(TAKEN), exactly once, on
+ * the thread that ran the refresh. The keepalive tests run twice (_i): 0
+ * with the refreshes on the caller's queue, 1 on the keepalive's own thread.
+ */
 START_TEST(test_keepalive_taken)
 {
 	struct tp s;
 	opq_lease_provider *p = tp_provider(&s);
 	opq_queue *q = mk_queue(1);
+	opq_queue *kq = _i ? NULL : q;
 	opq_lease *a = mk(p, "k", "A", 1000 * MS);
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
 	struct lost_rec r;
 	memset(&r, 0, sizeof(r));
-	r.q = q;
-	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 30 * MS, on_lost, &r), 0);
+	r.q = kq;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 30 * MS, on_lost, &r), 0);
 	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 3);
 	ck_assert_int_eq(atomic_load(&r.calls), 0);
 	tp_steal(&s);
@@ -928,6 +948,8 @@ START_TEST(test_keepalive_taken)
 	ck_assert_int_eq(r.rc_stop, EDEADLK);
 	ck_assert_int_eq(r.rc_destroy, EDEADLK);
 	ck_assert_int_eq(r.rc_start, EDEADLK);
+	if (HAVE_DECL_PTHREAD_SETNAME_NP) /* the threads have names to tell */
+		ck_assert_str_eq(r.thread, _i ? "opq-lease" : "opq/0");
 	int before = tp_get(&s, &s.refreshes);
 	pass_ns(150 * MS);
 	ck_assert_int_eq(atomic_load(&r.calls), 1);         /* once */
@@ -935,7 +957,7 @@ START_TEST(test_keepalive_taken)
 	ck_assert_int_eq(opq_lease_grant_get(a, NULL), EINVAL);
 	opq_lease_grant g;
 	ck_assert_int_eq(opq_lease_grant_get(a, &g), ENOLCK);
-	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), ENOLCK);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 0, on_lost, &r), ENOLCK);
 	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
 	ck_assert_int_eq(opq_lease_destroy(a), 0);
 	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
@@ -944,19 +966,21 @@ START_TEST(test_keepalive_taken)
 }
 END_TEST
 
-/* The store fails (EIO) or hangs: lost(UNREACHABLE) before the local end. */
-static void unreachable_case(enum tp_mode mode)
+/* The store fails (EIO) or hangs: lost(UNREACHABLE) before the local end,
+ * on the timer thread. `own`: the keepalive's own thread refreshes. */
+static void unreachable_case(enum tp_mode mode, bool own)
 {
 	struct tp s;
 	opq_lease_provider *p = tp_provider(&s);
 	opq_queue *q = mk_queue(1);
+	opq_queue *kq = own ? NULL : q;
 	const int64_t L = 1000 * MS;
 	opq_lease *a = mk(p, "k", "A", L); /* margin 1% + 1 ms */
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
 	struct lost_rec r;
 	memset(&r, 0, sizeof(r));
-	r.q = q;
-	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 50 * MS, on_lost, &r), 0);
+	r.q = kq;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 50 * MS, on_lost, &r), 0);
 	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 2);
 	tp_set(&s, mode);
 	/* the last confirmed grant: the lost call must come before its end */
@@ -967,6 +991,8 @@ static void unreachable_case(enum tp_mode mode)
 	int64_t local_end = ts_ns(&g.acquired) + L - L / 100 - 1 * MS;
 	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
 	ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_UNREACHABLE);
+	if (HAVE_DECL_PTHREAD_SETNAME_NP)
+		ck_assert_str_eq(r.thread, "opq-timer");
 	ck_assert_msg(atomic_load(&r.at) < local_end, "lost %lld ns after the local end",
 	              (long long)(atomic_load(&r.at) - local_end));
 	/* not absurdly early either: not before the lease was half gone */
@@ -1003,13 +1029,13 @@ static void unreachable_case(enum tp_mode mode)
 
 START_TEST(test_keepalive_unreachable_fail)
 {
-	unreachable_case(TP_FAIL);
+	unreachable_case(TP_FAIL, _i);
 }
 END_TEST
 
 START_TEST(test_keepalive_unreachable_hang)
 {
-	unreachable_case(TP_HANG);
+	unreachable_case(TP_HANG, _i);
 }
 END_TEST
 
@@ -1029,18 +1055,19 @@ static void *stop_main(void *arg)
 }
 
 /* keepalive_stop and destroy while a refresh is in flight: they wait for it. */
-static void stop_in_flight(bool destroy)
+static void stop_in_flight(bool destroy, bool own)
 {
 	struct tp s;
 	opq_lease_provider *p = tp_provider(&s);
 	opq_queue *q = mk_queue(1);
+	opq_queue *kq = own ? NULL : q;
 	opq_lease *a = mk(p, "k", "A", 10000 * MS);
 	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
 	struct lost_rec r;
 	memset(&r, 0, sizeof(r));
-	r.q = q;
+	r.q = kq;
 	tp_set(&s, TP_HANG);
-	ck_assert_int_eq(opq_lease_keepalive_start(a, q, 0, on_lost, &r), 0);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 0, on_lost, &r), 0);
 	T_WAIT_UNTIL(tp_get(&s, &s.hanging) == 1);
 	struct stopper st = {.l = a, .destroy = destroy};
 	pthread_t th;
@@ -1063,13 +1090,13 @@ static void stop_in_flight(bool destroy)
 
 START_TEST(test_keepalive_stop_in_flight)
 {
-	stop_in_flight(false);
+	stop_in_flight(false, _i);
 }
 END_TEST
 
 START_TEST(test_keepalive_destroy_in_flight)
 {
-	stop_in_flight(true);
+	stop_in_flight(true, _i);
 }
 END_TEST
 
@@ -1079,21 +1106,25 @@ START_TEST(test_keepalive_churn)
 	opq_lease_provider *p;
 	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
 	opq_queue *q = mk_queue(2);
+	opq_queue *kq = _i ? NULL : q;
 	enum { N = 6 };
 	opq_lease *l[N];
 	struct lost_rec r;
 	memset(&r, 0, sizeof(r));
-	r.q = q;
+	r.q = kq;
 	for (int i = 0; i < N; i++) {
 		char name[8];
 		snprintf(name, sizeof(name), "c%d", i);
-		l[i] = mk(p, name, "A", 100 * MS);
+		/* Long enough that a slow turn of the loop (a loaded machine;
+		 * each start and stop without a queue starts and joins a
+		 * thread) never lets a stopped one run out before its restart. */
+		l[i] = mk(p, name, "A", 2000 * MS);
 		ck_assert_int_eq(opq_lease_try_acquire(l[i], NULL), 0);
 	}
 	long iters = t_scale(200);
 	for (long it = 0; it < iters; it++) {
 		int i = (int)(it % N);
-		int rc = opq_lease_keepalive_start(l[i], q, 1 * MS + it % 5 * MS, on_lost, &r);
+		int rc = opq_lease_keepalive_start(l[i], kq, 1 * MS + it % 5 * MS, on_lost, &r);
 		ck_assert_msg(rc == 0 || rc == EBUSY, "rc %d", rc);
 		if (it % 3 == 0)
 			ck_assert_int_eq(opq_lease_keepalive_stop(l[(i + 2) % N]), 0);
@@ -1167,6 +1198,415 @@ START_TEST(test_huge_lease)
 }
 END_TEST
 
+/*
+ * A keepalive that nothing can starve: the daemon's bounded work queue
+ * (capacity 4, one runner) kept full of 300 ms jobs for 2.4 s, and a
+ * 600 ms lease. On the keepalive's own thread (_i 1) the lease is kept
+ * throughout; as operations on that queue (_i 0) its refreshes are refused
+ * or wait behind the work, and the lease is lost.
+ */
+static int job_300ms(void *arg)
+{
+	(void)arg;
+	pass_ns(300 * MS); /* the daemon's work */
+	return 0;
+}
+
+static void job_fn(void *arg)
+{
+	(void)job_300ms(arg);
+}
+
+START_TEST(test_keepalive_starved)
+{
+	const int64_t L = 600 * MS;
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
+	opq_queue_attr *qa;
+	ck_assert_int_eq(opq_queue_attr_create(&qa), 0);
+	ck_assert_int_eq(opq_queue_attr_set_capacity(qa, 4), 0);
+	opq_queue *q;
+	ck_assert_int_eq(opq_queue_create(&q, qa), 0);
+	opq_queue_attr_destroy(qa);
+	ck_assert_int_eq(opq_queue_start(q, 1), 0);
+	opq_lease *a = mk(p, "starved", "A", L);
+	opq_lease *b = mk(p, "starved", "B", L);
+	opq_lease_grant g0, g;
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g0), 0);
+	struct lost_rec r;
+	memset(&r, 0, sizeof(r));
+	r.q = _i ? NULL : q;
+	ck_assert_int_eq(opq_lease_keepalive_start(a, r.q, 0, on_lost, &r), 0);
+	int64_t start = t_now_ns();
+	/* 8 jobs of 300 ms through a queue of 4: full for about 2.4 s */
+	for (int i = 0; i < 8; i++)
+		ck_assert_int_eq(opq_queue_enqueue_fn(q, job_fn, NULL, NULL), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_queue_wait_idle(q, &dl), 0);
+	int64_t busy = t_now_ns() - start;
+	int lost = atomic_load(&r.calls);
+	char what[64] = "kept";
+	if (lost)
+		snprintf(what, sizeof(what), "lost %.0f ms after the work began",
+		         (atomic_load(&r.at) - start) / 1e6);
+	fprintf(stderr, "check_lease: keepalive %s, queue busy for %.0f ms, 600 ms lease: %s\n",
+	        _i ? "on its own thread" : "on the busy queue", busy / 1e6, what);
+	if (_i) {
+		ck_assert_int_ge(busy, 2000 * MS);
+		ck_assert_int_eq(lost, 0);
+		ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+		ck_assert_int_eq(opq_lease_grant_get(a, &g), 0);
+		ck_assert_uint_eq(g.token, g0.token);
+		ck_assert_int_gt(ts_ns(&g.acquired), ts_ns(&g0.acquired) + 1500 * MS);
+		int64_t left;
+		ck_assert_int_eq(opq_lease_remaining(a, NULL, &left), 0);
+		ck_assert_int_gt(left, 0);
+	} else {
+		ck_assert_int_eq(lost, 1);
+		ck_assert_int_eq(atomic_load(&r.why), OPQ_LEASE_UNREACHABLE);
+	}
+	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(a), 0);
+	ck_assert_int_eq(opq_lease_destroy(b), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	end_queue(q);
+}
+END_TEST
+
+/* ---- deadlines and cancel ---------------------------------------------------- */
+
+/* How late a call may return past its deadline in these tests: the
+ * library's slack is a few ms; the rest is for loaded machines and
+ * sanitizers. */
+static int64_t slack_ns(void)
+{
+	const char *m = getenv("CK_TIMEOUT_MULTIPLIER");
+	int k = m && atoi(m) > 1 ? atoi(m) : 1;
+	return 250 * MS * k;
+}
+
+/*
+ * A provider that records the deadline of every request and, when told to,
+ * waits in its acquire until opq_lease_request_check says stop (the way a
+ * store waits for a lock), returning what it said.
+ */
+struct wp {
+	pthread_mutex_t mu;
+	bool wait;
+	int entered; /* acquires that began */
+	int last_rc; /* what the last waiting acquire returned */
+	uint64_t token;
+	struct timespec dl[3]; /* the last deadline of acquire, refresh, release */
+};
+
+static void wp_record(struct wp *w, int i, const opq_lease_request *req)
+{
+	pthread_mutex_lock(&w->mu);
+	w->dl[i] = req->deadline;
+	pthread_mutex_unlock(&w->mu);
+}
+
+static int wp_acquire(void *store, const opq_lease_request *req, uint64_t *token)
+{
+	struct wp *w = store;
+	pthread_mutex_lock(&w->mu);
+	w->dl[0] = req->deadline;
+	w->entered++;
+	bool wait = w->wait;
+	pthread_mutex_unlock(&w->mu);
+	int rc = 0;
+	if (wait) {
+		while ((rc = opq_lease_request_check(req)) == 0) {
+			struct timespec nap = {0, 1000000}; /* the store's own polling */
+			nanosleep(&nap, NULL);
+		}
+		snprintf(req->errbuf, req->errlen, "wp: stopped waiting: %d", rc);
+	}
+	pthread_mutex_lock(&w->mu);
+	if (wait)
+		w->last_rc = rc;
+	else
+		*token = ++w->token;
+	pthread_mutex_unlock(&w->mu);
+	return rc;
+}
+
+static int wp_refresh(void *store, const opq_lease_request *req)
+{
+	wp_record(store, 1, req);
+	return 0;
+}
+
+static int wp_release(void *store, const opq_lease_request *req)
+{
+	wp_record(store, 2, req);
+	return 0;
+}
+
+static opq_lease_provider *wp_provider(struct wp *w)
+{
+	memset(w, 0, sizeof(*w));
+	pthread_mutex_init(&w->mu, NULL);
+	opq_lease_provider_ops ops;
+	memset(&ops, 0, sizeof(ops));
+	ops.acquire = wp_acquire;
+	ops.refresh = wp_refresh;
+	ops.release = wp_release;
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_create(&p, &ops, w), 0);
+	return p;
+}
+
+static int64_t wp_dl(struct wp *w, int i)
+{
+	pthread_mutex_lock(&w->mu);
+	int64_t ns = ts_ns(&w->dl[i]);
+	pthread_mutex_unlock(&w->mu);
+	return ns;
+}
+
+static void wp_set_wait(struct wp *w, bool wait)
+{
+	pthread_mutex_lock(&w->mu);
+	w->wait = wait;
+	pthread_mutex_unlock(&w->mu);
+}
+
+static int wp_get(struct wp *w, int *field)
+{
+	pthread_mutex_lock(&w->mu);
+	int v = *field;
+	pthread_mutex_unlock(&w->mu);
+	return v;
+}
+
+/* Every call hands its provider the deadline it documents, and a
+ * provider that waits until then makes the call return by it. */
+START_TEST(test_deadlines_passed_down)
+{
+	struct wp w;
+	opq_lease_provider *p = wp_provider(&w);
+	const int64_t L = 2000 * MS, margin = L / 100 + 1 * MS;
+	opq_lease *l = mk(p, "dl", "A", L);
+	opq_lease_grant g;
+	/* try_acquire, release: one lease time */
+	int64_t t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
+	int64_t t1 = t_now_ns();
+	ck_assert_int_ge(wp_dl(&w, 0), t0 + L);
+	ck_assert_int_le(wp_dl(&w, 0), t1 + L);
+	t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	t1 = t_now_ns();
+	ck_assert_int_ge(wp_dl(&w, 2), t0 + L);
+	ck_assert_int_le(wp_dl(&w, 2), t1 + L);
+	/* acquire: the caller's deadline when it comes first, else one lease time */
+	struct timespec dl = t_deadline(300 * MS);
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
+	ck_assert_int_eq(wp_dl(&w, 0), ts_ns(&dl));
+	dl = t_deadline(60 * SEC);
+	t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, &g), 0);
+	t1 = t_now_ns();
+	ck_assert_int_ge(wp_dl(&w, 0), t0 + L);
+	ck_assert_int_le(wp_dl(&w, 0), t1 + L);
+	t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_acquire(l, NULL, &g), 0);
+	t1 = t_now_ns();
+	ck_assert_int_ge(wp_dl(&w, 0), t0 + L);
+	ck_assert_int_le(wp_dl(&w, 0), t1 + L);
+	/* refresh: the lease's local end */
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(wp_dl(&w, 1), ts_ns(&g.acquired) + L - margin);
+	/* a store that waits for its deadline: acquire returns ETIMEDOUT by
+	 * the caller's deadline, plus a little */
+	wp_set_wait(&w, true);
+	dl = t_deadline(300 * MS);
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, NULL), ETIMEDOUT);
+	int64_t late = t_now_ns() - ts_ns(&dl);
+	ck_assert_int_eq(wp_get(&w, &w.last_rc), ETIMEDOUT);
+	ck_assert_int_ge(late, 0);
+	ck_assert_int_lt(late, slack_ns());
+	/* a deadline already past: one try, which waits for nothing */
+	dl = t_deadline(-5 * MS);
+	t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_acquire(l, &dl, NULL), ETIMEDOUT);
+	ck_assert_int_lt(t_now_ns() - t0, slack_ns());
+	ck_assert_int_eq(wp_dl(&w, 0), ts_ns(&dl));
+	char words[64];
+	ck_assert_int_eq(opq_lease_error(l, words, sizeof(words)), 0);
+	ck_assert_msg(strstr(words, "wp: stopped waiting") != NULL, "%s", words);
+	/* refresh once the local end has passed: one lease time */
+	wp_set_wait(&w, false);
+	opq_lease *s = mk(p, "dl-short", "A", 20 * MS);
+	ck_assert_int_eq(opq_lease_try_acquire(s, &g), 0);
+	pass_ns(30 * MS);
+	t0 = t_now_ns();
+	ck_assert_int_eq(opq_lease_refresh(s, NULL), 0);
+	t1 = t_now_ns();
+	ck_assert_int_ge(wp_dl(&w, 1), t0 + 20 * MS);
+	ck_assert_int_le(wp_dl(&w, 1), t1 + 20 * MS);
+	ck_assert_int_eq(opq_lease_destroy(s), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	pthread_mutex_destroy(&w.mu);
+}
+END_TEST
+
+struct acquirer {
+	opq_lease *l;
+	struct t_gate started;
+	atomic_int rc;
+	atomic_llong returned_at;
+};
+
+static void *acquirer_main(void *arg)
+{
+	struct acquirer *a = arg;
+	t_gate_open(&a->started);
+	int rc = opq_lease_acquire(a->l, NULL, NULL); /* forever, unless cancelled */
+	atomic_store(&a->returned_at, t_now_ns());
+	atomic_store(&a->rc, rc);
+	return NULL;
+}
+
+static void acquirer_start(struct acquirer *a, pthread_t *th, opq_lease *l)
+{
+	a->l = l;
+	atomic_store(&a->rc, -1);
+	t_gate_init(&a->started);
+	ck_assert_int_eq(pthread_create(th, NULL, acquirer_main, a), 0);
+	ck_assert(t_gate_wait(&a->started));
+}
+
+/*
+ * A daemon's signal thread stops a blocked acquire: opq_lease_cancel from
+ * another thread, at moments that find the acquire before its first try,
+ * in a store call or in its backoff; it returns ECANCELED promptly, and
+ * every later acquire at once. The lock stays usable.
+ */
+START_TEST(test_cancel_in_backoff)
+{
+	opq_lease_provider *p;
+	ck_assert_int_eq(opq_lease_provider_memory_create(&p), 0);
+	opq_lease *holder = mk(p, "cx", "H", 30 * SEC);
+	ck_assert_int_eq(opq_lease_try_acquire(holder, NULL), 0);
+	long iters = t_scale(40);
+	for (long i = 0; i < iters; i++) {
+		opq_lease *l = mk(p, "cx", "W", 30 * SEC); /* polls every 1..20 ms */
+		struct acquirer a;
+		pthread_t th;
+		acquirer_start(&a, &th, l);
+		if (i % 4)
+			pass_ns((i % 4) * 7 * MS); /* cancel at varying points of the polling */
+		int64_t cancelled = t_now_ns();
+		ck_assert_int_eq(opq_lease_cancel(l), 0);
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_int_eq(atomic_load(&a.rc), ECANCELED);
+		ck_assert_int_lt(atomic_load(&a.returned_at) - cancelled, slack_ns());
+		t_gate_destroy(&a.started);
+		/* later ones at once; the rest of the handle still works */
+		struct timespec dl = t_deadline(T_WAIT_NS);
+		ck_assert_int_eq(opq_lease_acquire(l, &dl, NULL), ECANCELED);
+		ck_assert_int_eq(opq_lease_acquire(l, NULL, NULL), ECANCELED);
+		ck_assert_int_eq(opq_lease_try_acquire(l, NULL), EBUSY);
+		ck_assert_int_eq(opq_lease_destroy(l), 0);
+	}
+	/* a cancelled handle's non-blocking calls: it may still take and release */
+	opq_lease *l = mk(p, "cx", "W", 30 * SEC);
+	ck_assert_int_eq(opq_lease_cancel(l), 0);
+	ck_assert_int_eq(opq_lease_release(holder), 0);
+	ck_assert_int_eq(opq_lease_acquire(l, NULL, NULL), ECANCELED);
+	ck_assert_int_eq(opq_lease_try_acquire(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_refresh(l, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(holder), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+}
+END_TEST
+
+/* A cancel reaches a store call in flight: the provider's check says so. */
+START_TEST(test_cancel_in_store_call)
+{
+	struct wp w;
+	opq_lease_provider *p = wp_provider(&w);
+	wp_set_wait(&w, true);
+	long iters = t_scale(20);
+	for (long i = 0; i < iters; i++) {
+		opq_lease *l = mk(p, "cs", "A", 30 * SEC);
+		struct acquirer a;
+		pthread_t th;
+		int before = wp_get(&w, &w.entered);
+		acquirer_start(&a, &th, l);
+		T_WAIT_UNTIL(wp_get(&w, &w.entered) > before); /* in the store call */
+		int64_t cancelled = t_now_ns();
+		ck_assert_int_eq(opq_lease_cancel(l), 0);
+		ck_assert_int_eq(pthread_join(th, NULL), 0);
+		ck_assert_int_eq(atomic_load(&a.rc), ECANCELED);
+		ck_assert_int_eq(wp_get(&w, &w.last_rc), ECANCELED);
+		ck_assert_int_lt(atomic_load(&a.returned_at) - cancelled, slack_ns());
+		/* no try after the cancel: the store saw one acquire */
+		ck_assert_int_eq(wp_get(&w, &w.entered), before + 1);
+		t_gate_destroy(&a.started);
+		/* a cancelled acquire's store failure is not the handle's error */
+		char words[64];
+		ck_assert_int_eq(opq_lease_error(l, words, sizeof(words)), 0);
+		ck_assert_str_eq(words, "");
+		/* try_acquire is not cancelled: its store call waits its bound */
+		ck_assert_int_eq(opq_lease_destroy(l), 0);
+	}
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	pthread_mutex_destroy(&w.mu);
+}
+END_TEST
+
+/* A scope task's acquire, in a store call, when its scope is cancelled. */
+struct scoped {
+	opq_lease *l;
+	atomic_int rc;
+};
+
+static int scoped_acquire(opq_scope *scope, void *arg)
+{
+	(void)scope;
+	struct scoped *sa = arg;
+	int rc = opq_lease_acquire(sa->l, NULL, NULL);
+	atomic_store(&sa->rc, rc);
+	return rc;
+}
+
+START_TEST(test_scope_cancel_in_store_call)
+{
+	struct wp w;
+	opq_lease_provider *p = wp_provider(&w);
+	wp_set_wait(&w, true);
+	opq_queue *q = mk_queue(1);
+	opq_lease *l = mk(p, "sc", "A", 30 * SEC);
+	opq_scope *sc;
+	ck_assert_int_eq(opq_scope_create(&sc, q, NULL), 0);
+	struct scoped sa = {.l = l};
+	atomic_store(&sa.rc, -1);
+	ck_assert_int_eq(opq_scope_spawn(sc, NULL, scoped_acquire, &sa, NULL, NULL, NULL), 0);
+	T_WAIT_UNTIL(wp_get(&w, &w.entered) == 1);
+	ck_assert_int_eq(opq_scope_cancel(sc), 0);
+	struct timespec dl = t_deadline(T_WAIT_NS);
+	ck_assert_int_eq(opq_scope_wait(sc, &dl, NULL), 0);
+	ck_assert_int_eq(atomic_load(&sa.rc), ECANCELED);
+	ck_assert_int_eq(wp_get(&w, &w.last_rc), ECANCELED);
+	ck_assert_int_eq(opq_scope_destroy(sc), 0);
+	/* the handle itself is not cancelled: outside the scope it waits again */
+	wp_set_wait(&w, false);
+	ck_assert_int_eq(opq_lease_acquire(l, NULL, NULL), 0);
+	ck_assert_int_eq(opq_lease_release(l), 0);
+	ck_assert_int_eq(opq_lease_destroy(l), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	end_queue(q);
+	pthread_mutex_destroy(&w.mu);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("lease");
@@ -1185,12 +1625,18 @@ int main(void)
 	tcase_add_test(tc, test_round_trips);
 	tc = t_tcase(s, "keepalive", 120);
 	tcase_add_test(tc, test_keepalive_keeps);
-	tcase_add_test(tc, test_keepalive_taken);
-	tcase_add_test(tc, test_keepalive_unreachable_fail);
-	tcase_add_test(tc, test_keepalive_unreachable_hang);
-	tcase_add_test(tc, test_keepalive_stop_in_flight);
-	tcase_add_test(tc, test_keepalive_destroy_in_flight);
-	tcase_add_test(tc, test_keepalive_churn);
+	tcase_add_loop_test(tc, test_keepalive_taken, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_unreachable_fail, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_unreachable_hang, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_stop_in_flight, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_destroy_in_flight, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_churn, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_starved, 0, 2);
+	tc = t_tcase(s, "time", 120);
+	tcase_add_test(tc, test_deadlines_passed_down);
+	tcase_add_test(tc, test_cancel_in_backoff);
+	tcase_add_test(tc, test_cancel_in_store_call);
+	tcase_add_test(tc, test_scope_cancel_in_store_call);
 	tcase_add_test(tc, test_huge_lease);
 	return t_run(s);
 }

@@ -17,12 +17,14 @@ if [ -f "$pglib" ]; then
 	bad=$(${NM:-nm} -D --defined-only "$pglib" | awk '{print $NF}' | grep -v '^opq_[a-z]' | grep -v '^$' || true)
 	[ -z "$bad" ] || { echo "libopqueue-pg exports outside opq_*:"; printf '%s\n' "$bad"; exit 1; }
 fi
-# The SQLite provider's library exports its constructor and nothing else.
+# The SQLite provider's library exports its constructor and the guard
+# helper, and nothing else.
 sqlib="$top_builddir/lib/.libs/libopqueue-sqlite.so"
 if [ -f "$sqlib" ]; then
-	got=$(${NM:-nm} -D --defined-only "$sqlib" | awk '$2 == "T" {print $3}')
-	[ "$got" = opq_lease_provider_sqlite_create ] ||
-		{ echo "libopqueue-sqlite exports, instead of opq_lease_provider_sqlite_create:"; printf '%s\n' "$got"; exit 1; }
+	got=$(${NM:-nm} -D --defined-only "$sqlib" | awk '$2 == "T" {print $3}' | sort | tr '\n' ' ')
+	want="opq_lease_provider_sqlite_create opq_lease_sqlite_held_register "
+	[ "$got" = "$want" ] ||
+		{ echo "libopqueue-sqlite exports, instead of $want:"; printf '%s\n' "$got"; exit 1; }
 fi
 # A library never reads the environment (DESIGN.md): none of ours imports
 # getenv or secure_getenv.

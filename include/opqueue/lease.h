@@ -98,29 +98,45 @@ OPQ_EXPORT int opq_lease_destroy(opq_lease *lease);
  * Try once to acquire: succeeds when the lock is free, released, expired
  * (by the store's clock), or already held by this owner (then the token is
  * unchanged and the lease is extended, so a retried acquire whose reply was
- * lost never mints a second token). Errors: EBUSY (held by another owner),
- * EINVAL, or a store error (EIO, ECONNREFUSED, ETIMEDOUT, ENOMEM, ...) with
- * words from opq_lease_error. grant may be NULL.
+ * lost never mints a second token). The store call is bounded by one lease
+ * time (plus the store's slack, opq_lease_acquire(3)). Errors: EBUSY (held
+ * by another owner), EINVAL, or a store error (EIO, ECONNREFUSED,
+ * ETIMEDOUT, ENOMEM, ...) with words from opq_lease_error. grant may be
+ * NULL.
  */
 OPQ_EXPORT int opq_lease_try_acquire(opq_lease *lease, opq_lease_grant *grant);
 /*
  * Acquire, polling with backoff until `deadline` (NULL: forever) while the
  * lock is held by another owner or the store fails (the last failure's
- * words stay in opq_lease_error). Errors: EINVAL, ETIMEDOUT when the
- * deadline passed, ECANCELED (a cancelled scope task); never EBUSY or a
- * store failure, which are retried.
+ * words stay in opq_lease_error). Each try's store call is given the time
+ * left (at most one lease time), so the call returns by the deadline plus
+ * the store's slack (see opq_lease_acquire(3)). Errors: EINVAL, ETIMEDOUT
+ * when the deadline passed, ECANCELED (opq_lease_cancel on the handle, or a
+ * cancelled scope task); never EBUSY or a store failure, which are retried.
  */
 OPQ_EXPORT int opq_lease_acquire(opq_lease *lease, const struct timespec *deadline,
                                  opq_lease_grant *grant);
 /*
+ * Cancel the handle's blocking acquires, from any thread (a daemon's signal
+ * thread at shutdown): an opq_lease_acquire in progress returns ECANCELED
+ * as soon as its current store call returns (at once when it is waiting
+ * between tries), and every later one returns ECANCELED at once. The
+ * cancel stays. opq_lease_try_acquire, refresh, release and the keepalive
+ * are not affected, so the lease can still be released. Errors: EINVAL.
+ */
+OPQ_EXPORT int opq_lease_cancel(opq_lease *lease);
+/*
  * Extend the lease held (conditional on owner and token at the store).
- * Errors: ENOLCK (not held: it expired and was taken, or was released),
- * EINVAL, or a store error (the lease may still be ours). The token does
- * not change; grant (may be NULL) gets the new instant.
+ * The store call is bounded by the lease's local end (acquired + lease -
+ * margin), or by one lease time once that has passed. Errors: ENOLCK (not
+ * held: it expired and was taken, or was released), EINVAL, or a store
+ * error (the lease may still be ours). The token does not change; grant
+ * (may be NULL) gets the new instant.
  */
 OPQ_EXPORT int opq_lease_refresh(opq_lease *lease, opq_lease_grant *grant);
 /* Release the lease (conditional on owner and token): 0 also when it was
- * not held any more (idempotent). Store errors as above. */
+ * not held any more (idempotent). The store call is bounded by one lease
+ * time. Store errors as above. */
 OPQ_EXPORT int opq_lease_release(opq_lease *lease);
 /*
  * How long the holder may still act, in ns, from the local monotonic clock
@@ -149,13 +165,19 @@ enum opq_lease_lost_reason {
 typedef void opq_lease_lost_fn(opq_lease *lease, enum opq_lease_lost_reason why, void *arg);
 
 /*
- * Refresh the held lease every interval_ns (0: a third of lease - margin) as
- * operations on `queue`, and call lost(lease, why, arg) once, before the
- * lease ends locally (acquired + lease - margin), if it cannot be
- * confirmed by then; the keepalive then ends. Allocates nothing. Errors:
- * ENOLCK (not held), EBUSY (already running), EINVAL, ESHUTDOWN (queue
- * stopping), EAGAIN (the timer thread could not be started), EDEADLK (from
- * the handle's own lost callback).
+ * Refresh the held lease every interval_ns (0: a third of lease - margin),
+ * and call lost(lease, why, arg) once, before the lease ends locally
+ * (acquired + lease - margin), if it cannot be confirmed by then; the
+ * keepalive then ends. With `queue` NULL (the usual choice) the refreshes
+ * run on a thread of the library's own, started for this keepalive and
+ * named "opq-lease", so that no user work can delay them; with a queue
+ * they are operations on it (a busy queue delays them, and a full one
+ * refuses them). lost(OPQ_LEASE_UNREACHABLE) runs on the library's timer
+ * thread ("opq-timer"); lost(OPQ_LEASE_TAKEN) on the thread that ran the
+ * refresh ("opq-lease", or a runner of `queue`). Errors: ENOLCK (not
+ * held), EBUSY (already running), EINVAL, ESHUTDOWN (queue stopping),
+ * EAGAIN (a thread could not be started), EDEADLK (from the handle's own
+ * lost callback).
  */
 OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int64_t interval_ns,
                                          opq_lease_lost_fn *lost, void *arg);
@@ -181,9 +203,21 @@ typedef struct opq_lease_request {
 	char *errbuf;
 	size_t errlen;
 	/* The store call returns by this CLOCK_MONOTONIC instant (see
-	 * opq_lease_provider_create(3)); always set. */
+	 * opq_lease_provider_create(3)); always set, possibly already past
+	 * (then: do not wait for anything). */
 	struct timespec deadline;
+	/* The library's own: providers leave it alone (opq_lease_request_check). */
+	const void *opq__call;
 } opq_lease_request;
+
+/*
+ * For a provider that waits in steps (a busy handler, a retry loop):
+ * whether to go on. 0: go on; ETIMEDOUT: the request's deadline passed;
+ * ECANCELED: the blocking acquire that made the request was cancelled
+ * (opq_lease_cancel, or its scope task); return that from the call.
+ * EINVAL when req is NULL.
+ */
+OPQ_EXPORT int opq_lease_request_check(const opq_lease_request *req);
 
 /*
  * A provider's functions. Each returns 0, or:

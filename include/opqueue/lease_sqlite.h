@@ -32,6 +32,23 @@ extern "C" {
 OPQ_EXPORT int opq_lease_provider_sqlite_create(opq_lease_provider **provider, const char *path,
                                                 char *errbuf, size_t errlen);
 
+struct sqlite3;
+
+/*
+ * The guard for the user's own writes (opq_lease_sqlite_held_register(3)):
+ * register the SQL function opq_lease_held(name, token) on the caller's
+ * own connection `db` to the database file of the leases. It is 1 while
+ * the lock `name` is held with fencing token `token` and its lease has
+ * not run out by this host's boot clock, else 0 (NULL when an argument is
+ * NULL), as PostgreSQL's function of the same name is. A write that puts
+ * it in its WHERE clause, in a write transaction (BEGIN IMMEDIATE), is
+ * refused once the lease was lost: no takeover can commit between the
+ * check and the write. The caller keeps db; the function lives as long as
+ * the connection. Errors: EINVAL (db NULL), ENOENT (cannot read the boot
+ * id), ENOMEM, EIO (SQLite refused the function).
+ */
+OPQ_EXPORT int opq_lease_sqlite_held_register(struct sqlite3 *db);
+
 #ifdef __cplusplus
 }
 #endif
