@@ -187,8 +187,9 @@ static void conn_process(struct conn *c);
 static void conn_flush(struct conn *c)
 {
 	while (c->hdrlen > c->hdroff || c->datalen > c->dataoff) {
-		struct iovec iov[2] = {{c->hdr + c->hdroff, c->hdrlen - c->hdroff},
-		                       {c->data + c->dataoff, c->datalen - c->dataoff}};
+		struct iovec iov[2] = {{c->hdr + c->hdroff, c->hdrlen - c->hdroff}, {NULL, 0}};
+		if (c->data) /* none for an error or an empty file */
+			iov[1] = (struct iovec){c->data + c->dataoff, c->datalen - c->dataoff};
 		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = 2};
 		ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (n < 0 && errno == EINTR)
@@ -704,9 +705,11 @@ static int load_names(const char *dir)
 			return -1;
 	/* Files twice as often as the rest: most requests carry bytes. */
 	size_t others = nnames - files;
-	for (size_t i = 0; i < files && others; i++)
-		if (add_name(names[i].name, 0, names[i].data, names[i].len))
+	for (size_t i = 0; i < files && others; i++) {
+		struct expect e = names[i]; /* add_name moves names */
+		if (add_name(e.name, 0, e.data, e.len))
 			return -1;
+	}
 	return 0;
 }
 
