@@ -20,6 +20,15 @@
  * it away before the completion is called, so destroy can refuse while
  * anything could still reach the channel.
  *
+ * ch->ending counts the opq__chan_end calls between their push and their
+ * write to the descriptor: the loop may take an operation, run its
+ * completion and destroy the channel as soon as it is pushed, before the
+ * thread that pushed it has written. Each call adds one before its push
+ * (whoever takes the operation sees that, through the push's release) and
+ * takes it away after its write; destroy waits for it to read 0, the time
+ * of one write at most, so that no write touches a freed channel or a
+ * descriptor closed and given to something else.
+ *
  * This file is below the queue: the queue calls opq__chan_accept and
  * opq__chan_end, and nothing here calls the queue.
  */
@@ -27,6 +36,7 @@
 
 #include <fcntl.h>
 #include <opqueue/chan.h>
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 #ifdef HAVE_SYS_EVENTFD_H
@@ -35,6 +45,7 @@
 
 struct opq_chan {
 	opq_op *ready;    /* stack of ended operations, newest on top */
+	unsigned ending;  /* opq__chan_end calls not done with ch (atomic) */
 	uint64_t pending; /* accepted, not yet completed (atomic) */
 	bool running;     /* opq_chan_run in progress (atomic) */
 	opq_op *local;    /* the loop's: ended operations, oldest first */
@@ -80,6 +91,8 @@ OPQ_EXPORT int opq_chan_destroy(opq_chan *ch)
 	if (__atomic_load_n(&ch->running, __ATOMIC_ACQUIRE) ||
 	    __atomic_load_n(&ch->pending, __ATOMIC_ACQUIRE))
 		return EBUSY;
+	while (__atomic_load_n(&ch->ending, __ATOMIC_ACQUIRE))
+		sched_yield(); /* a write to the descriptor after the last push */
 	close(ch->rfd);
 	if (ch->wfd != ch->rfd)
 		close(ch->wfd);
@@ -130,14 +143,17 @@ void opq__chan_end(opq_op *op, int status)
 {
 	opq_chan *ch = op->opq__chan;
 	op->opq__status = status;
+	__atomic_fetch_add(&ch->ending, 1, __ATOMIC_RELAXED); /* published by the push */
 	opq_op *top = __atomic_load_n(&ch->ready, __ATOMIC_RELAXED);
 	do
 		op->opq__link.opq__next = (struct opq__link *)(void *)top;
 	while (!__atomic_compare_exchange_n(&ch->ready, &top, op, true, __ATOMIC_RELEASE,
 	                                    __ATOMIC_RELAXED));
-	/* op may be completed and freed from here on; ch stays (pending). */
+	/* op may be completed and freed from here on, and pending reach 0;
+	 * ch stays until ending does. */
 	if (!top)
 		notify(ch);
+	__atomic_fetch_sub(&ch->ending, 1, __ATOMIC_RELEASE);
 }
 
 /* Move what has ended to ch->local, oldest first; false if nothing had. */
