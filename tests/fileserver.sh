@@ -71,6 +71,10 @@ start_server 2
 timeout 300 "$tool" -c -p "$port" -d "$dir" -k 4 -n 2000 >"$tmp/client.out" 2>&1 ||
 	{ echo "client, 4 connections:"; cat "$tmp/client.out"; fail=1; }
 grep -q ' 0 wrong$' "$tmp/client.out" || { cat "$tmp/client.out"; fail=1; }
+# Every request at once, then a half-close: all answered, then closed.
+timeout 300 "$tool" -c -H -p "$port" -d "$dir" -k 4 -n 2000 >"$tmp/client.out" 2>&1 ||
+	{ echo "client, half-close:"; cat "$tmp/client.out"; fail=1; }
+"$tool" -c -H -p "$port" -d "$dir" -k 1 -n 1001 >/dev/null 2>&1 && { echo "-H beyond 1000 accepted"; fail=1; }
 stop_server
 start_server 1
 timeout 300 "$tool" -c -p "$port" -d "$dir" -k 16 -n 1600 >"$tmp/client.out" 2>&1 ||

@@ -7,12 +7,13 @@
  * reply compared byte for byte with the files on disk.
  *
  *   opqueue-fileserver [-d dir] [-a addr] [-p port] [-P portfile] [-r runners]
- *   opqueue-fileserver -c -p port [-d dir] [-a addr] [-k connections] [-n requests]
+ *   opqueue-fileserver -c [-H] -p port [-d dir] [-a addr] [-k connections] [-n requests]
  *
  * The protocol, one request per line: "GET name\n" is answered with
  * "OK <length>\n" and the file's bytes, or "ERR <errno>\n" (2 for a missing
  * file, 22 for a name with '/' or the names "." and ".."). Requests may be
- * pipelined; each connection's replies come in the order of its requests.
+ * pipelined; each connection's replies come in the order of its requests;
+ * after a half-close the requests sent are still answered.
  *
  * Each connection embeds one operation (struct req): the loop enqueues it
  * when a request line is complete, a runner performs the read, and the
@@ -66,6 +67,7 @@ struct conn {
 	int fd;            /* -1 once closed */
 	uint32_t events;   /* what epoll watches now */
 	bool busy;         /* req is in the queue or being completed */
+	bool eof;          /* the peer has sent all it will: answer, then close */
 	struct req req;    /* the connection's one read in flight */
 	char in[LINE_LEN]; /* request bytes not yet handled */
 	size_t inlen;
@@ -137,7 +139,7 @@ out:
 
 static void conn_watch(struct conn *c)
 {
-	uint32_t want = (c->inlen < sizeof(c->in) ? EPOLLIN : 0) |
+	uint32_t want = (!c->eof && c->inlen < sizeof(c->in) ? EPOLLIN : 0) |
 	                (c->hdrlen > c->hdroff || c->datalen > c->dataoff ? EPOLLOUT : 0);
 	if (want != c->events) {
 		struct epoll_event ev = {.events = want, .data.ptr = c};
@@ -257,8 +259,8 @@ static void conn_process(struct conn *c)
 		return;
 	char *nl = memchr(c->in, '\n', c->inlen);
 	if (!nl) {
-		if (c->inlen == sizeof(c->in))
-			conn_close(c); /* a line longer than any request */
+		if (c->eof || c->inlen == sizeof(c->in))
+			conn_close(c); /* all answered, or a line longer than any request */
 		else
 			conn_watch(c);
 		return;
@@ -294,8 +296,12 @@ static void conn_readable(struct conn *c)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			break;
-		if (n <= 0) {
-			conn_close(c); /* the peer is gone (or reset) */
+		if (n == 0) {
+			c->eof = true; /* a half-close: the requests sent still get replies */
+			break;
+		}
+		if (n < 0) {
+			conn_close(c); /* reset */
 			return;
 		}
 		c->inlen += (size_t)n;
@@ -454,7 +460,9 @@ static int serve(const char *dir, const char *addr, int port, const char *portfi
 				struct conn *c = p;
 				if (c->fd < 0)
 					continue;
-				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				if (evs[i].events & (EPOLLHUP | EPOLLERR))
+					conn_close(c); /* no reply can reach the peer */
+				else if (evs[i].events & EPOLLIN)
 					conn_readable(c);
 				if (c->fd >= 0 && (evs[i].events & EPOLLOUT))
 					conn_flush(c);
@@ -501,6 +509,8 @@ static struct expect *names;
 static size_t nnames;
 static struct sockaddr_in server;
 static long per_conn;
+static bool half_close;     /* -H */
+#define HALF_CLOSE_MAX 1000 /* requests per connection with -H */
 
 struct client {
 	pthread_t th;
@@ -590,6 +600,53 @@ static int send_all(int fd, const char *p, size_t len)
 	return 0;
 }
 
+/*
+ * -H: every request of the connection at once, then a half-close, then the
+ * replies, then the server's close. The requests fit in the socket's
+ * buffers (at most HALF_CLOSE_MAX of them), so that sending all of them
+ * before reading cannot block for good.
+ */
+static void client_half_close(struct client *cl)
+{
+	const struct expect **e = calloc((size_t)per_conn, sizeof(*e));
+	char *req = malloc((size_t)per_conn * (NAME_LEN + 6));
+	size_t len = 0;
+	if (!e || !req) {
+		cl->wrong++;
+		goto out;
+	}
+	for (long i = 0; i < per_conn; i++) {
+		e[i] = &names[(size_t)rand_r(&cl->seed) % nnames];
+		len += (size_t)sprintf(req + len, "GET %s\n", e[i]->name);
+	}
+	if (send_all(cl->fd, req, len) || shutdown(cl->fd, SHUT_WR)) {
+		fprintf(stderr, "opqueue-fileserver: send: %s\n", strerror(errno));
+		cl->wrong++;
+		goto out;
+	}
+	for (long i = 0; i < per_conn; i++) {
+		int r = client_check(cl, e[i]);
+		if (r < 0)
+			fprintf(stderr, "opqueue-fileserver: %s: connection lost\n", e[i]->name);
+		if (r <= 0) {
+			cl->wrong++;
+			goto out;
+		}
+		if (e[i]->err)
+			cl->errs++;
+		else
+			cl->ok++;
+	}
+	char c;
+	if (client_read(cl, &c, NULL, 1, NULL) == 0) {
+		fprintf(stderr, "opqueue-fileserver: bytes after the last reply\n");
+		cl->wrong++;
+	}
+out:
+	free(e);
+	free(req);
+}
+
 /* One connection: requests one at a time, every eighth time two at once (pipelined). */
 static void *client_run(void *arg)
 {
@@ -601,6 +658,10 @@ static void *client_run(void *arg)
 		fprintf(stderr, "opqueue-fileserver: connect: %s\n", strerror(errno));
 		cl->wrong++;
 		return NULL;
+	}
+	if (half_close) {
+		client_half_close(cl);
+		goto out;
 	}
 	for (long i = 0; i < per_conn;) {
 		const struct expect *e[2];
@@ -757,7 +818,7 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: opqueue-fileserver [-d dir] [-a addr] [-p port] [-P portfile] "
 	           "[-r runners]\n"
-	           "       opqueue-fileserver -c -p port [-d dir] [-a addr] [-k connections] "
+	           "       opqueue-fileserver -c [-H] -p port [-d dir] [-a addr] [-k connections] "
 	           "[-n requests]\n");
 }
 
@@ -767,13 +828,16 @@ int main(int argc, char **argv)
 	int port = -1, opt;
 	bool client_mode = false;
 	long runners = 2, k = 4, n = 1000;
-	while ((opt = getopt(argc, argv, "a:cd:k:n:p:P:r:h")) != -1) {
+	while ((opt = getopt(argc, argv, "a:cd:Hk:n:p:P:r:h")) != -1) {
 		switch (opt) {
 		case 'a':
 			addr = optarg;
 			break;
 		case 'c':
 			client_mode = true;
+			break;
+		case 'H':
+			half_close = true;
 			break;
 		case 'd':
 			dir = optarg;
@@ -810,6 +874,8 @@ int main(int argc, char **argv)
 		bad = "-k takes 1 to 1024 connections";
 	else if (n < 1)
 		bad = "-n takes at least 1 request";
+	else if (half_close && (n + k - 1) / k > HALF_CLOSE_MAX)
+		bad = "-H takes at most 1000 requests per connection";
 	else if (port > 65535 || (client_mode && port < 1))
 		bad = client_mode ? "-c needs -p with the server's port" : "-p takes a port";
 	if (bad) {
