@@ -77,5 +77,16 @@ if run push push -p 1,2 -m 1000 -k 1; then
 	expect "1 "
 	expect "2 "
 fi
+# The loop workload: round trips through a completion channel (and libuv's
+# uv_queue_work), each operation performed and completed exactly once on
+# the loop thread; the targets' lines are printed when libuv is measured.
+if run loop loop $variants -m 3000 -n 1000 -w 0,1000 -i 1,64 -k 1; then
+	[ "$(grep -c '^loop' "$out")" -ge 2 ] || { echo "loop: not 2 tables"; cat "$out"; fail=1; }
+	expect "1          empty      opqueue intrusive"
+	expect "64         1000 ns    opqueue submit"
+	[ -n "$variants" ] || grep -q '^target: latency p50, opqueue intrusive' "$out" ||
+		grep -q 'libuv uv_queue_work: not measured' "$out" ||
+		{ echo "loop: neither libuv's rows nor why they are missing"; cat "$out"; fail=1; }
+fi
 [ $fail = 0 ] && echo "every workload ran; every operation exactly once"
 exit $fail

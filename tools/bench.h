@@ -6,6 +6,7 @@
 #define OPQ_TOOLS_BENCH_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 /* The run's producers, runners, operations per producer and spin per operation. */
 extern unsigned P, R;
@@ -44,5 +45,33 @@ void uv_set_size(void);
 #endif
 int burst_plain(void);
 int latency_plain(void);
+
+/* One chart of a plot: clustered bars, rows are clusters, columns bars. */
+struct panel {
+	const char *title, *xlabel, *ylabel;
+	bool logy;
+	const char *const *rows;
+	size_t nrows;
+	const char *const *cols;
+	size_t ncols;
+	const double *data; /* nrows x ncols */
+};
+/* Draw the panels (at most 4) side by side into an SVG file with gnuplot. */
+int plot(const char *file, const char *title, const struct panel *panels, size_t npanels);
+
+/* The loop workload (bench-loop.c): round trips from an event loop's thread. */
+struct loop_opts {
+	unsigned runners, repeats;
+	long trips;        /* round trips per throughput run (-m) */
+	long samples;      /* latency samples (-n) */
+	const long *spins; /* work per operation, ns (-w) */
+	size_t nspins;
+	const long *windows; /* operations in flight (-i) */
+	size_t nwindows;
+	bool intrusive, submit, libuv; /* -V intrusive,fn,libuv */
+	bool no_fork;                  /* -F */
+	const char *plot;              /* --plot */
+};
+int run_loop(const struct loop_opts *o);
 
 #endif

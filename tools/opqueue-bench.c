@@ -2,7 +2,7 @@
  * opqueue-bench: opqueue against the thread pools a C daemon author would
  * otherwise pick, on the same workload, in the same run.
  *
- * usage: opqueue-bench [burst|latency|bounded|line|push] [options]
+ * usage: opqueue-bench [burst|latency|bounded|line|push|loop] [options]
  *
  * burst    P producers enqueue M operations each into R runners; each
  *          operation is empty or spins W ns. Variants: opqueue intrusive
@@ -27,6 +27,13 @@
  *          its producers: P threads each push M 64-byte nodes (written
  *          before the clock starts) onto one stack with a compare-and-swap,
  *          and nothing else; ns per push, median of -k runs, for each P of -p.
+ * loop     round trips from one event loop's thread (submit, perform on R
+ *          runners, completion back on the loop): per second with -i LIST
+ *          operations in flight (default 1,64,1024), M round trips, and the
+ *          latency of one on an idle loop (-n samples); opqueue's completion
+ *          channel (intrusive, and opq_queue_submit as "fn") on an epoll
+ *          loop against libuv's uv_queue_work with after_work_cb
+ *          (bench-loop.c).
  *
  * In burst, latency and bounded, every run of every variant happens in a
  * child process of its own (peak RSS is per variant), after untimed
@@ -91,6 +98,8 @@ unsigned P = 1, R = 2;
 static unsigned K = 5;
 static long plist[MAXLIST] = {1}, rlist[MAXLIST] = {2}, wlist[MAXLIST] = {0};
 static size_t np = 1, nr = 1, nw = 1; /* -p, -r and -w: burst runs each combination */
+static long ilist[MAXLIST] = {1, 64, 1024};
+static size_t ni = 3; /* -i: operations in flight (loop) */
 long M = 1000000, W = 0;
 static long L = 10000, CAP = 64;
 static int no_fork;
@@ -877,19 +886,8 @@ static void progress_done(void)
 
 /* ---- plotting ------------------------------------------------------------ */
 
-/* One chart of a plot: clustered bars, rows are clusters, columns bars. */
-struct panel {
-	const char *title, *xlabel, *ylabel;
-	bool logy;
-	const char *const *rows;
-	size_t nrows;
-	const char *const *cols;
-	size_t ncols;
-	const double *data; /* nrows x ncols */
-};
-
-/* Draw the panels side by side into an SVG file with gnuplot. */
-static int plot(const char *file, const char *title, const struct panel *panels, size_t npanels)
+/* Draw the panels side by side into an SVG file with gnuplot (bench.h). */
+int plot(const char *file, const char *title, const struct panel *panels, size_t npanels)
 {
 	char tmp[4][32];
 	size_t made = 0;
@@ -1529,11 +1527,14 @@ static void usage(FILE *f)
 {
 	fprintf(
 	    f,
-	    "usage: opqueue-bench [burst|latency|bounded|line|push] [-p LIST] [-r LIST]\n"
+	    "usage: opqueue-bench [burst|latency|bounded|line|push|loop] [-p LIST] [-r LIST]\n"
 	    "         [-m OPS_PER_PRODUCER] [-w LIST_NS] [-k REPEATS] [-n SAMPLES] [-c CAPACITY]\n"
 	    "         [-V intrusive,fn,old-intrusive,old-fn,glib,libuv,plain,ceiling]\n"
 	    "         [-O OTHER_BUILD_PROGRAM [-L LABEL]] [-F] [--plot FILE.svg] [--cold]\n"
 	    "       opqueue-bench -l [-m ITERATIONS] [-k REPEATS]\n"
+	    "       opqueue-bench loop [-r RUNNERS] [-m ROUND_TRIPS] [-w LIST_NS] [-i "
+	    "LIST_IN_FLIGHT]\n"
+	    "         [-n SAMPLES] [-k REPEATS] [-V intrusive,fn,libuv] [-F] [--plot FILE.svg]\n"
 	    "       opqueue-bench [-O OTHER_BUILD_PROGRAM] --library\n");
 }
 
@@ -1673,7 +1674,8 @@ int main(int argc, char **argv)
 		argv++;
 		argc--;
 	}
-	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:V:FP:O:L:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "lp:m:r:w:k:n:c:i:V:FP:O:L:h", longopts, NULL)) !=
+	       -1) {
 		switch (opt) {
 		case 'l':
 			mode = "line";
@@ -1698,6 +1700,9 @@ int main(int argc, char **argv)
 			break;
 		case 'c':
 			CAP = atol(optarg);
+			break;
+		case 'i':
+			ni = parse_list(optarg, ilist);
 			break;
 		case 'F':
 			no_fork = 1;
@@ -1747,6 +1752,8 @@ int main(int argc, char **argv)
 		bad = "-r takes a comma-separated list of runner counts";
 	else if (nw == 0)
 		bad = "-w takes a comma-separated list of nanoseconds";
+	else if (ni == 0)
+		bad = "-i takes a comma-separated list of operations in flight";
 	else if (M < 1)
 		bad = "-m takes at least 1";
 	else if (K < 1 || K > 1000)
@@ -1770,6 +1777,9 @@ int main(int argc, char **argv)
 	for (size_t i = 0; i < nw && !bad; i++)
 		if (wlist[i] < 0)
 			bad = "-w takes no negative times";
+	for (size_t i = 0; i < ni && !bad; i++)
+		if (ilist[i] < 1 || ilist[i] > 1000000)
+			bad = "-i takes 1 to 1000000 operations in flight";
 	for (size_t v = 0; v < NV && !bad; v++)
 		if (vlist && selected[v] && variants[v].base && !old_exe)
 			bad = "-V old-intrusive and old-fn need -O";
@@ -1801,6 +1811,25 @@ int main(int argc, char **argv)
 		return run_line();
 	if (!strcmp(mode, "push"))
 		return run_push();
+	if (!strcmp(mode, "loop")) {
+		size_t vi = 0, vf = 1, vu = 0;
+		while (vu < NV && strcmp(variants[vu].name, "libuv"))
+			vu++;
+		struct loop_opts lo = {.runners = R,
+		                       .repeats = K,
+		                       .trips = M,
+		                       .samples = L,
+		                       .spins = wlist,
+		                       .nspins = nw,
+		                       .windows = ilist,
+		                       .nwindows = ni,
+		                       .intrusive = selected[vi],
+		                       .submit = selected[vf],
+		                       .libuv = vu < NV && selected[vu],
+		                       .no_fork = no_fork,
+		                       .plot = plot_file};
+		return run_loop(&lo);
+	}
 	fprintf(stderr, "opqueue-bench: unknown workload %s\n", mode);
 	usage(stderr);
 	return 2;
