@@ -303,7 +303,8 @@ OPQ_EXPORT int opq_queue_timedenqueue_fn(opq_queue *q, opq_fn *fn, opq_fn *disca
 }
 
 /* The box of opq_queue_submit: it travels to the channel, whose thread
- * frees it, so it is not one of the queue's reusable boxes. */
+ * frees it, so it is not one of the queue's reusable boxes; it comes from
+ * the boxes' allocator (jemalloc when configured). */
 struct work {
 	opq_op op;
 	opq_fn *work;
@@ -322,7 +323,7 @@ static void work_complete(opq_op *op, int status)
 	struct work *w = OPQ_CONTAINER_OF(op, struct work, op);
 	opq_after_fn *after = w->after;
 	void *arg = w->arg;
-	opq__free(w);
+	opq__box_free(w, sizeof(*w));
 	if (after)
 		after(arg, status);
 }
@@ -332,7 +333,7 @@ OPQ_EXPORT int opq_queue_submit(opq_queue *q, opq_chan *ch, opq_fn *work, opq_af
 {
 	if (!q || !ch || !work || !opq__deadline_ok(deadline))
 		return EINVAL;
-	struct work *w = opq__malloc(sizeof(*w));
+	struct work *w = opq__box_alloc(sizeof(*w));
 	if (!w)
 		return ENOMEM;
 	opq_op_init(&w->op, work_perform, NULL);
@@ -343,7 +344,7 @@ OPQ_EXPORT int opq_queue_submit(opq_queue *q, opq_chan *ch, opq_fn *work, opq_af
 	w->arg = arg;
 	int rc = enqueue(q, &w->op, WAIT_BLOCK, deadline);
 	if (rc)
-		opq__free(w);
+		opq__box_free(w, sizeof(*w));
 	return rc;
 }
 
