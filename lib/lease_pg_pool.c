@@ -345,6 +345,18 @@ static int late_done(PGconn *c)
 	return 0;
 }
 
+/* Keep c aside until its late answer comes (late_take), or close it if the pool is full. */
+static void late_keep(struct pg_store *s, PGconn *c)
+{
+	pthread_mutex_lock(&s->mu);
+	bool kept = s->nlate < POOL_MAX;
+	if (kept)
+		s->late[s->nlate++] = c;
+	pthread_mutex_unlock(&s->mu);
+	if (!kept)
+		PQfinish(c);
+}
+
 /* A late connection whose answer has come, or NULL; looks at the oldest
  * few, and puts one not done yet back at the end. */
 static PGconn *late_take(struct pg_store *s)
@@ -366,15 +378,7 @@ static PGconn *late_take(struct pg_store *s)
 			PQfinish(c);
 			continue;
 		}
-		bool kept = false;
-		pthread_mutex_lock(&s->mu);
-		if (s->nlate < POOL_MAX) {
-			s->late[s->nlate++] = c;
-			kept = true;
-		}
-		pthread_mutex_unlock(&s->mu);
-		if (!kept)
-			PQfinish(c);
+		late_keep(s, c);
 	}
 	return NULL;
 }
@@ -439,15 +443,7 @@ static int pg_take(struct pg_store *s, const struct timespec *dl, PGconn **c, bo
 static void pg_give(struct pg_store *s, PGconn *c, bool broken, bool dead, bool late)
 {
 	if (late && !dead && PQstatus(c) == CONNECTION_OK) {
-		bool kept = false;
-		pthread_mutex_lock(&s->mu);
-		if (s->nlate < POOL_MAX) {
-			s->late[s->nlate++] = c;
-			kept = true;
-		}
-		pthread_mutex_unlock(&s->mu);
-		if (!kept)
-			PQfinish(c);
+		late_keep(s, c);
 		return;
 	}
 	if (!broken && PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE) {

@@ -84,26 +84,12 @@ static uint64_t *t_end;                      /* latency: when each completion ra
 static long bad; /* completions with a status, on another thread, failed submits */
 static pthread_t loop_thread;
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t proc_cpu_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* On a runner: the operation's work, and the mark that it ran. */
 static void perform_index(long i)
 {
 	if (spin_ns) {
-		uint64_t t0 = mono_ns();
-		while (mono_ns() - t0 < (uint64_t)spin_ns)
+		uint64_t t0 = now_ns();
+		while (now_ns() - t0 < (uint64_t)spin_ns)
 			;
 	}
 	performed[i]++; /* one runner per index; the completion reads it after */
@@ -116,7 +102,7 @@ static bool end_index(long i, int status)
 		bad++;
 	completed[i]++;
 	if (t_end)
-		t_end[i] = mono_ns();
+		t_end[i] = now_ns();
 	ended++;
 	return issued < trips;
 }
@@ -237,7 +223,7 @@ static int opq_latency(int v, long samples, uint64_t *t0)
 	int rc = 0;
 	for (long s = 0; s < samples && !rc; s++) {
 		long before = ended;
-		t0[s] = mono_ns();
+		t0[s] = now_ns();
 		rc = opq_submit(v, &l, s);
 		while (!rc && ended == before)
 			rc = opq_loop_once();
@@ -284,7 +270,7 @@ static int uv_latency(long samples, uint64_t *t0)
 {
 	uv_work_t r;
 	for (long s = 0; s < samples; s++) {
-		t0[s] = mono_ns();
+		t0[s] = now_ns();
 		r.data = (void *)(intptr_t)s;
 		if (uv_queue_work(&uvl, &r, uvl_work, uvl_after))
 			return EAGAIN;
@@ -368,10 +354,10 @@ static void run_here(const struct loop_opts *o, int v, bool latency, long window
 		res->rc = opq_loop_setup(o->runners);
 	if (!res->rc)
 		res->rc = pass(v, latency, warm, window, t0); /* untimed */
-	uint64_t w0 = mono_ns(), c0 = proc_cpu_ns();
+	uint64_t w0 = now_ns(), c0 = cpu_ns();
 	if (!res->rc)
 		res->rc = pass(v, latency, n, window, t0);
-	uint64_t w1 = mono_ns(), c1 = proc_cpu_ns();
+	uint64_t w1 = now_ns(), c1 = cpu_ns();
 	int rc;
 #ifdef HAVE_LIBUV
 	if (v == V_LIBUV)

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* The run's producers, runners, operations per producer and spin per operation. */
 extern unsigned P, R;
@@ -23,6 +24,9 @@ extern bool recording;
 void fn_perform(void *arg);
 
 /* The timed window: clock_start before the first enqueue, clock_stop once all ran. */
+/* CLOCK_MONOTONIC, and the process's CPU time (every thread), in ns. */
+uint64_t now_ns(void);
+uint64_t cpu_ns(void);
 void clock_start(void);
 void clock_stop(void);
 /* A producer thread, at its end: its CPU time counts as enqueueing. */

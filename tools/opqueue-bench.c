@@ -110,14 +110,14 @@ static uint64_t cpu_start, cpu_end; /* the process's CPU time at t_start and t_e
 static long flt_start, flt_end;     /* the process's minor page faults then */
 static atomic_ullong producers_cpu; /* CPU time of the producer threads of a run */
 
-static uint64_t now_ns(void)
+uint64_t now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static uint64_t cpu_ns(void)
+uint64_t cpu_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
