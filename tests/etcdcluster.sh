@@ -76,7 +76,9 @@ healthy() {
 pid() { cat "$dir/m$1.pid" 2>/dev/null; }
 start() {
 	i=$1
-	(cd "$dir" && exec "$etcd" --name "m$i" --data-dir "$dir/m$i" \
+	# setsid: a member restarted by a test outlives the test's process
+	# group, which Check kills when the test ends.
+	(cd "$dir" && exec setsid "$etcd" --name "m$i" --data-dir "$dir/m$i" \
 		--listen-client-urls "$(client "$i")" --advertise-client-urls "$(client "$i")" \
 		--listen-peer-urls "http://127.0.0.1:$((port + 2 * i + 1))" \
 		--initial-advertise-peer-urls "http://127.0.0.1:$((port + 2 * i + 1))" \
