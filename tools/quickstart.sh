@@ -21,6 +21,7 @@ jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 packages="autoconf automake libtool pkg-config make gcc clang libclang-rt-14-dev
 	check libjemalloc-dev mandoc libglib2.0-dev libuv1-dev gnuplot-nox
 	libsqlite3-dev sqlite3 postgresql libpq-dev spin
+	libcurl4-openssl-dev libjansson-dev etcd-server etcd-client curl
 	build-essential dpkg-dev debhelper lintian clang-format"
 
 install_missing() {
