@@ -109,6 +109,20 @@ static int ctl(const char *verb, int i)
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+static const char *member_url(int i)
+{
+	return env(i == 0   ? "OPQ_ETCD_ENDPOINT0"
+	           : i == 1 ? "OPQ_ETCD_ENDPOINT1"
+	                    : "OPQ_ETCD_ENDPOINT2");
+}
+
+/* The three members' URLs, member `first` first. */
+static void members_from(int first, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s,%s,%s", member_url(first), member_url((first + 1) % 3),
+	         member_url((first + 2) % 3));
+}
+
 static int leader(void)
 {
 	char cmd[4096];
@@ -478,15 +492,11 @@ START_TEST(test_failover)
 	ck_assert_ptr_nonnull(l);
 	opq_lease_grant g, g2;
 	ck_assert_int_eq(opq_lease_try_acquire(l, &g), 0);
-	/* Kill a follower that the client uses first, and a leader's turn too. */
+	/* Kill a follower that the second client uses first. */
 	int lead = leader();
 	int victim = (lead + 1) % 3;
 	char first[1024];
-	snprintf(first, sizeof first, "%s,%s,%s",
-	         getenv(victim == 0   ? "OPQ_ETCD_ENDPOINT0"
-	                : victim == 1 ? "OPQ_ETCD_ENDPOINT1"
-	                              : "OPQ_ETCD_ENDPOINT2"),
-	         env("OPQ_ETCD_ENDPOINT0"), env("OPQ_ETCD_ENDPOINT1"));
+	members_from(victim, first, sizeof first);
 	opq_lease_provider *p2 = provider_on(first);
 	opq_lease *l2 = lease_new(p2, "failover-2", NULL, 5 * SEC);
 	ck_assert_ptr_nonnull(l2);
@@ -836,10 +846,7 @@ static void restart_majority(int unused)
 START_TEST(test_member_frozen)
 {
 	int i = (leader() + 1) % 3; /* a follower: the cluster goes on */
-	const char *ep = env(i == 0   ? "OPQ_ETCD_ENDPOINT0"
-	                     : i == 1 ? "OPQ_ETCD_ENDPOINT1"
-	                              : "OPQ_ETCD_ENDPOINT2");
-	unreachable_case("frozen", ep, freeze, thaw, i);
+	unreachable_case("frozen", member_url(i), freeze, thaw, i);
 }
 END_TEST
 
@@ -858,11 +865,7 @@ START_TEST(test_frozen_failover)
 {
 	int i = (leader() + 1) % 3;
 	char eps[1024];
-	snprintf(eps, sizeof eps, "%s,%s,%s",
-	         env(i == 0   ? "OPQ_ETCD_ENDPOINT0"
-	             : i == 1 ? "OPQ_ETCD_ENDPOINT1"
-	                      : "OPQ_ETCD_ENDPOINT2"),
-	         env("OPQ_ETCD_ENDPOINT0"), env("OPQ_ETCD_ENDPOINT1"));
+	members_from(i, eps, sizeof eps);
 	opq_lease_provider *p = provider_on(eps);
 	opq_lease *l = lease_new(p, "frozen-failover", NULL, 3 * SEC);
 	ck_assert_ptr_nonnull(l);
@@ -888,7 +891,11 @@ START_TEST(test_frozen_failover)
 		nap_ns(5 * MS);
 	}
 	ctl("cont", i);
-	ck_assert_int_eq(atomic_load(&st.calls), 0);
+	char words[256] = "";
+	opq_lease_error(l, words, sizeof words);
+	ck_assert_msg(atomic_load(&st.calls) == 0,
+	              "lost (%d) %.0f ms after the freeze, %d refreshes confirmed; last error: %s",
+	              atomic_load(&st.why), (atomic_load(&st.at) - frozen) / 1e6, confirmed, words);
 	ck_assert_int_eq(confirmed, 3);
 	ck_assert_int_eq(opq_lease_keepalive_stop(l), 0);
 	ck_assert_int_eq(opq_lease_release(l), 0);
