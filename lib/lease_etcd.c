@@ -278,6 +278,12 @@ static int keepalive(struct opq_lease_etcd *e, int64_t id, const opq_lease_reque
 	int rc = call(e, ETCD_KEEPALIVE, opq__etcd_strf("{\"ID\":\"%" PRId64 "\"}", id), req, &r);
 	if (rc == ENOENT || (rc == 0 && r.ttl <= 0))
 		return ENOLCK;
+	if (rc == 0 && r.id != id) {
+		opq__etcd_set_err(req->errbuf, req->errlen,
+		                  "a keep-alive of lease %" PRId64 " answered for lease %" PRId64,
+		                  id, r.id);
+		return EPROTO;
+	}
 	if (rc == 0 && r.ttl < (req->lease_ns - 1) / ETCD_NS_PER_S + 1 && r.ttl < TTL_MAX_S) {
 		opq__etcd_set_err(req->errbuf, req->errlen,
 		                  "lease %" PRId64 " has a TTL of %" PRId64

@@ -260,7 +260,7 @@ int opq__etcd_call(struct opq_lease_etcd *e, enum etcd_kind kind, const char *bo
 		int64_t share = left / (n - k);
 		if (share < ATTEMPT_MIN_NS)
 			share = ATTEMPT_MIN_NS;
-		if (share < bound)
+		if (dl != NULL && share < bound) /* no deadline: each the whole timeout */
 			bound = share;
 		long ms = (long)((bound + 999999) / 1000000);
 		tried_any = true;

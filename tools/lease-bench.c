@@ -118,8 +118,9 @@ int main(int argc, char **argv)
 	}
 	char err[512];
 	printf("acquire+release pairs per second, %d pairs a thread, median of %d runs\n", N, K);
-	printf("%-34s %12s %12s\n", "provider", "1 thread", "");
-	printf("%-34s %12s %12d\n", "", "", T);
+	char many[32];
+	snprintf(many, sizeof(many), "%d threads", T);
+	printf("%-34s %12s %12s\n", "provider", "1 thread", many);
 	opq_lease_provider *p = NULL;
 	opq_lease_provider_memory_create(&p);
 	row("memory", p);
