@@ -29,7 +29,9 @@ if [ -z "$etcd" ] || [ ! -x "$etcd" ]; then
 	echo "etcd not found (Debian: etcd-server): skipped"
 	exit 77
 fi
+# The script's health checks use curl, the tests etcdctl (Debian: curl, etcd-client).
 command -v curl >/dev/null 2>&1 || { echo "curl not found"; exit 99; }
+command -v etcdctl >/dev/null 2>&1 || { echo "etcdctl not found (Debian: etcd-client)"; exit 99; }
 
 base=${TMPDIR:-/tmp}
 [ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
