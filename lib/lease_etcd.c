@@ -19,8 +19,13 @@
  *            not used is revoked.
  *   refresh  read the key: absent or another create_revision: ENOLCK;
  *            else keep its lease alive (a TTL of 0 back: expired, ENOLCK).
- *   release  one txn: if the key's create_revision is the token, read it
- *            and delete it; then revoke the lease it had.
+ *   release  revoke the lease the key was put with, when this client
+ *            granted it and remembers it (the last ETCD_GRANTS_MAX grants):
+ *            etcd deletes the keys of a lease it revokes, and the lock key
+ *            is the only key with that lease, so a revoke deletes the key if
+ *            and only if it is still ours, in one request. Else one txn: if
+ *            the key's create_revision is the token, read it and delete it;
+ *            then revoke the lease it had.
  * etcd's leader counts every lease down on its own clock; when a lease
  * runs out, etcd deletes its key, and the next acquire creates the key at a
  * greater revision: tokens strictly increase across the whole cluster, and
@@ -294,6 +299,35 @@ static int keepalive(struct opq_lease_etcd *e, int64_t id, const opq_lease_reque
 	return rc;
 }
 
+/* Remember (or, lease 0, forget) the lease of token. */
+static void grant_note(struct opq_lease_etcd *e, int64_t token, int64_t lease)
+{
+	pthread_mutex_lock(&e->mu);
+	int slot = -1;
+	for (int i = 0; i < ETCD_GRANTS_MAX && slot < 0; i++)
+		if (e->grants[i].token == token)
+			slot = i;
+	if (slot < 0 && lease != 0)
+		slot = (int)(e->next_grant++ % ETCD_GRANTS_MAX);
+	if (slot >= 0) {
+		e->grants[slot].token = lease != 0 ? token : 0;
+		e->grants[slot].lease = lease;
+	}
+	pthread_mutex_unlock(&e->mu);
+}
+
+/* The lease that token was granted with here, or 0. */
+static int64_t grant_lease(struct opq_lease_etcd *e, int64_t token)
+{
+	int64_t lease = 0;
+	pthread_mutex_lock(&e->mu);
+	for (int i = 0; i < ETCD_GRANTS_MAX && lease == 0; i++)
+		if (e->grants[i].token == token)
+			lease = e->grants[i].lease;
+	pthread_mutex_unlock(&e->mu);
+	return lease;
+}
+
 /* Revoke lease id, best effort: 0 also when etcd no longer has it. */
 static int revoke(struct opq_lease_etcd *e, int64_t id, const opq_lease_request *req)
 {
@@ -362,6 +396,8 @@ static int etcd_acquire(void *store, const opq_lease_request *req, uint64_t *tok
 				*token = (uint64_t)r.kv.create_revision;
 		}
 	}
+	if (rc == 0)
+		grant_note(e, (int64_t)*token, used ? id : r.kv.lease);
 	/* A failed txn may have put the key with this lease: revoking it
 	 * deletes only that key, so the outcome is the same either way. */
 	if (!used) {
@@ -398,6 +434,13 @@ static int etcd_release(void *store, const opq_lease_request *req)
 		return EINVAL;
 	if (req->token == 0 || req->token > INT64_MAX)
 		return 0; /* no such grant was ever made */
+	int64_t lease = grant_lease(e, (int64_t)req->token);
+	if (lease != 0) {
+		int rc = revoke(e, lease, req);
+		if (rc == 0)
+			grant_note(e, (int64_t)req->token, 0);
+		return rc;
+	}
 	char *key = lock_key(e, req->name);
 	struct etcd_reply r;
 	int rc = call(e, ETCD_TXN,

@@ -27,7 +27,9 @@
 #endif
 
 #define ETCD_POOL_MAX 8
-#define ETCD_NS_PER_S 1000000000LL
+/* Grants remembered for a release by revoke alone (see lease_etcd.c). */
+#define ETCD_GRANTS_MAX 64
+#define ETCD_NS_PER_S   1000000000LL
 /* A lock key's value: the owner, a NUL byte, the lease's data. */
 #define ETCD_VALUE_MAX (OPQ_LEASE_OWNER_MAX + 1 + OPQ_LEASE_DATA_MAX)
 
@@ -65,6 +67,11 @@ struct opq_lease_etcd {
 	int64_t timeout_ns;
 	int nidle; /* under mu, with idle: a stack of curl easy handles */
 	void *idle[ETCD_POOL_MAX];
+	/* Under mu: the lease of each token granted here lately (a ring). */
+	struct {
+		int64_t token, lease;
+	} grants[ETCD_GRANTS_MAX];
+	unsigned next_grant;
 };
 
 /* ---- lease_etcd_json.c ---- */

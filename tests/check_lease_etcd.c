@@ -349,6 +349,20 @@ START_TEST(test_basics)
 	ck_assert_int_eq(opq_lease_refresh(a, NULL), ENOLCK);
 	ck_assert_int_eq(etcdctl("get opq/lease/basics", out, sizeof out), 0);
 	ck_assert_msg(out[0] == '\0', "the key is still there: %s", out);
+	/* A release once the client has forgotten the grant's lease (it keeps
+	 * the last 64): the transaction, then the revoke. */
+	ck_assert_int_eq(opq_lease_try_acquire(a, &g1), 0);
+	opq_lease *other = lease_new(p, "basics-other", "basics-A", 2 * SEC);
+	ck_assert_ptr_nonnull(other);
+	for (int i = 0; i < 70; i++) {
+		ck_assert_int_eq(opq_lease_try_acquire(other, NULL), 0);
+		ck_assert_int_eq(opq_lease_release(other), 0);
+	}
+	ck_assert_int_eq(opq_lease_destroy(other), 0);
+	ck_assert_int_eq(opq_lease_try_acquire(b, NULL), EBUSY);
+	ck_assert_int_eq(opq_lease_release(a), 0);
+	ck_assert_int_eq(etcdctl("get opq/lease/basics", out, sizeof out), 0);
+	ck_assert_msg(out[0] == '\0', "the key is still there: %s", out);
 	/* Released: B gets a greater token; A's stale release does not touch it. */
 	ck_assert_int_eq(opq_lease_try_acquire(b, &g2), 0);
 	ck_assert_uint_gt(g2.token, g1.token);
