@@ -17,6 +17,13 @@ if [ -f "$pglib" ]; then
 	bad=$(${NM:-nm} -D --defined-only "$pglib" | awk '{print $NF}' | grep -v '^opq_[a-z]' | grep -v '^$' || true)
 	[ -z "$bad" ] || { echo "libopqueue-pg exports outside opq_*:"; printf '%s\n' "$bad"; exit 1; }
 fi
+# The etcd provider's library: opq_* only.
+etcdlib="$top_builddir/lib/.libs/libopqueue-etcd.so"
+if [ -f "$etcdlib" ]; then
+	bad=$(${NM:-nm} -D --defined-only "$etcdlib" | awk '{print $NF}' | grep -v '^opq_[a-z]' | grep -v '^$' || true)
+	[ -z "$bad" ] || { echo "libopqueue-etcd exports outside opq_*:"; printf '%s
+' "$bad"; exit 1; }
+fi
 # The SQLite provider's library exports its constructor and the guard
 # helper, and nothing else.
 sqlib="$top_builddir/lib/.libs/libopqueue-sqlite.so"
@@ -28,7 +35,7 @@ if [ -f "$sqlib" ]; then
 fi
 # A library never reads the environment (DESIGN.md): none of ours imports
 # getenv or secure_getenv.
-for l in "$lib" "$pglib" "$sqlib"; do
+for l in "$lib" "$pglib" "$sqlib" "$etcdlib"; do
 	[ -f "$l" ] || continue
 	if ${NM:-nm} -D --undefined-only "$l" | awk '{print $NF}' | grep -q -E '^(secure_)?getenv(@|$)'; then
 		echo "$(basename "$l") reads the environment (imports getenv)"; exit 1

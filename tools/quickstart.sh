@@ -21,6 +21,7 @@ jobs=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 packages="autoconf automake libtool pkg-config make gcc clang libclang-rt-14-dev
 	check libjemalloc-dev mandoc libglib2.0-dev libuv1-dev libevent-dev gnuplot-nox
 	libsqlite3-dev sqlite3 postgresql libpq-dev spin
+	libcurl4-openssl-dev libjansson-dev etcd-server etcd-client curl
 	build-essential dpkg-dev debhelper lintian clang-format"
 
 install_missing() {
@@ -106,13 +107,13 @@ debian_packages() {
 	ok=1
 	no() { echo "== installed packages: $*"; ok=0; }
 	pkgc="env -u PKG_CONFIG_PATH -u PKG_CONFIG_LIBDIR pkg-config"
-	$pkgc --exists opqueue opqueue-pg opqueue-sqlite || no "pkg-config files do not resolve"
+	$pkgc --exists opqueue opqueue-pg opqueue-sqlite opqueue-etcd || no "pkg-config files do not resolve"
 	cc -o "$deb/jobs" examples/jobs.c $($pkgc --cflags --libs opqueue) || no "the example does not build"
 	ldd "$deb/jobs" | grep -Eq '=> (/usr)?/lib/[^ ]*/libopqueue\.so\.0 ' || no "the example does not use the package's libopqueue.so.0"
 	[ "$("$deb/jobs" | grep -c '^job ')" = 10 ] || no "the example did not run its 10 jobs"
 	dpkg -L libopqueue-dev | grep -q '/man3/opq_queue_tryenqueue\.3\.gz$' || no "man links missing"
-	# The queue's package pulls neither libpq nor SQLite; the tools run.
-	! dpkg-query -W -f='${Depends}' libopqueue0 | grep -q 'libpq\|sqlite' || no "libopqueue0 depends on a provider's library"
+	# The queue's package pulls neither libpq, SQLite nor libcurl; the tools run.
+	! dpkg-query -W -f='${Depends}' libopqueue0 | grep -q 'libpq\|sqlite\|curl\|jansson' || no "libopqueue0 depends on a provider's library"
 	opqueue-fanout >/dev/null || no "opqueue-fanout failed"
 	remove_debs
 	trap - EXIT

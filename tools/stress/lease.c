@@ -1,9 +1,10 @@
 /*
  * The lease under stress, on the memory provider ("lease"), on the SQLite
  * provider with a database file of its own ("lease_sqlite", when the build
- * has it) and on the PostgreSQL provider on the server that OPQ_PG_CONNINFO
+ * has it), on the PostgreSQL provider on the server that OPQ_PG_CONNINFO
  * names ("lease_pg", when the build has it; only when -m names it, as
- * tests/pgserver.sh does with a server of its own): every worker has its own
+ * tests/pgserver.sh does with a server of its own) and on the etcd provider
+ * (lease_etcd.c, through stress_lease_setup_remote): every worker has its own
  * handle (its own owner) on each of a few lock names, with short leases
  * (2..20 ms), and makes random try_acquire / acquire with short deadlines /
  * refresh / release / remaining / grant_get / keepalive start and stop
@@ -275,7 +276,10 @@ static void remove_db(struct lmod *m)
 	m->path[0] = '\0';
 }
 
-static int setup_on(struct lmod *m, unsigned threads, uint64_t seed)
+/* The lease times the handles draw from, by default: short, so that they run out. */
+static const int64_t short_leases[4] = {2000000, 5000000, 10000000, 20000000};
+
+static int setup_on(struct lmod *m, unsigned threads, uint64_t seed, const int64_t leases[4])
 {
 	m->threads = threads;
 	int rc;
@@ -291,7 +295,6 @@ static int setup_on(struct lmod *m, unsigned threads, uint64_t seed)
 	if (!m->h)
 		return ENOMEM;
 	struct stress_rng r = {seed};
-	static const int64_t leases[] = {2000000, 5000000, 10000000, 20000000};
 	for (unsigned w = 0; w < threads; w++) {
 		for (unsigned n = 0; n < NNAMES; n++) {
 			struct lh *h = &m->h[w * NNAMES + n];
@@ -323,7 +326,7 @@ static int setup(void **statep, unsigned threads, uint64_t seed)
 		return ENOMEM;
 	m->name = "lease";
 	int rc = opq_lease_provider_memory_create(&m->prov);
-	if (rc || (rc = setup_on(m, threads, seed)))
+	if (rc || (rc = setup_on(m, threads, seed, short_leases)))
 		return rc;
 	*statep = m;
 	return 0;
@@ -623,7 +626,7 @@ static int setup_sqlite(void **statep, unsigned threads, uint64_t seed)
 		free(m);
 		return rc;
 	}
-	if ((rc = setup_on(m, threads, seed))) {
+	if ((rc = setup_on(m, threads, seed, short_leases))) {
 		/* The process exits on a failed setup: only the file must go. */
 		remove_db(m);
 		return rc;
@@ -642,33 +645,25 @@ const struct stress_module stress_lease_sqlite = {
 };
 #endif
 
-#ifdef HAVE_LIBPQ
 /*
- * The same on the PostgreSQL provider. Setup makes one round trip first, so
- * that a server that is not there fails the setup, not the first call of a
- * worker (which would read as a violation).
+ * A lease module on a provider of a server (lease_pg here, lease_etcd in
+ * lease_etcd.c): setup makes one round trip first, so that a server that
+ * is not there fails the setup, not the first call of a worker (which would
+ * read as a violation). Takes the provider (destroyed on failure).
  */
-static int setup_pg(void **statep, unsigned threads, uint64_t seed)
+int stress_lease_setup_remote(void **statep, const char *name, opq_lease_provider *prov,
+                              unsigned threads, uint64_t seed, const int64_t leases[4])
 {
-	const char *conninfo = getenv("OPQ_PG_CONNINFO");
-	if (!conninfo || !*conninfo) {
-		fprintf(stderr, "lease_pg: set OPQ_PG_CONNINFO to a libpq connection string "
-		                "(tests/pgserver.sh starts a server and sets it)\n");
-		return EINVAL;
-	}
 	struct lmod *m = calloc(1, sizeof(*m));
-	if (!m)
+	if (!m) {
+		opq_lease_provider_destroy(prov);
 		return ENOMEM;
-	m->name = "lease_pg";
-	m->remote = true;
-	char err[512];
-	int rc = opq_lease_provider_pg_create(&m->prov, conninfo, NULL, err, sizeof(err));
-	if (rc) {
-		fprintf(stderr, "lease_pg: %s\n", err);
-		free(m);
-		return rc;
 	}
+	m->name = name;
+	m->remote = true;
+	m->prov = prov;
 	opq_lease *probe;
+	int rc;
 	if ((rc = opq_lease_create(&probe, m->prov, "stress-probe", NULL)))
 		return rc;
 	rc = opq_lease_try_acquire(probe, NULL);
@@ -681,14 +676,53 @@ static int setup_pg(void **statep, unsigned threads, uint64_t seed)
 		opq_lease_error(probe, words, sizeof(words));
 	opq_lease_destroy(probe);
 	if (rc) {
-		fprintf(stderr, "lease_pg: the server that OPQ_PG_CONNINFO names: %s: %s\n",
-		        strerror(rc), words);
+		fprintf(stderr, "%s: the server: %s: %s\n", name, strerror(rc), words);
 		return rc;
 	}
-	if ((rc = setup_on(m, threads, seed)))
+	if ((rc = setup_on(m, threads, seed, leases ? leases : short_leases)))
 		return rc;
 	*statep = m;
 	return 0;
+}
+
+void stress_lease_step(void *state, struct stress_worker *w)
+{
+	step(state, w);
+}
+
+void stress_lease_check(void *state)
+{
+	check(state);
+}
+
+void stress_lease_teardown(void *state, FILE *out)
+{
+	teardown(state, out);
+}
+
+uint64_t stress_lease_calls(void *state)
+{
+	return calls(state);
+}
+
+#ifdef HAVE_LIBPQ
+/* The same on the PostgreSQL provider, on the server OPQ_PG_CONNINFO names. */
+static int setup_pg(void **statep, unsigned threads, uint64_t seed)
+{
+	const char *conninfo = getenv("OPQ_PG_CONNINFO");
+	if (!conninfo || !*conninfo) {
+		fprintf(stderr, "lease_pg: set OPQ_PG_CONNINFO to a libpq connection string "
+		                "(tests/pgserver.sh starts a server and sets it)\n");
+		return EINVAL;
+	}
+	char err[512];
+	opq_lease_provider *prov;
+	int rc = opq_lease_provider_pg_create(&prov, conninfo, NULL, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "lease_pg: %s\n", err);
+		return rc;
+	}
+	return stress_lease_setup_remote(statep, "lease_pg", prov, threads, seed, NULL);
 }
 
 const struct stress_module stress_lease_pg = {

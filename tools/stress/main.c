@@ -30,6 +30,9 @@ static const struct stress_module *const modules[] = {
 #ifdef HAVE_LIBPQ
     &stress_lease_pg,
 #endif
+#ifdef HAVE_ETCD
+    &stress_lease_etcd,
+#endif
     &stress_scope,
 };
 #define NMODULES (sizeof(modules) / sizeof(modules[0]))

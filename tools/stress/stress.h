@@ -105,6 +105,22 @@ extern const struct stress_module stress_lease_sqlite;
 #ifdef HAVE_LIBPQ
 extern const struct stress_module stress_lease_pg;
 #endif
+#ifdef HAVE_ETCD
+extern const struct stress_module stress_lease_etcd;
+#endif
 extern const struct stress_module stress_scope;
+
+/*
+ * lease.c's module on another provider of a server (lease_etcd.c): takes
+ * `prov`, probes it with one acquire, and draws each handle's lease time
+ * from leases (NULL: lease.c's 2..20 ms). The step, check, teardown and
+ * calls functions to put in the module.
+ */
+int stress_lease_setup_remote(void **statep, const char *name, opq_lease_provider *prov,
+                              unsigned threads, uint64_t seed, const int64_t leases[4]);
+void stress_lease_step(void *state, struct stress_worker *w);
+void stress_lease_check(void *state);
+void stress_lease_teardown(void *state, FILE *out);
+uint64_t stress_lease_calls(void *state);
 
 #endif /* OPQ_STRESS_H */
