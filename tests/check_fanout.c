@@ -61,7 +61,8 @@ START_TEST(test_deadline)
 	backends(b);
 	b[1].error = 0;
 	b[1].latency_ms = 20000;
-	ck_assert_int_eq(fanout_run(3, 1, 50, b, &r), 0);
+	/* The deadline leaves the 5 ms backend room on a loaded machine. */
+	ck_assert_int_eq(fanout_run(3, 1, 1000, b, &r), 0);
 	ck_assert_int_eq(r.first_error, ETIMEDOUT);
 	ck_assert_int_eq(b[0].result, 0);
 	ck_assert_int_eq(b[1].result, ECANCELED);
