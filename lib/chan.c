@@ -195,6 +195,8 @@ OPQ_EXPORT int opq_chan_run(opq_chan *ch, unsigned max, unsigned *ran)
 		/* The completion may free, re-enqueue or destroy: done with op
 		 * and, once pending reads 0, with ch. */
 		__atomic_fetch_sub(&ch->pending, 1, __ATOMIC_RELEASE);
+		/* The queue's IDLE (queue_impl.h): the caller's again. */
+		__atomic_store_n(&op->opq__state, 0, __ATOMIC_RELAXED);
 		op->opq__complete(op, op->opq__status);
 	}
 	if (ch->local)

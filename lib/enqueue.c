@@ -23,8 +23,7 @@ OPQ_EXPORT int opq_op_set_completion(opq_op *op, opq_chan *ch, opq_complete_fn *
 {
 	if (!op || !ch != !complete)
 		return EINVAL;
-	uintptr_t st = OP_STATE(op);
-	if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED)
+	if (opq__op_busy(op, OP_STATE(op)))
 		return EBUSY;
 	op->opq__chan = ch;
 	op->opq__complete = complete;
@@ -45,6 +44,7 @@ void opq__box_perform(opq_op *op)
 void opq__op_discard(opq_op *op)
 {
 	if (op->opq__chan) {
+		OP_SET_STATE(op, OP_ENDED);
 		opq__chan_end(op, ECANCELED);
 	} else if (op->perform == opq__box_perform) {
 		struct box *b = OPQ_CONTAINER_OF(op, struct box, op);
@@ -145,7 +145,7 @@ static bool would_deadlock(const opq_queue *q)
 static int push(opq_queue *q, opq_op *op, enum wait_kind kind, const struct timespec *deadline)
 {
 	uintptr_t st = OP_STATE(op);
-	if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED)
+	if (opq__op_busy(op, st))
 		return EBUSY;
 	/* A stop that begins while this call waits for room fails it, even
 	 * if the queue is started again before this thread looks. */
@@ -203,7 +203,7 @@ static int push_inbox(opq_queue *q, opq_op *op, bool boxed)
 	uintptr_t st = OP_STATE(op);
 	if (boxed)
 		OP_SET_STATE(op, OP_INBOX);
-	else if (st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED ||
+	else if (opq__op_busy(op, st) ||
 	         !__atomic_compare_exchange_n(&op->opq__state, &st, OP_INBOX, false,
 	                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return EBUSY; /* two threads enqueueing it at once: one gets it */

@@ -20,7 +20,10 @@
  * - QUEUED: in q->fifo, owner q;
  * - BATCHED: in runner r's list, owner r, not started;
  * - TAKEN: a runner (or a helping thread) performs it; the queue's until
- *   perform is called, the caller's from then on.
+ *   perform is called, the caller's from then on; with a completion, the
+ *   library's until the completion is called;
+ * - ENDED: an operation with a completion, on its channel's ready list
+ *   (chan.c), which makes it IDLE again just before the completion.
  * opq__owner is written under q->mu only (by push, take, steal, cancel);
  * opq__state also under r->mu when r starts a BATCHED operation. Both are
  * relaxed atomics: a caller may enqueue an operation into one queue while
@@ -67,7 +70,21 @@
 #include "list.h"
 
 enum { ST_NEW, ST_RUNNING, ST_STOPPING, ST_STOPPED };
-enum { OP_IDLE = 0, OP_INBOX = 0x6962, OP_QUEUED = 0x7175, OP_BATCHED = 0x6261, OP_TAKEN = 0x7461 };
+enum {
+	OP_IDLE = 0,
+	OP_INBOX = 0x6962,
+	OP_QUEUED = 0x7175,
+	OP_BATCHED = 0x6261,
+	OP_TAKEN = 0x7461,
+	OP_ENDED = 0x656e
+};
+
+/* Whether op is the library's: in a queue, or with a completion to come. */
+static inline bool opq__op_busy(const opq_op *op, uintptr_t st)
+{
+	return st == OP_INBOX || st == OP_QUEUED || st == OP_BATCHED || st == OP_ENDED ||
+	       (st == OP_TAKEN && op->opq__chan);
+}
 
 #define OP_STATE(op)         __atomic_load_n(&(op)->opq__state, __ATOMIC_RELAXED)
 #define OP_SET_STATE(op, st) __atomic_store_n(&(op)->opq__state, (st), __ATOMIC_RELAXED)
@@ -81,6 +98,7 @@ static inline void opq__op_perform(opq_op *op)
 {
 	if (op->opq__chan) {
 		op->perform(op);
+		OP_SET_STATE(op, OP_ENDED);
 		opq__chan_end(op, 0);
 	} else {
 		op->perform(op); /* op may be freed from here on */

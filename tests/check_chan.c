@@ -275,6 +275,69 @@ START_TEST(test_set_completion_queued_and_destroy_busy)
 }
 END_TEST
 
+/*
+ * An operation with a completion is the library's from its enqueue until
+ * its completion: from inside its perform, and while it waits on the
+ * channel, neither opq_op_set_completion nor an enqueue may take it
+ * (EBUSY), so it cannot be moved to another channel or ended twice.
+ */
+struct owned {
+	opq_op op;
+	opq_queue *q;
+	opq_chan *other;
+	int set_rc, clear_rc, enqueue_rc, completed, status;
+};
+
+static void owned_perform(opq_op *op)
+{
+	struct owned *o = OPQ_CONTAINER_OF(op, struct owned, op);
+	o->set_rc = opq_op_set_completion(op, o->other, cop_complete);
+	o->clear_rc = opq_op_set_completion(op, NULL, NULL);
+	o->enqueue_rc = opq_queue_enqueue(o->q, op);
+}
+
+static void owned_complete(opq_op *op, int status)
+{
+	struct owned *o = OPQ_CONTAINER_OF(op, struct owned, op);
+	o->completed++;
+	o->status = status;
+}
+
+START_TEST(test_owned_until_completion)
+{
+	opq_chan *ch, *other;
+	ck_assert_int_eq(opq_chan_create(&ch), 0);
+	ck_assert_int_eq(opq_chan_create(&other), 0);
+	for (size_t capacity = 0; capacity <= 4; capacity += 4) {
+		opq_queue *q = queue_new(capacity, 1);
+		struct owned o = {.q = q, .other = other};
+		ck_assert_int_eq(opq_op_init(&o.op, owned_perform, NULL), 0);
+		ck_assert_int_eq(opq_op_set_completion(&o.op, ch, owned_complete), 0);
+		ck_assert_int_eq(opq_queue_enqueue(q, &o.op), 0);
+		ck_assert_int_eq(opq_queue_wait_idle(q, NULL), 0);
+		ck_assert_int_eq(o.set_rc, EBUSY);
+		ck_assert_int_eq(o.clear_rc, EBUSY);
+		ck_assert_int_eq(o.enqueue_rc, EBUSY);
+		/* Ended, waiting on the channel: still the library's. */
+		ck_assert(readable(ch));
+		ck_assert_int_eq(opq_op_set_completion(&o.op, other, owned_complete), EBUSY);
+		ck_assert_int_eq(opq_queue_enqueue(q, &o.op), EBUSY);
+		ck_assert_int_eq(opq_chan_destroy(ch), EBUSY);
+		unsigned ran = 0;
+		ck_assert_int_eq(opq_chan_run(ch, 64, &ran), 0);
+		ck_assert_uint_eq(ran, 1);
+		ck_assert_int_eq(o.completed, 1);
+		ck_assert_int_eq(o.status, 0);
+		/* Completed: the caller's again, to move or to enqueue. */
+		ck_assert_int_eq(opq_op_set_completion(&o.op, other, owned_complete), 0);
+		ck_assert_int_eq(opq_op_set_completion(&o.op, ch, owned_complete), 0);
+		queue_end(q);
+	}
+	ck_assert_int_eq(opq_chan_destroy(other), 0);
+	ck_assert_int_eq(opq_chan_destroy(ch), 0);
+}
+END_TEST
+
 /* A completion that calls run and destroy on its own channel: both EBUSY. */
 struct nested {
 	opq_op op;
@@ -1058,6 +1121,7 @@ static Suite *chan_suite(void)
 	TCase *tc = t_tcase(s, "refusals", 30);
 	tcase_add_test(tc, test_bad_input);
 	tcase_add_test(tc, test_set_completion_queued_and_destroy_busy);
+	tcase_add_test(tc, test_owned_until_completion);
 	tcase_add_test(tc, test_nested_run);
 	tc = t_tcase(s, "destroy", 60);
 	tcase_add_test(tc, test_destroy_after_last_completion);
