@@ -96,7 +96,8 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
                                 const opq_lease_attr *attr);
 /* Destroy a handle: stops its keepalive (waiting for a refresh in flight),
  * does NOT release the lock. EDEADLK when called from the handle's own
- * lost-callback. NULL is a no-op returning 0. */
+ * lost-callback; EBUSY (keepalive stopped, handle kept) while its lost
+ * delivery waits in the handle's channel. NULL is a no-op returning 0. */
 OPQ_EXPORT int opq_lease_destroy(opq_lease *lease);
 
 /*
