@@ -239,6 +239,7 @@ struct opq_lease_attr {
 	int64_t poll_min, poll_max;
 	size_t data_len;
 	unsigned char data[OPQ_LEASE_DATA_MAX];
+	opq_chan *chan; /* lost is delivered on it (NULL: on the library's threads) */
 };
 
 struct opq__lease_keepalive {
@@ -260,6 +261,12 @@ struct opq__lease_keepalive {
 	int64_t lost_at;    /* lost(UNREACHABLE) unless confirmed by then */
 	opq_op op;
 	struct opq__timer timer;
+	/* With a channel (a.chan at start): the keepalive holds one accepted
+	 * delivery on it from start; lost is lost_op's completion. */
+	opq_chan *chan;
+	bool lost_sent;    /* lost_op was handed to chan (its acceptance used) */
+	bool lost_pending; /* lost_op is in chan, its completion not yet begun */
+	opq_op lost_op;
 };
 
 struct opq_lease {

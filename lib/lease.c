@@ -166,7 +166,13 @@ OPQ_EXPORT int opq_lease_destroy(opq_lease *lease)
 		return EDEADLK;
 	opq__lock(&lease->ka_mu);
 	opq__lease_ka_stop_locked(lease);
+	/* Stopped: no new delivery. One in the channel still uses lease. */
+	opq__lock(&lease->mu);
+	bool pending = lease->ka.lost_pending;
+	opq__unlock(&lease->mu);
 	opq__unlock(&lease->ka_mu);
+	if (pending)
+		return EBUSY;
 	opq_lease_provider *p = lease->provider;
 	opq__lock(&p->mu);
 	p->users--;

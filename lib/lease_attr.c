@@ -108,6 +108,14 @@ OPQ_EXPORT int opq_lease_attr_set_owner(opq_lease_attr *attr, const char *owner)
 	return 0;
 }
 
+OPQ_EXPORT int opq_lease_attr_set_chan(opq_lease_attr *attr, opq_chan *ch)
+{
+	if (!attr)
+		return EINVAL;
+	attr->chan = ch;
+	return 0;
+}
+
 OPQ_EXPORT int opq_lease_attr_set_duration(opq_lease_attr *attr, int64_t lease_ns)
 {
 	if (!attr || lease_ns <= 0)

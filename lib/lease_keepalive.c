@@ -12,6 +12,16 @@
  * guard when no refresh has confirmed the lease by then, so a refresh
  * stuck in I/O cannot make the callback late. A refresh answered ENOLCK
  * calls lost(TAKEN) on the thread that performed it at once.
+ *
+ * With a channel (opq_lease_attr_set_chan), lost is instead the completion
+ * of ka.lost_op on that channel. The keepalive accepts one delivery on the
+ * channel when it starts (so opq_chan_destroy refuses while it could
+ * deliver), hands lost_op to it in place of calling lost, and gives the
+ * acceptance back at stop if it never did. A delivery handed over stays:
+ * stop does not withdraw it (the channel's stack cannot), and the handle
+ * refuses destroy and a new start (EBUSY) until the loop has taken it, so
+ * the completion never touches a freed handle and stop never waits for
+ * the loop.
  */
 #define _GNU_SOURCE 1 /* pthread_setname_np */
 #include "internal.h"
@@ -57,11 +67,34 @@ static void ka_rearm(opq_lease *l)
 	opq__timer_arm(&k->timer, &ts, ka_timer_fire);
 }
 
-/* Call the lost callback on this thread (mu held on entry and exit). */
+/* lost_op's completion, on the channel's loop thread: the delivery is
+ * over before lost is called, so lost may stop, restart or destroy. */
+static void ka_lost_complete(opq_op *op, int status)
+{
+	opq_lease *l = OPQ_CONTAINER_OF(op, opq_lease, ka.lost_op);
+	struct opq__lease_keepalive *k = &l->ka;
+	opq__lock(&l->mu);
+	opq_lease_lost_fn *lost = k->lost;
+	void *arg = k->arg;
+	k->lost_pending = false;
+	opq__unlock(&l->mu);
+	lost(l, (enum opq_lease_lost_reason)status, arg);
+}
+
+/* Call the lost callback on this thread, or hand it to the channel (mu
+ * held on entry and exit). */
 static void ka_call_lost(opq_lease *l, enum opq_lease_lost_reason why)
 {
 	struct opq__lease_keepalive *k = &l->ka;
 	k->ended = true;
+	if (k->chan) {
+		/* The completion takes mu, and stop and destroy wait for this
+		 * thread (timer cancel, op_busy), so l outlives this call. */
+		k->lost_sent = true;
+		k->lost_pending = true;
+		opq__chan_end(&k->lost_op, (int)why);
+		return;
+	}
 	k->in_lost = true;
 	k->lost_thread = pthread_self();
 	opq__unlock(&l->mu);
@@ -229,6 +262,9 @@ void opq__lease_ka_stop_locked(opq_lease *l)
 	opq__timer_cancel(&k->timer);
 	ka_thread_stop(l);
 	opq__lock(&l->mu);
+	if (k->chan && !k->lost_sent) /* no delivery: give the acceptance back */
+		opq__chan_unaccept(k->chan);
+	k->chan = NULL;
 	k->on = false;
 	k->ended = true;
 	k->stopping = false;
@@ -251,7 +287,7 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 	struct opq__lease_keepalive *k = &lease->ka;
 	opq__lock(&lease->ka_mu);
 	opq__lock(&lease->mu);
-	int rc = !lease->held ? ENOLCK : (k->on && !k->ended) ? EBUSY : 0;
+	int rc = !lease->held ? ENOLCK : (k->on && !k->ended) ? EBUSY : k->lost_pending ? EBUSY : 0;
 	bool stale = k->on;
 	opq__unlock(&lease->mu);
 	if (rc) {
@@ -278,6 +314,14 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 	k->interval_ns = interval_ns;
 	k->lost = lost;
 	k->arg = arg;
+	k->chan = lease->a.chan;
+	k->lost_sent = false;
+	if (k->chan) {
+		OPQ_CHECK(opq_op_init(&k->lost_op, ka_perform, NULL)); /* never performed */
+		k->lost_op.opq__chan = k->chan;
+		k->lost_op.opq__complete = ka_lost_complete;
+		opq__chan_accept(k->chan);
+	}
 	int64_t acquired = opq__ts_to_ns(&lease->grant.acquired);
 	k->lost_at = opq__lease_sat_add(acquired,
 	                                lease->grant.lease_ns - lease->margin_ns - ka_guard(lease));
@@ -301,6 +345,9 @@ OPQ_EXPORT int opq_lease_keepalive_start(opq_lease *lease, opq_queue *queue, int
 		k->op_busy = false;
 		k->on = false;
 		k->ended = true;
+		if (k->chan)
+			opq__chan_unaccept(k->chan);
+		k->chan = NULL;
 		opq__unlock(&lease->mu);
 		opq__timer_unref();
 		opq__unlock(&lease->ka_mu);

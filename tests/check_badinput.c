@@ -498,6 +498,8 @@ R(stage_stats_null_out) { return opq_stage_stats_get(f->st, NULL); }
 /* lease: attributes */
 R(lattr_create_null) { UNUSED; return opq_lease_attr_create(NULL); }
 R(lattr_destroy_null) { UNUSED; opq_lease_attr_destroy(NULL); return 0; }
+R(lattr_chan_null_attr) { UNUSED; return opq_lease_attr_set_chan(NULL, NULL); }
+R(lattr_chan_none) { return opq_lease_attr_set_chan(f->lattr, NULL); }
 R(lattr_owner_null_attr) { UNUSED; return opq_lease_attr_set_owner(NULL, "o"); }
 R(lattr_owner_null) { return opq_lease_attr_set_owner(f->lattr, NULL); }
 R(lattr_owner_empty) { return opq_lease_attr_set_owner(f->lattr, ""); }
@@ -970,6 +972,8 @@ static const struct row rows[] = {
 
     ROW(lattr_create_null, EINVAL),
     ROW(lattr_destroy_null, 0),
+    ROW(lattr_chan_null_attr, EINVAL),
+    ROW(lattr_chan_none, 0),
     ROW(lattr_owner_null_attr, EINVAL),
     ROW(lattr_owner_null, EINVAL),
     ROW(lattr_owner_empty, EINVAL),

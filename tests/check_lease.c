@@ -15,6 +15,7 @@
 #include "fault.h"
 #include "internal.h"
 
+#include <poll.h>
 #include <string.h>
 
 #define MS  1000000LL
@@ -1607,6 +1608,198 @@ START_TEST(test_scope_cancel_in_store_call)
 }
 END_TEST
 
+/* ---- lost delivered on a channel ------------------------------------------------ */
+
+/* A loop thread: polls the channel's descriptor and runs its completions
+ * until told to quit. */
+struct loop {
+	opq_chan *ch;
+	pthread_t thread;
+	atomic_bool quit;
+};
+
+static void *loop_main(void *arg)
+{
+	struct loop *lp = arg;
+	int fd;
+	ck_assert_int_eq(opq_chan_fd(lp->ch, &fd), 0);
+	while (!atomic_load(&lp->quit)) {
+		struct pollfd pfd = {.fd = fd, .events = POLLIN};
+		if (poll(&pfd, 1, 10) > 0)
+			ck_assert_int_eq(opq_chan_run(lp->ch, 16, NULL), 0);
+	}
+	return NULL;
+}
+
+static void loop_start(struct loop *lp, opq_chan *ch)
+{
+	lp->ch = ch;
+	atomic_store(&lp->quit, false);
+	ck_assert_int_eq(pthread_create(&lp->thread, NULL, loop_main, lp), 0);
+}
+
+static void loop_end(struct loop *lp)
+{
+	atomic_store(&lp->quit, true);
+	ck_assert_int_eq(pthread_join(lp->thread, NULL), 0);
+}
+
+struct chan_rec {
+	atomic_int calls;
+	atomic_int why;
+	pthread_t thread;
+	int rc_stop;
+};
+
+static void on_lost_chan(opq_lease *l, enum opq_lease_lost_reason why, void *arg)
+{
+	struct chan_rec *r = arg;
+	r->thread = pthread_self();
+	/* on the loop's thread nothing waits for the loop: stop returns */
+	r->rc_stop = opq_lease_keepalive_stop(l);
+	atomic_store(&r->why, (int)why);
+	atomic_fetch_add(&r->calls, 1);
+}
+
+/* Whether the channel's descriptor becomes readable within 5 s. */
+static bool chan_readable(opq_chan *ch)
+{
+	int fd;
+	ck_assert_int_eq(opq_chan_fd(ch, &fd), 0);
+	struct pollfd pfd = {.fd = fd, .events = POLLIN};
+	return poll(&pfd, 1, 5000) == 1;
+}
+
+/*
+ * lost(TAKEN) (_i 0, 1) and lost(UNREACHABLE) (_i 2, 3) delivered on a
+ * channel, on the loop's thread, exactly once; _i odd: refreshes on the
+ * keepalive's own thread, even: on a queue. _i 4, 5: the loop runs all
+ * along (TAKEN, UNREACHABLE); otherwise it starts only after the delivery
+ * is in the channel, to check what refuses meanwhile.
+ */
+START_TEST(test_keepalive_lost_on_chan)
+{
+	bool unreachable = _i == 2 || _i == 3 || _i == 5;
+	bool own = _i % 2 == 1;
+	bool live = _i >= 4;
+	struct tp s;
+	opq_lease_provider *p = tp_provider(&s);
+	opq_queue *q = mk_queue(1);
+	opq_queue *kq = own ? NULL : q;
+	opq_chan *ch;
+	ck_assert_int_eq(opq_chan_create(&ch), 0);
+	opq_lease_attr *at;
+	ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+	ck_assert_int_eq(opq_lease_attr_set_owner(at, "A"), 0);
+	ck_assert_int_eq(opq_lease_attr_set_duration(at, 600 * MS), 0);
+	ck_assert_int_eq(opq_lease_attr_set_chan(at, ch), 0);
+	opq_lease *a = NULL;
+	ck_assert_int_eq(opq_lease_create(&a, p, "k", at), 0);
+	opq_lease_attr_destroy(at);
+	ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
+	struct chan_rec r;
+	memset(&r, 0, sizeof(r));
+	/* a keepalive that only stops gives its acceptance back */
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 30 * MS, on_lost_chan, &r), 0);
+	ck_assert_int_eq(opq_chan_destroy(ch), EBUSY);
+	ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	ck_assert_int_eq(opq_chan_destroy(ch), 0);
+	ck_assert_int_eq(opq_chan_create(&ch), 0);
+	/* the attributes were copied: point the handle at the new channel */
+	a->a.chan = ch;
+	struct loop lp;
+	if (live)
+		loop_start(&lp, ch);
+	ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 30 * MS, on_lost_chan, &r), 0);
+	T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 2);
+	if (unreachable)
+		tp_set(&s, TP_FAIL);
+	else
+		tp_steal(&s);
+	if (!live) {
+		ck_assert(chan_readable(ch));
+		ck_assert_int_eq(atomic_load(&r.calls), 0);
+		/* the delivery waits in the channel: it refuses what would
+		 * free it or start anew; stop returns at once */
+		ck_assert_int_eq(opq_chan_destroy(ch), EBUSY);
+		ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 0, on_lost_chan, &r),
+		                 unreachable ? EBUSY : ENOLCK);
+		ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+		ck_assert_int_eq(opq_lease_destroy(a), EBUSY);
+		ck_assert_int_eq(opq_lease_destroy(a), EBUSY);
+		ck_assert_int_eq(atomic_load(&r.calls), 0);
+		loop_start(&lp, ch);
+	}
+	T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
+	ck_assert(pthread_equal(r.thread, lp.thread));
+	ck_assert_int_eq(atomic_load(&r.why),
+	                 unreachable ? OPQ_LEASE_UNREACHABLE : OPQ_LEASE_TAKEN);
+	ck_assert_int_eq(r.rc_stop, 0);
+	pass_ns(100 * MS);
+	ck_assert_int_eq(atomic_load(&r.calls), 1); /* once */
+	if (unreachable) {
+		/* the store is back: a new keepalive may start (its grant may
+		 * be locally over already: then it is lost again at once, and
+		 * the channel may be free already) */
+		tp_set(&s, TP_OK);
+		ck_assert_int_eq(opq_lease_keepalive_start(a, kq, 30 * MS, on_lost_chan, &r), 0);
+		ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+	}
+	int rc;
+	T_WAIT_UNTIL((rc = opq_lease_destroy(a)) != EBUSY);
+	ck_assert_int_eq(rc, 0);
+	loop_end(&lp);
+	ck_assert_int_eq(opq_chan_destroy(ch), 0);
+	ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+	tp_fini(&s);
+	end_queue(q);
+}
+END_TEST
+
+/* Keepalives on one channel whose lock is stolen while the loop runs,
+ * with stops racing the delivery: lost comes at most once (exactly once
+ * without a stop), destroy succeeds once the loop ran it, and the
+ * channel's count settles so that it can be destroyed. */
+START_TEST(test_keepalive_lost_on_chan_churn)
+{
+	opq_chan *ch;
+	ck_assert_int_eq(opq_chan_create(&ch), 0);
+	struct loop lp;
+	loop_start(&lp, ch);
+	for (int it = 0; it < 40; it++) {
+		struct tp s;
+		opq_lease_provider *p = tp_provider(&s);
+		opq_lease_attr *at;
+		ck_assert_int_eq(opq_lease_attr_create(&at), 0);
+		ck_assert_int_eq(opq_lease_attr_set_duration(at, 300 * MS), 0);
+		ck_assert_int_eq(opq_lease_attr_set_chan(at, ch), 0);
+		opq_lease *a = NULL;
+		ck_assert_int_eq(opq_lease_create(&a, p, "c", at), 0);
+		opq_lease_attr_destroy(at);
+		ck_assert_int_eq(opq_lease_try_acquire(a, NULL), 0);
+		struct chan_rec r;
+		memset(&r, 0, sizeof(r));
+		ck_assert_int_eq(opq_lease_keepalive_start(a, NULL, 2 * MS, on_lost_chan, &r), 0);
+		T_WAIT_UNTIL(tp_get(&s, &s.refreshes) >= 1);
+		tp_steal(&s);
+		if (it % 2)
+			ck_assert_int_eq(opq_lease_keepalive_stop(a), 0);
+		else
+			T_WAIT_UNTIL(atomic_load(&r.calls) == 1);
+		int rc;
+		T_WAIT_UNTIL((rc = opq_lease_destroy(a)) != EBUSY);
+		ck_assert_int_eq(rc, 0);
+		ck_assert_int_le(atomic_load(&r.calls), 1);
+		if (atomic_load(&r.calls))
+			ck_assert(pthread_equal(r.thread, lp.thread));
+		ck_assert_int_eq(opq_lease_provider_destroy(p), 0);
+		tp_fini(&s);
+	}
+	loop_end(&lp);
+	ck_assert_int_eq(opq_chan_destroy(ch), 0);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("lease");
@@ -1632,6 +1825,8 @@ int main(void)
 	tcase_add_loop_test(tc, test_keepalive_destroy_in_flight, 0, 2);
 	tcase_add_loop_test(tc, test_keepalive_churn, 0, 2);
 	tcase_add_loop_test(tc, test_keepalive_starved, 0, 2);
+	tcase_add_loop_test(tc, test_keepalive_lost_on_chan, 0, 6);
+	tcase_add_test(tc, test_keepalive_lost_on_chan_churn);
 	tc = t_tcase(s, "time", 120);
 	tcase_add_test(tc, test_deadlines_passed_down);
 	tcase_add_test(tc, test_cancel_in_backoff);

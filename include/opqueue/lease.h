@@ -77,6 +77,11 @@ OPQ_EXPORT int opq_lease_attr_set_margin(opq_lease_attr *attr, int64_t ppm, int6
 /* Blocking acquire polling: first wait min_ns, doubling (with jitter) up to
  * max_ns. 0 < min_ns <= max_ns, else EINVAL. */
 OPQ_EXPORT int opq_lease_attr_set_poll(opq_lease_attr *attr, int64_t min_ns, int64_t max_ns);
+/* Deliver the keepalive's lost callback as a completion on ch (called by
+ * opq_chan_run on the loop's thread) instead of on the library's threads;
+ * NULL (the default) for the library's threads. The channel must outlive
+ * the handle's keepalives. Errors: EINVAL (attr NULL). */
+OPQ_EXPORT int opq_lease_attr_set_chan(opq_lease_attr *attr, opq_chan *ch);
 /* Small data stored with the lock while held (who, why): 0..OPQ_LEASE_DATA_MAX bytes. */
 OPQ_EXPORT int opq_lease_attr_set_data(opq_lease_attr *attr, const void *data, size_t len);
 
@@ -91,7 +96,8 @@ OPQ_EXPORT int opq_lease_create(opq_lease **lease, opq_lease_provider *provider,
                                 const opq_lease_attr *attr);
 /* Destroy a handle: stops its keepalive (waiting for a refresh in flight),
  * does NOT release the lock. EDEADLK when called from the handle's own
- * lost-callback. NULL is a no-op returning 0. */
+ * lost-callback; EBUSY (keepalive stopped, handle kept) while its lost
+ * delivery waits in the handle's channel. NULL is a no-op returning 0. */
 OPQ_EXPORT int opq_lease_destroy(opq_lease *lease);
 
 /*
