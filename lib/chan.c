@@ -30,8 +30,10 @@
  * equal: a few instructions and one write(2) of a runner, and it costs
  * one atomic add per burst.
  *
- * This file is below the queue: the queue calls opq__chan_accept and
- * opq__chan_end, and nothing here calls the queue.
+ * This file is below the queue: the queue (and the lease keepalive, for
+ * its lost callback) calls opq__chan_accept and opq__chan_end, and nothing
+ * here calls them; the one thing it knows of the queue is that an
+ * operation's state 0 means the caller's (opq_chan_run sets it).
  */
 #include "internal.h"
 
