@@ -22,29 +22,15 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "procs.h"
 #include "lease_etcd_impl.h" /* the reply parser, compiled into this test too */
 #include "opqueue/lease_etcd.h"
-
-#define MS  1000000LL
-#define SEC 1000000000LL
 
 static const char *env(const char *name)
 {
 	const char *v = getenv(name);
 	ck_assert_msg(v != NULL, "%s not set: run through tests/etcdcluster.sh", name);
 	return v;
-}
-
-static int64_t ts_ns(const struct timespec *ts)
-{
-	return (int64_t)ts->tv_sec * SEC + ts->tv_nsec;
-}
-
-static void nap_ns(int64_t ns)
-{
-	struct timespec ts = {.tv_sec = ns / SEC, .tv_nsec = ns % SEC};
-	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-		;
 }
 
 static int64_t slack(int64_t ns)
@@ -160,46 +146,6 @@ static int etcdctl(const char *args, char *out, size_t len)
 		out[n] = '\0';
 	int st = pclose(f);
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static int child_wait(pid_t pid, int64_t timeout_ns)
-{
-	int64_t end = t_now_ns() + timeout_ns;
-	int st = 0;
-	for (;;) {
-		pid_t r = waitpid(pid, &st, WNOHANG);
-		if (r == pid)
-			break;
-		if (t_now_ns() > end) {
-			kill(pid, SIGKILL);
-			waitpid(pid, &st, 0);
-			return -1;
-		}
-		nap_ns(2 * MS);
-	}
-	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static bool read_full(int fd, void *buf, size_t len, int64_t timeout_ns)
-{
-	int64_t end = t_now_ns() + timeout_ns;
-	size_t got = 0;
-	while (got < len) {
-		int64_t left = end - t_now_ns();
-		if (left <= 0)
-			return false;
-		struct pollfd p = {.fd = fd, .events = POLLIN};
-		int r = poll(&p, 1, (int)(left / MS) + 1);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return false;
-		ssize_t n = read(fd, (char *)buf + got, len - got);
-		if (n <= 0)
-			return false;
-		got += (size_t)n;
-	}
-	return true;
 }
 
 struct lost_state {
@@ -717,18 +663,6 @@ END_TEST
 
 /* ---- mutual exclusion: K processes x M holds on one lock, one clock ---- */
 
-struct hold {
-	uint64_t token;
-	int64_t start, end;
-	int who;
-};
-
-static int cmp_hold(const void *a, const void *b)
-{
-	const struct hold *x = a, *y = b;
-	return x->start < y->start ? -1 : x->start > y->start;
-}
-
 static void excl_child(int who, int m, const char *log)
 {
 	int fd = open(log, O_WRONLY | O_APPEND);
@@ -786,28 +720,7 @@ START_TEST(test_mutual_exclusion)
 	}
 	for (int k = 0; k < K; k++)
 		ck_assert_int_eq(child_wait(pids[k], 100 * SEC), 0);
-	FILE *f = fopen(log, "r");
-	ck_assert_ptr_nonnull(f);
-	struct hold *h = calloc((size_t)(K * m + 1), sizeof *h);
-	ck_assert_ptr_nonnull(h);
-	int n = 0;
-	while (n <= K * m && fscanf(f, "%" SCNu64 " %" SCNd64 " %" SCNd64 " %d", &h[n].token,
-	                            &h[n].start, &h[n].end, &h[n].who) == 4)
-		n++;
-	fclose(f);
-	unlink(log);
-	ck_assert_int_eq(n, K * m);
-	qsort(h, (size_t)n, sizeof *h, cmp_hold);
-	int switches = 0;
-	for (int i = 1; i < n; i++) {
-		ck_assert_msg(h[i - 1].end < h[i].start, "holds %d and %d overlap", i - 1, i);
-		ck_assert_msg(h[i - 1].token < h[i].token, "token %" PRIu64 " then %" PRIu64,
-		              h[i - 1].token, h[i].token);
-		switches += h[i].who != h[i - 1].who;
-	}
-	printf("exclusion: %d processes x %d holds, %d owner switches, tokens %" PRIu64 "..%" PRIu64
-	       "\n",
-	       K, m, switches, h[0].token, h[n - 1].token);
+	struct hold *h = holds_check(log, K, m);
 	free(h);
 }
 END_TEST
