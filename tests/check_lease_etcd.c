@@ -707,20 +707,7 @@ START_TEST(test_mutual_exclusion)
 {
 	enum { K = 3 };
 	int m = (int)t_scale(20);
-	char log[] = "/tmp/opq_etcd_excl_XXXXXX";
-	int fd = mkstemp(log);
-	ck_assert_int_ge(fd, 0);
-	close(fd);
-	pid_t pids[K];
-	for (int k = 0; k < K; k++) {
-		pids[k] = fork();
-		ck_assert_int_ge(pids[k], 0);
-		if (pids[k] == 0)
-			excl_child(k, m, log);
-	}
-	for (int k = 0; k < K; k++)
-		ck_assert_int_eq(child_wait(pids[k], 100 * SEC), 0);
-	struct hold *h = holds_check(log, K, m);
+	struct hold *h = exclusion_run(K, m, excl_child);
 	free(h);
 }
 END_TEST

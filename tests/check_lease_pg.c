@@ -163,21 +163,7 @@ START_TEST(test_mutual_exclusion)
 {
 	enum { K = 4 };
 	int m = (int)t_scale(25);
-	char log[] = "/tmp/opq_excl_XXXXXX";
-	int fd = mkstemp(log);
-	ck_assert_int_ge(fd, 0);
-	close(fd);
-	pid_t pids[K];
-	for (int k = 0; k < K; k++) {
-		pids[k] = fork();
-		ck_assert_int_ge(pids[k], 0);
-		if (pids[k] == 0)
-			excl_child(k, m, log);
-	}
-	for (int k = 0; k < K; k++)
-		ck_assert_int_eq(child_wait(pids[k], 100 * SEC), 0);
-
-	struct hold *h = holds_check(log, K, m);
+	struct hold *h = exclusion_run(K, m, excl_child);
 	/* Every grant was a release then an acquire: no token skipped. */
 	for (int i = 1; i < K * m; i++)
 		ck_assert_uint_eq(h[i].token, h[i - 1].token + 1);

@@ -118,4 +118,26 @@ static inline struct hold *holds_check(const char *log, int k, int m)
 	return h;
 }
 
+/*
+ * Run child(who, m, log) in k processes (it logs its holds and _exits 0),
+ * wait for them all, and check their holds (holds_check).
+ */
+static inline struct hold *exclusion_run(int k, int m, void (*child)(int, int, const char *))
+{
+	char log[] = "/tmp/opq_excl_XXXXXX";
+	int fd = mkstemp(log);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	pid_t pids[k];
+	for (int i = 0; i < k; i++) {
+		pids[i] = fork();
+		ck_assert_int_ge(pids[i], 0);
+		if (pids[i] == 0)
+			child(i, m, log);
+	}
+	for (int i = 0; i < k; i++)
+		ck_assert_int_eq(child_wait(pids[i], 100 * SEC), 0);
+	return holds_check(log, k, m);
+}
+
 #endif /* OPQ_TEST_PROCS_H */
